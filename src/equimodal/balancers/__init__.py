@@ -2,7 +2,9 @@
 
 from .base import Balancer, EpochData
 from .registry import create_balancer, get_balancer_class, list_balancers, register_balancer
-from . import none  # noqa: E402,F401  (registers "none")
+
+# Importing each module registers its balancers.
+from . import none, amss, ogm, agm, pmr, unimodal, mslr, mmpareto, gblending, mla  # noqa: E402,F401,I001
 
 __all__ = [
     "Balancer",

@@ -14,6 +14,8 @@ them; the reference trainer calls them when the capability flags say so):
   statistics (PMR prototypes) or fit weights on held-out data (G-Blending).
 - ``owns_step`` / :meth:`train_step`: the balancer runs the whole optimisation of one batch itself
   (several backward passes or alternating unimodal passes, e.g. MLA).
+- ``heldout_fraction``: when > 0 the trainer carves that (stratified) fraction out of the training
+  split and passes it as ``EpochData.heldout`` (G-Blending); it is never taken from val or test.
 - :meth:`predict`: how logits are formed at evaluation (default: the fused logits).
 """
 
@@ -62,6 +64,7 @@ class Balancer:
     name: ClassVar[str] = "base"
     needs_epoch_data: ClassVar[bool] = False
     owns_step: ClassVar[bool] = False
+    heldout_fraction: ClassVar[float] = 0.0
 
     def __init__(
         self, model: nn.Module, *, start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0
