@@ -1,6 +1,15 @@
 """Models: the multimodal classifier, fusion heads and encoders."""
 
 from .classifier import MultimodalClassifier
+from .encoders import create_encoder, list_encoders, register_encoder
 from .fusion import Fusion, create_fusion, list_fusions
 
-__all__ = ["Fusion", "MultimodalClassifier", "create_fusion", "list_fusions"]
+__all__ = [
+    "Fusion",
+    "MultimodalClassifier",
+    "create_encoder",
+    "create_fusion",
+    "list_encoders",
+    "list_fusions",
+    "register_encoder",
+]

@@ -1,0 +1,130 @@
+"""The ``equimodal`` command line: ``train``, ``compare`` and ``list``.
+
+Distribution comes from the environment (``torchrun`` sets ``WORLD_SIZE``/``RANK``), never from a
+config field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    mods = summary["modalities"]
+    table = Table(title=f"{summary['dataset']} / {summary['balancer']} (epoch {summary['selected_epoch']} chosen on val)")
+    table.add_column("metric")
+    table.add_column("val", justify="right")
+    table.add_column("test", justify="right")
+    val, test = summary["val"], summary["test"]
+
+    def pct(d: dict[str, float], key: str) -> str:
+        v = d.get(key)
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    table.add_row("fused accuracy", pct(val, "val_acc"), pct(test, "test_acc"))
+    table.add_row("fused macro-F1", pct(val, "val_f1"), pct(test, "test_f1"))
+    for m in mods:
+        table.add_row(f"{m}: unimodal accuracy", pct(val, f"val_acc_{m}"), pct(test, f"test_acc_{m}"))
+    for m in mods:
+        if f"test_probe_{m}" in test:
+            table.add_row(f"{m}: linear probe", pct(val, f"val_probe_{m}"), pct(test, f"test_probe_{m}"))
+    for m in mods:
+        if f"test_removed_{m}" in test:
+            table.add_row(f"fused without {m}", "", pct(test, f"test_removed_{m}"))
+    table.add_row("imbalance (spread)", pct(val, "val_imbalance"), pct(test, "test_imbalance"))
+    return table
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set or [])
+    summary = train(cfg, args.out, resume=not args.no_resume)
+    Console().print(_summary_table(summary))
+    if args.out:
+        Console().print(f"Run folder: {args.out}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .balancers import list_balancers
+    from .config import list_presets
+    from .data import list_datasets
+    from .models import list_fusions
+    from .models.encoders import list_encoders
+
+    what = {
+        "balancers": list_balancers,
+        "datasets": list_datasets,
+        "models": list_encoders,
+        "fusions": list_fusions,
+        "presets": list_presets,
+    }
+    for name in what[args.what]():
+        print(name)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    return run_compare(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = argparse.ArgumentParser(prog="equimodal", description="Balanced multimodal learning: train, compare, list.")
+    p.add_argument("--version", action="version", version=f"equimodal {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (default: the built-in mfeat dataset)")
+    t.add_argument("config", nargs="?", help="a YAML file or a shipped preset name (see `equimodal list presets`)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.lr=0.01 (repeatable)")
+    t.add_argument("--out", help="run folder for config.yaml, metrics.csv, best.pt, summary.json")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
+    t.set_defaults(func=cmd_train)
+
+    ls = sub.add_parser("list", help="list registered names")
+    ls.add_argument("what", choices=["balancers", "datasets", "models", "fusions", "presets"])
+    ls.set_defaults(func=cmd_list)
+
+    c = sub.add_parser("compare", help="run several balancers x seeds and tabulate mean +/- std")
+    c.add_argument("config", nargs="?", help="base YAML file or preset")
+    c.add_argument("--dataset", help="dataset name (overrides data.name)")
+    c.add_argument("--balancers", default="none,amss,amss_plus", help="comma-separated balancer names")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
+    c.add_argument("--out", default="runs/compare", help="folder for the runs and the tables")
+    c.add_argument("--no-references", action="store_true", help="skip unimodal/ensemble/Adam reference rows")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``equimodal`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

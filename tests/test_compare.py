@@ -1,0 +1,50 @@
+"""Statistics and ensembles of the compare command, on synthetic predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from equimodal.compare import bootstrap_ci, ensemble_accuracy, gap_closed, run_specs
+
+
+def _write(path, logits, labels, counts) -> None:
+    path.mkdir(parents=True)
+    np.savez(path / "predictions.npz", test_logits=logits, test_labels=labels, train_label_counts=counts)
+
+
+def test_product_rule_uses_all_branches(tmp_path) -> None:
+    labels = np.array([0, 1, 1, 0])
+    a = np.log(np.array([[0.6, 0.4], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]]))
+    b = np.log(np.array([[0.7, 0.3], [0.1, 0.9], [0.45, 0.55], [0.45, 0.55]]))
+    _write(tmp_path / "a", a, labels, np.array([5, 5]))
+    _write(tmp_path / "b", b, labels, np.array([5, 5]))
+    # product: [0.42,0.12]->0, [0.06,0.36]->1, [0.09,0.44]->1, [0.405,0.055]->0
+    assert ensemble_accuracy([tmp_path / "a", tmp_path / "b"], "product") == 1.0
+    # mean: sample 2 -> [0.35, 0.65] -> 1 ; sample 4 -> [0.675, 0.325] -> 0
+    assert ensemble_accuracy([tmp_path / "a", tmp_path / "b"], "mean") == 1.0
+    assert ensemble_accuracy([tmp_path / "a"], "product") == 0.75
+
+
+def test_gap_closed_is_ratio_of_paired_means() -> None:
+    joint = np.array([0.80, 0.82, 0.81])
+    ens = np.array([0.90, 0.86, 0.89])
+    method = joint + 0.5 * (ens - joint)
+    f, lo, hi = gap_closed(method, joint, ens)
+    assert abs(f - 0.5) < 1e-12 and lo <= f <= hi
+    f0, _, _ = gap_closed(joint, joint, ens)
+    assert f0 == 0.0
+
+
+def test_bootstrap_ci_contains_mean_and_needs_two_seeds() -> None:
+    v = np.array([[1.0], [2.0], [3.0], [4.0]])
+    lo, hi = bootstrap_ci(v, lambda r: float(r.mean()))
+    assert lo <= 2.5 <= hi
+    assert np.isnan(bootstrap_ci(v[:1], lambda r: float(r.mean()))[0])
+
+
+def test_run_specs_include_references_per_modality() -> None:
+    specs = run_specs(["data.name=x"], ["amss"], ["a", "b"], 2, True)
+    labels = {s.label for s in specs}
+    assert labels == {"amss", "none", "none_adam", "unimodal_a", "unimodal_b"}
+    assert len(specs) == 2 * 5
+    assert all(s.overrides[-1] == f"train.seed={s.seed}" for s in specs)

@@ -1,0 +1,53 @@
+"""Config coercion, overrides and errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from equimodal.config import Config, config_from_dict, config_to_dict, load_config
+
+
+def test_defaults_round_trip() -> None:
+    cfg = Config()
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_yaml_strings_are_coerced_by_field_type(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  milestones: [10, 20]\ntrain:\n  epochs: '5'\n  amp: 'yes'\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.milestones == (10, 20)
+    assert cfg.train.epochs == 5 and cfg.train.amp is True
+
+
+def test_overrides_set_nested_and_option_keys() -> None:
+    cfg = load_config(None, ["optim.lr=0.5", "balancer.name=none", "balancer.options.temperature=0.3", "optim.milestones=3,4"])
+    assert cfg.optim.lr == 0.5
+    assert cfg.balancer.options == {"temperature": 0.3}
+    assert cfg.optim.milestones == (3, 4)
+
+
+def test_unknown_key_suggests_close_match() -> None:
+    with pytest.raises(ValueError, match=r"Unknown key in optim 'lrr'.*Did you mean 'lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ValueError, match="Unknown config key 'trian'.*'train'"):
+        config_from_dict({"trian": {}})
+
+
+def test_wrong_types_say_what_was_expected() -> None:
+    with pytest.raises(TypeError, match=r"train.epochs: expected int, found 'many'"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(TypeError, match=r"train.epochs: expected int, found 2.5"):
+        load_config(None, ["train.epochs=2.5"])
+    with pytest.raises(TypeError, match="train.amp: expected true or false"):
+        load_config(None, ["train.amp=maybe"])
+    with pytest.raises(TypeError, match="expected a mapping"):
+        config_from_dict({"optim": 3})
+
+
+def test_bad_override_syntax_and_missing_config() -> None:
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped preset"):
+        load_config("no-such-preset")
