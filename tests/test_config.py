@@ -22,7 +22,10 @@ def test_yaml_strings_are_coerced_by_field_type(tmp_path) -> None:
 
 
 def test_overrides_set_nested_and_option_keys() -> None:
-    cfg = load_config(None, ["optim.lr=0.5", "balancer.name=none", "balancer.options.temperature=0.3", "optim.milestones=3,4"])
+    cfg = load_config(
+        None,
+        ["optim.lr=0.5", "balancer.name=none", "balancer.options.temperature=0.3", "optim.milestones=3,4"],
+    )
     assert cfg.optim.lr == 0.5
     assert cfg.balancer.options == {"temperature": 0.3}
     assert cfg.optim.milestones == (3, 4)

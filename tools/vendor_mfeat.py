@@ -61,7 +61,9 @@ def parse_view(view: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         )
     table = np.loadtxt(io.StringIO(raw.decode("ascii")), delimiter=",", skiprows=1, dtype=np.float64)
     if table.shape != (2000, VIEW_DIMS[view] + 1):
-        raise ValueError(f"mfeat-{view}.csv: expected 2000 x {VIEW_DIMS[view] + 1} values, found {table.shape}.")
+        raise ValueError(
+            f"mfeat-{view}.csv: expected 2000 x {VIEW_DIMS[view] + 1} values, found {table.shape}."
+        )
     labels = table[:, -1]
     if not np.array_equal(labels, np.round(labels)):
         raise ValueError(f"mfeat-{view}.csv: the last column should hold integer labels.")
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if labels is None:
             labels = y
         elif not np.array_equal(labels, y):
-            raise ValueError(f"mfeat-{view}.csv: labels differ from mfeat-{VIEWS[0]}.csv; rows are not aligned.")
+            raise ValueError(
+                f"mfeat-{view}.csv: labels differ from mfeat-{VIEWS[0]}.csv; rows are not aligned."
+            )
         arrays[view] = x
     if labels is None:
         raise ValueError("No view was read.")

@@ -20,7 +20,9 @@ from . import __version__
 
 def _summary_table(summary: dict[str, Any]) -> Table:
     mods = summary["modalities"]
-    table = Table(title=f"{summary['dataset']} / {summary['balancer']} (epoch {summary['selected_epoch']} chosen on val)")
+    table = Table(
+        title=f"{summary['dataset']} / {summary['balancer']} (epoch {summary['selected_epoch']} chosen on val)"
+    )
     table.add_column("metric")
     table.add_column("val", justify="right")
     table.add_column("test", justify="right")
@@ -83,14 +85,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    p = argparse.ArgumentParser(prog="equimodal", description="Balanced multimodal learning: train, compare, list.")
+    p = argparse.ArgumentParser(
+        prog="equimodal", description="Balanced multimodal learning: train, compare, list."
+    )
     p.add_argument("--version", action="version", version=f"equimodal {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one run (default: the built-in mfeat dataset)")
-    t.add_argument("config", nargs="?", help="a YAML file or a shipped preset name (see `equimodal list presets`)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.lr=0.01 (repeatable)")
+    t.add_argument(
+        "config", nargs="?", help="a YAML file or a shipped preset name (see `equimodal list presets`)"
+    )
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.lr=0.01 (repeatable)"
+    )
     t.add_argument("--out", help="run folder for config.yaml, metrics.csv, best.pt, summary.json")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
     t.set_defaults(func=cmd_train)
@@ -116,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``equimodal`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:

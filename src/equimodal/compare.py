@@ -55,7 +55,9 @@ def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> str:
     return out
 
 
-def run_specs(base: Sequence[str], balancers: Sequence[str], modalities: Sequence[str], seeds: int, refs: bool) -> list[RunSpec]:
+def run_specs(
+    base: Sequence[str], balancers: Sequence[str], modalities: Sequence[str], seeds: int, refs: bool
+) -> list[RunSpec]:
     """All runs of a comparison (methods first, then the reference runs)."""
     specs: list[RunSpec] = []
     labels: list[tuple[str, tuple[str, ...]]] = [(b, (f"balancer.name={b}",)) for b in balancers]
@@ -63,7 +65,10 @@ def run_specs(base: Sequence[str], balancers: Sequence[str], modalities: Sequenc
         if "none" not in balancers:
             labels.append(("none", ("balancer.name=none",)))
         labels.append(("none_adam", ("balancer.name=none", *ADAM_OVERRIDES)))
-        labels += [(f"unimodal_{m}", ("balancer.name=unimodal", f"balancer.options.modality={m}")) for m in modalities]
+        labels += [
+            (f"unimodal_{m}", ("balancer.name=unimodal", f"balancer.options.modality={m}"))
+            for m in modalities
+        ]
     for seed in range(seeds):
         for label, ov in labels:
             specs.append(RunSpec(label, (*base, *ov, f"train.seed={seed}"), seed))
@@ -130,7 +135,9 @@ def _mean_std(v: Sequence[float]) -> str:
     return f"{np.nanmean(a):.1f} ± {sd:.1f}"
 
 
-def summarise(out: Path, specs: Sequence[RunSpec], modalities: Sequence[str], refs: bool) -> tuple[list[str], list[dict[str, Any]]]:
+def summarise(
+    out: Path, specs: Sequence[RunSpec], modalities: Sequence[str], refs: bool
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Collect finished runs into table rows (one per label) and write results.{md,csv,json}."""
     by_label: dict[str, dict[int, dict[str, Any]]] = {}
     for s in specs:
@@ -155,7 +162,11 @@ def summarise(out: Path, specs: Sequence[RunSpec], modalities: Sequence[str], re
     for label, runs in by_label.items():
         ss = sorted(runs)
         t = [runs[s]["test"] for s in ss]
-        row: dict[str, Any] = {"method": label, "n": len(ss), "test acc": _mean_std([x["test_acc"] for x in t])}
+        row: dict[str, Any] = {
+            "method": label,
+            "n": len(ss),
+            "test acc": _mean_std([x["test_acc"] for x in t]),
+        }
         row["test macro-F1"] = _mean_std([x["test_f1"] for x in t])
         for m in modalities:
             row[f"{m} unimodal"] = _mean_std([x.get(f"test_acc_{m}", math.nan) for x in t])
@@ -216,7 +227,10 @@ def _plot(out: Path, raw: dict[str, dict[str, dict[str, float]]]) -> None:
         return
     labels = list(raw)
     means = [100 * np.mean([v["test_acc"] for v in raw[k].values()]) for k in labels]
-    stds = [100 * np.std([v["test_acc"] for v in raw[k].values()], ddof=1) if len(raw[k]) > 1 else 0 for k in labels]
+    stds = [
+        100 * np.std([v["test_acc"] for v in raw[k].values()], ddof=1) if len(raw[k]) > 1 else 0
+        for k in labels
+    ]
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels)), 3.5))
     ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="#4477aa")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -254,7 +268,9 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     todo = [s for s in specs if not (out / s.label / f"seed{s.seed}" / "summary.json").exists()]
     console = Console()
-    console.print(f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run in {out}")
+    console.print(
+        f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run in {out}"
+    )
     jobs = [(args.config, s.overrides, str(out / s.label / f"seed{s.seed}"), args.threads) for s in todo]
     if args.jobs > 1 and jobs:
         with mp.get_context("spawn").Pool(args.jobs) as pool:

@@ -44,7 +44,7 @@ class OptimConfig:
     """Optimizer (sgd, adam, adamw) and learning-rate schedule (none, step, multistep, cosine)."""
 
     name: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "none"
@@ -65,7 +65,7 @@ class BalancerConfig:
 class TrainConfig:
     """Epochs, seed, device and run-level switches."""
 
-    epochs: int = 20
+    epochs: int = 40
     seed: int = 0
     device: str = "auto"
     grad_accum: int = 1
@@ -96,7 +96,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise TypeError(f"{where}: expected a mapping of options, found {type(value).__name__} {value!r}.")
+            raise TypeError(
+                f"{where}: expected a mapping of options, found {type(value).__name__} {value!r}."
+            )
         return _from_mapping(tp, value, where)
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
@@ -192,7 +194,9 @@ def load_config(source: str | Path | None = None, overrides: Iterable[str] = ())
             path = preset
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
-            raise TypeError(f"{path}: expected a YAML mapping at the top level, found {type(loaded).__name__}.")
+            raise TypeError(
+                f"{path}: expected a YAML mapping at the top level, found {type(loaded).__name__}."
+            )
         data = dict(loaded)
     for item in overrides:
         _set_path(data, item)

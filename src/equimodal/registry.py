@@ -13,9 +13,7 @@ def unknown_name_error(kind: str, name: str, valid: list[str]) -> ValueError:
     """Build the error for an unknown name: what was asked, the closest matches and the valid list."""
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(
-        f"Unknown {kind} {name!r}.{hint} Valid {kind} names: {', '.join(sorted(valid))}."
-    )
+    return ValueError(f"Unknown {kind} {name!r}.{hint} Valid {kind} names: {', '.join(sorted(valid))}.")
 
 
 class Registry(Generic[T]):

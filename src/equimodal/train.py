@@ -71,7 +71,9 @@ def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier
             raise TypeError(f"model.encoders.{m} must be a mapping with a 'name' key, found {spec!r}.")
         kwargs = {k: v for k, v in spec.items() if k != "name"}
         encoders[m] = create_encoder(spec["name"], **kwargs)
-    return MultimodalClassifier(encoders, dataset.num_classes, fusion=cfg.model.fusion, **cfg.model.fusion_options)
+    return MultimodalClassifier(
+        encoders, dataset.num_classes, fusion=cfg.model.fusion, **cfg.model.fusion_options
+    )
 
 
 def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -87,7 +89,9 @@ def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.
     raise ValueError(f"Unknown optimizer {o.name!r}; expected one of sgd, adam, adamw (set optim.name).")
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+def build_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-epoch LR schedule: none, step, multistep or cosine."""
     o = cfg.optim
     if o.schedule == "none":
@@ -170,21 +174,30 @@ def evaluate(
 
 
 @torch.no_grad()
-def encoder_features(model: nn.Module, split: TensorSplit, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+def encoder_features(
+    model: nn.Module, split: TensorSplit, batch_size: int, device: torch.device
+) -> dict[str, Tensor]:
     """Frozen pooled features of every modality over a split (eval mode)."""
     model.eval()
     feats: dict[str, list[Tensor]] = {}
     for batch, _ in split.batches(batch_size, device=device):
         out = model(batch)
         if out.features is None:
-            raise ValueError("Linear probes need `features` in the model output; return them or set train.probe=false.")
+            raise ValueError(
+                "Linear probes need `features` in the model output; return them or set train.probe=false."
+            )
         for m, f in out.features.items():
             feats.setdefault(m, []).append(f.flatten(1).float().cpu())
     return {m: torch.cat(v) for m, v in feats.items()}
 
 
 def removal_accuracy(
-    model: MultimodalClassifier, balancer: Balancer, split: TensorSplit, batch_size: int, device: torch.device, nc: int
+    model: MultimodalClassifier,
+    balancer: Balancer,
+    split: TensorSplit,
+    batch_size: int,
+    device: torch.device,
+    nc: int,
 ) -> dict[str, float]:
     """Fused accuracy with each modality's features zeroed at test time (how much the model leans on it)."""
     result = {}
@@ -227,8 +240,12 @@ def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=True,
     )
 
 
@@ -268,13 +285,17 @@ def train(
 
     ds = dataset or load_dataset(cfg.data.name, seed=t.seed, **cfg.data.options)
     model = build_model(cfg, ds).to(device)
-    balancer = create_balancer(cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed))
+    balancer = create_balancer(
+        cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed)
+    )
     extra = list(getattr(balancer, "parameters", lambda: [])())
     optimizer = build_optimizer(cfg, list(model.parameters()) + extra)
     scheduler = build_scheduler(cfg, optimizer)
     train_model: nn.Module = model
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     split_gen = torch.Generator().manual_seed(t.seed + 7919)
     train_split, heldout = ds.train, None
@@ -318,7 +339,12 @@ def train(
 
             def batches(split: TensorSplit, shuffle: bool, g: torch.Generator | None = None):
                 return split.batches(
-                    cfg.data.batch_size, shuffle=shuffle, generator=g, rank=rank, world_size=world, device=device
+                    cfg.data.batch_size,
+                    shuffle=shuffle,
+                    generator=g,
+                    rank=rank,
+                    world_size=world,
+                    device=device,
                 )
 
             if balancer.needs_epoch_data:
@@ -365,7 +391,11 @@ def train(
             epoch_time = time.perf_counter() - tic
             epoch_times.append(epoch_time)
             val = evaluate(model, balancer, ds.val, cfg.data.eval_batch_size, device, ds.num_classes)
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": total_loss / max(n_batches, 1), "epoch_time": epoch_time}
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": total_loss / max(n_batches, 1),
+                "epoch_time": epoch_time,
+            }
             row.update(val.as_dict("val"))
             row.update({f"bal_{k}": s / stat_counts[k] for k, s in stat_sums.items()})
             rows.append(row)
@@ -385,10 +415,15 @@ def train(
                 _write_csv(out / "metrics.csv", rows)
                 atomic_torch_save(
                     {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "balancer": balancer.state_dict(), "scaler": scaler.state_dict(),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "balancer": balancer.state_dict(),
+                        "scaler": scaler.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "rows": rows, "best": best, "epoch": epoch, "rng": torch.get_rng_state(),
+                        "rows": rows,
+                        "best": best,
+                        "epoch": epoch,
+                        "rng": torch.get_rng_state(),
                         "config": config_to_dict(cfg),
                     },
                     out / "last.pt",
@@ -396,7 +431,9 @@ def train(
             if on_epoch is not None:
                 on_epoch(row)
             if progress:
-                progress.update(epoch_task, advance=1, info=f"val acc {val.accuracy:.3f}  loss {row['train_loss']:.3f}")
+                progress.update(
+                    epoch_task, advance=1, info=f"val acc {val.accuracy:.3f}  loss {row['train_loss']:.3f}"
+                )
     finally:
         if progress:
             progress.stop()
@@ -421,7 +458,12 @@ def train(
         "test": test.as_dict("test"),
     }
     if isinstance(model, MultimodalClassifier):
-        summary["test"].update({f"test_removed_{m}": a for m, a in removal_accuracy(model, balancer, ds.test, bs, device, ds.num_classes).items()})
+        summary["test"].update(
+            {
+                f"test_removed_{m}": a
+                for m, a in removal_accuracy(model, balancer, ds.test, bs, device, ds.num_classes).items()
+            }
+        )
     if t.probe:
         tr = encoder_features(model, train_split, bs, device)
         va = encoder_features(model, ds.val, bs, device)
@@ -434,8 +476,10 @@ def train(
     if out is not None and main_proc:
         atomic_savez(
             out / "predictions.npz",
-            val_logits=val.logits.numpy(), val_labels=val.labels.numpy(),
-            test_logits=test.logits.numpy(), test_labels=test.labels.numpy(),
+            val_logits=val.logits.numpy(),
+            val_labels=val.labels.numpy(),
+            test_logits=test.logits.numpy(),
+            test_labels=test.labels.numpy(),
             train_label_counts=torch.bincount(train_split.labels, minlength=ds.num_classes).numpy(),
         )
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -84,7 +84,9 @@ def check_output(out: object, modalities: Sequence[str], target: Tensor | None =
         )
     logits = out.logits
     if logits.dim() != 2:
-        raise ValueError(f"Expected fused logits of shape (batch, classes), found shape {tuple(logits.shape)}.")
+        raise ValueError(
+            f"Expected fused logits of shape (batch, classes), found shape {tuple(logits.shape)}."
+        )
     if not isinstance(out.unimodal_logits, Mapping):
         raise TypeError(
             f"Expected `unimodal_logits` to be a dict keyed by modality, found {type(out.unimodal_logits).__name__}."

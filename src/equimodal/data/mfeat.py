@@ -111,7 +111,9 @@ def _encoders_factory(shapes: dict[str, tuple[int, ...]]) -> Callable[[], dict[s
     return build
 
 
-def load_mfeat(*, seed: int = 0, views: str | Sequence[str] = "pix,fou", pix_image: bool = True) -> MultimodalDataset:
+def load_mfeat(
+    *, seed: int = 0, views: str | Sequence[str] = "pix,fou", pix_image: bool = True
+) -> MultimodalDataset:
     """UCI Multiple Features digits, one modality per selected view (the built-in default dataset).
 
     2000 digits (10 classes of 200) from Dutch utility maps, six aligned views: ``fou`` (76 Fourier

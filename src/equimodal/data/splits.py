@@ -39,7 +39,9 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     if labels.ndim != 1:
         raise ValueError(f"Expected a 1-D array of labels, found shape {labels.shape}.")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"Expected integer class labels, found dtype {labels.dtype}. Map labels to 0..C-1 first.")
+        raise TypeError(
+            f"Expected integer class labels, found dtype {labels.dtype}. Map labels to 0..C-1 first."
+        )
     return labels
 
 
@@ -188,7 +190,9 @@ def make_splits(
     y = np.asarray(labels, dtype=np.int64)
 
     def one(idx: np.ndarray) -> TensorSplit:
-        inputs = {m: torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.float32)) for m, a in arrays.items()}
+        inputs = {
+            m: torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.float32)) for m, a in arrays.items()
+        }
         return TensorSplit(inputs, torch.from_numpy(np.ascontiguousarray(y[idx])))
 
     return one(index[0]), one(index[1]), one(index[2])

@@ -51,7 +51,11 @@ class MultimodalClassifier(nn.Module):
             )
         self.encoders = nn.ModuleDict(dict(encoders))
         dims = {m: (feature_dims or {}).get(m) or feature_dim(e, m) for m, e in self.encoders.items()}
-        self.fusion = fusion if isinstance(fusion, Fusion) else create_fusion(fusion, dims, num_classes, **fusion_kwargs)
+        self.fusion = (
+            fusion
+            if isinstance(fusion, Fusion)
+            else create_fusion(fusion, dims, num_classes, **fusion_kwargs)
+        )
         self.num_classes = int(num_classes)
         self.validate_inputs = validate_inputs
 

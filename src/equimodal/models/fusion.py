@@ -159,7 +159,9 @@ class GatedFusion(_AuxHeads):
 
     def forward(self, features: dict[str, Tensor]) -> FusionOutput:
         allf = torch.cat([features[m] for m in self.modalities], 1)
-        h = sum(torch.sigmoid(self.gate[m](allf)) * torch.tanh(self.proj[m](features[m])) for m in self.modalities)
+        h = sum(
+            torch.sigmoid(self.gate[m](allf)) * torch.tanh(self.proj[m](features[m])) for m in self.modalities
+        )
         return self.fc(h), self.aux_logits(features)
 
 

@@ -1,0 +1,527 @@
+"""Bring-your-own data: a NumPy ``.npz`` file or a CSV file, turned into a :class:`MultimodalDataset`.
+
+**NPZ layout** (``custom_npz``)::
+
+    np.savez("mydata.npz",
+             audio=audio,          # (N, ...) numeric, one array per modality (any names)
+             video=video,          # (N, ...)
+             label=labels,         # (N,) ints 0..C-1, or strings (mapped to 0..C-1, names kept)
+             split=split)          # optional (N,): "train"/"val"/"test" or 0/1/2
+
+**CSV layout** (``custom_csv``): a header row; a ``label`` column; an optional ``split`` column; feature
+columns grouped into modalities by name prefix, e.g. ``audio_0, ..., audio_12, video_0, ..., video_63``.
+By default every other column must look like ``<modality>_<index>``; pass ``modalities`` to choose
+the groups (``{"audio": "audio_", "video": "video_"}``, or the string ``"audio=audio_,video=video_"``;
+``"audio,video"`` means the prefixes ``audio_`` and ``video_``). Columns are ordered by their index.
+
+Without a split, rows are split per class by ``seed`` (60 / 20 / 20 by default). With
+``standardize=True`` (the default) each modality is standardised with statistics of the training rows:
+per feature for vectors ``(N, D)``, per channel (axis 1) for arrays with more dimensions.
+
+Default encoders by per-sample shape: ``(D,)`` -> ``mlp``; ``(C, H, W)`` -> ``cnn``; ``(C, T)`` ->
+``conv1d`` (channels-first sequences); anything else -> ``mlp`` over the flattened input. Override them
+with the ``model.encoders`` config or pass your own encoders to ``MultimodalClassifier``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from .base import MultimodalDataset
+from .splits import Indices, check_seed, make_splits, split_from_assignment, stratified_split
+
+LABEL = "label"
+SPLIT = "split"
+_INDEXED = re.compile(r"^(.+?)_(\d+)$")
+
+
+def _resolve_path(path: str | os.PathLike[str], kind: str, layout_hint: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Expected `path` to be a file path (str or PathLike), found {type(path).__name__}.")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"No {kind} file at {str(p)!r}. Pass `path` to an existing file; {layout_hint}"
+        )
+    return p
+
+
+def encode_labels(raw: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    """Map labels to int64 class indices ``0..C-1``.
+
+    Strings are mapped in sorted order and their values kept as class names. Integers (or integral
+    floats) must already be exactly ``0..C-1`` for ``C`` distinct values.
+
+    Raises:
+        ValueError: for non-integral floats, integers that are not ``0..C-1``, or fewer than two classes.
+    """
+    y = np.asarray(raw)
+    if y.ndim != 1:
+        raise ValueError(f"Expected labels of shape (N,), found shape {y.shape}. Store one label per row.")
+    names: list[str] | None = None
+    if y.dtype.kind in "USO":
+        text = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()])
+        uniq, codes = np.unique(text, return_inverse=True)
+        names = [str(u) for u in uniq]
+        codes = codes.astype(np.int64)
+    elif y.dtype.kind in "biu":
+        codes = y.astype(np.int64)
+    elif y.dtype.kind == "f":
+        if not (np.isfinite(y).all() and np.array_equal(y, np.round(y))):
+            raise ValueError(
+                "Labels must be integer class indices 0..C-1 or strings, found non-integer or non-finite "
+                "float values. Store class indices as ints (or names as strings)."
+            )
+        codes = y.astype(np.int64)
+    else:
+        raise TypeError(f"Labels must be integers or strings, found dtype {y.dtype}.")
+    uniq_codes = np.unique(codes)
+    if names is None and not np.array_equal(uniq_codes, np.arange(uniq_codes.size)):
+        shown = uniq_codes[:10].tolist()
+        more = " ..." if uniq_codes.size > 10 else ""
+        raise ValueError(
+            f"Integer labels must be exactly 0..C-1 for C = {uniq_codes.size} classes, found values {shown}{more}. "
+            "Remap them (e.g. `np.unique(y, return_inverse=True)[1]`), or store the labels as strings to "
+            "have them mapped to 0..C-1 automatically with the names kept."
+        )
+    if uniq_codes.size < 2:
+        raise ValueError(
+            f"Expected at least 2 classes, found {uniq_codes.size}; a classifier needs two or more."
+        )
+    return codes, names
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float, float]:
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)):
+            raise TypeError(f"Expected `{name}` to be a number in (0, 1), found {type(v).__name__} {v!r}.")
+        if not 0.0 < float(v) < 1.0:
+            raise ValueError(f"Expected `{name}` in (0, 1), found {v}.")
+    train = 1.0 - float(val_fraction) - float(test_fraction)
+    if train <= 0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be below 1 to leave training data, found "
+            f"{val_fraction} + {test_fraction}."
+        )
+    return train, float(val_fraction), float(test_fraction)
+
+
+def _standardize_nd(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Standardise with training statistics: per feature for ``(N, D)``, per channel for more dimensions."""
+    x = x.astype(np.float64)
+    axes = (0,) if x.ndim == 2 else (0, *range(2, x.ndim))
+    mean = x[train].mean(axis=axes, keepdims=True)
+    std = x[train].std(axis=axes, keepdims=True)
+    std = np.where(std < 1e-8, 1.0, std)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def default_encoder_spec(shape: tuple[int, ...]) -> tuple[str, dict[str, object]]:
+    """The registered encoder name and options used by default for a per-sample ``shape``."""
+    if len(shape) == 3:
+        return "cnn", {"in_channels": int(shape[0])}
+    if len(shape) == 2:
+        return "conv1d", {"in_channels": int(shape[0])}
+    return "mlp", {"in_dim": int(np.prod(shape)), "hidden": (64,)}
+
+
+def _encoders(shapes: dict[str, tuple[int, ...]]) -> Callable[[], dict[str, nn.Module]]:
+    specs = {m: default_encoder_spec(s) for m, s in shapes.items()}
+
+    def build() -> dict[str, nn.Module]:
+        from ..models.encoders import create_encoder
+
+        return {m: create_encoder(name, **kw) for m, (name, kw) in specs.items()}
+
+    return build
+
+
+def build_custom_dataset(
+    name: str,
+    arrays: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    split: np.ndarray | None,
+    *,
+    seed: int,
+    fractions: tuple[float, float, float],
+    standardize: bool,
+    info: dict[str, object],
+) -> MultimodalDataset:
+    """Validate per-modality arrays, labels and an optional split, and assemble the dataset.
+
+    Raises:
+        ValueError: no modality, row counts that differ, non-numeric or non-finite values, bad labels
+            or a bad split.
+    """
+    if not isinstance(standardize, bool):
+        raise TypeError(f"Expected `standardize` to be True or False, found {standardize!r}.")
+    if not arrays:
+        raise ValueError(
+            f"{name}: found no modality data besides {LABEL!r}/{SPLIT!r}. Add one array (or column group) "
+            "per modality."
+        )
+    y, class_names = encode_labels(labels)
+    n = y.shape[0]
+    counts = {m: int(np.shape(a)[0]) if np.ndim(a) else 0 for m, a in arrays.items()}
+    if any(c != n for c in counts.values()) or (split is not None and np.shape(split)[0] != n):
+        extra = f", split {np.shape(split)[0]}" if split is not None else ""
+        raise ValueError(
+            f"{name}: every modality needs one row per label ({n} labels), found rows {counts}{extra}. "
+            "Make all arrays share the first dimension (samples in the same order)."
+        )
+    clean: dict[str, np.ndarray] = {}
+    for m, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind not in "biuf":
+            raise TypeError(
+                f"{name}: modality {m!r} must be numeric, found dtype {a.dtype}. Encode it as numbers."
+            )
+        a = a.astype(np.float64)
+        if a.ndim == 1:
+            a = a[:, None]
+        bad = int((~np.isfinite(a)).sum())
+        if bad:
+            raise ValueError(
+                f"{name}: modality {m!r} holds {bad} non-finite values (NaN or inf). Clean or impute them first."
+            )
+        clean[m] = a
+    index: Indices = (
+        split_from_assignment(split) if split is not None else stratified_split(y, fractions, seed)
+    )
+    if split is None and (index[1].size == 0 or index[2].size == 0):
+        raise ValueError(
+            f"{name}: {n} rows are too few for a train/val/test split with fractions {fractions} "
+            f"(found {[int(i.size) for i in index]} rows). Add data or provide a `split`."
+        )
+    if standardize:
+        clean = {m: _standardize_nd(a, index[0]) for m, a in clean.items()}
+    train, val, test = make_splits(clean, y, index)
+    num_classes = len(class_names) if class_names is not None else int(y.max()) + 1
+    return MultimodalDataset(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=num_classes,
+        modalities=list(clean),
+        default_encoders=_encoders({m: tuple(a.shape[1:]) for m, a in clean.items()}),
+        class_names=class_names,
+        info=info,
+    )
+
+
+def _select(names: str | Sequence[str] | None, available: list[str], what: str) -> list[str]:
+    if names is None:
+        return available
+    if isinstance(names, str):
+        chosen = [s.strip() for s in names.split(",") if s.strip()]
+    elif isinstance(names, Sequence) and all(isinstance(s, str) for s in names):
+        chosen = list(names)
+    else:
+        raise TypeError(f"Expected `modalities` as a list of names or 'a,b', found {type(names).__name__}.")
+    missing = [m for m in chosen if m not in available]
+    if missing or not chosen:
+        raise ValueError(f"Modalities {missing or chosen} are not in {what}; available: {available}.")
+    return chosen
+
+
+NPZ_LAYOUT = "expected an .npz with one (N, ...) array per modality, `label` (N,) and optional `split` (N,)."
+
+
+def load_custom_npz(
+    *,
+    path: str | os.PathLike[str],
+    seed: int = 0,
+    modalities: str | Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    standardize: bool = True,
+) -> MultimodalDataset:
+    """Load your own data from an ``.npz`` file (layout in the module docstring).
+
+    Args:
+        path: the ``.npz`` file.
+        seed: controls the stratified split when the file has no ``split`` array.
+        modalities: which arrays to use, in order (default: all arrays except ``label``/``split``, in
+            file order).
+        val_fraction, test_fraction: split fractions used when there is no ``split`` array.
+        standardize: standardise each modality with training-split statistics.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not an npz, no ``label``, mismatched lengths, labels
+            not 0..C-1, a bad split (see :func:`build_custom_dataset`).
+    """
+    seed = check_seed(seed)
+    fractions = _check_fractions(val_fraction, test_fraction)
+    p = _resolve_path(path, ".npz", NPZ_LAYOUT)
+    try:
+        npz = np.load(p, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ValueError(f"Could not read {str(p)!r} as an .npz archive ({err}); {NPZ_LAYOUT}") from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{str(p)!r} holds a single array, not an .npz archive; {NPZ_LAYOUT}")
+    with npz:
+        keys = list(npz.files)
+        if LABEL not in keys:
+            raise ValueError(f"{str(p)!r} has no {LABEL!r} array (found {keys}); {NPZ_LAYOUT}")
+        names = _select(modalities, [k for k in keys if k not in (LABEL, SPLIT)], f"{str(p)!r}")
+        try:
+            arrays = {k: npz[k] for k in names}
+            labels = npz[LABEL]
+            split = npz[SPLIT] if SPLIT in keys else None
+        except ValueError as err:
+            raise ValueError(
+                f"Could not read an array of {str(p)!r} ({err}). Object arrays are not loaded (no pickle): "
+                "save strings as a fixed-width unicode array, e.g. np.array(labels, dtype=str)."
+            ) from err
+    options = {
+        "path": str(p),
+        "seed": seed,
+        "modalities": names,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "standardize": standardize,
+    }
+    info: dict[str, object] = {
+        "source": str(p),
+        "licence": "user data",
+        "attribution": "",
+        "options": options,
+    }
+    info["split"] = (
+        "from the file's `split` array" if split is not None else f"stratified by seed {fractions}"
+    )
+    return build_custom_dataset(
+        "custom_npz",
+        arrays,
+        labels,
+        split,
+        seed=seed,
+        fractions=fractions,
+        standardize=standardize,
+        info=info,
+    )
+
+
+def parse_modality_groups(modalities: str | Mapping[str, str | Sequence[str]]) -> dict[str, str | list[str]]:
+    """Normalise ``modalities`` to ``{name: prefix or [columns]}``.
+
+    Accepts a mapping, or a string ``"audio=audio_,video=video_"`` / ``"audio,video"`` (prefix = name + "_").
+    """
+    if isinstance(modalities, str):
+        out: dict[str, str | list[str]] = {}
+        for item in (s.strip() for s in modalities.split(",")):
+            if not item:
+                continue
+            name, _, prefix = item.partition("=")
+            out[name.strip()] = prefix.strip() or f"{name.strip()}_"
+        groups: Mapping[str, str | Sequence[str]] = out
+    elif isinstance(modalities, Mapping):
+        groups = modalities
+    else:
+        raise TypeError(
+            "Expected `modalities` as a mapping {name: prefix or [columns]} or a string like "
+            f"'audio=audio_,video=video_', found {type(modalities).__name__}."
+        )
+    result: dict[str, str | list[str]] = {}
+    for name, spec in groups.items():
+        if isinstance(spec, str):
+            result[str(name)] = spec
+        elif isinstance(spec, Sequence) and all(isinstance(c, str) for c in spec):
+            result[str(name)] = list(spec)
+        else:
+            raise TypeError(
+                f"Modality {name!r}: expected a column prefix or a list of column names, found {spec!r}."
+            )
+    if not result:
+        raise ValueError("`modalities` names no modality; give e.g. 'audio=audio_,video=video_'.")
+    return result
+
+
+def _order_columns(cols: list[str], prefix: str) -> list[str]:
+    suffixes = [c[len(prefix) :].lstrip("_") for c in cols]
+    if all(s.isdigit() for s in suffixes):
+        return [c for _, c in sorted(zip((int(s) for s in suffixes), cols, strict=True))]
+    return cols
+
+
+def _group_columns(
+    header: list[str], modalities: str | Mapping[str, str | Sequence[str]] | None, where: str
+) -> dict[str, list[str]]:
+    features = [c for c in header if c not in (LABEL, SPLIT)]
+    if modalities is None:
+        groups: dict[str, list[str]] = {}
+        stray = []
+        for c in features:
+            match = _INDEXED.match(c)
+            if match:
+                groups.setdefault(match.group(1), []).append(c)
+            else:
+                stray.append(c)
+        if stray:
+            raise ValueError(
+                f"{where}: column(s) {stray[:10]} do not look like <modality>_<index>. Rename them, or pass "
+                "`modalities` (e.g. 'audio=audio_,video=video_') to choose the column groups."
+            )
+        return {m: _order_columns(cols, f"{m}_") for m, cols in groups.items()}
+    groups = {}
+    owner: dict[str, str] = {}
+    for name, spec in parse_modality_groups(modalities).items():
+        if isinstance(spec, str):
+            cols = _order_columns([c for c in features if c.startswith(spec)], spec)
+        else:
+            missing = [c for c in spec if c not in features]
+            if missing:
+                raise ValueError(
+                    f"{where}: modality {name!r} lists missing column(s) {missing}; columns: {header}."
+                )
+            cols = list(spec)
+        if not cols:
+            raise ValueError(
+                f"{where}: modality {name!r} matches no column (prefix {spec!r}). Columns found: {header[:20]}"
+                f"{' ...' if len(header) > 20 else ''}. Fix the prefix or the header."
+            )
+        for c in cols:
+            if c in owner:
+                raise ValueError(
+                    f"{where}: column {c!r} is claimed by both {owner[c]!r} and {name!r}; use prefixes that do "
+                    "not overlap (e.g. 'a_' and 'ab_') or explicit column lists."
+                )
+            owner[c] = name
+        groups[name] = cols
+    return groups
+
+
+def read_csv_table(path: Path, delimiter: str = ",") -> tuple[list[str], list[list[str]], list[int]]:
+    """Read a CSV file into its header, rows of strings and their line numbers (blank lines skipped).
+
+    Raises:
+        ValueError: an empty file, duplicate column names, or a row whose width differs from the header's.
+    """
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{str(path)!r} is empty; expected a header row and one row per sample.")
+        header = [h.strip() for h in header]
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise ValueError(
+                f"{str(path)!r}: duplicate column name(s) {dup}; every column needs a unique name."
+            )
+        rows, lines = [], []
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{str(path)!r} line {line}: {len(row)} fields, expected {len(header)} (the header's width)."
+                )
+            rows.append(row)
+            lines.append(line)
+    return header, rows, lines
+
+
+CSV_LAYOUT = (
+    "expected a CSV with a header, a `label` column, an optional `split` column and feature columns "
+    "named <modality>_<index> (e.g. audio_0..audio_12)."
+)
+
+
+def load_custom_csv(
+    *,
+    path: str | os.PathLike[str],
+    seed: int = 0,
+    modalities: str | Mapping[str, str | Sequence[str]] | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    standardize: bool = True,
+    delimiter: str = ",",
+) -> MultimodalDataset:
+    """Load your own data from a CSV file whose columns are grouped into modalities (see module docstring).
+
+    Args:
+        path: the CSV file.
+        seed: controls the stratified split when the file has no ``split`` column.
+        modalities: column groups: ``{name: prefix or [columns]}``, ``"audio=audio_,video=video_"`` or
+            ``"audio,video"``; default: infer from ``<modality>_<index>`` names.
+        val_fraction, test_fraction: split fractions used when there is no ``split`` column.
+        standardize: standardise each feature with training-split statistics.
+        delimiter: the field separator.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: no ``label`` column, a modality with no columns,
+            non-numeric or empty cells, labels not 0..C-1, a bad split.
+    """
+    seed = check_seed(seed)
+    fractions = _check_fractions(val_fraction, test_fraction)
+    p = _resolve_path(path, "CSV", CSV_LAYOUT)
+    header, rows, lines = read_csv_table(p, delimiter)
+    where = repr(str(p))
+    if LABEL not in header:
+        raise ValueError(f"{where} has no {LABEL!r} column (columns: {header[:20]}); {CSV_LAYOUT}")
+    if not rows:
+        raise ValueError(f"{where} has a header but no data rows.")
+    groups = _group_columns(header, modalities, where)
+    col = {h: i for i, h in enumerate(header)}
+    table = np.array(rows, dtype=str)
+    arrays: dict[str, np.ndarray] = {}
+    for m, cols in groups.items():
+        block = np.char.strip(table[:, [col[c] for c in cols]])
+        try:
+            arrays[m] = block.astype(np.float64)
+        except ValueError:
+            for r, row in enumerate(block):
+                for c, v in zip(cols, row, strict=True):
+                    try:
+                        float(v)
+                    except ValueError:
+                        raise ValueError(
+                            f"{where} line {lines[r]}, column {c!r}: expected a number, found {str(v)!r}. "
+                            "Fill empty cells and remove non-numeric values."
+                        ) from None
+            raise
+    label_text = np.char.strip(table[:, col[LABEL]])
+    labels: np.ndarray = label_text
+    if all(re.fullmatch(r"[+-]?\d+", v) for v in label_text.tolist()):
+        labels = label_text.astype(np.int64)
+    split = np.char.strip(table[:, col[SPLIT]]) if SPLIT in col else None
+    if split is not None and all(v.isdigit() for v in split.tolist()):
+        split = split.astype(np.int64)
+    options = {
+        "path": str(p),
+        "seed": seed,
+        "modalities": {m: list(c) for m, c in groups.items()},
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "standardize": standardize,
+        "delimiter": delimiter,
+    }
+    info: dict[str, object] = {
+        "source": str(p),
+        "licence": "user data",
+        "attribution": "",
+        "options": options,
+    }
+    info["split"] = (
+        "from the file's `split` column" if split is not None else f"stratified by seed {fractions}"
+    )
+    return build_custom_dataset(
+        "custom_csv",
+        arrays,
+        labels,
+        split,
+        seed=seed,
+        fractions=fractions,
+        standardize=standardize,
+        info=info,
+    )
