@@ -283,6 +283,11 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
+    if "seed" in cfg.data.options:
+        raise ValueError(
+            "data.options.seed is not allowed: the dataset split and pairing follow train.seed. "
+            "Set train.seed instead."
+        )
     ds = dataset or load_dataset(cfg.data.name, seed=t.seed, **cfg.data.options)
     model = build_model(cfg, ds).to(device)
     balancer = create_balancer(

@@ -1,0 +1,80 @@
+"""The reference trainer end to end on small real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from equimodal.config import load_config
+from equimodal.train import stratified_holdout, train
+
+FAST = ["data.options.views=fac,mor", "train.epochs=3", "train.progress=false", "data.batch_size=128"]
+
+
+def test_run_folder_and_selection_on_val(tmp_path) -> None:
+    summary = train(load_config(None, FAST), tmp_path)
+    for name in ("config.yaml", "metrics.csv", "best.pt", "last.pt", "summary.json", "predictions.npz"):
+        assert (tmp_path / name).exists(), name
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    assert summary["val"]["val_acc"] == pytest.approx(float(best["val_acc"]))
+    assert float(rows[summary["selected_epoch"]]["val_acc"]) == float(best["val_acc"])
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "test_acc",
+        "test_f1",
+        "test_acc_fac",
+        "test_acc_mor",
+        "test_probe_fac",
+        "test_probe_mor",
+        "test_removed_fac",
+        "test_removed_mor",
+        "test_imbalance",
+    ):
+        assert key in on_disk["test"], key
+    assert 0.5 < on_disk["test"]["test_acc"] <= 1.0
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path) -> None:
+    cfg = load_config(None, FAST)
+    reference = train(cfg, tmp_path / "ref")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(row):
+        if row["epoch"] == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", on_epoch=stop_after_first)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = train(cfg, tmp_path / "cut")
+    assert resumed["test"]["test_acc"] == reference["test"]["test_acc"]
+    assert resumed["val"]["val_loss"] == pytest.approx(reference["val"]["val_loss"], rel=1e-6)
+
+
+def test_same_seed_same_result_and_seed_option_rejected() -> None:
+    cfg = load_config(None, FAST + ["train.probe=false", "train.epochs=1"])
+    assert train(cfg)["val"]["val_loss"] == train(cfg)["val"]["val_loss"]
+    with pytest.raises(ValueError, match="train.seed"):
+        train(load_config(None, FAST + ["data.options.seed=3"]))
+
+
+def test_unknown_names_fail_before_training() -> None:
+    with pytest.raises(ValueError, match="Unknown balancer 'amsss'.*amss"):
+        train(load_config(None, FAST + ["balancer.name=amsss"]))
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        train(load_config(None, FAST + ["optim.name=lbfgs"]))
+
+
+def test_stratified_holdout_is_disjoint_and_per_class() -> None:
+    labels = torch.arange(10).repeat_interleave(20)
+    kept, held = stratified_holdout(labels, 0.1, torch.Generator().manual_seed(0))
+    assert set(kept.tolist()).isdisjoint(held.tolist())
+    assert len(kept) + len(held) == 200
+    assert torch.bincount(labels[held]).tolist() == [2] * 10
