@@ -293,8 +293,7 @@ def train(
     balancer = create_balancer(
         cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed)
     )
-    extra = list(getattr(balancer, "parameters", lambda: [])())
-    optimizer = build_optimizer(cfg, list(model.parameters()) + extra)
+    optimizer = build_optimizer(cfg, list(model.parameters()) + list(balancer.parameters()))
     scheduler = build_scheduler(cfg, optimizer)
     train_model: nn.Module = model
     if world > 1:
@@ -369,7 +368,7 @@ def train(
                 else:
                     with torch.autocast(device.type, enabled=use_amp):
                         output = train_model(batch)
-                    loss = balancer.loss(output, y)
+                    loss = balancer.loss(output, y, batch=batch)
                     scaler.scale(loss / t.grad_accum).backward()
                     micro += 1
                     if micro % t.grad_accum:

@@ -14,7 +14,9 @@ them; the reference trainer calls them when the capability flags say so):
   statistics (PMR prototypes) or fit weights on held-out data (G-Blending).
 - ``owns_step`` / :meth:`train_step`: the balancer runs the whole optimisation of one batch itself
   (several backward passes or alternating unimodal passes, e.g. MLA).
-- ``heldout_fraction``: when > 0 the trainer carves that (stratified) fraction out of the training
+- ``needs_batch``: :meth:`loss` must be called with ``batch=`` (the model inputs).
+- :meth:`parameters`: parameters the balancer owns; the optimizer must include them.
+- ``heldout_fraction`` (may be set per instance): when > 0 the trainer carves that (stratified) fraction out of the training
   split and passes it as ``EpochData.heldout`` (G-Blending); it is never taken from val or test.
 - :meth:`predict`: how logits are formed at evaluation (default: the fused logits).
 """
@@ -64,7 +66,8 @@ class Balancer:
     name: ClassVar[str] = "base"
     needs_epoch_data: ClassVar[bool] = False
     owns_step: ClassVar[bool] = False
-    heldout_fraction: ClassVar[float] = 0.0
+    heldout_fraction: float = 0.0
+    needs_batch: ClassVar[bool] = False
 
     def __init__(
         self, model: nn.Module, *, start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0
@@ -85,8 +88,12 @@ class Balancer:
         self._stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the two calls
-    def loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
-        """Return the training loss for one micro-batch (replaces ``F.cross_entropy``)."""
+    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
+        """Return the training loss for one micro-batch (replaces ``F.cross_entropy``).
+
+        ``batch`` (the model's inputs) is needed only by balancers with ``needs_batch = True``
+        (e.g. AGM, which runs extra forward passes with modalities zeroed); others ignore it.
+        """
         check_output(out, self.modalities, target)
         return F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
 
@@ -124,6 +131,10 @@ class Balancer:
     def train_step(self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
         """Run one full optimisation step for a batch (only for ``owns_step`` balancers)."""
         raise NotImplementedError(f"{type(self).__name__} does not own the training step.")
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the balancer owns (e.g. MLA's shared head); add them to the optimizer."""
+        return []
 
     def predict(self, out: MultimodalOutput) -> Tensor:
         """Logits used for evaluation; the fused logits unless the method says otherwise."""

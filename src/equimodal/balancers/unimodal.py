@@ -1,1 +1,80 @@
-"""Placeholder: filled in by the unimodal work."""
+"""Unimodal reference training: one modality's path trained alone inside the multimodal model."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import unknown_name_error
+from ..types import MultimodalOutput, check_output
+from .base import Balancer, Batch
+from .registry import register_balancer
+
+
+@register_balancer("unimodal")
+class Unimodal(Balancer):
+    """Train only ``modality``'s path: the loss is the CE of that modality's unimodal logits.
+
+    A reference row, not a published balancer: the encoder of ``modality`` and its part of the
+    head learn as a unimodal classifier, and the other encoders receive no gradient. With a
+    splittable fusion (concat, sum, weighted) the unimodal logits are the exact per-modality
+    share of the head. With an auxiliary-head fusion (FiLM, gated, attention) the modality's
+    auxiliary head is applied to the *undetached* feature, so the encoder trains too.
+    :meth:`predict` returns the modality's unimodal logits. Outside the ``start_epoch``/``end_epoch``
+    window it falls back to plain joint training (and fused predictions).
+
+    Args:
+        model: a model following the contract.
+        modality: the modality to train (a key of ``model.encoders``); required.
+        start_epoch, end_epoch: window of unimodal training (default: all epochs).
+        seed: unused.
+    """
+
+    name = "unimodal"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modality: str | None = None,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        if modality is None:
+            raise ValueError(
+                f"The 'unimodal' balancer needs modality=, one of {self.modalities}; found none. "
+                "Example: create_balancer('unimodal', model, modality=" + repr(self.modalities[0]) + ")."
+            )
+        if modality not in self.modalities:
+            raise unknown_name_error("modality", str(modality), self.modalities)
+        self.modality = modality
+        self._aux_head: nn.Module | None = None
+        if getattr(model, "auxiliary_heads", False):
+            heads = getattr(getattr(model, "fusion", None), "aux", None)
+            if not isinstance(heads, nn.ModuleDict) or modality not in heads:
+                raise ValueError(
+                    f"The model's unimodal logits come from auxiliary heads on detached features, so "
+                    f"training them would not reach the {modality!r} encoder, and no `model.fusion.aux"
+                    f"[{modality!r}]` head was found to apply to the undetached feature. Use a "
+                    "splittable fusion (concat, sum, weighted) or an equimodal auxiliary-head fusion."
+                )
+            self._aux_head = heads[modality]
+
+    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
+        """CE of the chosen modality's unimodal logits (joint CE outside the window)."""
+        check_output(out, self.modalities, target)
+        if not self.active:
+            return F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
+        if self._aux_head is None:
+            return F.cross_entropy(out.unimodal_logits[self.modality], target)
+        if out.features is None:
+            raise ValueError(
+                "Unimodal training with an auxiliary-head fusion needs MultimodalOutput.features; found None."
+            )
+        return F.cross_entropy(self._aux_head(out.features[self.modality]), target)
+
+    def predict(self, out: MultimodalOutput) -> Tensor:
+        """The chosen modality's unimodal logits (fused logits outside the window)."""
+        return out.unimodal_logits[self.modality] if self.active else out.logits
