@@ -158,8 +158,9 @@ def evaluate(
         losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         preds.append(logits.float().cpu())
         targets.append(y)
+        uni_logits = balancer.predict_unimodal(out)
         for m in balancer.modalities:
-            uni[m].append(out.unimodal_logits[m].argmax(1))
+            uni[m].append(uni_logits[m].argmax(1))
     model.train(was_training)
     all_logits, target = torch.cat(preds), torch.cat(targets).cpu()
     pred = all_logits.argmax(1)

@@ -18,7 +18,8 @@ them; the reference trainer calls them when the capability flags say so):
 - :meth:`parameters`: parameters the balancer owns; the optimizer must include them.
 - ``heldout_fraction`` (may be set per instance): when > 0 the trainer carves that (stratified) fraction out of the training
   split and passes it as ``EpochData.heldout`` (G-Blending); it is never taken from val or test.
-- :meth:`predict`: how logits are formed at evaluation (default: the fused logits).
+- :meth:`predict` / :meth:`predict_unimodal`: how fused and per-modality logits are formed at
+  evaluation (default: the model's fused and unimodal logits).
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ class Balancer:
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters the balancer owns (e.g. MLA's shared head); add them to the optimizer."""
         return []
+
+    def predict_unimodal(self, out: MultimodalOutput) -> dict[str, Tensor]:
+        """Each modality's own logits at evaluation; ``out.unimodal_logits`` unless the method says otherwise."""
+        return out.unimodal_logits
 
     def predict(self, out: MultimodalOutput) -> Tensor:
         """Logits used for evaluation; the fused logits unless the method says otherwise."""
