@@ -1,10 +1,9 @@
 """Balancers: the registry and every built-in method (importing this module registers them)."""
 
+# Importing each module registers its balancers.
+from . import agm, amss, gblending, mla, mmpareto, mslr, none, ogm, pmr, unimodal  # noqa: E402,F401,I001
 from .base import Balancer, EpochData
 from .registry import create_balancer, get_balancer_class, list_balancers, register_balancer
-
-# Importing each module registers its balancers.
-from . import none, amss, ogm, agm, pmr, unimodal, mslr, mmpareto, gblending, mla  # noqa: E402,F401,I001
 
 __all__ = [
     "Balancer",
