@@ -11,7 +11,6 @@ construction with a ``ValueError`` naming the modalities and the number found (n
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 from collections.abc import Callable
 from typing import Any
@@ -54,14 +53,13 @@ def epoch_data(num: int) -> EpochData:
 
 
 def loss_kwargs(balancer: Balancer, batch: dict[str, Tensor]) -> dict[str, Any]:
-    """Pass the inputs to ``loss`` when the balancer's ``loss`` accepts them."""
-    return {"batch": batch} if "batch" in inspect.signature(balancer.loss).parameters else {}
+    """Always pass the inputs, as the reference trainer does: every ``loss`` must accept ``batch=``."""
+    return {"batch": batch}
 
 
 def own_params(balancer: Balancer) -> list[nn.Parameter]:
-    """Parameters a balancer trains besides the model's (e.g. MLA's shared head), if it has any."""
-    params = getattr(balancer, "parameters", None)
-    return list(params()) if callable(params) else []
+    """Parameters a balancer trains besides the model's (e.g. MLA's shared head)."""
+    return list(balancer.parameters())
 
 
 def snapshot(model: nn.Module, balancer: Balancer) -> Params:

@@ -133,7 +133,7 @@ class GradientBlending(Balancer):
         """Logits of head k: 0 is the fused head, k >= 1 modality k - 1."""
         return out.logits if k == 0 else out.unimodal_logits[self.modalities[k - 1]]
 
-    def loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
+    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
         """``sum_k w_k CE(o_k)`` over the fused and unimodal heads (fused CE outside the window)."""
         if not self.active:
             return super().loss(out, target)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean, is_distributed
 from ..types import MultimodalOutput, check_output
-from .base import Balancer
+from .base import Balancer, Batch
 from .registry import register_balancer
 
 
@@ -112,7 +112,7 @@ class MMPareto(Balancer):
         ]
         return torch.cat(parts)
 
-    def loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
+    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
         """Return ``L_mm + sum_m L_m`` and record the per-loss encoder gradients (fused CE when inactive)."""
         check_output(out, self.modalities, target)
         l_mm = F.cross_entropy(out.logits, target)
