@@ -42,7 +42,8 @@ class RunSpec:
     seed: int
 
 
-def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> str:
+def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> tuple[str, str | None]:
+    """Run one training; returns ``(run folder, error message or None)`` so one failure stops nothing."""
     config, overrides, out, threads = args
     import torch
 
@@ -50,9 +51,13 @@ def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> str:
     from .train import train
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, list(overrides) + ["train.progress=false"])
-    train(cfg, out)
-    return out
+    try:
+        cfg = load_config(config, list(overrides) + ["train.progress=false"])
+        train(cfg, out)
+    except Exception as exc:  # noqa: BLE001 - reported per run, the comparison goes on
+        log.exception("run %s failed", out)
+        return out, f"{type(exc).__name__}: {exc}"
+    return out, None
 
 
 def run_specs(
@@ -272,14 +277,20 @@ def run_compare(args: argparse.Namespace) -> int:
         f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run in {out}"
     )
     jobs = [(args.config, s.overrides, str(out / s.label / f"seed{s.seed}"), args.threads) for s in todo]
+    failures: list[tuple[str, str]] = []
+
+    def report(i: int, done: str, error: str | None) -> None:
+        console.print(f"[{i}/{len(jobs)}] {done}" + (f" [red]FAILED[/]: {error}" if error else ""))
+        if error:
+            failures.append((done, error))
+
     if args.jobs > 1 and jobs:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            for i, done in enumerate(pool.imap_unordered(_run_one, jobs), 1):
-                console.print(f"[{i}/{len(jobs)}] {done}")
+            for i, (done, error) in enumerate(pool.imap_unordered(_run_one, jobs), 1):
+                report(i, done, error)
     else:
         for i, job in enumerate(jobs, 1):
-            _run_one(job)
-            console.print(f"[{i}/{len(jobs)}] {job[2]}")
+            report(i, *_run_one(job))
     columns, rows = summarise(out, specs, modalities, refs)
     table = Table(title=f"{cfg.data.name}: test metrics, mean ± std over seeds (epoch chosen on val)")
     for c in columns:
@@ -288,4 +299,9 @@ def run_compare(args: argparse.Namespace) -> int:
         table.add_row(*[str(r[c]) for c in columns])
     console.print(table)
     console.print(f"Tables: {out / 'results.md'}, {out / 'results.csv'}")
+    if failures:
+        console.print(f"[bold red]{len(failures)} run(s) failed[/] (rerun the same command to retry them):")
+        for done, error in failures:
+            console.print(f"  {done}: {error}")
+        return 1
     return 0

@@ -225,6 +225,7 @@ class AMSS(Balancer):
                 feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
             )  # fmt: skip
         rho = sig["rho"]
+        self._fallback_ratio = self._fallback_ratio.to(device)  # moved once, kept on the device
         if self.rho_momentum > 0:
             ema = (
                 rho
@@ -234,7 +235,7 @@ class AMSS(Balancer):
             self._rho_ema = rho = torch.where(torch.isfinite(ema), ema, rho)
         k = update_ratios(
             rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,  # type: ignore[arg-type]
-            fallback=sig["fallback"], fallback_ratio=self._fallback_ratio.to(device), stable=self.stable_softmax,
+            fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
         )  # fmt: skip
         mask_stats, finite = self.masker.apply(k, self._generator(device))
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
