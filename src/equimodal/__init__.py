@@ -1,7 +1,8 @@
 """equimodal: balanced multimodal learning (AMSS/AMSS+ and peer balancers) for PyTorch."""
 
 from .balancers import Balancer, EpochData, create_balancer, list_balancers, register_balancer
-from .models import MultimodalClassifier
+from .data import list_datasets, load_dataset, register_dataset
+from .models import MultimodalClassifier, create_encoder, list_encoders, list_fusions
 from .types import MultimodalOutput
 
 __version__ = "0.1.0"
@@ -13,6 +14,12 @@ __all__ = [
     "MultimodalOutput",
     "__version__",
     "create_balancer",
+    "create_encoder",
     "list_balancers",
+    "list_datasets",
+    "list_encoders",
+    "list_fusions",
+    "load_dataset",
     "register_balancer",
+    "register_dataset",
 ]
