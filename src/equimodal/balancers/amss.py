@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -20,30 +21,45 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from ..amss.masker import MASK_STATS, GradientMasker
-from ..amss.ratios import check_ratio_options, update_ratios
-from ..amss.sampling import INCLUSION_MODES, REWEIGHT_MODES, ROUNDINGS, SAMPLERS, SCORE_MODES
+from ..amss.ratios import RatioForm, check_ratio_options, update_ratios
+from ..amss.sampling import (
+    INCLUSION_MODES,
+    REWEIGHT_MODES,
+    ROUNDINGS,
+    SAMPLERS,
+    SCORE_MODES,
+    InclusionMode,
+    ReweightMode,
+    Rounding,
+    SamplerName,
+    ScoreMode,
+)
 from ..amss.significance import (
     FEATURE_ENTROPY_MODES,
     LABEL_ENTROPY_MODES,
+    FeatureEntropyMode,
+    LabelEntropyMode,
     SignificanceSums,
     significance_from_sums,
 )
 from ..amss.units import LinearRows, ModuleSelector, discover_units
 from ..types import MultimodalOutput
-from .base import Balancer
+from .base import Balancer, Batch
 from .registry import register_balancer
 
 log = logging.getLogger(__name__)
 
-_CHOICES = {
-    "label_entropy": LABEL_ENTROPY_MODES,
-    "feature_entropy": FEATURE_ENTROPY_MODES,
-    "score": SCORE_MODES,
-    "sampler": SAMPLERS,
-    "rounding": ROUNDINGS,
-    "reweight": REWEIGHT_MODES,
-    "inclusion": INCLUSION_MODES,
-}
+_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "label_entropy": LABEL_ENTROPY_MODES,
+        "feature_entropy": FEATURE_ENTROPY_MODES,
+        "score": SCORE_MODES,
+        "sampler": SAMPLERS,
+        "rounding": ROUNDINGS,
+        "reweight": REWEIGHT_MODES,
+        "inclusion": INCLUSION_MODES,
+    }
+)
 
 
 @register_balancer("amss")
@@ -87,30 +103,30 @@ class AMSS(Balancer):
     """
 
     name = "amss"
-    default_sampler: ClassVar[str] = "adaptive"
-    default_reweight: ClassVar[str] = "none"
+    default_sampler: ClassVar[SamplerName] = "adaptive"
+    default_reweight: ClassVar[ReweightMode] = "none"
 
     def __init__(
         self,
         model: nn.Module,
         *,
         temperature: float = 0.2,
-        ratio_form: str = "one_minus_softmax",
+        ratio_form: RatioForm = "one_minus_softmax",
         ratio_bias: float = 0.0,
         k_min: float = 0.1,
         k_max: float = 0.9,
-        label_entropy: str = "exact",
-        feature_entropy: str = "mean",
+        label_entropy: LabelEntropyMode = "exact",
+        feature_entropy: FeatureEntropyMode = "mean",
         offset: float = 0.5,
         fallback_offset: float | None = None,
         fallback_ratio: float | Mapping[str, float] = 0.5,
         rho_momentum: float = 0.0,
         stable_softmax: bool = True,
-        score: str = "gn",
-        sampler: str | None = None,
-        rounding: str = "ceil",
-        reweight: str | None = None,
-        inclusion: str = "conditional",
+        score: ScoreMode = "gn",
+        sampler: SamplerName | None = None,
+        rounding: Rounding = "ceil",
+        reweight: ReweightMode | None = None,
+        inclusion: InclusionMode = "conditional",
         max_weight: float | None = 10.0,
         code_bias: float = 0.0,
         code_block_norm: bool = False,
@@ -181,20 +197,20 @@ class AMSS(Balancer):
         self._gen: torch.Generator | None = None
         self._pending_gen_state: Tensor | None = None
         self._rho_ema: Tensor | None = None
-        self._counters = torch.zeros(3)  # fallback steps, non-finite steps, masked steps
+        self._counters = torch.zeros(3)  # fallback steps, non-finite steps, active steps
         self._last: Tensor | None = None
         self._warned_no_loss = False
         m = self.modalities
         self._stat_names = (
             [f"{s}/{x}" for s in ("rho", "mi", "k") for x in m]
             + [f"{s}/{x}" for s in MASK_STATS for x in m]
-            + ["label_entropy", "fallback", "nonfinite", "fallback_steps", "nonfinite_steps", "masked_steps"]
+            + ["label_entropy", "fallback", "nonfinite"]
         )
 
     # ------------------------------------------------------------------ the two calls
-    def loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
-        """Return CE on the fused logits and record this micro-batch's significance statistics."""
-        loss = super().loss(out, target)
+    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
+        """Return CE on the fused logits and record this micro-batch's significance statistics (``batch`` unused)."""
+        loss = super().loss(out, target, batch=batch)
         if self.active:
             self._sums.add(out.unimodal_logits, target, out.features)
         return loss
@@ -234,33 +250,35 @@ class AMSS(Balancer):
             )
             self._rho_ema = rho = torch.where(torch.isfinite(ema), ema, rho)
         k = update_ratios(
-            rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,  # type: ignore[arg-type]
+            rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,
             fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
         )  # fmt: skip
         mask_stats, finite = self.masker.apply(k, self._generator(device))
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
         self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
         self._last = torch.cat(
-            [
-                sig["rho"],
-                sig["mi"],
-                k,
-                mask_stats.flatten(),
-                sig["label_entropy"].view(1),
-                flags,
-                self._counters,
-            ]
+            [sig["rho"], sig["mi"], k, mask_stats.flatten(), sig["label_entropy"].view(1), flags]
         )
 
     # ------------------------------------------------------------------ observability and state
     def stats(self) -> dict[str, float]:
-        """Last step's ``rho/<m>``, ``mi/<m>``, ``k/<m>``, ``kept_fraction/<m>``, ``kept_grad_norm/<m>``,
-        ``mean_weight/<m>``, ``grad_norm_ratio/<m>``, ``label_entropy``, ``fallback``, ``nonfinite`` and the
-        cumulative ``fallback_steps``, ``nonfinite_steps``, ``masked_steps`` (one host sync; ``{}`` when idle).
+        """Last step's figures, for logging every step (one host sync; ``{}`` when inactive).
+
+        Per modality ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio),
+        ``kept_fraction/m`` (kept units / units), ``kept_grad_norm/m`` (norm of the kept part of the
+        gradient / full norm, before reweighting), ``mean_weight/m`` (mean weight of kept units: 1 for
+        AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted gradient / full norm); plus
+        ``label_entropy``, ``fallback`` (1 if the fallback fired) and ``nonfinite`` (1 if the step was
+        left unmasked for inf/NaN gradients). Averaged over an epoch, the last two are rates.
         """
         if self._last is None:
             return {}
         return dict(zip(self._stat_names, self._last.tolist(), strict=True))
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative ``fallback_steps``, ``nonfinite_steps`` and ``active_steps`` (one host sync)."""
+        names = ("fallback_steps", "nonfinite_steps", "active_steps")
+        return {n: int(v) for n, v in zip(names, self._counters.tolist(), strict=True)}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
@@ -306,7 +324,7 @@ class AMSSPlus(AMSS):
     """
 
     name = "amss_plus"
-    default_reweight: ClassVar[str] = "inverse_inclusion"
+    default_reweight: ClassVar[ReweightMode] = "inverse_inclusion"
 
 
 @register_balancer("uniform_mask")
@@ -318,4 +336,4 @@ class UniformMask(AMSS):
     """
 
     name = "uniform_mask"
-    default_sampler: ClassVar[str] = "uniform"
+    default_sampler: ClassVar[SamplerName] = "uniform"

@@ -1,0 +1,71 @@
+"""A user's own model and loop with an equimodal balancer: the two changed lines are marked.
+
+The model below is not built with equimodal's classes: it only follows the contract (an
+``encoders`` ModuleDict and a forward that returns ``MultimodalOutput``). Run it with
+``python examples/own_loop.py [balancer]`` (default ``amss_plus``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import equimodal
+
+
+class TwoTowerNet(nn.Module):
+    """Audio (Conv1d over MFCC-like frames) and image (Conv2d) towers, sum of per-tower heads."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(
+            {
+                "audio": nn.Sequential(
+                    nn.Conv1d(13, 32, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()
+                ),
+                "image": nn.Sequential(
+                    nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+                ),
+            }
+        )
+        self.heads = nn.ModuleDict({"audio": nn.Linear(32, num_classes), "image": nn.Linear(16, num_classes)})
+
+    def forward(self, batch: dict[str, Tensor]) -> equimodal.MultimodalOutput:
+        feats = {m: enc(batch[m]) for m, enc in self.encoders.items()}
+        uni = {m: self.heads[m](f) for m, f in feats.items()}
+        return equimodal.MultimodalOutput(uni["audio"] + uni["image"], uni, feats)
+
+
+def synthetic_loader(steps: int, batch_size: int = 32, seed: int = 0):
+    """Toy data in which the audio carries the label more strongly than the image."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        y = torch.randint(0, 10, (batch_size,), generator=g)
+        audio = torch.randn(batch_size, 13, 20, generator=g) + y.float()[:, None, None] * 0.3
+        image = torch.randn(batch_size, 1, 8, 8, generator=g) + y.float()[:, None, None, None] * 0.1
+        yield {"audio": audio, "image": image, "label": y}
+
+
+def main(name: str = "amss_plus", steps: int = 60) -> list[float]:
+    torch.manual_seed(0)
+    model = TwoTowerNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    balancer = equimodal.create_balancer(name, model)  # added line
+    losses = []
+    for batch in synthetic_loader(steps):
+        out = model(batch)
+        loss = balancer.loss(out, batch["label"], batch=batch)  # was: F.cross_entropy(out.logits, y)
+        loss.backward()
+        balancer.before_step()  # added line
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(F.cross_entropy(out.logits.detach(), batch["label"])))
+    return losses
+
+
+if __name__ == "__main__":
+    losses = main(*(sys.argv[1:2] or ["amss_plus"]))
+    print(f"fused CE: first 10 steps {sum(losses[:10]) / 10:.3f}, last 10 steps {sum(losses[-10:]) / 10:.3f}")
