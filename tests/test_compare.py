@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from equimodal.compare import bootstrap_ci, ensemble_accuracy, gap_closed, run_specs
+from equimodal.compare import bootstrap_ci, ensemble_accuracy, gap_closed, parse_variant, run_specs
 
 
 def _write(path, logits, labels, counts) -> None:
@@ -48,3 +49,13 @@ def test_run_specs_include_references_per_modality() -> None:
     assert labels == {"amss", "none", "none_adam", "unimodal_a", "unimodal_b"}
     assert len(specs) == 2 * 5
     assert all(s.overrides[-1] == f"train.seed={s.seed}" for s in specs)
+
+
+def test_variants_are_labelled_rows_with_their_overrides() -> None:
+    label, ov = parse_variant("amss_T1:balancer.name=amss, balancer.options.temperature=1.0")
+    assert label == "amss_T1" and ov == ("balancer.name=amss", "balancer.options.temperature=1.0")
+    specs = run_specs([], ["none"], ["a", "b"], 1, False, [(label, ov)])
+    assert [s.label for s in specs] == ["none", "amss_T1"]
+    assert specs[1].overrides == (*ov, "train.seed=0")
+    with pytest.raises(ValueError, match="LABEL:key=value"):
+        parse_variant("amss_T1")

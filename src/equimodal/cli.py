@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
     c.add_argument("--out", default="runs/compare", help="folder for the runs and the tables")
     c.add_argument("--no-references", action="store_true", help="skip unimodal/ensemble/Adam reference rows")
+    c.add_argument(
+        "--variant",
+        action="append",
+        metavar="LABEL:KEY=VALUE,...",
+        help="an extra row with its own overrides, e.g. amss_T1:balancer.name=amss,balancer.options.temperature=1",
+    )
     c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     c.add_argument("--threads", type=int, default=1, help="torch threads per run")
     c.set_defaults(func=cmd_compare)

@@ -60,12 +60,30 @@ def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> tuple[str, s
     return out, None
 
 
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``LABEL:key=value,key=value`` -> ``(LABEL, overrides)``; a named, fully specified extra row."""
+    label, sep, rest = text.partition(":")
+    overrides = tuple(x.strip() for x in rest.split(",") if x.strip())
+    if not sep or not label.strip() or not overrides or any("=" not in o for o in overrides):
+        raise ValueError(
+            f"--variant {text!r} must look like LABEL:key=value[,key=value...], e.g. "
+            "amss_T1:balancer.name=amss,balancer.options.temperature=1.0"
+        )
+    return label.strip(), overrides
+
+
 def run_specs(
-    base: Sequence[str], balancers: Sequence[str], modalities: Sequence[str], seeds: int, refs: bool
+    base: Sequence[str],
+    balancers: Sequence[str],
+    modalities: Sequence[str],
+    seeds: int,
+    refs: bool,
+    variants: Sequence[tuple[str, tuple[str, ...]]] = (),
 ) -> list[RunSpec]:
-    """All runs of a comparison (methods first, then the reference runs)."""
+    """All runs of a comparison (methods, then variants, then the reference runs)."""
     specs: list[RunSpec] = []
     labels: list[tuple[str, tuple[str, ...]]] = [(b, (f"balancer.name={b}",)) for b in balancers]
+    labels += list(variants)
     if refs:
         if "none" not in balancers:
             labels.append(("none", ("balancer.name=none",)))
@@ -269,7 +287,8 @@ def run_compare(args: argparse.Namespace) -> int:
             raise unknown_name_error("balancer", b, valid)
     modalities = load_dataset(cfg.data.name, seed=0, **cfg.data.options).modalities
     refs = not args.no_references
-    specs = run_specs(base, balancers, modalities, args.seeds, refs)
+    variants = [parse_variant(v) for v in args.variant or []]
+    specs = run_specs(base, balancers, modalities, args.seeds, refs, variants)
     out = Path(args.out)
     todo = [s for s in specs if not (out / s.label / f"seed{s.seed}" / "summary.json").exists()]
     console = Console()
