@@ -59,3 +59,34 @@ def test_variants_are_labelled_rows_with_their_overrides() -> None:
     assert specs[1].overrides == (*ov, "train.seed=0")
     with pytest.raises(ValueError, match="LABEL:key=value"):
         parse_variant("amss_T1")
+
+
+def test_summarise_writes_tables_and_plot(tmp_path) -> None:
+    import json
+
+    from equimodal.compare import summarise
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    specs = run_specs([], ["amss"], ["a", "b"], 2, True)
+    for s in specs:
+        run = tmp_path / s.label / f"seed{s.seed}"
+        run.mkdir(parents=True)
+        acc = {"none": 0.80, "amss": 0.84, "none_adam": 0.82}.get(s.label, 0.7) + 0.01 * s.seed
+        test = {"test_acc": acc, "test_f1": acc, "test_acc_a": 0.6, "test_acc_b": 0.5, "test_imbalance": 0.1}
+        (run / "summary.json").write_text(json.dumps({"test": test, "time_per_epoch": 1.0}))
+        logits = rng.normal(size=(20, 2)) + 2 * np.eye(2)[labels]
+        np.savez(
+            run / "predictions.npz",
+            test_logits=logits,
+            test_labels=labels,
+            train_label_counts=np.array([5, 5]),
+        )
+    columns, rows = summarise(tmp_path, specs, ["a", "b"], True)
+    by = {r["method"]: r for r in rows}
+    assert by["amss"]["test acc"] == "84.5 ± 0.7"  # 0.84, 0.85
+    assert by["amss"]["Δacc vs none (pp)"].startswith("+4.00")
+    assert {"ensemble_product", "ensemble_mean"} <= set(by)
+    assert by["unimodal_a"]["gap closed [95% CI]"] == ""
+    for name in ("results.md", "results.csv", "results.json", "results.png"):
+        assert (tmp_path / name).stat().st_size > 0, name

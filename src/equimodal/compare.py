@@ -203,7 +203,7 @@ def summarise(
             row["Δacc vs none (pp)"] = f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]"
         ep = ens["ensemble_product"]
         paired = [s for s in ss if s in joint and s in ep]
-        if len(paired) >= 2 and label != "none":
+        if len(paired) >= 2 and label != "none" and not label.startswith("unimodal_"):
             f, lo, hi = gap_closed(
                 np.array([runs[s]["test"]["test_acc"] for s in paired]),
                 np.array([joint[s]["test"]["test_acc"] for s in paired]),
