@@ -257,6 +257,9 @@ def _plot(out: Path, raw: dict[str, dict[str, dict[str, float]]]) -> None:
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels)), 3.5))
     ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="#4477aa")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    if "none" in labels:
+        ax.axhline(means[labels.index("none")], color="0.4", ls="--", lw=1, label="joint training (none)")
+        ax.legend(loc="lower left", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     lo = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(max(0, lo - 5), min(100, max(m + s for m, s in zip(means, stds, strict=True)) + 2))
