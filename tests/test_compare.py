@@ -90,3 +90,26 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
     assert by["unimodal_a"]["gap closed [95% CI]"] == ""
     for name in ("results.md", "results.csv", "results.json", "results.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_no_gap_gives_no_fraction(tmp_path) -> None:
+    import json
+
+    from equimodal.compare import summarise
+
+    labels = np.array([0, 1] * 10)
+    specs = run_specs([], ["amss"], ["a", "b"], 3, True)
+    for s in specs:
+        run = tmp_path / s.label / f"seed{s.seed}"
+        run.mkdir(parents=True)
+        test = {"test_acc": 1.0 if s.label == "none" else 0.9, "test_f1": 0.9, "test_imbalance": 0.0}
+        (run / "summary.json").write_text(json.dumps({"test": test, "time_per_epoch": 1.0}))
+        logits = 2 * np.eye(2)[labels]  # every branch perfect: the ensemble equals joint training (1.0)
+        np.savez(
+            run / "predictions.npz",
+            test_logits=logits,
+            test_labels=labels,
+            train_label_counts=np.array([5, 5]),
+        )
+    _, rows = summarise(tmp_path, specs, ["a", "b"], True)
+    assert {r["method"]: r for r in rows}["amss"]["gap closed [95% CI]"] == "n/a (no gap)"

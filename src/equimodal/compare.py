@@ -5,7 +5,8 @@ interrupted comparison resumes where it stopped. Reference rows computed in the 
 modality trained alone (``unimodal``), the late-fusion ensembles of those branches (product rule
 and mean of probabilities), and joint training with SGD (``none``) and with Adam (``none_adam``).
 For every method the fraction of the joint-to-ensemble gap it closes is estimated, paired by seed,
-with a bootstrap confidence interval over seeds.
+with a bootstrap confidence interval over seeds; it is reported as "n/a" when the gap itself is not
+significantly above zero (then any fraction of it would be noise).
 """
 
 from __future__ import annotations
@@ -204,12 +205,15 @@ def summarise(
         ep = ens["ensemble_product"]
         paired = [s for s in ss if s in joint and s in ep]
         if len(paired) >= 2 and label != "none" and not label.startswith("unimodal_"):
-            f, lo, hi = gap_closed(
-                np.array([runs[s]["test"]["test_acc"] for s in paired]),
-                np.array([joint[s]["test"]["test_acc"] for s in paired]),
-                np.array([ep[s] for s in paired]),
-            )
-            row["gap closed [95% CI]"] = f"{f:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            j = np.array([joint[s]["test"]["test_acc"] for s in paired])
+            e = np.array([ep[s] for s in paired])
+            gap_lo, _ = bootstrap_ci((e - j)[:, None], lambda r: float(r.mean()))
+            if gap_lo <= 0:
+                # No significant gap between joint training and the ensemble: a fraction of it is noise.
+                row["gap closed [95% CI]"] = "n/a (no gap)"
+            else:
+                f, lo, hi = gap_closed(np.array([runs[s]["test"]["test_acc"] for s in paired]), j, e)
+                row["gap closed [95% CI]"] = f"{f:+.2f} [{lo:+.2f}, {hi:+.2f}]"
         rows.append(row)
     for label, accs in ens.items():
         if accs:
