@@ -113,3 +113,18 @@ def test_no_gap_gives_no_fraction(tmp_path) -> None:
         )
     _, rows = summarise(tmp_path, specs, ["a", "b"], True)
     assert {r["method"]: r for r in rows}["amss"]["gap closed [95% CI]"] == "n/a (no gap)"
+
+
+def test_a_run_with_another_config_is_not_reused(tmp_path) -> None:
+    import json
+
+    from equimodal.compare import finished_summary, run_config
+
+    spec = run_specs(["data.options.views=fac,mor"], ["none"], ["fac", "mor"], 1, False)[0]
+    run = tmp_path / spec.label / "seed0"
+    run.mkdir(parents=True)
+    expected = run_config(None, spec)
+    (run / "summary.json").write_text(json.dumps({"config": expected, "test": {}}))
+    assert finished_summary(tmp_path, spec, expected) is not None
+    other = run_config(None, run_specs(["optim.lr=0.3"], ["none"], ["a", "b"], 1, False)[0])
+    assert finished_summary(tmp_path, spec, other) is None

@@ -54,3 +54,13 @@ def test_bad_override_syntax_and_missing_config() -> None:
         load_config(None, ["optim.lr"])
     with pytest.raises(FileNotFoundError, match="neither a file nor a shipped preset"):
         load_config("no-such-preset")
+
+
+def test_option_dicts_read_scientific_notation_as_numbers(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("balancer:\n  name: ogm\n  options:\n    alpha: 1e-1\n    reference: mean\n")
+    cfg = load_config(path, ["balancer.options.beta=2E-3", "model.fusion_options.d_model=64"])
+    assert cfg.balancer.options == {"alpha": 0.1, "reference": "mean", "beta": 0.002}
+    assert cfg.model.fusion_options == {"d_model": 64}
+    with pytest.raises(TypeError, match="train.epochs: expected int, found 'inf'"):
+        load_config(None, ["train.epochs=inf"])

@@ -16,7 +16,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, port: int, out: str, balancer: str) -> None:
+def _worker(rank: int, port: int, out: str, overrides: tuple[str, ...]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -34,7 +34,7 @@ def _worker(rank: int, port: int, out: str, balancer: str) -> None:
                 "train.epochs=2",
                 "train.progress=false",
                 "train.probe=false",
-                f"balancer.name={balancer}",
+                *overrides,
             ],
         )
         summary = train(cfg)
@@ -45,9 +45,21 @@ def _worker(rank: int, port: int, out: str, balancer: str) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("balancer", ["none", "ogm_ge", "amss_plus"])
-def test_ranks_end_identical(tmp_path, balancer: str) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), balancer), nprocs=2, join=True)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("balancer.name=none",),
+        ("balancer.name=ogm_ge",),
+        ("balancer.name=amss_plus",),
+        # some parameters get no gradient: DDP must be told (find_unused_parameters)
+        ("balancer.name=unimodal", "balancer.options.modality=fac"),
+        # owns its step; epoch 0 is outside its window, so both of its paths run
+        ("balancer.name=mla", "balancer.options.start_epoch=1"),
+    ],
+    ids=lambda o: o[0].split("=")[1],
+)
+def test_ranks_end_identical(tmp_path, overrides: tuple[str, ...]) -> None:
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), overrides), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     # Each rank evaluates the whole validation split with its own replica: equal only if the

@@ -78,3 +78,22 @@ def test_stratified_holdout_is_disjoint_and_per_class() -> None:
     assert set(kept.tolist()).isdisjoint(held.tolist())
     assert len(kept) + len(held) == 200
     assert torch.bincount(labels[held]).tolist() == [2] * 10
+
+
+def test_gradient_accumulation_matches_one_big_batch() -> None:
+    base = ["data.options.views=fac,mor", "train.epochs=2", "train.progress=false", "train.probe=false"]
+    big = train(load_config(None, [*base, "data.batch_size=40"]))  # 1200 training samples: 30 full batches
+    acc = train(load_config(None, [*base, "data.batch_size=20", "train.grad_accum=2"]))
+    assert acc["val"]["val_loss"] == pytest.approx(big["val"]["val_loss"], rel=1e-4)
+    assert (
+        acc["val"]["val_loss"] != train(load_config(None, [*base, "data.batch_size=20"]))["val"]["val_loss"]
+    )
+
+
+def test_mslr_keep_mode_trains_on_the_whole_training_split() -> None:
+    from conftest import make_toy_model
+
+    import equimodal as em
+
+    assert em.create_balancer("mslr", make_toy_model(2), mode="keep").heldout_fraction == 0.0
+    assert em.create_balancer("mslr", make_toy_model(2)).heldout_fraction > 0.0

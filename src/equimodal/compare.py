@@ -159,15 +159,43 @@ def _mean_std(v: Sequence[float]) -> str:
     return f"{np.nanmean(a):.1f} ± {sd:.1f}"
 
 
+def run_config(config: str | None, spec: RunSpec) -> dict[str, Any]:
+    """The resolved config a run of ``spec`` is trained with (as stored in its ``summary.json``)."""
+    from .config import config_to_dict, load_config
+
+    return config_to_dict(load_config(config, [*spec.overrides, "train.progress=false"]))
+
+
+def finished_summary(
+    out: Path, spec: RunSpec, expected: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The run's summary if it finished (and, given ``expected``, was trained with that exact config)."""
+    path = out / spec.label / f"seed{spec.seed}" / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if expected is not None and summary.get("config") != expected:
+        return None
+    return summary
+
+
 def summarise(
-    out: Path, specs: Sequence[RunSpec], modalities: Sequence[str], refs: bool
+    out: Path,
+    specs: Sequence[RunSpec],
+    modalities: Sequence[str],
+    refs: bool,
+    expected: dict[RunSpec, dict[str, Any]] | None = None,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Collect finished runs into table rows (one per label) and write results.{md,csv,json}."""
+    """Collect finished runs into table rows (one per label) and write results.{md,csv,json}.
+
+    With ``expected`` (spec -> resolved config), a run folder written with another config (an older
+    comparison into the same folder) is left out instead of being mixed into the table.
+    """
     by_label: dict[str, dict[int, dict[str, Any]]] = {}
     for s in specs:
-        path = out / s.label / f"seed{s.seed}" / "summary.json"
-        if path.exists():
-            by_label.setdefault(s.label, {})[s.seed] = json.loads(path.read_text())
+        summary = finished_summary(out, s, None if expected is None else expected[s])
+        if summary is not None:
+            by_label.setdefault(s.label, {})[s.seed] = summary
     seeds = sorted({s.seed for s in specs})
     joint = by_label.get("none", {})
     base_time = np.median([r["time_per_epoch"] for r in joint.values()]) if joint else float("nan")
@@ -297,7 +325,11 @@ def run_compare(args: argparse.Namespace) -> int:
     variants = [parse_variant(v) for v in args.variant or []]
     specs = run_specs(base, balancers, modalities, args.seeds, refs, variants)
     out = Path(args.out)
-    todo = [s for s in specs if not (out / s.label / f"seed{s.seed}" / "summary.json").exists()]
+    expected = {s: run_config(args.config, s) for s in specs}
+    todo = [s for s in specs if finished_summary(out, s, expected[s]) is None]
+    stale = [s for s in todo if (out / s.label / f"seed{s.seed}" / "summary.json").exists()]
+    if stale:
+        log.warning("%d run folder(s) hold results of another config and will be retrained", len(stale))
     console = Console()
     console.print(
         f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run in {out}"
@@ -317,7 +349,7 @@ def run_compare(args: argparse.Namespace) -> int:
     else:
         for i, job in enumerate(jobs, 1):
             report(i, *_run_one(job))
-    columns, rows = summarise(out, specs, modalities, refs)
+    columns, rows = summarise(out, specs, modalities, refs, expected)
     table = Table(title=f"{cfg.data.name}: test metrics, mean ± std over seeds (epoch chosen on val)")
     for c in columns:
         table.add_column(c)

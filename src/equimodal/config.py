@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -86,6 +87,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numbers_in(value: Any) -> Any:
+    """Free-form option values: turn number-like strings (YAML 1.1 reads ``1e-3`` as a string) into floats."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: _numbers_in(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_in(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Coerce ``value`` to the annotated type ``tp`` or raise a clear error naming ``where``."""
     origin = typing.get_origin(tp)
@@ -103,7 +118,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise TypeError(f"{where}: expected a mapping, found {type(value).__name__} {value!r}.")
-        return dict(value)
+        return {k: _numbers_in(v) for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
@@ -131,7 +146,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                     raise ValueError
                 return int(float(number))
             return float(number)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -43,12 +43,13 @@ log = logging.getLogger(__name__)
 
 def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; any other value is passed to ``torch.device``."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local)
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:  # "cuda" means this process's GPU under torchrun
+        device = torch.device("cuda", local)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -214,6 +215,62 @@ def removal_accuracy(
     return result
 
 
+def run_epoch(
+    train_model: nn.Module,
+    balancer: Balancer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: Iterable[tuple[dict[str, Tensor], Tensor]],
+    grad_accum: int,
+    use_amp: bool,
+) -> tuple[float, dict[str, float]]:
+    """One training epoch through the balancer's hooks; returns the mean loss and mean per-step stats.
+
+    Plain loop: ``loss`` per micro-batch, ``before_step`` once per optimizer step after ``unscale_``.
+    A short tail group of micro-batches is rescaled to a mean gradient like the full groups.
+    """
+    total_loss, n_batches, micro = 0.0, 0, 0
+    stat_sums: dict[str, float] = {}
+    stat_counts: dict[str, int] = {}
+
+    def record_stats() -> None:
+        for k, v in balancer.stats().items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+                stat_counts[k] = stat_counts.get(k, 0) + 1
+
+    def optimizer_step(micro_batches: int) -> None:
+        scaler.unscale_(optimizer)
+        if micro_batches != grad_accum:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, grad_accum / micro_batches)
+        balancer.before_step()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        record_stats()
+
+    for batch, y in batches:
+        if balancer.owns_step:
+            loss = balancer.train_step(batch, y, optimizer)
+            record_stats()
+        else:
+            device_type = y.device.type
+            with torch.autocast(device_type, enabled=use_amp):
+                output = train_model(batch)
+                loss = balancer.loss(output, y, batch=batch)
+            scaler.scale(loss / grad_accum).backward()
+            micro += 1
+            if micro == grad_accum:
+                optimizer_step(micro)
+                micro = 0
+        total_loss += float(loss.detach())
+        n_batches += 1
+    if micro:
+        optimizer_step(micro)
+    return total_loss / max(n_batches, 1), {k: v / stat_counts[k] for k, v in stat_sums.items()}
+
+
 def _balancer_kwargs(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
     import inspect
 
@@ -299,7 +356,14 @@ def train(
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=balancer.unused_parameters,
+        )
+    if balancer.owns_step and (t.amp or t.grad_accum > 1):
+        log.warning(
+            "Balancer %r runs its own optimisation step: train.amp and train.grad_accum are ignored.",
+            cfg.balancer.name,
         )
 
     split_gen = torch.Generator().manual_seed(t.seed + 7919)
@@ -313,6 +377,7 @@ def train(
     rows: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "val_acc": -math.inf, "val_loss": math.inf}
     start_epoch = 0
+    epoch_times: list[float] = []
     if resume and out is not None and (out / "last.pt").exists():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
         if ckpt.get("config") == config_to_dict(cfg):
@@ -323,6 +388,7 @@ def train(
                 scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
             rows, best, start_epoch = ckpt["rows"], ckpt["best"], ckpt["epoch"] + 1
+            epoch_times = list(ckpt.get("epoch_times", []))
             torch.set_rng_state(ckpt["rng"])
             log.info("Resumed %s at epoch %d", out, start_epoch)
         else:
@@ -335,7 +401,6 @@ def train(
         progress.start()
         progress.update(epoch_task, completed=start_epoch)
     best_state: dict[str, Any] | None = None
-    epoch_times: list[float] = []
     try:
         for epoch in range(start_epoch, t.epochs):
             loader_gen.manual_seed(t.seed * 100003 + epoch)
@@ -353,44 +418,25 @@ def train(
                 )
 
             if balancer.needs_epoch_data:
+                # Shuffled (the splits are stored class by class), same order on every rank.
+                epoch_gen = torch.Generator().manual_seed(t.seed * 100003 + epoch + 50021)
                 balancer.prepare_epoch(
                     EpochData(
-                        train=lambda: batches(train_split, False),
+                        train=lambda g=epoch_gen: batches(train_split, True, g),
                         heldout=(lambda: batches(heldout, False)) if heldout is not None else None,
                         device=device,
                     )
                 )
             train_model.train()
-            total_loss, n_batches, stat_sums, stat_counts = 0.0, 0, {}, {}
-            micro = 0
-            for batch, y in batches(train_split, True, loader_gen):
-                if balancer.owns_step:
-                    loss = balancer.train_step(batch, y, optimizer)
-                else:
-                    with torch.autocast(device.type, enabled=use_amp):
-                        output = train_model(batch)
-                    loss = balancer.loss(output, y, batch=batch)
-                    scaler.scale(loss / t.grad_accum).backward()
-                    micro += 1
-                    if micro % t.grad_accum:
-                        continue
-                    scaler.unscale_(optimizer)
-                    balancer.before_step()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                total_loss += float(loss.detach())
-                n_batches += 1
-                for k, v in balancer.stats().items():
-                    if isinstance(v, (int, float)) and math.isfinite(v):
-                        stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
-                        stat_counts[k] = stat_counts.get(k, 0) + 1
-            if micro % t.grad_accum and not balancer.owns_step:
-                scaler.unscale_(optimizer)
-                balancer.before_step()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            train_loss, step_stats = run_epoch(
+                train_model,
+                balancer,
+                optimizer,
+                scaler,
+                batches(train_split, True, loader_gen),
+                t.grad_accum,
+                use_amp,
+            )
             if scheduler is not None:
                 scheduler.step()
             epoch_time = time.perf_counter() - tic
@@ -398,11 +444,11 @@ def train(
             val = evaluate(model, balancer, ds.val, cfg.data.eval_batch_size, device, ds.num_classes)
             row: dict[str, Any] = {
                 "epoch": epoch,
-                "train_loss": total_loss / max(n_batches, 1),
+                "train_loss": train_loss,
                 "epoch_time": epoch_time,
             }
             row.update(val.as_dict("val"))
-            row.update({f"bal_{k}": s / stat_counts[k] for k, s in stat_sums.items()})
+            row.update({f"bal_{k}": v for k, v in step_stats.items()})
             rows.append(row)
             improved = val.accuracy > best["val_acc"] or (
                 val.accuracy == best["val_acc"] and val.loss < best["val_loss"]
@@ -426,6 +472,7 @@ def train(
                         "scaler": scaler.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "rows": rows,
+                        "epoch_times": epoch_times,
                         "best": best,
                         "epoch": epoch,
                         "rng": torch.get_rng_state(),

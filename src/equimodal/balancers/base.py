@@ -15,6 +15,8 @@ them; the reference trainer calls them when the capability flags say so):
 - ``owns_step`` / :meth:`train_step`: the balancer runs the whole optimisation of one batch itself
   (several backward passes or alternating unimodal passes, e.g. MLA).
 - ``needs_batch``: :meth:`loss` must be called with ``batch=`` (the model inputs).
+- ``unused_parameters``: some model parameters get no gradient (wrap with DDP's
+  ``find_unused_parameters=True``).
 - :meth:`parameters`: parameters the balancer owns; the optimizer must include them.
 - ``heldout_fraction`` (may be set per instance): when > 0 the trainer carves that (stratified) fraction out of the training
   split and passes it as ``EpochData.heldout`` (G-Blending); it is never taken from val or test.
@@ -69,6 +71,7 @@ class Balancer:
     owns_step: ClassVar[bool] = False
     heldout_fraction: float = 0.0
     needs_batch: ClassVar[bool] = False
+    unused_parameters: ClassVar[bool] = False
 
     def __init__(
         self, model: nn.Module, *, start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0

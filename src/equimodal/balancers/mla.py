@@ -160,6 +160,15 @@ class MLA(Balancer):
         """Each modality's logits through the shared head, ``head(z_m)``."""
         return {m: self.head(self._feature(out, m)) for m in self.modalities}
 
+    @staticmethod
+    def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+        """Average the existing gradients of ``params`` over DDP ranks in one flat all-reduce."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+
     def predict_unimodal(self, out: MultimodalOutput) -> dict[str, Tensor]:
         """MLA's per-modality predictions are the shared head's ``head(z_m)``."""
         return self.head_logits(out) if self.active else out.unimodal_logits
@@ -196,6 +205,8 @@ class MLA(Balancer):
         if not self.active:
             loss = self.loss(out, target)
             loss.backward()
+            if is_distributed():  # the owned step bypasses DDP's wrapper: average the gradients here
+                self._all_reduce_grads([p for g in optimizer.param_groups for p in g["params"]])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.num_steps += 1
@@ -213,11 +224,7 @@ class MLA(Balancer):
             loss = F.cross_entropy(self.head(z), target)
             loss.backward()
             if is_distributed():  # the owned step bypasses DDP's wrapper: average the gradients here
-                params = [*self.encoder_params(m), *self.head.parameters()]
-                grads = [p.grad for p in params if p.grad is not None]
-                flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-                for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-                    g.copy_(part.view_as(g))
+                self._all_reduce_grads([*self.encoder_params(m), *self.head.parameters()])
             self._losses[m] = loss.detach()
             if self.projection and self.num_updates > 0 and self.head.weight.grad is not None:
                 r = all_reduce_mean(z.detach().to(self.P.dtype).mean(0, keepdim=True))

@@ -89,6 +89,8 @@ class MSLR(Balancer):
         if bad:
             raise ValueError(f"scales must be positive finite numbers, found {bad}.")
         self.mode = mode
+        if mode == "keep":  # no held-out accuracy needed: train on all of the training split
+            self.heldout_fraction = 0.0
         self.window = window
         self.initial = {m: float(scales.get(m, 1.0)) for m in self.modalities}
         self.scales = dict(self.initial)

@@ -31,6 +31,7 @@ class Unimodal(Balancer):
     """
 
     name = "unimodal"
+    unused_parameters = True  # the other encoders get no gradient (DDP needs to know)
 
     def __init__(
         self,
