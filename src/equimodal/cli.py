@@ -1,4 +1,4 @@
-"""The ``equimodal`` command line: ``train``, ``compare`` and ``list``.
+"""The ``equimodal`` command line: ``train``, ``compare``, ``report`` and ``list``.
 
 Distribution comes from the environment (``torchrun`` sets ``WORLD_SIZE``/``RANK``), never from a
 config field.
@@ -83,10 +83,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import plot_run
+
+    for run in args.runs:
+        print(plot_run(run, args.out if len(args.runs) == 1 else None))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(
-        prog="equimodal", description="Balanced multimodal learning: train, compare, list."
+        prog="equimodal", description="Balanced multimodal learning: train, compare, report, list."
     )
     p.add_argument("--version", action="version", version=f"equimodal {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -124,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     c.add_argument("--threads", type=int, default=1, help="torch threads per run")
     c.set_defaults(func=cmd_compare)
+    r = sub.add_parser("report", help="plot learning curves of run folders (RUN/curves.png)")
+    r.add_argument("runs", nargs="+", help="run folders written by `equimodal train --out`")
+    r.add_argument("--out", help="output PNG (only with a single run)")
+    r.set_defaults(func=cmd_report)
     return p
 
 
@@ -135,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         if args.verbose:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
