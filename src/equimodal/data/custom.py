@@ -153,9 +153,11 @@ def build_custom_dataset(
     seed: int,
     fractions: tuple[float, float, float],
     standardize: bool,
-    info: dict[str, object],
+    options: dict[str, object],
 ) -> MultimodalDataset:
     """Validate per-modality arrays, labels and an optional split, and assemble the dataset.
+
+    ``options`` (the loader's resolved options, including ``path``) are recorded in ``info``.
 
     Raises:
         ValueError: no modality, row counts that differ, non-numeric or non-finite values, bad labels
@@ -214,7 +216,15 @@ def build_custom_dataset(
         modalities=list(clean),
         default_encoders=_encoders({m: tuple(a.shape[1:]) for m, a in clean.items()}),
         class_names=class_names,
-        info=info,
+        info={
+            "source": str(options.get("path", "")),
+            "licence": "user data",
+            "attribution": "",
+            "options": options,
+            "split": f"from the file's {SPLIT!r} entry"
+            if split is not None
+            else f"stratified by seed {fractions}",
+        },
     )
 
 
@@ -290,15 +300,6 @@ def load_custom_npz(
         "test_fraction": test_fraction,
         "standardize": standardize,
     }
-    info: dict[str, object] = {
-        "source": str(p),
-        "licence": "user data",
-        "attribution": "",
-        "options": options,
-    }
-    info["split"] = (
-        "from the file's `split` array" if split is not None else f"stratified by seed {fractions}"
-    )
     return build_custom_dataset(
         "custom_npz",
         arrays,
@@ -307,7 +308,7 @@ def load_custom_npz(
         seed=seed,
         fractions=fractions,
         standardize=standardize,
-        info=info,
+        options=options,
     )
 
 
@@ -506,15 +507,6 @@ def load_custom_csv(
         "standardize": standardize,
         "delimiter": delimiter,
     }
-    info: dict[str, object] = {
-        "source": str(p),
-        "licence": "user data",
-        "attribution": "",
-        "options": options,
-    }
-    info["split"] = (
-        "from the file's `split` column" if split is not None else f"stratified by seed {fractions}"
-    )
     return build_custom_dataset(
         "custom_csv",
         arrays,
@@ -523,5 +515,5 @@ def load_custom_csv(
         seed=seed,
         fractions=fractions,
         standardize=standardize,
-        info=info,
+        options=options,
     )
