@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from equimodal.compare import bootstrap_ci, ensemble_accuracy, gap_closed, parse_variant, run_specs
+from equimodal.compare import (
+    bootstrap_ci,
+    ensemble_accuracy,
+    finished_summary,
+    gap_closed,
+    parse_variant,
+    run_config,
+    run_specs,
+    summarise,
+)
 
 
 def _write(path, logits, labels, counts) -> None:
@@ -61,27 +72,31 @@ def test_variants_are_labelled_rows_with_their_overrides() -> None:
         parse_variant("amss_T1")
 
 
-def test_summarise_writes_tables_and_plot(tmp_path) -> None:
-    import json
-
-    from equimodal.compare import summarise
-
-    rng = np.random.default_rng(0)
-    labels = np.array([0, 1] * 10)
-    specs = run_specs([], ["amss"], ["a", "b"], 2, True)
+def _fake_runs(root, specs, test_of, logits_of) -> None:
+    """Write summary.json and predictions.npz for each spec, as finished runs would."""
     for s in specs:
-        run = tmp_path / s.label / f"seed{s.seed}"
+        run = root / s.label / f"seed{s.seed}"
         run.mkdir(parents=True)
-        acc = {"none": 0.80, "amss": 0.84, "none_adam": 0.82}.get(s.label, 0.7) + 0.01 * s.seed
-        test = {"test_acc": acc, "test_f1": acc, "test_acc_a": 0.6, "test_acc_b": 0.5, "test_imbalance": 0.1}
-        (run / "summary.json").write_text(json.dumps({"test": test, "time_per_epoch": 1.0}))
-        logits = rng.normal(size=(20, 2)) + 2 * np.eye(2)[labels]
+        (run / "summary.json").write_text(json.dumps({"test": test_of(s), "time_per_epoch": 1.0}))
+        labels = np.array([0, 1] * 10)
+        counts = np.array([5, 5])
         np.savez(
             run / "predictions.npz",
-            test_logits=logits,
+            test_logits=logits_of(labels),
             test_labels=labels,
-            train_label_counts=np.array([5, 5]),
+            train_label_counts=counts,
         )
+
+
+def test_summarise_writes_tables_and_plot(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    specs = run_specs([], ["amss"], ["a", "b"], 2, True)
+
+    def test_of(s):
+        acc = {"none": 0.80, "amss": 0.84, "none_adam": 0.82}.get(s.label, 0.7) + 0.01 * s.seed
+        return {"test_acc": acc, "test_f1": acc, "test_acc_a": 0.6, "test_acc_b": 0.5, "test_imbalance": 0.1}
+
+    _fake_runs(tmp_path, specs, test_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y])
     columns, rows = summarise(tmp_path, specs, ["a", "b"], True)
     by = {r["method"]: r for r in rows}
     assert by["amss"]["test acc"] == "84.5 ± 0.7"  # 0.84, 0.85
@@ -93,33 +108,18 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
 
 
 def test_no_gap_gives_no_fraction(tmp_path) -> None:
-    import json
-
-    from equimodal.compare import summarise
-
-    labels = np.array([0, 1] * 10)
     specs = run_specs([], ["amss"], ["a", "b"], 3, True)
-    for s in specs:
-        run = tmp_path / s.label / f"seed{s.seed}"
-        run.mkdir(parents=True)
-        test = {"test_acc": 1.0 if s.label == "none" else 0.9, "test_f1": 0.9, "test_imbalance": 0.0}
-        (run / "summary.json").write_text(json.dumps({"test": test, "time_per_epoch": 1.0}))
-        logits = 2 * np.eye(2)[labels]  # every branch perfect: the ensemble equals joint training (1.0)
-        np.savez(
-            run / "predictions.npz",
-            test_logits=logits,
-            test_labels=labels,
-            train_label_counts=np.array([5, 5]),
-        )
+
+    def test_of(s):
+        return {"test_acc": 1.0 if s.label == "none" else 0.9, "test_f1": 0.9, "test_imbalance": 0.0}
+
+    # every branch is perfect: the ensemble equals joint training (1.0), so there is no gap to close
+    _fake_runs(tmp_path, specs, test_of, lambda y: 2 * np.eye(2)[y])
     _, rows = summarise(tmp_path, specs, ["a", "b"], True)
     assert {r["method"]: r for r in rows}["amss"]["gap closed [95% CI]"] == "n/a (no gap)"
 
 
 def test_a_run_with_another_config_is_not_reused(tmp_path) -> None:
-    import json
-
-    from equimodal.compare import finished_summary, run_config
-
     spec = run_specs(["data.options.views=fac,mor"], ["none"], ["fac", "mor"], 1, False)[0]
     run = tmp_path / spec.label / "seed0"
     run.mkdir(parents=True)
