@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -52,9 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])
     summary = train(cfg, args.out, resume=not args.no_resume)
-    Console().print(_summary_table(summary))
-    if args.out:
-        Console().print(f"Run folder: {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process reports
+        Console().print(_summary_table(summary))
+        if args.out:
+            Console().print(f"Run folder: {args.out}")
     return 0
 
 

@@ -328,7 +328,8 @@ def train(
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:  # launched by torchrun: the process group is ours to create and to close
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist_rank()
     device = select_device(t.device)
@@ -535,4 +536,7 @@ def train(
             train_label_counts=torch.bincount(train_split.labels, minlength=ds.num_classes).numpy(),
         )
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if own_group:
+        dist.barrier()
+        dist.destroy_process_group()
     return summary
