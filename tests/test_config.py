@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from equimodal.config import Config, config_from_dict, config_to_dict, load_config
+from equimodal.config import Config, config_from_dict, config_to_dict, list_presets, load_config
 
 
 def test_defaults_round_trip() -> None:
@@ -64,3 +64,12 @@ def test_option_dicts_read_scientific_notation_as_numbers(tmp_path) -> None:
     assert cfg.model.fusion_options == {"d_model": 64}
     with pytest.raises(TypeError, match="train.epochs: expected int, found 'inf'"):
         load_config(None, ["train.epochs=inf"])
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_shipped_preset_trains_one_epoch(preset: str) -> None:
+    from equimodal.train import train
+
+    cfg = load_config(preset, ["train.epochs=1", "train.progress=false", "train.probe=false"])
+    summary = train(cfg)
+    assert summary["epochs"] == 1 and 0.0 <= summary["test"]["test_acc"] <= 1.0
