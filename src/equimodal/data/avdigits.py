@@ -283,7 +283,9 @@ def load_avdigits_hard(
       ``pca_energy`` (13 of 64 for 0.8), standardise with the training pixels' scalar mean and std,
       reshape to ``(1, 8, 8)``.
     - Audio ("a word at an unknown time in a noisy window"): standardise each MFCC coefficient with its
-      mean and std over all FSDD frames, centre-crop clips longer than 32 frames, place the clip at a
+      mean and std over all FSDD frames (as the recipe says: unlabelled statistics of all 3000 clips,
+      test clips included; the one exception to train-only fitting, 13 means and stds of MFCC
+      coefficients, no labels), centre-crop clips longer than 32 frames, place the clip at a
       uniform random offset in a ``13 x 32`` zero array, add ``N(0, audio_noise^2)`` to every entry.
       The noise is added **in the MFCC domain**, not mixed into the waveform.
 
