@@ -21,3 +21,12 @@ equimodal compare --dataset mfeat --balancers "$ALL" --seeds 5 --out runs/mfeat_
 equimodal compare --dataset mfeat --set data.options.views=fac,mor --balancers "$ALL" --seeds 5 --out runs/mfeat_facmor --jobs "$JOBS"
 equimodal compare --dataset avdigits --balancers "$ALL" --seeds 5 --out runs/avdigits --jobs "$JOBS"
 equimodal compare --dataset mfeat --set data.options.views=all --balancers "$ALL" --seeds 5 --out runs/mfeat_all --jobs "$JOBS"
+
+# 4. The official AMSS+ weights against our default (docs/amss.md), and the logged AMSS statistics
+#    quoted in docs/results.md.
+equimodal compare --dataset mfeat --set data.options.views=fac,mor --balancers amss_plus --no-references \
+  --variant "amss_plus_code:balancer.name=amss_plus,balancer.options.reweight=code" --seeds 3 --out runs/code_weights --jobs "$JOBS"
+python benchmarks/balancer_stats.py runs/code_weights amss_plus amss_plus_code --keys mean_weight/,grad_norm_ratio/,nonfinite
+for run in avdh mfeat_pixfou mfeat_facmor avdigits mfeat_all; do
+  python benchmarks/balancer_stats.py "runs/$run" amss amss_plus uniform_mask --keys k/,kept_grad_norm/,fallback
+done

@@ -92,11 +92,11 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
     rng = np.random.default_rng(0)
     specs = run_specs([], ["amss"], ["a", "b"], 2, True)
 
-    def test_of(s):
+    def summary_of(s):
         acc = {"none": 0.80, "amss": 0.84, "none_adam": 0.82}.get(s.label, 0.7) + 0.01 * s.seed
         return {"test_acc": acc, "test_f1": acc, "test_acc_a": 0.6, "test_acc_b": 0.5, "test_imbalance": 0.1}
 
-    _fake_runs(tmp_path, specs, test_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y])
+    _fake_runs(tmp_path, specs, summary_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y])
     columns, rows = summarise(tmp_path, specs, ["a", "b"], True)
     by = {r["method"]: r for r in rows}
     assert by["amss"]["test acc"] == "84.5 ± 0.7"  # 0.84, 0.85
@@ -110,11 +110,11 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
 def test_no_gap_gives_no_fraction(tmp_path) -> None:
     specs = run_specs([], ["amss"], ["a", "b"], 3, True)
 
-    def test_of(s):
+    def summary_of(s):
         return {"test_acc": 1.0 if s.label == "none" else 0.9, "test_f1": 0.9, "test_imbalance": 0.0}
 
     # every branch is perfect: the ensemble equals joint training (1.0), so there is no gap to close
-    _fake_runs(tmp_path, specs, test_of, lambda y: 2 * np.eye(2)[y])
+    _fake_runs(tmp_path, specs, summary_of, lambda y: 2 * np.eye(2)[y])
     _, rows = summarise(tmp_path, specs, ["a", "b"], True)
     assert {r["method"]: r for r in rows}["amss"]["gap closed [95% CI]"] == "n/a (no gap)"
 

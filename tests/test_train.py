@@ -97,3 +97,12 @@ def test_mslr_keep_mode_trains_on_the_whole_training_split() -> None:
 
     assert em.create_balancer("mslr", make_toy_model(2), mode="keep").heldout_fraction == 0.0
     assert em.create_balancer("mslr", make_toy_model(2)).heldout_fraction > 0.0
+
+
+def test_non_finite_data_is_rejected_once_before_training() -> None:
+    from equimodal.data import load_dataset
+
+    ds = load_dataset("mfeat", views="fac,mor", seed=0)
+    ds.test.inputs["mor"][3, 1] = float("nan")
+    with pytest.raises(ValueError, match="modality 'mor' holds 1 non-finite"):
+        train(load_config(None, FAST), dataset=ds)

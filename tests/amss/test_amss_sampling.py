@@ -137,7 +137,8 @@ def test_first_order_inclusion_is_biased_for_peaked_scores() -> None:
         _many(scores, reps), torch.full((reps,), 2), generator=gen(5), inclusion="first_order"
     )
     mean = inverse_inclusion_weights(keep, pi, max_weight=None).mean(0)
-    assert float((mean - 1).abs().max()) > 0.05
+    # docs/amss.md quotes these: the heavy unit about 0.90, the light ones about 1.63-1.66 (not 1)
+    assert float(mean[0]) < 0.95 and bool((mean[1:] > 1.5).all()), mean
 
 
 @SETTINGS

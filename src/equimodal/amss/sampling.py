@@ -229,8 +229,8 @@ def code_weights(keep: Tensor, q: Tensor, num_units: Tensor, bias: float = 0.0) 
     Warning:
         These are *not* inverse inclusion probabilities and are not unbiased: with near-uniform scores
         the weight is about ``N / 2`` (x32 to x256 for ResNet filters when ``b = 0``), it is largest for
-        dead units (``q = 0``), and in our runs it amplified gradients 22-46x and diverged in 16 of 23
-        runs at SGD lr 0.05 (spec section 16). Use only to reproduce the official numbers.
+        dead units (``q = 0``); on mfeat fac+mor with SGD lr 0.05 it amplified gradients about 10x and
+        made the loss non-finite in most epochs (docs/amss.md). Use only to reproduce the official numbers.
 
     Args:
         keep: ``(R, N)`` kept-unit mask.

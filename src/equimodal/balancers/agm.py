@@ -184,8 +184,8 @@ class AGM(Balancer):
                 if p.grad is not None:
                     p.grad.mul_(float(k[i]))
         if self.clip is not None and self._head:
-            peak = max((float(p.grad.abs().max()) for p in self._head if p.grad is not None), default=0.0)
-            if peak > self.clip:
+            peaks = [p.grad.abs().amax() for p in self._head if p.grad is not None]
+            if peaks and float(torch.stack(peaks).amax()) > self.clip:  # one host sync for the whole head
                 nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.grad is not None], self.clip
                 )

@@ -174,7 +174,7 @@ class AMSS(Balancer):
         if reweight == "code":
             log.warning(
                 "AMSS+: reweight='code' reproduces the official weights 1/(q + 1/N + b), which are not unbiased and "
-                "amplify gradients ~N/2 times when b = 0 (diverged in 16 of 23 of our SGD runs); prefer the default."
+                "amplify gradients ~N/2 times when b = 0 (they diverged in our SGD runs, see docs/amss.md); prefer the default."
             )
         self.temperature, self.ratio_form, self.ratio_bias = float(temperature), ratio_form, float(ratio_bias)
         self.k_min, self.k_max, self.stable_softmax = float(k_min), float(k_max), bool(stable_softmax)
@@ -194,8 +194,6 @@ class AMSS(Balancer):
         )  # fmt: skip
         self._fallback_ratio = torch.tensor([float(fb[m]) for m in self.modalities])
         self._sums = SignificanceSums(self.modalities, need_features=feature_entropy != "none")
-        self._gen: torch.Generator | None = None
-        self._pending_gen_state: Tensor | None = None
         self._rho_ema: Tensor | None = None
         self._counters = torch.zeros(3)  # fallback steps, non-finite steps, active steps
         self._last: Tensor | None = None
@@ -253,7 +251,7 @@ class AMSS(Balancer):
             rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,
             fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
         )  # fmt: skip
-        mask_stats, finite = self.masker.apply(k, self._generator(device))
+        mask_stats, finite = self.masker.apply(k, self.generator(device))
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
         self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
         self._last = torch.cat(
@@ -280,24 +278,10 @@ class AMSS(Balancer):
         names = ("fallback_steps", "nonfinite_steps", "active_steps")
         return {n: int(v) for n, v in zip(names, self._counters.tolist(), strict=True)}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = dist.make_generator(self.seed, device)
-            if self._pending_gen_state is not None:
-                try:
-                    self._gen.set_state(self._pending_gen_state)
-                except (RuntimeError, TypeError, ValueError):
-                    log.warning("AMSS: saved generator state does not fit device %s; reseeding.", device)
-                    self._gen.manual_seed(self.seed + self.num_steps)
-                self._pending_gen_state = None
-        return self._gen
-
     def state_dict(self) -> dict[str, Any]:
         """Epoch, step count, the sampling generator's state, counters, rho EMA and pending statistics."""
         state = super().state_dict()
-        gen = self._gen.get_state() if self._gen is not None else self._pending_gen_state
         state.update(
-            generator=gen,
             counters=self._counters.tolist(),
             rho_ema=None if self._rho_ema is None else self._rho_ema.detach().cpu(),
             significance=self._sums.state_dict(),
@@ -307,7 +291,6 @@ class AMSS(Balancer):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the generator continues exactly where it stopped)."""
         super().load_state_dict(state)
-        self._gen, self._pending_gen_state = None, state.get("generator")
         self._counters = torch.tensor(state.get("counters", [0.0, 0.0, 0.0]), dtype=torch.float32)
         self._rho_ema = state.get("rho_ema")
         self._sums.load_state_dict(state.get("significance", {}), self.masker.device)

@@ -26,6 +26,7 @@ them; the reference trainer calls them when the capability flags say so):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import make_generator
 from ..types import MultimodalOutput, check_output, modality_names
 
 Batch = Mapping[str, Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Balancer:
         self.epoch = 0
         self.num_steps = 0
         self._stats: dict[str, float] = {}
+        self._gen: torch.Generator | None = None
+        self._pending_gen_state: Tensor | None = None
 
     # ------------------------------------------------------------------ the two calls
     def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
@@ -116,13 +121,37 @@ class Balancer:
         return self.epoch >= self.start_epoch and (self.end_epoch is None or self.epoch <= self.end_epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """Serializable state; subclasses extend the dict returned here."""
-        return {"epoch": self.epoch, "num_steps": self.num_steps}
+        """Serializable state (epoch, steps, random generator); subclasses extend the dict returned here."""
+        state: dict[str, Any] = {"epoch": self.epoch, "num_steps": self.num_steps}
+        gen_state = self._gen.get_state() if self._gen is not None else self._pending_gen_state
+        if gen_state is not None:
+            state["generator"] = gen_state.clone()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (the generator continues where it stopped)."""
         self.epoch = int(state["epoch"])
         self.num_steps = int(state.get("num_steps", 0))
+        self._gen, self._pending_gen_state = None, state.get("generator")
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The balancer's random generator on ``device``, seeded with ``seed`` identically on every rank.
+
+        Created lazily (on the gradients' device) and restored from a loaded state; a state saved on
+        another device type cannot be restored there, so the generator is then reseeded (with a warning).
+        """
+        if self._gen is None or self._gen.device != torch.device(device):
+            self._gen = make_generator(self.seed, device)
+            if self._pending_gen_state is not None:
+                try:
+                    self._gen.set_state(self._pending_gen_state)
+                except (RuntimeError, TypeError, ValueError):
+                    log.warning(
+                        "%s: saved generator state does not fit device %s; reseeding.", self.name, device
+                    )
+                    self._gen.manual_seed(self.seed + self.num_steps)
+                self._pending_gen_state = None
+        return self._gen
 
     def stats(self) -> dict[str, float]:
         """Per-step observability figures of the last step (e.g. ``k/audio``), for logging."""

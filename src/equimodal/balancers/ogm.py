@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_sum, make_generator
+from ..distributed import all_reduce_sum
 from ..types import MultimodalOutput, check_output
 from .base import Balancer, Batch
 from .registry import register_balancer
@@ -124,8 +123,6 @@ class OGM(Balancer):
         self.modulate = modulate
         self.targets: dict[str, list[nn.Parameter]] = {m: self._select(m) for m in self.modalities}
         self._score_sum: Tensor | None = None
-        self._gen: torch.Generator | None = None
-        self._pending_gen_state: Tensor | None = None
 
     def _select(self, modality: str) -> list[nn.Parameter]:
         encoder = self.model.encoders[modality]
@@ -180,35 +177,9 @@ class OGM(Balancer):
     def _noise(self, grad: Tensor) -> Tensor:
         """``N(0, std(grad) + 1e-8)`` noise of ``grad``'s shape from the balancer's seeded generator."""
         std = grad.std() if grad.numel() > 1 else grad.new_zeros(())
-        gen = self._generator(grad.device)
+        gen = self.generator(grad.device)
         noise = torch.randn(grad.shape, generator=gen, device=gen.device, dtype=grad.dtype)
         return noise.to(grad.device).mul_(std + 1e-8)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None:
-            self._gen = make_generator(self.seed, device)
-            if self._pending_gen_state is not None:
-                try:
-                    self._gen.set_state(self._pending_gen_state)
-                except RuntimeError:  # state saved on another device type
-                    log.warning("OGM-GE noise generator state does not fit %s; reseeding.", device)
-                    self._gen.manual_seed(self.seed + self.num_steps)
-                self._pending_gen_state = None
-        return self._gen
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch, step count and the noise generator's state."""
-        state = super().state_dict()
-        gen_state = self._gen.get_state() if self._gen is not None else self._pending_gen_state
-        if gen_state is not None:
-            state["generator"] = gen_state.clone()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self._gen = None
-        self._pending_gen_state = state.get("generator")
 
 
 @register_balancer("ogm_ge")

@@ -1,0 +1,68 @@
+"""Average a balancer's logged per-step statistics (the ``bal_*`` columns of ``metrics.csv``) over runs.
+
+For each label (a sub-folder of a ``compare`` output holding ``seed*/metrics.csv``) it prints every
+``bal_*`` column averaged over epochs, then over seeds, plus the mean over the first ``--early``
+epochs, and the fraction of epochs whose training loss was not finite. These are the AMSS figures
+quoted in docs/results.md, e.g.:
+
+    python benchmarks/balancer_stats.py runs/avdh amss amss_plus uniform_mask --keys k/,kept_grad_norm/,fallback
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def label_stats(folder: Path, early: int) -> dict[str, float]:
+    """Per-column mean over epochs then seeds (``early/<col>``: over the first ``early`` epochs)."""
+    per_seed: list[dict[str, float]] = []
+    for path in sorted(folder.glob("seed*/metrics.csv")):
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        cols = [c for c in rows[0] if c.startswith("bal_")]
+        out = {}
+        for c in cols:
+            values = np.array([float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows])
+            out[c[4:]] = float(np.nanmean(values))
+            out[f"early/{c[4:]}"] = float(np.nanmean(values[:early]))
+        out["nonfinite_loss_epochs"] = float(
+            np.mean([not math.isfinite(float(r["train_loss"])) for r in rows])
+        )
+        per_seed.append(out)
+    if not per_seed:
+        raise FileNotFoundError(
+            f"No seed*/metrics.csv under {folder}: expected a compare output label folder."
+        )
+    keys = sorted(set().union(*per_seed))
+    return {k: float(np.nanmean([s.get(k, math.nan) for s in per_seed])) for k in keys}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path, help="a compare output folder")
+    p.add_argument("labels", nargs="+", help="row labels (sub-folders) to summarise")
+    p.add_argument(
+        "--keys", default="", help="comma-separated prefixes of the statistics to print (default all)"
+    )
+    p.add_argument("--early", type=int, default=10, help="epochs in the early/ means")
+    args = p.parse_args()
+    prefixes = [k for k in args.keys.split(",") if k]
+    for label in args.labels:
+        stats = label_stats(args.root / label, args.early)
+        shown = {
+            k: v
+            for k, v in stats.items()
+            if not prefixes or any(k.startswith(x) or k.startswith(f"early/{x}") for x in prefixes)
+        }
+        print(label)
+        for k, v in shown.items():
+            print(f"  {k:32s} {v:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
