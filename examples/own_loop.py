@@ -2,7 +2,8 @@
 
 The model below is not built with equimodal's classes: it only follows the contract (an
 ``encoders`` ModuleDict and a forward that returns ``MultimodalOutput``). Run it with
-``python examples/own_loop.py [balancer]`` (default ``amss_plus``).
+``python examples/own_loop.py [balancer]`` (default ``amss_plus``); it drives every registered balancer,
+reading ``balancer.requirements`` for the few that need more than the two calls.
 """
 
 from __future__ import annotations
@@ -39,30 +40,51 @@ class TwoTowerNet(nn.Module):
         return equimodal.MultimodalOutput(uni["audio"] + uni["image"], uni, feats)
 
 
-def synthetic_loader(steps: int, batch_size: int = 32, seed: int = 0):
+def synthetic_loader(steps: int, batch_size: int = 32, seed: int = 0) -> list[dict[str, Tensor]]:
     """Toy data in which the audio carries the label more strongly than the image."""
     g = torch.Generator().manual_seed(seed)
+    batches = []
     for _ in range(steps):
         y = torch.randint(0, 10, (batch_size,), generator=g)
         audio = torch.randn(batch_size, 13, 20, generator=g) + y.float()[:, None, None] * 0.3
         image = torch.randn(batch_size, 1, 8, 8, generator=g) + y.float()[:, None, None, None] * 0.1
-        yield {"audio": audio, "image": image, "label": y}
+        batches.append({"audio": audio, "image": image, "label": y})
+    return batches
 
 
-def main(name: str = "amss_plus", steps: int = 60) -> list[float]:
+def main(name: str = "amss_plus", steps: int = 60, epochs: int = 3, **options: object) -> list[float]:
     torch.manual_seed(0)
     model = TwoTowerNet()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    balancer = equimodal.create_balancer(name, model)  # added line
+    balancer = equimodal.create_balancer(name, model, **options)  # added line
+    # Most balancers need only the lines marked "added"; `requirements` says what else one needs.
+    req = balancer.requirements
+    optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05, momentum=0.9)
+    train = synthetic_loader(steps // epochs)
+    heldout = synthetic_loader(2, seed=1)  # a part of train kept out of training (never val/test)
+    epoch_data = equimodal.EpochData(
+        train=lambda: ((b, b["label"]) for b in train),
+        heldout=lambda: ((b, b["label"]) for b in heldout),
+        device=torch.device("cpu"),
+    )
     losses = []
-    for batch in synthetic_loader(steps):
-        out = model(batch)
-        loss = balancer.loss(out, batch["label"], batch=batch)  # was: F.cross_entropy(out.logits, y)
-        loss.backward()
-        balancer.before_step()  # added line
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(F.cross_entropy(out.logits.detach(), batch["label"])))
+    for epoch in range(epochs):
+        balancer.set_epoch(epoch)  # added line
+        if req.epoch_data:  # pmr, gblending, mslr
+            balancer.prepare_epoch(epoch_data)
+        for batch in train:
+            y = batch["label"]
+            if req.own_step:  # mla runs the whole step itself
+                balancer.train_step(batch, y, optimizer)
+                with torch.no_grad():
+                    out = model(batch)
+            else:
+                out = model(batch)
+                loss = balancer.loss(out, y, batch=batch)  # was: F.cross_entropy(out.logits, y)
+                loss.backward()
+                balancer.before_step()  # added line
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(float(F.cross_entropy(balancer.predict(out).detach(), y)))
     return losses
 
 

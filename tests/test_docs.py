@@ -9,6 +9,7 @@ import torch
 from conftest import make_toy_batch, make_toy_model
 
 import equimodal as em
+import equimodal.testing
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom_balancer.md"
 
@@ -30,3 +31,12 @@ def test_custom_balancer_example_runs_and_scales_gradients() -> None:
         ref = twin.encoders[m].fc.weight.grad
         assert torch.allclose(got, ref * scale[f"scale/{m}"], atol=1e-6), i
     assert torch.equal(model.fusion.fc.weight.grad, twin.fusion.fc.weight.grad)  # the head is untouched
+
+
+def test_custom_balancer_passes_the_contract_suite() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    namespace: dict = {}
+    exec(compile(blocks[0], str(DOC), "exec"), namespace)
+    exec(compile(blocks[1], str(DOC), "exec"), namespace)  # check_balancer(ConfidenceScale)
+    results = em.testing.check_balancer(namespace["ConfidenceScale"], modalities=(2,))
+    assert results["two_call_loop/M2"] == "honoured"

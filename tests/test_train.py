@@ -95,8 +95,8 @@ def test_mslr_keep_mode_trains_on_the_whole_training_split() -> None:
 
     import equimodal as em
 
-    assert em.create_balancer("mslr", make_toy_model(2), mode="keep").heldout_fraction == 0.0
-    assert em.create_balancer("mslr", make_toy_model(2)).heldout_fraction > 0.0
+    assert em.create_balancer("mslr", make_toy_model(2), mode="keep").requirements.heldout_fraction == 0.0
+    assert em.create_balancer("mslr", make_toy_model(2)).requirements.heldout_fraction > 0.0
 
 
 def test_non_finite_data_is_rejected_once_before_training() -> None:

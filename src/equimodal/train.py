@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .balancers import Balancer, EpochData, create_balancer, get_balancer_class
+from .balancers import Balancer, EpochData, create_balancer
+from .balancers.registry import BALANCERS
 from .config import Config, config_to_dict, save_config
 from .data import load_dataset
 from .data.base import MultimodalDataset, TensorSplit
@@ -236,13 +237,15 @@ def run_epoch(
 ) -> tuple[float, dict[str, float]]:
     """One training epoch through the balancer's hooks; returns the mean loss and mean per-step stats.
 
-    Plain loop: ``loss`` per micro-batch, ``before_step`` once per optimizer step after ``unscale_``.
-    A short tail group of micro-batches is rescaled to a mean gradient like the full groups.
+    Two-call balancers: ``loss`` per micro-batch, ``before_step`` once per optimizer step after
+    ``unscale_``; a short tail group of micro-batches is rescaled to a mean gradient like the full
+    groups. Balancers that own their step get ``grad_accum`` micro-batches per ``train_step`` call.
     """
     total_loss: Tensor | float = 0.0  # summed on the device: no host sync per step
     n_batches, micro = 0, 0
     stat_sums: dict[str, float] = {}
     stat_counts: dict[str, int] = {}
+    group: list[tuple[dict[str, Tensor], Tensor]] = []
 
     def record_stats() -> None:
         for k, v in balancer.stats().items():
@@ -261,33 +264,42 @@ def run_epoch(
         optimizer.zero_grad(set_to_none=True)
         record_stats()
 
+    def owned_step() -> Tensor:
+        """One ``train_step`` over the grouped micro-batches; returns their summed mean losses."""
+        inputs = {k: torch.cat([b[k] for b, _ in group]) for k in group[0][0]}
+        target = torch.cat([y for _, y in group])
+        loss = balancer.train_step(inputs, target, optimizer, micro_batches=len(group)) * len(group)
+        group.clear()
+        record_stats()
+        return loss
+
+    own_step = balancer.requirements.own_step
     for batch, y in batches:
-        if balancer.owns_step:
-            loss = balancer.train_step(batch, y, optimizer)
-            record_stats()
-        else:
-            device_type = y.device.type
-            with torch.autocast(device_type, enabled=use_amp):
-                output = train_model(batch)
-                loss = balancer.loss(output, y, batch=batch)
-            scaler.scale(loss / grad_accum).backward()
-            micro += 1
-            if micro == grad_accum:
-                optimizer_step(micro)
-                micro = 0
-        total_loss = total_loss + loss.detach().float()
         n_batches += 1
+        if own_step:
+            group.append((batch, y))
+            if len(group) == grad_accum:
+                total_loss = total_loss + owned_step().detach().float()
+            continue
+        with torch.autocast(y.device.type, enabled=use_amp):
+            loss = balancer.loss(train_model(batch), y, batch=batch)
+        scaler.scale(loss / grad_accum).backward()
+        total_loss = total_loss + loss.detach().float()
+        micro += 1
+        if micro == grad_accum:
+            optimizer_step(micro)
+            micro = 0
     if micro:
         optimizer_step(micro)
+    if group:
+        total_loss = total_loss + owned_step().detach().float()
     return float(total_loss) / max(n_batches, 1), {k: v / stat_counts[k] for k, v in stat_sums.items()}
 
 
 def _balancer_kwargs(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
-    import inspect
-
+    """The configured options, plus ``seed=train.seed`` when the balancer takes a seed."""
     kwargs = dict(options)
-    params = inspect.signature(get_balancer_class(name).__init__).parameters
-    if "seed" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if "seed" in BALANCERS.options(name):
         kwargs.setdefault("seed", seed)
     return kwargs
 
@@ -363,6 +375,7 @@ def train(
     balancer = create_balancer(
         cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed)
     )
+    req = balancer.requirements  # the one place the trainer learns what this balancer needs
     optimizer = build_optimizer(cfg, list(model.parameters()) + list(balancer.parameters()))
     scheduler = build_scheduler(cfg, optimizer)
     train_model: nn.Module = model
@@ -370,21 +383,21 @@ def train(
         train_model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=balancer.unused_parameters,
-        )
-    if balancer.owns_step and (t.amp or t.grad_accum > 1):
-        log.warning(
-            "Balancer %r runs its own optimisation step: train.amp and train.grad_accum are ignored.",
-            cfg.balancer.name,
+            find_unused_parameters=req.unused_parameters,
         )
 
     split_gen = torch.Generator().manual_seed(t.seed + 7919)
     train_split, heldout = ds.train, None
-    if balancer.heldout_fraction > 0:
-        kept, held = stratified_holdout(ds.train.labels, balancer.heldout_fraction, split_gen)
+    if req.heldout_fraction > 0:
+        kept, held = stratified_holdout(ds.train.labels, req.heldout_fraction, split_gen)
         train_split, heldout = ds.train.subset(kept), ds.train.subset(held)
 
     use_amp = t.amp and device.type == "cuda"
+    if use_amp and req.own_step:
+        raise ValueError(
+            f"Balancer {cfg.balancer.name!r} runs its own optimisation step, which has no AMP loss scaling; "
+            "set train.amp=false."
+        )
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     rows: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "val_acc": -math.inf, "val_loss": math.inf}
@@ -429,7 +442,7 @@ def train(
                     device=device,
                 )
 
-            if balancer.needs_epoch_data:
+            if req.epoch_data:
                 # Shuffled (the splits are stored class by class), same order on every rank.
                 epoch_gen = torch.Generator().manual_seed(t.seed * 100003 + epoch + 50021)
                 balancer.prepare_epoch(

@@ -32,6 +32,7 @@ def step_grads(
     balancer: Balancer, model: nn.Module, inputs: dict[str, Tensor], y: Tensor, **kw: object
 ) -> Grads:
     model.zero_grad(set_to_none=True)
+    balancer.set_epoch(balancer.epoch)  # a driver starts the epoch (needed by windowed balancers)
     balancer.loss(model(inputs), y, **kw).backward()
     balancer.before_step()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -115,6 +116,7 @@ def test_ogm_micro_batches_equal_one_big_batch() -> None:
     big = em.create_balancer("ogm", model)
     g_big = step_grads(big, model, batch, y)
     small = em.create_balancer("ogm", twin)
+    small.set_epoch(0)
     for half in (slice(0, 16), slice(16, 32)):
         (small.loss(twin({k: v[half] for k, v in batch.items()}), y[half]) / 2).backward()
     small.before_step()
@@ -182,7 +184,7 @@ def test_ogm_conv_mode_refuses_encoders_without_convolutions() -> None:
     model = em.MultimodalClassifier({"a": MLP(5), "b": MLP(6)}, 3)
     with pytest.raises(ValueError, match="modulate='weights'"):
         em.create_balancer("ogm", model, modulate="conv")
-    with pytest.raises(ValueError, match="reference must be one of"):
+    with pytest.raises(ValueError, match="reference.? must be one of"):
         em.create_balancer("ogm", model, reference="median")
     with pytest.raises(ValueError, match="alpha must be"):
         em.create_balancer("ogm", model, alpha=-1.0)
@@ -269,15 +271,15 @@ def test_agm_needs_the_batch_and_costs_two_pow_m_minus_two_forwards() -> None:
     model = make_toy_model(3)
     batch, y = make_toy_batch(3, 8)
     balancer = em.create_balancer("agm", model)
-    with pytest.raises(ValueError, match="batch=batch"):
+    with pytest.raises(em.DriverError, match="batch=batch"):
         balancer.loss(model(batch), y)
     calls = []
     model.fusion.register_forward_hook(lambda *_: calls.append(1))
     out = model(batch)
     balancer.loss(out, y, batch=batch)
     assert len(calls) == 1 + (2**3 - 2) and model.training
-    balancer.set_epoch(0)
     late = em.create_balancer("agm", model, start_epoch=2)
+    late.set_epoch(0)
     calls.clear()
     late.loss(model(batch), y, batch=batch)
     assert len(calls) == 1  # no extra passes outside the window
@@ -309,6 +311,7 @@ def test_pmr_prototypes_are_class_means_with_ema() -> None:
     model = make_toy_model(2)
     data = toy_epoch_data(2)
     balancer = em.create_balancer("pmr", model, momentum=0.3)
+    balancer.set_epoch(0)
     balancer.prepare_epoch(data)
     old = {m: class_means(model, data, m) for m in ("m0", "m1")}
     for m in old:
@@ -338,6 +341,7 @@ def test_pmr_adds_prototype_ce_only_for_weak_modalities(num: int) -> None:
     batch, y = make_toy_batch(num, 32)
     ref = joint_grads(copy.deepcopy(model), batch, y)
     balancer = em.create_balancer("pmr", model, alpha=2.0)
+    balancer.set_epoch(0)
     balancer.prepare_epoch(toy_epoch_data(num))
     names = [f"m{i}" for i in range(num)]
     out = model(batch)
@@ -363,7 +367,10 @@ def test_pmr_errors() -> None:
     model = make_toy_model(2)
     batch, y = make_toy_batch(2, 8)
     balancer = em.create_balancer("pmr", model)
-    with pytest.raises(RuntimeError, match="prepare_epoch"):
+    with pytest.raises(em.DriverError, match=r"set_epoch\(epoch\)"):
+        balancer.loss(model(batch), y)
+    balancer.set_epoch(0)
+    with pytest.raises(em.DriverError, match=r"needs prepare_epoch\(EpochData"):
         balancer.loss(model(batch), y)
     balancer.prepare_epoch(toy_epoch_data(2))
     out = model(batch)
@@ -432,6 +439,7 @@ def test_mslr_dynamic_follows_heldout_accuracy() -> None:
     held = make_toy_batch(2, 64, seed=30)
     data = EpochData(train=lambda: iter([]), heldout=lambda: iter([held]), device=torch.device("cpu"))
     balancer = em.create_balancer("mslr", model, scales={"m0": 1.3, "m1": 0.7}, window=2)
+    balancer.set_epoch(0)
     balancer.prepare_epoch(data)
     assert balancer.memory == {"m0": [], "m1": []}  # untrained model: nothing measured
     balancer.num_steps = 1

@@ -97,6 +97,7 @@ def expected_mmpareto_grads(model: nn.Module, batch: dict, y: torch.Tensor, gamm
 
 def run_balancer(model: nn.Module, balancer: em.Balancer, batch: dict, y: torch.Tensor) -> dict:
     model.zero_grad(set_to_none=True)
+    balancer.set_epoch(balancer.epoch)  # a driver starts the epoch (needed by windowed balancers)
     balancer.loss(model(batch), y).backward()
     balancer.before_step()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -166,7 +167,8 @@ def test_gblending_loss_is_weighted_head_sum(num_modalities: int) -> None:
     model = make_toy_model(num_modalities)
     bal = em.create_balancer("gblending", model, super_epoch_len=1)
     batch, y = make_toy_batch(num_modalities)
-    with pytest.raises(RuntimeError, match="prepare_epoch"):
+    bal.set_epoch(0)
+    with pytest.raises(em.DriverError, match=r"prepare_epoch\(EpochData"):
         bal.loss(model(batch), y)
     bal.prepare_epoch(epoch_data(num_modalities))
     w = bal.weights
@@ -195,6 +197,7 @@ def test_gblending_weights_follow_measured_losses(monkeypatch: pytest.MonkeyPatc
         return seen[-1]
 
     monkeypatch.setattr(GradientBlending, "_losses", spy)
+    bal.set_epoch(0)
     bal.prepare_epoch(epoch_data(2))
     start_t, start_h = seen[0], seen[1]
     end_t = torch.stack([seen[2 + 2 * i][i] for i in range(3)])
@@ -226,6 +229,7 @@ def test_gblending_schedule_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
             bal.prepare_epoch(epoch_data(2, n_train=1))
         assert sorted(set(calls)) == expected and len(calls) == 3 * len(expected)
     bal = em.create_balancer("gblending", make_toy_model(2))
+    bal.set_epoch(0)
     with pytest.raises(ValueError, match="held-out"):
         bal.prepare_epoch(epoch_data(2, heldout=False))
     with pytest.raises(ValueError, match="mode"):
@@ -237,8 +241,9 @@ def test_gblending_schedule_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gblending_deterministic_and_state_round_trip() -> None:
     a = em.create_balancer("gblending", make_toy_model(2), super_epoch_len=1, seed=3)
     b = em.create_balancer("gblending", make_toy_model(2), super_epoch_len=1, seed=3)
-    a.prepare_epoch(epoch_data(2))
-    b.prepare_epoch(epoch_data(2))
+    for bal in (a, b):
+        bal.set_epoch(0)
+        bal.prepare_epoch(epoch_data(2))
     assert torch.equal(a.weights, b.weights)
     c = em.create_balancer("gblending", make_toy_model(2))
     c.load_state_dict(a.state_dict())
@@ -302,6 +307,7 @@ def test_mla_alternating_steps_match_replica(projection: bool, num_modalities: i
     real_step = opt.step
     opt.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]  # type: ignore[method-assign]
     P, count = torch.eye(8), 0
+    bal.set_epoch(0)
     for i in range(2):
         batch, y = make_toy_batch(num_modalities, seed=i)
         loss = bal.train_step(batch, y, opt)
@@ -339,7 +345,8 @@ def test_mla_inactive_step_is_joint_training() -> None:
     model, ref = make_toy_model(2), make_toy_model(2)
     bal = em.create_balancer("mla", model, start_epoch=1)
     batch, y = make_toy_batch(2)
-    bal.train_step(batch, y, torch.optim.SGD(model.parameters(), lr=0.1))
+    bal.set_epoch(0)
+    bal.train_step(batch, y, torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1))
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     F.cross_entropy(ref(batch).logits, y).backward()
     opt.step()
@@ -350,7 +357,12 @@ def test_mla_errors() -> None:
     model = make_toy_model(2)
     bal = em.create_balancer("mla", model)
     batch, y = make_toy_batch(2)
-    with pytest.raises(ValueError, match="balancer.parameters"):
+    with pytest.raises(em.DriverError, match=r"call balancer.train_step\(batch, labels, optimizer\)"):
+        bal.loss(model(batch), y)
+    with pytest.raises(em.DriverError, match=r"set_epoch\(epoch\)"):
+        bal.train_step(batch, y, torch.optim.SGD(model.parameters(), lr=0.1))
+    bal.set_epoch(0)
+    with pytest.raises(em.DriverError, match="balancer.parameters"):
         bal.train_step(batch, y, torch.optim.SGD(model.parameters(), lr=0.1))
     encoders = {"a": nn.Linear(3, 4), "b": nn.Linear(3, 5)}
     uneven = em.MultimodalClassifier(encoders, 3, feature_dims={"a": 4, "b": 5})
@@ -360,6 +372,7 @@ def test_mla_errors() -> None:
     assert padded.head.in_features == 5
     opt = torch.optim.SGD([*uneven.parameters(), *padded.parameters()], lr=0.1)
     x = {"a": torch.randn(6, 3), "b": torch.randn(6, 3)}
+    padded.set_epoch(0)
     assert torch.isfinite(padded.train_step(x, torch.tensor([0, 1, 2, 0, 1, 2]), opt))
     assert padded.predict(uneven(x)).shape == (6, 3)
     with pytest.raises(ValueError, match="fusion_weights"):
@@ -371,6 +384,7 @@ def test_mla_state_round_trip_and_determinism() -> None:
         model = make_toy_model(2)
         bal = em.create_balancer("mla", model, seed=seed)
         opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
+        bal.set_epoch(0)
         for s in range(2):
             bal.train_step(*make_toy_batch(2, seed=s), opt)
         return model, bal, opt

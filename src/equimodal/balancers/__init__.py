@@ -2,12 +2,14 @@
 
 # Importing each module registers its balancers.
 from . import agm, amss, gblending, mla, mmpareto, mslr, none, ogm, pmr, unimodal  # noqa: E402,F401,I001
-from .base import Balancer, EpochData
+from .base import Balancer, DriverError, EpochData, Requirements
 from .registry import create_balancer, get_balancer_class, list_balancers, register_balancer
 
 __all__ = [
     "Balancer",
+    "DriverError",
     "EpochData",
+    "Requirements",
     "create_balancer",
     "get_balancer_class",
     "list_balancers",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum
-from ..types import MultimodalOutput, check_output
+from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
 
@@ -105,7 +105,6 @@ class AGM(Balancer):
     variants use 10); a non-finite step (AMP overflow) changes neither gradients nor state.
     """
 
-    name = "agm"
     needs_batch: ClassVar[bool] = True
 
     def __init__(
@@ -133,24 +132,16 @@ class AGM(Balancer):
         enc = {id(p) for m in self.modalities for p in self.encoder_params(m)}
         self._head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc]
 
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """Fused CE; when active also accumulates the Shapley-response CE of each modality."""
-        check_output(out, self.modalities, target)
-        if self.active:
-            if batch is None:
-                raise ValueError(
-                    "AGM needs the inputs to evaluate the model with modalities zero-filled; found "
-                    "batch=None. Call balancer.loss(out, target, batch=batch)."
-                )
-            responses = shapley_responses(self._coalitions(batch, out), self.modalities)
-            limit = -math.log(_MIN_PROB)
-            ce = [
-                (-F.log_softmax(responses[m].float(), 1).gather(1, target[:, None])).clamp_max(limit).sum()
-                for m in self.modalities
-            ]
-            acc = torch.stack([*ce, ce[0].new_tensor(float(target.shape[0]))])
-            self._acc = acc if self._acc is None else self._acc + acc
-        return F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
+    def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
+        """Accumulate the Shapley-response CE of each modality (extra forward passes on ``batch``)."""
+        responses = shapley_responses(self._coalitions(batch or {}, out), self.modalities)  # needs_batch: set
+        limit = -math.log(_MIN_PROB)
+        ce = [
+            (-F.log_softmax(responses[m].float(), 1).gather(1, target[:, None])).clamp_max(limit).sum()
+            for m in self.modalities
+        ]
+        acc = torch.stack([*ce, ce[0].new_tensor(float(target.shape[0]))])
+        self._acc = acc if self._acc is None else self._acc + acc
 
     @torch.no_grad()
     def _coalitions(self, batch: Batch, out: MultimodalOutput) -> dict[frozenset[str], Tensor]:
@@ -165,11 +156,10 @@ class AGM(Balancer):
                     values[frozenset(subset)] = self.model(inputs).logits
         return values
 
-    def before_step(self) -> None:
+    def adjust_gradients(self) -> None:
         """Multiply encoder-m gradients by ``k_m``, update the running means, clip conditionally."""
-        super().before_step()
         acc, self._acc = self._acc, None
-        if not self.active or acc is None:
+        if acc is None:
             return
         acc = all_reduce_sum(acc.clone()).cpu().double()
         scores = acc[:-1] / acc[-1].clamp_min(1)

@@ -100,9 +100,13 @@ class AMSS(Balancer):
         start_epoch: first epoch in which the method acts.
         end_epoch: last epoch in which it acts (``None``: no end).
         seed: seed of the sampling generator (identical on every DDP rank).
+
+    Attributes:
+        units: what is masked (public API), one :class:`~equimodal.amss.units.UnitTensor` per masked
+            parameter with its ``modality``, ``name`` (qualified module name), ``kind`` (``"filters"``,
+            ``"rows"``, ``"head_rows"``, ``"head_cols"``, ``"row_elements"``), ``groups`` and ``units``.
     """
 
-    name = "amss"
     default_sampler: ClassVar[SamplerName] = "adaptive"
     default_reweight: ClassVar[ReweightMode] = "none"
 
@@ -206,20 +210,13 @@ class AMSS(Balancer):
         )
 
     # ------------------------------------------------------------------ the two calls
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """Return CE on the fused logits and record this micro-batch's significance statistics (``batch`` unused)."""
-        loss = super().loss(out, target, batch=batch)
-        if self.active:
-            self._sums.add(out.unimodal_logits, target, out.features)
-        return loss
+    def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
+        """Record this micro-batch's significance statistics (``batch`` unused)."""
+        self._sums.add(out.unimodal_logits, target, out.features)
 
-    def before_step(self) -> None:
+    def adjust_gradients(self) -> None:
         """Compute the ratios from the accumulated statistics, then sample and mask the gradients in place."""
-        super().before_step()
         sums = self._sums.pop()
-        if not self.active:
-            self._last = None
-            return
         device = self.masker.device
         if sums is None:
             if not self._warned_no_loss:
@@ -269,7 +266,7 @@ class AMSS(Balancer):
         ``label_entropy``, ``fallback`` (1 if the fallback fired) and ``nonfinite`` (1 if the step was
         left unmasked for inf/NaN gradients). Averaged over an epoch, the last two are rates.
         """
-        if self._last is None:
+        if self._last is None or not self.active:
             return {}
         return dict(zip(self._stat_names, self._last.tolist(), strict=True))
 
@@ -306,7 +303,6 @@ class AMSSPlus(AMSS):
     instead (``reweight="code"``), which is neither unbiased nor stable (see ``docs/amss.md``).
     """
 
-    name = "amss_plus"
     default_reweight: ClassVar[ReweightMode] = "inverse_inclusion"
 
 
@@ -318,5 +314,4 @@ class UniformMask(AMSS):
     ``random`` sample mode) and not reweighted.
     """
 
-    name = "uniform_mask"
     default_sampler: ClassVar[SamplerName] = "uniform"

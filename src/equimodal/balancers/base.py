@@ -1,4 +1,4 @@
-"""The ``Balancer`` base class: an optimizer-shaped object with a two-call hook.
+"""The ``Balancer`` base class: an optimizer-shaped object whose public calls are template methods.
 
 A balancer is built from the model (like an optimizer), called once per micro-batch through
 :meth:`Balancer.loss` (which replaces ``F.cross_entropy``) and once per optimizer step through
@@ -6,29 +6,40 @@ A balancer is built from the model (like an optimizer), called once per micro-ba
 unscaled, not yet clipped). It is not an ``nn.Module``; its state round-trips through
 ``state_dict``/``load_state_dict``.
 
-Extension hooks, used only by methods that need more than the two calls (plain loops can ignore
-them; the reference trainer calls them when the capability flags say so):
+The base class owns every public call: it validates the call, applies the epoch window and adds the
+auxiliary-head term, so that outside its window every balancer is exactly joint training by
+construction. A method supplies only what is its own, by overriding hooks that are called while it is
+active:
 
-- ``needs_epoch_data`` / :meth:`prepare_epoch`: called at the start of each epoch with an
-  :class:`EpochData` (train and held-out iterables) for methods that compute epoch-level
-  statistics (PMR prototypes) or fit weights on held-out data (G-Blending).
-- ``owns_step`` / :meth:`train_step`: the balancer runs the whole optimisation of one batch itself
-  (several backward passes or alternating unimodal passes, e.g. MLA).
-- ``needs_batch``: :meth:`loss` must be called with ``batch=`` (the model inputs).
-- ``unused_parameters``: some model parameters get no gradient (wrap with DDP's
-  ``find_unused_parameters=True``).
-- :meth:`parameters`: parameters the balancer owns; the optimizer must include them.
-- ``heldout_fraction`` (may be set per instance): when > 0 the trainer carves that (stratified) fraction out of the training
-  split and passes it as ``EpochData.heldout`` (G-Blending); it is never taken from val or test.
-- :meth:`predict` / :meth:`predict_unimodal`: how fused and per-modality logits are formed at
-  evaluation (default: the model's fused and unimodal logits).
+=========================  ==============================  =============================================
+public call (a driver)     hook (a method overrides)       what the hook supplies
+=========================  ==============================  =============================================
+``loss(out, y, batch=)``   :meth:`observe`                 per-micro-batch statistics (no return value)
+``loss(out, y, batch=)``   :meth:`objective`               the training objective (default: fused CE)
+``before_step()``          :meth:`adjust_gradients`        in-place edits of ``.grad``
+``prepare_epoch(data)``    :meth:`on_epoch_start`          epoch-level work over train / held-out data
+``train_step(b, y, opt)``  :meth:`own_step`                a whole optimisation step of its own
+``predict(out)``           :meth:`fused_prediction`        evaluation logits (default: fused logits)
+``predict_unimodal(out)``  :meth:`unimodal_prediction`     per-modality evaluation logits
+=========================  ==============================  =============================================
+
+What a driver must do is derived from what a balancer overrides (as Lightning checks overridden hooks)
+and exposed in one place, :attr:`Balancer.requirements`. Every public call checks it and raises
+:class:`DriverError` at the first wrong call, naming the call that is needed, so no driver (a user's
+loop, the reference trainer, Lightning) can silently run a different method than the one named:
+
+- a balancer that overrides :meth:`own_step` must be driven by :meth:`train_step`;
+- one that overrides :meth:`on_epoch_start` needs :meth:`prepare_epoch` at every epoch start (with
+  ``EpochData.heldout`` when ``heldout_fraction > 0``);
+- one with a bounded epoch window, epoch data, or its own :meth:`set_epoch` needs :meth:`set_epoch`;
+- one with ``needs_batch = True`` needs ``loss(..., batch=inputs)``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,16 +47,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import make_generator
+from ..distributed import all_reduce_mean, is_distributed, make_generator
 from ..types import MultimodalOutput, check_output, modality_names
 
 Batch = Mapping[str, Tensor]
 log = logging.getLogger(__name__)
 
 
+class DriverError(RuntimeError):
+    """A balancer was driven without a call it needs (the message names the call)."""
+
+
 @dataclass(frozen=True)
 class EpochData:
-    """What the trainer hands to :meth:`Balancer.prepare_epoch`.
+    """What a driver hands to :meth:`Balancer.prepare_epoch`.
 
     Attributes:
         train: a callable returning a fresh iterable of ``(batch, labels)`` over the training split.
@@ -58,6 +73,45 @@ class EpochData:
     device: torch.device
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a driver must do for a balancer, derived from the hooks it overrides.
+
+    Attributes:
+        own_step: drive it with ``train_step(batch, labels, optimizer)``, not ``loss()``/``before_step()``.
+        epoch_data: call ``prepare_epoch(EpochData(...))`` at each epoch start, after ``set_epoch``.
+        set_epoch: call ``set_epoch(epoch)`` at each epoch start.
+        batch: pass the model inputs, ``loss(out, labels, batch=inputs)``.
+        heldout_fraction: ``EpochData.heldout`` must hold this fraction of train, carved out of it.
+        parameters: ``balancer.parameters()`` must be in the optimizer.
+        unused_parameters: some model parameters get no gradient (DDP's ``find_unused_parameters``).
+    """
+
+    own_step: bool = False
+    epoch_data: bool = False
+    set_epoch: bool = False
+    batch: bool = False
+    heldout_fraction: float = 0.0
+    parameters: bool = False
+    unused_parameters: bool = False
+
+    def describe(self) -> list[str]:
+        """One line per call a hand-written loop must make besides the two calls."""
+        lines = []
+        if self.own_step:
+            lines.append("train_step(batch, labels, optimizer) instead of loss()/before_step()")
+        if self.set_epoch:
+            lines.append("set_epoch(epoch) at the start of each epoch")
+        if self.epoch_data:
+            held = f" with heldout= {self.heldout_fraction:.0%} of train" if self.heldout_fraction else ""
+            lines.append(f"prepare_epoch(EpochData(...){held}) after each set_epoch")
+        if self.batch:
+            lines.append("loss(out, labels, batch=inputs)")
+        if self.parameters:
+            lines.append("the optimizer holds balancer.parameters()")
+        return lines
+
+
 class Balancer:
     """Base class of every balancer; on its own it is plain joint training (CE on fused logits).
 
@@ -67,13 +121,19 @@ class Balancer:
         start_epoch: first epoch (inclusive) in which the method acts.
         end_epoch: last epoch (inclusive) in which it acts; ``None`` means no end.
         seed: seed of the balancer's random generator (identical on all DDP ranks).
+
+    Class attributes a method may set (read only by :attr:`requirements`): ``needs_batch`` (its hooks
+    read the model inputs), ``heldout_fraction`` (its epoch data needs a held-out part of train; may be
+    set per instance), ``unused_parameters`` (some parameters get no gradient). One more is a
+    documented property, not a requirement: ``micro_batch_statistics`` (its loss depends on statistics
+    of each micro-batch, so with gradient accumulation each micro-batch decides for itself, as in PMR).
+    ``name`` is set by :func:`~equimodal.register_balancer`.
     """
 
     name: ClassVar[str] = "base"
-    needs_epoch_data: ClassVar[bool] = False
-    owns_step: ClassVar[bool] = False
-    heldout_fraction: float = 0.0
     needs_batch: ClassVar[bool] = False
+    micro_batch_statistics: ClassVar[bool] = False
+    heldout_fraction: float = 0.0
     unused_parameters: ClassVar[bool] = False
 
     def __init__(
@@ -95,25 +155,157 @@ class Balancer:
         self._stats: dict[str, float] = {}
         self._gen: torch.Generator | None = None
         self._pending_gen_state: Tensor | None = None
+        self._epoch_set = False
+        self._prepared_epoch: int | None = None
+
+    # ------------------------------------------------------------------ what a driver must do
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        """Whether this class overrides the base class's ``hook`` (how requirements are derived)."""
+        return getattr(cls, hook) is not getattr(Balancer, hook)
+
+    @property
+    def uses_epoch_data(self) -> bool:
+        """Whether :meth:`on_epoch_start` does work (a subclass may narrow this per instance)."""
+        return self.overrides("on_epoch_start")
+
+    @property
+    def requirements(self) -> Requirements:
+        """What a driver must do for this balancer (see :class:`Requirements`)."""
+        epoch_data = self.uses_epoch_data
+        bounded = self.start_epoch > 0 or self.end_epoch is not None
+        return Requirements(
+            own_step=self.overrides("own_step"),
+            epoch_data=epoch_data,
+            set_epoch=bounded or epoch_data or self.overrides("set_epoch"),
+            batch=bool(self.needs_batch),
+            heldout_fraction=float(self.heldout_fraction) if epoch_data else 0.0,
+            parameters=any(True for _ in self.parameters()),
+            unused_parameters=bool(self.unused_parameters),
+        )
+
+    def _check_driver(self, call: str, *, batch: object = True) -> None:
+        """Raise :class:`DriverError` when ``call`` is made without what the balancer needs."""
+        req = self.requirements
+        if req.own_step and call != "train_step()":
+            raise DriverError(
+                f"{self.name} runs its own step: call balancer.train_step(batch, labels, optimizer) instead "
+                f"of loss()/before_step() (found a call to {call})."
+            )
+        if req.set_epoch and not self._epoch_set:
+            why = (
+                f"acts in epochs {self.start_epoch}-{'end' if self.end_epoch is None else self.end_epoch} only"
+                if self.start_epoch > 0 or self.end_epoch is not None
+                else "works per epoch"
+            )
+            raise DriverError(
+                f"{self.name} {why}: call balancer.set_epoch(epoch) at the start of every epoch, before the "
+                f"first {call}."
+            )
+        if req.epoch_data and self._prepared_epoch != self.epoch:
+            held = " and heldout= a part of train (never val/test)" if req.heldout_fraction else ""
+            raise DriverError(
+                f"{self.name} needs prepare_epoch(EpochData(train=...{held}, device=...)) at each epoch start, "
+                f"after set_epoch(epoch); found {call} in epoch {self.epoch} without it."
+            )
+        if req.batch and batch is None:
+            raise DriverError(
+                f"{self.name} needs the model inputs: call balancer.loss(out, labels, batch=batch) (found "
+                "batch=None)."
+            )
 
     # ------------------------------------------------------------------ the two calls
     def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
         """Return the training loss for one micro-batch (replaces ``F.cross_entropy``).
 
-        ``batch`` (the model's inputs) is needed only by balancers with ``needs_batch = True``
-        (e.g. AGM, which runs extra forward passes with modalities zeroed); others ignore it.
+        Validates the output and labels; outside the epoch window it is the fused CE (plus the
+        auxiliary-head term); inside, :meth:`observe` records statistics and :meth:`objective` gives
+        the loss. ``batch`` (the model's inputs) is needed by balancers with ``needs_batch``.
         """
+        self._check_driver("loss()", batch=batch)
+        return self._loss(out, target, batch)
+
+    def _loss(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         check_output(out, self.modalities, target)
-        return F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
+        if not self.active:
+            return F.cross_entropy(out.logits, target) + Balancer.auxiliary_loss(self, out, target)
+        self.observe(out, target, batch)
+        return self.objective(out, target, batch) + self.auxiliary_loss(out, target)
 
     def before_step(self) -> None:
         """Edit ``.grad`` in place once per optimizer step (after backward/unscale, before step)."""
+        self._check_driver("before_step()")
+        self._step_gradients()
+
+    def _step_gradients(self) -> None:
         self.num_steps += 1
+        if self.active:
+            self.adjust_gradients()
+
+    def train_step(
+        self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer, *, micro_batches: int = 1
+    ) -> Tensor:
+        """Run one whole optimisation step on ``batch``; works for every balancer.
+
+        Balancers that own their step run :meth:`own_step`; the others run the two calls (forward,
+        :meth:`loss`, backward, :meth:`before_step`, ``optimizer.step()``). ``micro_batches`` splits the
+        batch into that many chunks whose gradients are accumulated, each weighted by its share of the
+        samples, before the step (the update of the whole batch, but for batch-norm statistics). Gradients are zeroed before and after. Under DDP (the model here is not
+        wrapped) gradients are averaged over ranks before they are adjusted. Returns the mean loss.
+        """
+        self._check_driver("train_step()")
+        if not (isinstance(micro_batches, int) and micro_batches >= 1):
+            raise ValueError(f"micro_batches must be a positive integer, found {micro_batches!r}.")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in held for p in self.parameters()):
+            raise DriverError(
+                f"{self.name} trains parameters of its own that the optimizer does not hold. Build the "
+                "optimizer with `torch.optim.SGD([*model.parameters(), *balancer.parameters()], ...)`."
+            )
+        if self.active and self.requirements.own_step:
+            loss = self.own_step(batch, target, optimizer, micro_batches)
+            self.num_steps += 1
+            return loss
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for chunk, y in split_batch(batch, target, micro_batches):
+            loss = self._loss(self.model(chunk), y, chunk) * (y.shape[0] / target.shape[0])
+            loss.backward()
+            losses.append(loss.detach())
+        if is_distributed():
+            all_reduce_grads([p for g in optimizer.param_groups for p in g["params"]])
+        self._step_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses).sum()
 
     # ------------------------------------------------------------------ schedule and state
     def set_epoch(self, epoch: int) -> None:
         """Tell the balancer which epoch (0-based) is starting."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"set_epoch expects an epoch number >= 0, found {epoch!r}.")
         self.epoch = int(epoch)
+        self._epoch_set = True
+
+    def prepare_epoch(self, data: EpochData) -> None:
+        """Epoch-level preparation, after :meth:`set_epoch`; calls :meth:`on_epoch_start` while active.
+
+        Harmless for balancers that need no epoch data (nothing happens).
+        """
+        if not isinstance(data, EpochData):
+            raise TypeError(f"prepare_epoch expects an equimodal EpochData, found {type(data).__name__}.")
+        req = self.requirements
+        if req.set_epoch and not self._epoch_set:
+            raise DriverError(f"{self.name}: call balancer.set_epoch(epoch) before prepare_epoch(...).")
+        if req.heldout_fraction and data.heldout is None:
+            raise ValueError(
+                f"{self.name} needs held-out data carved from the training split (never val/test): pass "
+                f"EpochData(heldout=...), e.g. a stratified {req.heldout_fraction:.0%} of train that the model "
+                "does not train on (the reference trainer carves it from `requirements.heldout_fraction`)."
+            )
+        self._prepared_epoch = self.epoch
+        if self.active and req.epoch_data:
+            self.on_epoch_start(data)
 
     @property
     def active(self) -> bool:
@@ -122,7 +314,12 @@ class Balancer:
 
     def state_dict(self) -> dict[str, Any]:
         """Serializable state (epoch, steps, random generator); subclasses extend the dict returned here."""
-        state: dict[str, Any] = {"epoch": self.epoch, "num_steps": self.num_steps}
+        state: dict[str, Any] = {
+            "epoch": self.epoch,
+            "num_steps": self.num_steps,
+            "epoch_set": self._epoch_set,
+            "prepared_epoch": self._prepared_epoch,
+        }
         gen_state = self._gen.get_state() if self._gen is not None else self._pending_gen_state
         if gen_state is not None:
             state["generator"] = gen_state.clone()
@@ -132,6 +329,8 @@ class Balancer:
         """Restore what :meth:`state_dict` returned (the generator continues where it stopped)."""
         self.epoch = int(state["epoch"])
         self.num_steps = int(state.get("num_steps", 0))
+        self._epoch_set = bool(state.get("epoch_set", True))
+        self._prepared_epoch = state.get("prepared_epoch")
         self._gen, self._pending_gen_state = None, state.get("generator")
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -157,25 +356,50 @@ class Balancer:
         """Per-step observability figures of the last step (e.g. ``k/audio``), for logging."""
         return dict(self._stats)
 
-    # ------------------------------------------------------------------ optional hooks
-    def prepare_epoch(self, data: EpochData) -> None:
-        """Epoch-level preparation (only called when ``needs_epoch_data`` is True)."""
-
-    def train_step(self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
-        """Run one full optimisation step for a batch (only for ``owns_step`` balancers)."""
-        raise NotImplementedError(f"{type(self).__name__} does not own the training step.")
-
-    def parameters(self) -> list[nn.Parameter]:
+    def parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters the balancer owns (e.g. MLA's shared head); add them to the optimizer."""
-        return []
+        return iter(())
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, out: MultimodalOutput) -> Tensor:
+        """Logits used for evaluation: :meth:`fused_prediction` while active, else the fused logits."""
+        return self.fused_prediction(out) if self.active else out.logits
 
     def predict_unimodal(self, out: MultimodalOutput) -> dict[str, Tensor]:
-        """Each modality's own logits at evaluation; ``out.unimodal_logits`` unless the method says otherwise."""
-        return out.unimodal_logits
+        """Each modality's evaluation logits: :meth:`unimodal_prediction` while active, else the model's."""
+        return self.unimodal_prediction(out) if self.active else out.unimodal_logits
 
-    def predict(self, out: MultimodalOutput) -> Tensor:
-        """Logits used for evaluation; the fused logits unless the method says otherwise."""
+    # ------------------------------------------------------------------ hooks a method overrides
+    def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
+        """Record this micro-batch's statistics for :meth:`adjust_gradients` (called while active)."""
+
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """The training objective of one micro-batch while active; CE on the fused logits by default.
+
+        The base class adds the auxiliary-head term (:meth:`auxiliary_loss`) to what this returns.
+        """
+        return F.cross_entropy(out.logits, target)
+
+    def adjust_gradients(self) -> None:
+        """Edit the accumulated ``.grad`` in place once per optimizer step (called while active)."""
+
+    def on_epoch_start(self, data: EpochData) -> None:
+        """Epoch-level work over ``data`` (called while active); overriding it requires epoch data."""
+
+    def own_step(
+        self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer, micro_batches: int
+    ) -> Tensor:
+        """A whole optimisation step of the method's own (called while active); overriding it means the
+        balancer must be driven by :meth:`train_step`."""
+        raise NotImplementedError  # pragma: no cover - only reached through an override
+
+    def fused_prediction(self, out: MultimodalOutput) -> Tensor:
+        """Evaluation logits while active (default: the fused logits)."""
         return out.logits
+
+    def unimodal_prediction(self, out: MultimodalOutput) -> dict[str, Tensor]:
+        """Per-modality evaluation logits while active (default: the model's unimodal logits)."""
+        return out.unimodal_logits
 
     # ------------------------------------------------------------------ helpers for subclasses
     def auxiliary_loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
@@ -183,7 +407,8 @@ class Balancer:
 
         Fusions that cannot be split (FiLM, gated, attention) carry per-modality heads on
         *detached* features, so this term trains those heads only and never moves the encoders
-        or the fusion; it keeps their unimodal logits meaningful for balancers to read.
+        or the fusion; it keeps their unimodal logits meaningful for balancers to read. The base
+        class adds it to every loss; a method overrides it only when its objective trains a head itself.
         """
         if not getattr(self.model, "auxiliary_heads", False):
             return out.logits.new_zeros(())
@@ -200,3 +425,25 @@ class Balancer:
         if not norms:
             return True
         return math.isfinite(float(torch.stack(norms).amax()))
+
+
+def split_batch(batch: Batch, target: Tensor, chunks: int) -> list[tuple[dict[str, Tensor], Tensor]]:
+    """Split a batch (every tensor entry with the labels' length) into ``chunks`` micro-batches."""
+    n = target.shape[0]
+    if chunks > n:
+        raise ValueError(f"Cannot split a batch of {n} samples into {chunks} micro-batches.")
+    bounds = [round(i * n / chunks) for i in range(chunks + 1)]
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        part = {k: v[lo:hi] if isinstance(v, Tensor) and v.shape[:1] == (n,) else v for k, v in batch.items()}
+        out.append((part, target[lo:hi]))
+    return out
+
+
+def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average the existing gradients of ``params`` over DDP ranks in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))

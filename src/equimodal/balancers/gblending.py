@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean
-from ..types import MultimodalOutput, check_output
+from ..types import MultimodalOutput
 from .base import Balancer, Batch, EpochData
 from .mmpareto import require_encoder_unimodal_logits
 from .registry import register_balancer
@@ -87,8 +87,6 @@ class GradientBlending(Balancer):
         seed: seeds the random draws (e.g. dropout) of the copy training.
     """
 
-    name = "gblending"
-    needs_epoch_data = True
     heldout_fraction = 0.1
 
     def __init__(
@@ -133,21 +131,18 @@ class GradientBlending(Balancer):
         """Logits of head k: 0 is the fused head, k >= 1 modality k - 1."""
         return out.logits if k == 0 else out.unimodal_logits[self.modalities[k - 1]]
 
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """``sum_k w_k CE(o_k)`` over the fused and unimodal heads (fused CE outside the window)."""
-        if not self.active:
-            return super().loss(out, target)
-        check_output(out, self.modalities, target)
-        if self.weights is None:
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """``sum_k w_k CE(o_k)`` over the fused and unimodal heads."""
+        if self.weights is None:  # unreachable through the public calls (prepare_epoch sets them)
             raise RuntimeError(
                 "G-Blending has no weights yet: call balancer.prepare_epoch(EpochData(train=..., "
-                "heldout=..., device=...)) at the start of each epoch (the reference trainer does this)."
+                "heldout=..., device=...)) after set_epoch(epoch)."
             )
         w = self.weights.to(out.logits.device)
         return (w * torch.stack([F.cross_entropy(self._head(out, k), target) for k in range(len(w))])).sum()
 
     def _due(self) -> bool:
-        if not self.active or self.weights_epoch == self.epoch:
+        if self.weights_epoch == self.epoch:
             return False
         if self.weights is None:
             return True
@@ -195,15 +190,13 @@ class GradientBlending(Balancer):
                 opt.step()
         return clone
 
-    def prepare_epoch(self, data: EpochData) -> None:
+    def on_epoch_start(self, data: EpochData) -> None:
         """Recompute the head weights when due (see the class docstring for when and at what cost)."""
         if not self._due():
             return
-        if data.heldout is None:
+        if data.heldout is None:  # prepare_epoch checks it unless heldout_fraction was set to 0
             raise ValueError(
-                "G-Blending needs held-out data carved from the training split (never val/test): pass "
-                f"EpochData(heldout=...), e.g. a stratified {self.heldout_fraction:.0%} of train "
-                "(the reference trainer does this from `balancer.heldout_fraction`)."
+                "G-Blending needs EpochData.heldout (a part of train, never val/test); found None."
             )
         devices = [data.device] if data.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean, is_distributed
 from ..types import MultimodalOutput, check_output
-from .base import Balancer, Batch
+from .base import Balancer, Batch, all_reduce_grads, split_batch
 from .registry import register_balancer
 
 
@@ -41,16 +41,31 @@ def entropy_weights(logits: Tensor) -> Tensor:
     return torch.softmax(-entropy, dim=0)
 
 
-def _sizes(model: nn.Module, pad: bool) -> tuple[int, int]:
-    """The shared feature size d (the largest when ``pad``) and the number of classes C of the model."""
+def _sizes(model: nn.Module, pad: bool, feature_dim: int | None, num_classes: int | None) -> tuple[int, int]:
+    """The shared feature size d (the largest when ``pad``) and the number of classes C.
+
+    Read from the options when given, else from the model (``fusion.dims`` or each encoder's ``out_dim``;
+    ``model.num_classes``).
+    """
     fusion = getattr(model, "fusion", None)
     dims = getattr(fusion, "dims", None) or {
         m: getattr(e, "out_dim", None) for m, e in model.encoders.items()
     }
-    classes = getattr(model, "num_classes", None) or getattr(fusion, "num_classes", None)
-    if not all(isinstance(d, int) and d > 0 for d in dims.values()):
-        raise ValueError(f"MLA needs each encoder's feature size (`encoder.out_dim`), found {dims}.")
-    if len(set(dims.values())) != 1 and not pad:
+    known = {m: d for m, d in dims.items() if isinstance(d, int) and d > 0}
+    classes = num_classes or getattr(model, "num_classes", None) or getattr(fusion, "num_classes", None)
+    if feature_dim is not None and not (
+        isinstance(feature_dim, int) and feature_dim >= max(known.values(), default=1)
+    ):
+        raise ValueError(
+            f"feature_dim must be a positive integer no smaller than any encoder's feature size {known}, "
+            f"found {feature_dim!r}."
+        )
+    if feature_dim is None and len(known) != len(dims):
+        raise ValueError(
+            f"MLA needs each encoder's feature size to build its shared head, found {dims}: set `encoder.out_dim`"
+            " on the encoders or pass feature_dim=<the largest feature size>."
+        )
+    if len(set(known.values())) > 1 and not pad:
         raise ValueError(
             f"MLA shares one linear head across modalities, so every encoder must output the same feature "
             f"size; found {dims}. Give the encoders a common `out_dim`, or pass pad_features=True to "
@@ -58,9 +73,10 @@ def _sizes(model: nn.Module, pad: bool) -> tuple[int, int]:
         )
     if not isinstance(classes, int):
         raise ValueError(
-            f"MLA needs `model.num_classes` (an int) to build its shared head, found {classes!r}."
+            f"MLA needs the number of classes to build its shared head, found {classes!r}: set "
+            "`model.num_classes` or pass num_classes=<int>."
         )
-    return max(dims.values()), classes
+    return feature_dim or max(known.values()), classes
 
 
 @register_balancer("mla")
@@ -77,7 +93,9 @@ class MLA(Balancer):
     The shared head is owned by the balancer (an ``nn.Linear(d, C)``, xavier-normal weight and zero
     bias as in the reference's ``weight_init``, seeded by ``seed``). Its parameters are
     :meth:`parameters`: add them to the optimizer (``SGD([*model.parameters(), *balancer.parameters()])``;
-    the reference trainer does this); ``train_step`` raises if they are missing. It needs
+    the reference trainer does this); ``train_step`` raises if they are missing. Drive it with
+    ``balancer.set_epoch(epoch)`` per epoch and ``balancer.train_step(batch, labels, optimizer)`` per
+    batch; ``loss()``/``before_step()`` raise. It needs
     ``out.features`` and the same feature size for every encoder. The model's own fusion head is not
     trained while MLA is active, and ``out.unimodal_logits`` are not MLA's: use :meth:`head_logits`.
 
@@ -89,8 +107,9 @@ class MLA(Balancer):
     reference takes the softmax over the batch and sums to one scalar). Any M >= 2 and any d (the
     reference hard-codes 512). ``batch_idx/len`` uses ``steps_per_epoch`` or, when not given, the
     number of steps counted in the previous epoch (0 in the first epoch). Under DDP the gradients and
-    the batch-mean feature are all-reduced here, since the step bypasses DDP's wrapper. No gradient
-    accumulation or AMP scaling inside the owned step. The returned loss is the mean of the M unimodal losses (logging only).
+    the batch-mean feature are all-reduced here, since the step bypasses DDP's wrapper. Gradient
+    accumulation through ``train_step(..., micro_batches=k)``; no AMP loss scaling inside the owned
+    step. The returned loss is the mean of the M unimodal losses (logging only).
 
     Args:
         model: a contract model whose forward returns ``features``, all of the same size.
@@ -102,13 +121,13 @@ class MLA(Balancer):
             columns are used only by the larger modalities; not in the paper, a no-op for equal
             sizes; default on so that MLA runs on any encoders; set False to insist on equal sizes).
         steps_per_epoch: batches per epoch for ``alpha_t``; ``None`` learns it from the previous epoch.
+        feature_dim: input size of the shared head, for models whose encoders declare no ``out_dim``
+            (features are zero-padded to it when ``pad_features``).
+        num_classes: number of classes, for models without ``num_classes``.
         start_epoch: first epoch of the method.
         end_epoch: last epoch of the method (``None``: no end).
         seed: seed of the shared head's initialisation.
     """
-
-    name = "mla"
-    owns_step = True
 
     def __init__(
         self,
@@ -119,6 +138,8 @@ class MLA(Balancer):
         projection: bool = True,
         pad_features: bool = True,
         steps_per_epoch: int | None = None,
+        feature_dim: int | None = None,
+        num_classes: int | None = None,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
@@ -139,7 +160,7 @@ class MLA(Balancer):
         self.fusion_weights = [w / sum(weights) for w in weights]
         self.projection = bool(projection)
         self.steps_per_epoch = steps_per_epoch
-        d, classes = _sizes(model, pad_features)
+        d, classes = _sizes(model, pad_features, feature_dim, num_classes)
         ref = next(model.parameters())
         self.head = nn.Linear(d, classes).to(ref.device, ref.dtype)
         with torch.no_grad():
@@ -160,18 +181,9 @@ class MLA(Balancer):
         """Each modality's logits through the shared head, ``head(z_m)``."""
         return {m: self.head(self._feature(out, m)) for m in self.modalities}
 
-    @staticmethod
-    def _all_reduce_grads(params: list[nn.Parameter]) -> None:
-        """Average the existing gradients of ``params`` over DDP ranks in one flat all-reduce."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-                g.copy_(part.view_as(g))
-
-    def predict_unimodal(self, out: MultimodalOutput) -> dict[str, Tensor]:
+    def unimodal_prediction(self, out: MultimodalOutput) -> dict[str, Tensor]:
         """MLA's per-modality predictions are the shared head's ``head(z_m)``."""
-        return self.head_logits(out) if self.active else out.unimodal_logits
+        return self.head_logits(out)
 
     def _feature(self, out: MultimodalOutput, m: str) -> Tensor:
         """Modality m's feature, zero-padded to the head's input size (a no-op for equal sizes)."""
@@ -180,10 +192,8 @@ class MLA(Balancer):
         z = out.features[m]
         return F.pad(z, (0, self.head.in_features - z.shape[-1]))
 
-    def predict(self, out: MultimodalOutput) -> Tensor:
-        """Entropy-weighted (dynamic) or fixed combination of ``head(z_m)``; fused logits when inactive."""
-        if not self.active:
-            return out.logits
+    def fused_prediction(self, out: MultimodalOutput) -> Tensor:
+        """Entropy-weighted (dynamic) or fixed combination of ``head(z_m)``."""
         logits = torch.stack(list(self.head_logits(out).values()))
         if self.inference == "dynamic":
             g = entropy_weights(logits).to(logits.dtype)
@@ -193,48 +203,45 @@ class MLA(Balancer):
 
     def set_epoch(self, epoch: int) -> None:
         """Start an epoch; the number of steps of the previous one becomes ``len`` in ``alpha_t``."""
-        if int(epoch) != self.epoch and self._step_in_epoch:
+        if epoch != self.epoch and self._step_in_epoch:
             self._epoch_len, self._step_in_epoch = self._step_in_epoch, 0
         super().set_epoch(epoch)
 
-    def train_step(self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
-        """One forward pass, then one projected optimizer step per modality through the shared head."""
+    def own_step(
+        self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer, micro_batches: int
+    ) -> Tensor:
+        """One forward pass, then one projected optimizer step per modality through the shared head.
+
+        With ``micro_batches > 1`` every chunk is forwarded once and each modality's step accumulates
+        the chunks' gradients (weighted by their share of the samples) before it is taken: the update
+        of the whole batch (but for batch-norm statistics), without its memory saving.
+        """
         optimizer.zero_grad(set_to_none=True)
-        out = self.model(batch)
-        check_output(out, self.modalities, target)
-        if not self.active:
-            loss = self.loss(out, target)
-            loss.backward()
-            if is_distributed():  # the owned step bypasses DDP's wrapper: average the gradients here
-                self._all_reduce_grads([p for g in optimizer.param_groups for p in g["params"]])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.num_steps += 1
-            return loss.detach()
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in held for p in self.head.parameters()):
-            raise ValueError(
-                "MLA trains a shared head that the optimizer does not hold. Build the optimizer with "
-                "`torch.optim.SGD([*model.parameters(), *balancer.parameters()], ...)`."
-            )
+        chunks = split_batch(batch, target, micro_batches)
+        outs = [(self.model(x), y) for x, y in chunks]
+        for out, y in outs:
+            check_output(out, self.modalities, y)
         length = self.steps_per_epoch or self._epoch_len
         alpha = 0.1 ** (1 + (self._step_in_epoch / length if length else 0.0))
+        n = target.shape[0]
         for m in self.modalities:  # the head is applied after the previous modality's step, as in MLA
-            z = self._feature(out, m)
-            loss = F.cross_entropy(self.head(z), target)
-            loss.backward()
+            loss = target.new_zeros((), dtype=torch.float32)
+            for out, y in outs:
+                part = F.cross_entropy(self.head(self._feature(out, m)), y) * (y.shape[0] / n)
+                part.backward()
+                loss = loss + part.detach().float()
             if is_distributed():  # the owned step bypasses DDP's wrapper: average the gradients here
-                self._all_reduce_grads([*self.encoder_params(m), *self.head.parameters()])
-            self._losses[m] = loss.detach()
+                all_reduce_grads([*self.encoder_params(m), *self.head.parameters()])
+            self._losses[m] = loss
             if self.projection and self.num_updates > 0 and self.head.weight.grad is not None:
-                r = all_reduce_mean(z.detach().to(self.P.dtype).mean(0, keepdim=True))
+                feats = torch.cat([self._feature(out, m).detach() for out, _ in outs])
+                r = all_reduce_mean(feats.to(self.P.dtype).mean(0, keepdim=True))
                 self.P = owm_projector_update(self.P, r, alpha)
                 self.head.weight.grad.copy_(self.head.weight.grad @ self.P.t())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.num_updates += 1
         self._step_in_epoch += 1
-        self.num_steps += 1
         return torch.stack(list(self._losses.values())).mean()
 
     def stats(self) -> dict[str, float]:

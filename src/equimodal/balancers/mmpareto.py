@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean, is_distributed
-from ..types import MultimodalOutput, check_output
+from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
 
@@ -56,7 +56,7 @@ class MMPareto(Balancer):
     ratio of ``.grad`` to the accumulated gradients (1 without AMP; ``1 / scale`` after
     ``GradScaler.unscale_``). Head parameters keep the plain summed gradient. Because the
     combination is made once per optimizer step from the accumulated gradients, k micro-batches give
-    the same update as one big batch. The two-call path is unchanged, so no ``owns_step`` is needed.
+    the same update as one big batch. The two calls suffice: it does not need to own the step.
 
     Deviations from the reference code (``MMPareto.py``): the unimodal logits are the fusion's exact
     per-modality terms (concat column blocks or sum heads), so ``L_m`` also trains the shared head
@@ -77,8 +77,6 @@ class MMPareto(Balancer):
         end_epoch: last epoch of the method (``None``: no end).
         seed: unused (the method is deterministic); kept for a uniform signature.
     """
-
-    name = "mmpareto"
 
     def __init__(
         self,
@@ -112,12 +110,9 @@ class MMPareto(Balancer):
         ]
         return torch.cat(parts)
 
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """Return ``L_mm + sum_m L_m`` and record the per-loss encoder gradients (fused CE when inactive)."""
-        check_output(out, self.modalities, target)
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """Return ``L_mm + sum_m L_m`` and record the per-loss encoder gradients."""
         l_mm = F.cross_entropy(out.logits, target)
-        if not self.active:
-            return l_mm
         l_uni = {m: F.cross_entropy(out.unimodal_logits[m], target) for m in self.modalities}
         total = l_mm + sum(l_uni.values())
         if not (torch.is_grad_enabled() and total.requires_grad):
@@ -148,9 +143,8 @@ class MMPareto(Balancer):
             else:
                 self._acc[m] = (g_mm.float() * c, g_m.float() * c)
 
-    def before_step(self) -> None:
+    def adjust_gradients(self) -> None:
         """Replace each encoder's gradient by the rescaled Pareto combination (inf/NaN steps are skipped)."""
-        super().before_step()
         acc, self._acc = self._acc, {}
         every = [p for ps in self._params.values() for p in ps]
         if not acc or not self.grads_finite(every):

@@ -57,8 +57,6 @@ class MSLR(Balancer):
     "smooth" variant of the paper is not implemented.
     """
 
-    name = "mslr"
-    needs_epoch_data = True
     heldout_fraction = 0.1
 
     def __init__(
@@ -88,9 +86,7 @@ class MSLR(Balancer):
         }
         if bad:
             raise ValueError(f"scales must be positive finite numbers, found {bad}.")
-        self.mode = mode
-        if mode == "keep":  # no held-out accuracy needed: train on all of the training split
-            self.heldout_fraction = 0.0
+        self.mode = mode  # "keep" needs no epoch data, so no held-out part (see `uses_epoch_data`)
         self.window = window
         self.initial = {m: float(scales.get(m, 1.0)) for m in self.modalities}
         self.scales = dict(self.initial)
@@ -102,11 +98,13 @@ class MSLR(Balancer):
             m: blocks[m] for m in self.modalities if m in blocks
         }
 
-    def before_step(self) -> None:
+    @property
+    def uses_epoch_data(self) -> bool:
+        """Only the dynamic mode measures held-out accuracy at epoch starts."""
+        return self.mode == "dynamic"
+
+    def adjust_gradients(self) -> None:
         """Multiply each modality's encoder and head-block gradients by its scale."""
-        super().before_step()
-        if not self.active:
-            return
         params = [p for m in self.modalities for p in self.encoder_params(m)]
         if not self.grads_finite(params + [p for p, _ in self.head_blocks.values()]):
             return  # AMP overflow step
@@ -125,15 +123,12 @@ class MSLR(Balancer):
         self._stats.update({f"heldout_acc/{m}": a for m, a in self._heldout_acc.items()})
 
     @torch.no_grad()
-    def prepare_epoch(self, data: EpochData) -> None:
+    def on_epoch_start(self, data: EpochData) -> None:
         """Dynamic mode: update the scales from each modality's held-out unimodal accuracy."""
-        if self.mode == "keep" or not self.active or self.num_steps == 0:
+        if self.num_steps == 0:
             return
-        if data.heldout is None:
-            raise ValueError(
-                "MSLR mode='dynamic' needs EpochData.heldout (a part of train held out, "
-                f"heldout_fraction={self.heldout_fraction}); found None. Pass one, or use mode='keep'."
-            )
+        if data.heldout is None:  # prepare_epoch checks it unless heldout_fraction was set to 0
+            raise ValueError("MSLR mode='dynamic' needs EpochData.heldout (a part of train); found None.")
         counts = torch.zeros(len(self.modalities) + 1, dtype=torch.long, device=data.device)
         with eval_mode(self.model):
             for batch, target in data.heldout():

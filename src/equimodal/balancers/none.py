@@ -12,5 +12,3 @@ class JointTraining(Balancer):
 
     The smallest complete example of the contract; every other balancer is compared against it.
     """
-
-    name = "none"

@@ -12,11 +12,10 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum
-from ..types import MultimodalOutput, check_output
+from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
 
@@ -95,7 +94,6 @@ class OGM(Balancer):
     under DDP; a step with non-finite gradients (AMP overflow) is left untouched.
     """
 
-    name = "ogm"
     gradient_noise: ClassVar[bool] = False
 
     def __init__(
@@ -141,19 +139,15 @@ class OGM(Balancer):
             )
         return params
 
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """Fused CE; also accumulates each modality's true-class score for :meth:`before_step`."""
-        check_output(out, self.modalities, target)
-        if self.active:
-            s = torch.stack([true_class_scores(out.unimodal_logits[m], target) for m in self.modalities])
-            self._score_sum = s if self._score_sum is None else self._score_sum + s
-        return F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
+    def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
+        """Accumulate each modality's true-class score over the micro-batches of the step."""
+        s = torch.stack([true_class_scores(out.unimodal_logits[m], target) for m in self.modalities])
+        self._score_sum = s if self._score_sum is None else self._score_sum + s
 
-    def before_step(self) -> None:
+    def adjust_gradients(self) -> None:
         """Scale (and for OGM-GE, perturb) the selected encoder gradients once per optimizer step."""
-        super().before_step()
         scores, self._score_sum = self._score_sum, None
-        if not self.active or scores is None:
+        if scores is None:
             return
         scores = all_reduce_sum(scores.clone())
         params = [p for ps in self.targets.values() for p in ps]
@@ -190,5 +184,4 @@ class OGMGE(OGM):
     modulated gradients of every modality (dominant or not) while the method is active.
     """
 
-    name = "ogm_ge"
     gradient_noise = True

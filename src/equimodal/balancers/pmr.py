@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum
-from ..types import MultimodalOutput, check_output
+from ..types import MultimodalOutput
 from .agm import eval_mode
 from .base import Balancer, Batch, EpochData
 from .ogm import REFERENCES, Reference, score_ratios, true_class_scores
@@ -49,7 +49,11 @@ class PMR(Balancer):
     all-reduced under DDP) and blends them with the previous ones by ``momentum``. Per batch, the
     prototype logits are ``-||z_m - c_k^m||``, the prototype score ``s_m = sum_i softmax_{i,y_i}``
     and ``rho_m = s_m / ref_{k != m} s_k``; the loss is ``CE(fused) + alpha * sum_{rho_m < 1} PCE_m``.
-    The trainer must call :meth:`set_epoch` before :meth:`prepare_epoch`.
+    A driver calls :meth:`set_epoch`, then :meth:`prepare_epoch`, at each epoch start. The weak
+    modality is chosen per call of :meth:`loss` from that micro-batch's scores (all-reduced over DDP
+    ranks), as the reference chooses it per batch; with gradient accumulation each micro-batch chooses
+    for itself (``micro_batch_statistics``), so k micro-batches equal one k-times-larger batch only
+    when they make the same choice.
 
     Args:
         model: a model whose output carries ``features``.
@@ -68,9 +72,6 @@ class PMR(Balancer):
     all-reduced under DDP so every rank picks the same weak modality. The paper's unreleased PER
     term is not implemented.
     """
-
-    name = "pmr"
-    needs_epoch_data = True
 
     def __init__(
         self,
@@ -96,11 +97,11 @@ class PMR(Balancer):
         self.prototypes: dict[str, Tensor] | None = None
         self._last: dict[str, Tensor] = {}
 
+    micro_batch_statistics = True
+
     @torch.no_grad()
-    def prepare_epoch(self, data: EpochData) -> None:
+    def on_epoch_start(self, data: EpochData) -> None:
         """Recompute the class prototypes of every modality from the training split."""
-        if not self.active:
-            return
         sums: dict[str, Tensor] = {}
         counts: Tensor | None = None
         with eval_mode(self.model):
@@ -135,16 +136,13 @@ class PMR(Balancer):
             )
         return out.features
 
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """Fused CE plus ``alpha`` times the prototype CE of each weak modality (when active)."""
-        check_output(out, self.modalities, target)
-        loss = F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
-        if not self.active:
-            return loss
-        if self.prototypes is None:
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """Fused CE plus ``alpha`` times the prototype CE of each weak modality."""
+        loss = F.cross_entropy(out.logits, target)
+        if self.prototypes is None:  # prepared before the window opened: no prototypes yet
             raise RuntimeError(
-                "PMR has no prototypes yet: call balancer.prepare_epoch(EpochData(...)) at the start of "
-                "each epoch (after set_epoch), before the first loss()."
+                "PMR has no prototypes: call balancer.prepare_epoch(EpochData(...)) after set_epoch(epoch) "
+                "in the epoch where the method starts acting."
             )
         feats = self._features(out)
         logits = {

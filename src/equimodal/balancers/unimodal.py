@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import unknown_name_error
-from ..types import MultimodalOutput, check_output
+from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
 
@@ -30,7 +30,6 @@ class Unimodal(Balancer):
         seed: unused.
     """
 
-    name = "unimodal"
     unused_parameters = True  # the other encoders get no gradient (DDP needs to know)
 
     def __init__(
@@ -63,11 +62,8 @@ class Unimodal(Balancer):
                 )
             self._aux_head = heads[modality]
 
-    def loss(self, out: MultimodalOutput, target: Tensor, *, batch: Batch | None = None) -> Tensor:
-        """CE of the chosen modality's unimodal logits (joint CE outside the window)."""
-        check_output(out, self.modalities, target)
-        if not self.active:
-            return F.cross_entropy(out.logits, target) + self.auxiliary_loss(out, target)
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """CE of the chosen modality's unimodal logits."""
         if self._aux_head is None:
             return F.cross_entropy(out.unimodal_logits[self.modality], target)
         if out.features is None:
@@ -76,6 +72,10 @@ class Unimodal(Balancer):
             )
         return F.cross_entropy(self._aux_head(out.features[self.modality]), target)
 
-    def predict(self, out: MultimodalOutput) -> Tensor:
-        """The chosen modality's unimodal logits (fused logits outside the window)."""
-        return out.unimodal_logits[self.modality] if self.active else out.logits
+    def auxiliary_loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
+        """None while active: the objective trains the chosen modality's head itself, the others are unused."""
+        return out.logits.new_zeros(())
+
+    def fused_prediction(self, out: MultimodalOutput) -> Tensor:
+        """The chosen modality's unimodal logits."""
+        return out.unimodal_logits[self.modality]

@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from .base import MultimodalDataset
+from .registry import register_dataset
 from .splits import Indices, check_seed, make_splits, per_class_count_split, standardize_array
 
 FSDD_SHA256 = "27a701a4462e2b0b19bfed87d51a937b24f9f1413c8cdcdb99160e23d26349fa"
@@ -192,6 +193,7 @@ def _encoders(specs: dict[str, tuple[str, dict[str, int]]]) -> Callable[[], dict
     return build
 
 
+@register_dataset("avdigits")
 def load_avdigits(*, seed: int = 0, frames: int = 16, audio_format: str = "resample") -> MultimodalDataset:
     """AV-Digits: handwritten 8x8 digit images + spoken-digit MFCC sequences, paired by label.
 
@@ -269,6 +271,7 @@ def remove_pca_energy(x: np.ndarray, train: np.ndarray, energy: float) -> tuple[
     return x - (x - mu) @ v.T @ v, k
 
 
+@register_dataset("avdigits_hard")
 def load_avdigits_hard(
     *, seed: int = 0, pca_energy: float = 0.8, audio_noise: float = 1.25
 ) -> MultimodalDataset:

@@ -36,6 +36,7 @@ import numpy as np
 from torch import nn
 
 from .base import MultimodalDataset
+from .registry import register_dataset
 from .splits import Indices, check_seed, make_splits, split_from_assignment, stratified_split
 
 LABEL = "label"
@@ -246,6 +247,7 @@ def _select(names: str | Sequence[str] | None, available: list[str], what: str) 
 NPZ_LAYOUT = "expected an .npz with one (N, ...) array per modality, `label` (N,) and optional `split` (N,)."
 
 
+@register_dataset("custom_npz")
 def load_custom_npz(
     *,
     path: str | os.PathLike[str],
@@ -438,6 +440,7 @@ CSV_LAYOUT = (
 )
 
 
+@register_dataset("custom_csv")
 def load_custom_csv(
     *,
     path: str | os.PathLike[str],

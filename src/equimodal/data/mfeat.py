@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from .base import MultimodalDataset
+from .registry import register_dataset
 from .splits import check_seed, make_splits, standardize_array, stratified_split
 
 MFEAT_FILE = "mfeat.npz"
@@ -111,6 +112,7 @@ def _encoders_factory(shapes: dict[str, tuple[int, ...]]) -> Callable[[], dict[s
     return build
 
 
+@register_dataset("mfeat")
 def load_mfeat(
     *, seed: int = 0, views: str | Sequence[str] = "pix,fou", pix_image: bool = True
 ) -> MultimodalDataset:

@@ -1,8 +1,8 @@
-"""A Lightning callback that runs a balancer's ``before_step`` at Lightning's matching hook.
+"""A Lightning callback that drives any equimodal balancer inside Lightning's own loop.
 
 Lightning's ``on_before_optimizer_step`` is exactly the balancer's hook point: gradients are
 accumulated and unscaled (with AMP), and not yet clipped. The LightningModule keeps the balancer and
-calls ``balancer.loss`` in its ``training_step``; this callback does the rest::
+calls ``balancer.loss`` in its ``training_step``; the callback does the rest::
 
     class Module(L.LightningModule):
         def __init__(self, model):
@@ -15,14 +15,29 @@ calls ``balancer.loss`` in its ``training_step``; this callback does the rest::
 
     trainer = L.Trainer(callbacks=[BalancerCallback()])   # finds `module.balancer`
 
-Install with ``pip install lightning`` (or ``equimodal[lightning]``). The callback also sets the epoch,
-logs ``balancer.stats()`` each step, and stores the balancer's state in Lightning checkpoints.
-Balancers that own the step (``mla``) or need epoch data (``pmr``, ``gblending``, ``mslr``) need hooks
-this callback does not drive; it refuses them with a clear error.
+What the callback does for each kind of balancer (read from ``balancer.requirements``):
+
+- every balancer: ``set_epoch`` at each epoch start, ``before_step`` at ``on_before_optimizer_step``
+  (so ``accumulate_grad_batches`` works: one ``before_step`` per optimizer step), ``balancer.stats()``
+  logged after every batch, the balancer's state in Lightning checkpoints;
+- balancers that need epoch data (``pmr``, ``gblending``, ``mslr``): ``prepare_epoch`` at each epoch
+  start with ``EpochData(train=<the trainer's train dataloader>, heldout=<the callback's heldout>)``;
+  those that need a held-out part of train (``gblending``, ``mslr``) need ``BalancerCallback(heldout=...)``,
+  a loader over samples removed from your training set (never val/test);
+- balancers that own their step (``mla``): the module uses manual optimisation and calls
+  ``self.balancer.train_step(inputs, labels, self.optimizers())`` in ``training_step`` (the callback
+  refuses automatic optimisation with that message). Lightning itself refuses ``accumulate_grad_batches``
+  with manual optimisation: accumulate with ``train_step(..., micro_batches=k)`` instead. 16-bit AMP
+  cannot apply to an owned step (no loss scaling there) and is refused; bf16 works.
+
+Batches of the train and held-out loaders are turned into ``(inputs, labels)`` by ``unpack`` (default:
+an ``(inputs, labels)`` pair, or a mapping with a ``"label"`` entry). Install with ``pip install
+lightning`` (or ``equimodal[lightning]``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 try:
@@ -32,20 +47,49 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "equimodal.integrations.lightning needs Lightning: pip install lightning (or 'equimodal[lightning]')."
     ) from exc
 
-from ..balancers import Balancer
+from torch import Tensor
+
+from ..balancers import Balancer, EpochData
+from ..types import LABEL_KEY
+
+Unpack = Callable[[Any], tuple[Mapping[str, Tensor], Tensor]]
+
+
+def default_unpack(batch: Any) -> tuple[Mapping[str, Tensor], Tensor]:
+    """``(inputs, labels)`` from an ``(inputs, labels)`` pair or a mapping holding ``"label"``."""
+    if isinstance(batch, Mapping) and LABEL_KEY in batch:
+        return batch, batch[LABEL_KEY]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
+        return batch[0], batch[1]
+    raise TypeError(
+        "BalancerCallback cannot read this batch: expected an (inputs: dict, labels) pair or a dict with a "
+        f"'label' entry, found {type(batch).__name__}. Pass BalancerCallback(unpack=fn) with "
+        "fn(batch) -> (inputs, labels)."
+    )
 
 
 class BalancerCallback(Callback):
-    """Drive a LightningModule's balancer: ``set_epoch``, ``before_step``, logging and checkpoint state.
+    """Drive a LightningModule's balancer: epochs, epoch data, ``before_step``, logging, checkpoint state.
 
     Args:
         attribute: name of the module attribute holding the balancer.
-        log_stats: log ``balancer.stats()`` (prefixed ``balancer/``) after every optimizer step.
+        log_stats: log ``balancer.stats()`` (prefixed ``balancer/``) after every training batch.
+        heldout: a loader (any re-iterable) over a held-out part of train, for balancers whose
+            ``requirements.heldout_fraction`` is positive.
+        unpack: turns a loader batch into ``(inputs, labels)`` (see :func:`default_unpack`).
     """
 
-    def __init__(self, attribute: str = "balancer", log_stats: bool = True) -> None:
+    def __init__(
+        self,
+        attribute: str = "balancer",
+        log_stats: bool = True,
+        heldout: Iterable[Any] | None = None,
+        unpack: Unpack = default_unpack,
+    ) -> None:
         self.attribute = attribute
         self.log_stats = log_stats
+        self.heldout = heldout
+        self.unpack = unpack
 
     def _balancer(self, pl_module: Any) -> Balancer:
         balancer = getattr(pl_module, self.attribute, None)
@@ -55,22 +99,60 @@ class BalancerCallback(Callback):
                 f"equimodal Balancer, found {type(balancer).__name__}. Build it in the module's __init__ "
                 "with equimodal.create_balancer(name, model), or pass attribute=<its name>."
             )
-        if balancer.owns_step or balancer.needs_epoch_data:
-            raise ValueError(
-                f"Balancer {balancer.name!r} needs hooks this callback does not drive (owns_step="
-                f"{balancer.owns_step}, needs_epoch_data={balancer.needs_epoch_data}); use the reference "
-                "trainer (`equimodal train`) or call those hooks from your module."
-            )
         return balancer
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Check, before any step, that this trainer and module can drive the balancer."""
+        balancer = self._balancer(pl_module)
+        req = balancer.requirements
+        name = balancer.name
+        if req.own_step:
+            if pl_module.automatic_optimization:
+                raise ValueError(
+                    f"{name} runs its own optimisation step, so the module must use manual optimisation: set "
+                    "`self.automatic_optimization = False` in __init__ and call "
+                    "`self.balancer.train_step(inputs, labels, self.optimizers())` in training_step."
+                )
+            if str(trainer.precision).startswith("16"):
+                raise ValueError(
+                    f"{name} runs its own optimisation step, which has no AMP loss scaling; use "
+                    "precision='bf16-mixed' or '32-true'."
+                )
+        if req.heldout_fraction and self.heldout is None:
+            raise ValueError(
+                f"{name} needs held-out data carved from the training split (never val/test): pass "
+                f"BalancerCallback(heldout=loader) over about {req.heldout_fraction:.0%} of your training "
+                "samples, and leave those samples out of the training loader."
+            )
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._balancer(pl_module).set_epoch(trainer.current_epoch)
+        balancer = self._balancer(pl_module)
+        balancer.set_epoch(trainer.current_epoch)
+        if balancer.requirements.epoch_data:
+            train = trainer.train_dataloader
+            heldout = self.heldout
+            balancer.prepare_epoch(
+                EpochData(
+                    train=lambda: self._pairs(train),
+                    heldout=(lambda: self._pairs(heldout)) if heldout is not None else None,
+                    device=pl_module.device,
+                )
+            )
+
+    def _pairs(self, loader: Iterable[Any]) -> Iterator[tuple[Mapping[str, Tensor], Tensor]]:
+        for batch in loader:
+            yield self.unpack(batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         balancer = self._balancer(pl_module)
-        balancer.before_step()
+        if not balancer.requirements.own_step:  # an owned step adjusts its own gradients
+            balancer.before_step()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.log_stats:
-            stats = balancer.stats()
+            stats = self._balancer(pl_module).stats()
             if stats:
                 pl_module.log_dict({f"balancer/{k}": v for k, v in stats.items()}, on_step=True)
 

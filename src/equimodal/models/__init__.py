@@ -2,7 +2,7 @@
 
 from .classifier import MultimodalClassifier
 from .encoders import create_encoder, list_encoders, register_encoder
-from .fusion import Fusion, create_fusion, list_fusions
+from .fusion import Fusion, create_fusion, list_fusions, register_fusion
 
 __all__ = [
     "Fusion",
@@ -12,4 +12,5 @@ __all__ = [
     "list_encoders",
     "list_fusions",
     "register_encoder",
+    "register_fusion",
 ]

@@ -19,7 +19,6 @@ it, so they are recognised by attribute, never by parameter name. Mark your own 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -33,7 +32,10 @@ _FactoryT = TypeVar("_FactoryT", bound=EncoderFactory)
 ConvLayer = tuple[int, int] | Literal["M"]
 """One step of a :class:`ConvEncoder`: ``(out_channels, kernel_size)`` or ``"M"`` (max-pool by 2)."""
 
-_ENCODERS: Registry[EncoderFactory] = Registry("encoder")
+ENCODERS: Registry[EncoderFactory] = Registry(
+    "encoder",
+    example="create_encoder({name!r}, {key}=...) or --set model.encoders.<modality>.{key}=...",
+)
 
 
 def register_encoder(name: str, *, overwrite: bool = False) -> Callable[[_FactoryT], _FactoryT]:
@@ -42,44 +44,23 @@ def register_encoder(name: str, *, overwrite: bool = False) -> Callable[[_Factor
     The factory's keyword arguments become the encoder's options in :func:`create_encoder`; the module
     it returns must map ``(B, ...)`` to ``(B, out_dim)`` and expose an integer ``out_dim``.
     """
-
-    def add(factory: _FactoryT) -> _FactoryT:
-        if not callable(factory):
-            raise TypeError(f"register_encoder expects a class or function, found {factory!r}.")
-        _ENCODERS.register(name, factory, overwrite=overwrite)
-        return factory
-
-    return add
+    return ENCODERS.decorator(name, overwrite=overwrite)  # type: ignore[return-value]
 
 
 def list_encoders() -> list[str]:
     """Names of the registered encoders, sorted."""
-    return _ENCODERS.names()
+    return ENCODERS.names()
 
 
 def create_encoder(name: str, **kwargs: Any) -> nn.Module:
-    """Build the encoder registered as ``name``; unknown options fail with the list of valid ones.
+    """Build the encoder registered as ``name``; unknown or mistyped options fail with the valid ones.
 
     Example:
         >>> enc = create_encoder("mlp", in_dim=10, hidden=(32, 16))
         >>> enc(torch.zeros(4, 10)).shape, enc.out_dim
         (torch.Size([4, 16]), 16)
     """
-    factory = _ENCODERS.get(name)
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in kwargs if k not in params]
-        if unknown:
-            raise TypeError(
-                f"Encoder {name!r} got unknown option(s) {unknown}. Valid options: {', '.join(params)}."
-            )
-    required = [k for k, p in params.items() if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
-    missing = [k for k in required if k not in kwargs]
-    if missing:
-        raise TypeError(
-            f"Encoder {name!r} needs option(s) {missing}, e.g. create_encoder({name!r}, {missing[0]}=...)."
-        )
-    return factory(**kwargs)
+    return ENCODERS.create(name, **kwargs)
 
 
 def _check_input(x: Tensor, ndims: Sequence[int], layout: str, owner: nn.Module) -> None:

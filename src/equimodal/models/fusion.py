@@ -14,6 +14,7 @@ order) to ``(fused_logits, unimodal_logits)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +53,16 @@ class Fusion(nn.Module):
         return {}
 
 
+FUSIONS: Registry[type[Fusion]] = Registry(
+    "fusion", base=Fusion, skip=2, example="create_fusion({name!r}, dims, num_classes, {key}=...)"
+)
+
+
+def register_fusion(name: str, *, overwrite: bool = False) -> Callable[[type[Fusion]], type[Fusion]]:
+    """Class decorator registering a :class:`Fusion` subclass under ``name`` (it also sets ``cls.name``)."""
+    return FUSIONS.decorator(name, overwrite=overwrite)
+
+
 class _AuxHeads(Fusion):
     """Mixin state: one auxiliary linear head per modality on detached features."""
 
@@ -65,6 +76,7 @@ class _AuxHeads(Fusion):
         return {m: self.aux[m](features[m].detach()) for m in self.modalities}
 
 
+@register_fusion("concat")
 class ConcatFusion(Fusion):
     """Concatenate features and apply one linear layer; unimodal logits use each column block."""
 
@@ -88,6 +100,7 @@ class ConcatFusion(Fusion):
         return {m: (self.fc.weight, s) for m, s in self._blocks.items()}
 
 
+@register_fusion("sum")
 class SumFusion(Fusion):
     """Each modality has its own linear head; fused logits are their sum."""
 
@@ -103,6 +116,7 @@ class SumFusion(Fusion):
         return {m: (h.weight, slice(0, h.weight.shape[1])) for m, h in self.heads.items()}
 
 
+@register_fusion("weighted")
 class WeightedFusion(SumFusion):
     """Own heads per modality, fused as ``sum_m w_m z_m`` with ``w = M * softmax(alpha)`` learnable.
 
@@ -125,6 +139,7 @@ class WeightedFusion(SumFusion):
         return fused, uni
 
 
+@register_fusion("film")
 class FiLMFusion(_AuxHeads):
     """FiLM: the first modality's feature is scaled and shifted by a projection of the others.
 
@@ -147,6 +162,7 @@ class FiLMFusion(_AuxHeads):
         return fused, self.aux_logits(features)
 
 
+@register_fusion("gated")
 class GatedFusion(_AuxHeads):
     """Gated fusion: ``h = sum_m sigmoid(g_m([h_1..h_M])) * tanh(P_m h_m)``, then a linear classifier."""
 
@@ -165,6 +181,7 @@ class GatedFusion(_AuxHeads):
         return self.fc(h), self.aux_logits(features)
 
 
+@register_fusion("attention")
 class AttentionFusion(_AuxHeads):
     """A small transformer over one token per modality (plus a learned modality embedding), mean-pooled."""
 
@@ -188,23 +205,11 @@ class AttentionFusion(_AuxHeads):
         return fused, self.aux_logits(features)
 
 
-FUSIONS: Registry[type[Fusion]] = Registry("fusion")
-for _name, _cls in {
-    "concat": ConcatFusion,
-    "sum": SumFusion,
-    "weighted": WeightedFusion,
-    "film": FiLMFusion,
-    "gated": GatedFusion,
-    "attention": AttentionFusion,
-}.items():
-    FUSIONS.register(_name, _cls)
-
-
 def list_fusions() -> list[str]:
     """Names of the registered fusion heads."""
     return FUSIONS.names()
 
 
 def create_fusion(name: str, dims: dict[str, int], num_classes: int, **kwargs: Any) -> Fusion:
-    """Build the fusion head registered as ``name``."""
-    return FUSIONS.get(name)(dims, num_classes, **kwargs)
+    """Build the fusion head registered as ``name``; unknown or mistyped options fail with the valid ones."""
+    return FUSIONS.create(name, dims, num_classes, **kwargs)

@@ -1,0 +1,397 @@
+"""The balancer contract suite, for built-in balancers and for your own.
+
+:func:`check_balancer` runs every check below on a balancer (a registered name or a ``Balancer``
+subclass) with toy models of 2, 3 and 4 modalities, and raises ``AssertionError`` naming the first
+broken promise. The same functions are the project's own contract tests, run over every registered
+balancer::
+
+    import equimodal.testing
+
+    equimodal.testing.check_balancer(MyBalancer)                     # or a registered name
+    equimodal.testing.check_balancer("unimodal", options=lambda model: {"modality": "m0"})
+
+The checks:
+
+- :func:`check_finite_step`: one step gives finite gradients and parameters and changes the model;
+  ``stats()`` maps strings to floats.
+- :func:`check_joint_outside_window`: before ``start_epoch`` a step is exactly joint training.
+- :func:`check_state_round_trip`: a fresh balancer loaded from ``state_dict()`` (through
+  ``torch.save``/``torch.load(weights_only=True)``) continues identically.
+- :func:`check_deterministic`: the same seed gives bit-identical steps.
+- :func:`check_accumulation`: k micro-batches give the update of one batch k times larger.
+- :func:`check_overflow_tolerated`: an inf/NaN gradient step (AMP overflow) does not raise or corrupt state.
+- :func:`check_two_call_loop`: a bare two-call loop (and the README's loop, which adds ``set_epoch`` and
+  ``batch=``) either trains exactly as the fully driven method or raises
+  :class:`~equimodal.balancers.DriverError` at its first call, naming the call it needs.
+- :func:`check_aux_fusion`: a FiLM model (auxiliary unimodal heads) trains, or is refused at
+  construction with a message naming the fusion.
+
+:func:`drive_step` is the reference way to drive any balancer for one optimizer step: it reads
+``balancer.requirements`` and makes every call the balancer needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .balancers import Balancer, DriverError, EpochData, create_balancer
+from .balancers.base import split_batch
+from .models import MultimodalClassifier
+
+BalancerSpec = str | type[Balancer]
+Options = Mapping[str, Any] | Callable[[nn.Module], Mapping[str, Any]] | None
+Params = dict[str, Tensor]
+
+__all__ = [
+    "ToyEncoder",
+    "check_accumulation",
+    "check_aux_fusion",
+    "check_balancer",
+    "check_deterministic",
+    "check_finite_step",
+    "check_joint_outside_window",
+    "check_overflow_tolerated",
+    "check_state_round_trip",
+    "check_two_call_loop",
+    "drive_step",
+    "start_epoch",
+    "toy_batch",
+    "toy_epoch_data",
+    "toy_model",
+]
+
+
+class ToyEncoder(nn.Module):
+    """Conv1d + Linear encoder, so that conv filters, neurons and biases all exist."""
+
+    def __init__(self, in_dim: int, out_dim: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * in_dim, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc(torch.relu(self.conv(x.unsqueeze(1))).flatten(1)))
+
+
+def toy_model(
+    num_modalities: int = 2, num_classes: int = 3, fusion: str = "concat", seed: int = 0
+) -> MultimodalClassifier:
+    """A toy classifier with modalities ``m0 .. m{M-1}`` of input sizes 5, 6, 7, ..."""
+    torch.manual_seed(seed)
+    encoders = {f"m{i}": ToyEncoder(5 + i) for i in range(num_modalities)}
+    return MultimodalClassifier(encoders, num_classes, fusion=fusion)
+
+
+def toy_batch(
+    num_modalities: int = 2, batch_size: int = 16, num_classes: int = 3, seed: int = 0
+) -> tuple[dict[str, Tensor], Tensor]:
+    """A batch whose label is encoded in every modality, more strongly in later ones (losses can fall)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g)
+    batch = {}
+    for i in range(num_modalities):
+        x = torch.randn(batch_size, 5 + i, generator=g)
+        x[:, 0] += (1.0 + i) * y.float()
+        batch[f"m{i}"] = x
+    return batch, y
+
+
+def toy_epoch_data(num_modalities: int = 2) -> EpochData:
+    """Epoch data over two toy training batches and one held-out batch."""
+    train = [toy_batch(num_modalities, 16, seed=11), toy_batch(num_modalities, 16, seed=12)]
+    heldout = [toy_batch(num_modalities, 12, seed=13)]
+    return EpochData(train=lambda: iter(train), heldout=lambda: iter(heldout), device=torch.device("cpu"))
+
+
+def build(spec: BalancerSpec, model: nn.Module, options: Options = None, **extra: Any) -> Balancer:
+    """Build ``spec`` (a name or a class) for ``model`` with ``options`` (a mapping or ``model -> mapping``)."""
+    opts = dict(options(model) if callable(options) else (options or {}))
+    opts.update(extra)
+    return create_balancer(spec, model, **opts) if isinstance(spec, str) else spec(model, **opts)
+
+
+def start_epoch(balancer: Balancer, epoch: int, data: EpochData | None = None) -> None:
+    """``set_epoch`` and, when the balancer needs it, ``prepare_epoch`` with ``data`` (toy data by default)."""
+    balancer.set_epoch(epoch)
+    if balancer.requirements.epoch_data:
+        balancer.prepare_epoch(data or toy_epoch_data(len(balancer.modalities)))
+
+
+def optimizer_for(model: nn.Module, balancer: Balancer, lr: float = 0.1) -> torch.optim.Optimizer:
+    """Plain SGD over the model's and the balancer's own parameters."""
+    return torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=lr)
+
+
+def drive_step(
+    balancer: Balancer,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    target: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    micro_batches: int = 1,
+) -> Params:
+    """One optimizer step making every call ``balancer.requirements`` asks for.
+
+    Returns the gradients as handed to the optimizer (empty for balancers that own their step).
+    """
+    if balancer.requirements.own_step:
+        balancer.train_step(batch, target, optimizer, micro_batches=micro_batches)
+        return {}
+    optimizer.zero_grad(set_to_none=True)
+    n = target.shape[0]
+    for chunk, y in split_batch(batch, target, micro_batches):
+        (balancer.loss(model(chunk), y, batch=chunk) * (y.shape[0] / n)).backward()
+    balancer.before_step()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    return grads
+
+
+def snapshot(model: nn.Module, balancer: Balancer) -> Params:
+    """Copies of the model's and the balancer's own parameters."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out.update({f"balancer.{i}": p.detach().clone() for i, p in enumerate(balancer.parameters())})
+    return out
+
+
+def assert_same(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, exact: bool = False, what: str = ""
+) -> None:
+    """Assert two dicts of tensors hold the same keys and (to float tolerance, or exactly) the same values."""
+    assert a.keys() == b.keys(), f"{what}: different tensors {sorted(set(a) ^ set(b))}"
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+        else:
+            torch.testing.assert_close(
+                a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{what}: {k}: {m}"
+            )
+
+
+def _one_step(
+    balancer: Balancer, model: nn.Module, num: int, *, epoch: int = 0, seed: int = 1, prepare: bool = True
+) -> tuple[Params, Params]:
+    batch, y = toy_batch(num, 16, seed=seed)
+    if prepare:
+        start_epoch(balancer, epoch)
+    grads = drive_step(balancer, model, batch, y, optimizer_for(model, balancer))
+    return grads, snapshot(model, balancer)
+
+
+def check_finite_step(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
+    """One step: finite gradients and parameters, some parameter changed, ``stats()`` of str -> float."""
+    model = toy_model(num_modalities)
+    balancer = build(spec, model, options)
+    before = snapshot(model, balancer)
+    grads, params = _one_step(balancer, model, num_modalities)
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values()), "non-finite gradient after a step"
+    assert all(bool(torch.isfinite(p).all()) for p in params.values()), "non-finite parameter after a step"
+    assert any(not torch.equal(before[n], params[n]) for n in params), "the step changed no parameter"
+    stats = balancer.stats()
+    assert all(isinstance(k, str) and isinstance(v, float) for k, v in stats.items()), f"stats(): {stats}"
+
+
+def check_joint_outside_window(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
+    """Before its ``start_epoch`` a balancer's step equals plain joint training exactly."""
+    model = toy_model(num_modalities)
+    twin = copy.deepcopy(model)
+    late = build(spec, model, options, start_epoch=3)
+    grads, params = _one_step(late, model, num_modalities, epoch=1)
+    ref_grads, ref_params = _one_step(create_balancer("none", twin), twin, num_modalities, epoch=1)
+    if grads:
+        assert_same(grads, ref_grads, what="gradients outside the window")
+    own = {k: v for k, v in params.items() if not k.startswith("balancer.")}
+    assert_same(own, ref_params, what="parameters outside the window")
+
+
+def check_state_round_trip(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
+    """A fresh balancer loaded from ``state_dict()`` continues exactly as the original."""
+    model = toy_model(num_modalities)
+    first = build(spec, model, options, seed=5)
+    _one_step(first, model, num_modalities, seed=1)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    twin = copy.deepcopy(model)
+    fresh = build(spec, twin, options, seed=5)
+    fresh.load_state_dict(state)
+    assert fresh.epoch == first.epoch and fresh.num_steps == first.num_steps, "epoch/steps not restored"
+    grads, params = _one_step(first, model, num_modalities, seed=2, prepare=False)
+    grads2, params2 = _one_step(fresh, twin, num_modalities, seed=2, prepare=False)
+    assert_same(grads, grads2, what="gradients after load_state_dict")
+    assert_same(params, params2, what="parameters after load_state_dict")
+
+
+def check_deterministic(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
+    """Two balancers with the same seed take bit-identical steps."""
+    model = toy_model(num_modalities)
+    twin = copy.deepcopy(model)
+    grads, params = _one_step(build(spec, model, options, seed=7), model, num_modalities)
+    grads2, params2 = _one_step(build(spec, twin, options, seed=7), twin, num_modalities)
+    assert_same(grads, grads2, exact=True, what="same seed")
+    assert_same(params, params2, exact=True, what="same seed")
+
+
+def check_accumulation(
+    spec: BalancerSpec, num_modalities: int = 2, options: Options = None, micro_batches: int = 2
+) -> None:
+    """Three steps with k micro-batches per step give the updates of three steps on one batch k times larger.
+
+    Each micro-batch's loss is weighted by its share of the samples, as in :func:`drive_step`. A
+    balancer whose loss depends on statistics of each micro-batch (``micro_batch_statistics``, e.g.
+    PMR's weak-modality choice) can only match when every micro-batch has the whole batch's
+    statistics, so for it the larger batch is k copies of one micro-batch.
+    """
+    model = toy_model(num_modalities)
+    twin = copy.deepcopy(model)
+    whole, split = build(spec, model, options, seed=3), build(spec, twin, options, seed=3)
+    opt_whole, opt_split = optimizer_for(model, whole), optimizer_for(twin, split)
+    start_epoch(whole, 0)
+    start_epoch(split, 0)
+    for step in range(3):
+        batch, y = toy_batch(num_modalities, 16, seed=20 + step)
+        if whole.micro_batch_statistics:
+            part, y_part = toy_batch(num_modalities, 16 // micro_batches, seed=20 + step)
+            batch = {m: x.repeat(micro_batches, *([1] * (x.dim() - 1))) for m, x in part.items()}
+            y = y_part.repeat(micro_batches)
+        g1 = drive_step(whole, model, batch, y, opt_whole)
+        g2 = drive_step(split, twin, batch, y, opt_split, micro_batches=micro_batches)
+        assert_same(g1, g2, what=f"gradients of step {step} with {micro_batches} micro-batches")
+        assert_same(snapshot(model, whole), snapshot(twin, split), what=f"parameters after step {step}")
+
+
+def check_overflow_tolerated(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
+    """An inf gradient (an AMP overflow step) passes ``before_step`` and the next step is finite."""
+    model = toy_model(num_modalities)
+    balancer = build(spec, model, options)
+    if balancer.requirements.own_step:
+        return  # an owned step runs no GradScaler path
+    start_epoch(balancer, 0)
+    batch, y = toy_batch(num_modalities, 16, seed=1)
+    balancer.loss(model(batch), y, batch=batch).backward()
+    first = next(model.encoders[balancer.modalities[0]].parameters())
+    first.grad.fill_(float("inf"))
+    balancer.before_step()  # must not raise: GradScaler will skip this step
+    model.zero_grad()
+    grads, _ = _one_step(balancer, model, num_modalities, seed=2, prepare=False)
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values()), (
+        "non-finite gradient after an overflow step"
+    )
+
+
+_NEEDED_CALL = re.compile(r"train_step\(|set_epoch\(|prepare_epoch\(|batch=")
+
+
+def _loop(balancer: Balancer, model: nn.Module, num: int, style: str, calls: list[int] | None = None) -> None:
+    """Two epochs of two steps of a hand-written loop: ``"bare"``, ``"readme"`` or ``"driven"``.
+
+    ``calls`` (a one-element list) counts the balancer calls that returned.
+    """
+    opt = optimizer_for(model, balancer)
+    calls = calls if calls is not None else [0]
+    for epoch in range(2):
+        if style == "driven":
+            start_epoch(balancer, epoch)
+        elif style == "readme":
+            balancer.set_epoch(epoch)
+        for step in range(2):
+            batch, y = toy_batch(num, 16, seed=100 * epoch + step)
+            if style == "driven":
+                drive_step(balancer, model, batch, y, opt)
+                continue
+            out = model(batch)
+            loss = balancer.loss(out, y, batch=batch) if style == "readme" else balancer.loss(out, y)
+            calls[0] += 1
+            loss.backward()
+            balancer.before_step()
+            calls[0] += 1
+            opt.step()
+            opt.zero_grad()
+
+
+def check_two_call_loop(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> str:
+    """A bare two-call loop and the README's loop either equal the fully driven method or raise at once.
+
+    Returns ``"honoured"`` when both loops train exactly as :func:`drive_step` does, or names the
+    loops that were refused (``"refused: bare"``, ``"refused: bare, readme"``).
+    """
+    refused = []
+    for style in ("bare", "readme"):
+        model = toy_model(num_modalities)
+        twin = copy.deepcopy(model)
+        balancer = build(spec, model, options, seed=3)
+        calls = [0]
+        try:
+            _loop(balancer, model, num_modalities, style, calls)
+        except DriverError as err:
+            assert calls[0] == 0, f"{style} loop: refused only after {calls[0]} calls ({err})"
+            assert _NEEDED_CALL.search(str(err)), (
+                f"{style} loop: the error does not name the call needed: {err}"
+            )
+            refused.append(style)
+            continue
+        reference = build(spec, twin, options, seed=3)
+        _loop(reference, twin, num_modalities, "driven")
+        assert_same(
+            snapshot(model, balancer), snapshot(twin, reference), exact=True,
+            what=f"{style} loop against the fully driven method",
+        )  # fmt: skip
+    return f"refused: {', '.join(refused)}" if refused else "honoured"
+
+
+def check_aux_fusion(spec: BalancerSpec, options: Options = None) -> bool:
+    """A FiLM model trains (finite), or construction is refused with a ``ValueError`` naming the fusion.
+
+    Returns whether the balancer accepted the model.
+    """
+    model = toy_model(2, fusion="film")
+    try:
+        balancer = build(spec, model, options)
+    except ValueError as err:
+        assert "fusion" in str(err).lower(), f"refusal of a FiLM model does not name the fusion: {err}"
+        return False
+    grads, params = _one_step(balancer, model, 2)
+    assert all(bool(torch.isfinite(t).all()) for t in [*grads.values(), *params.values()]), (
+        "non-finite (FiLM)"
+    )
+    return True
+
+
+CHECKS: dict[str, Callable[..., Any]] = {
+    "finite_step": check_finite_step,
+    "joint_outside_window": check_joint_outside_window,
+    "state_round_trip": check_state_round_trip,
+    "deterministic": check_deterministic,
+    "accumulation": check_accumulation,
+    "overflow_tolerated": check_overflow_tolerated,
+    "two_call_loop": check_two_call_loop,
+}
+
+
+def check_balancer(
+    spec: BalancerSpec, *, options: Options = None, modalities: Sequence[int] = (2, 3, 4)
+) -> dict[str, Any]:
+    """Run the whole contract suite on ``spec`` for each number of modalities; returns what each check said.
+
+    Raises:
+        AssertionError: naming the check, the number of modalities and what broke.
+    """
+    results: dict[str, Any] = {}
+    for num in modalities:
+        for name, check in CHECKS.items():
+            try:
+                results[f"{name}/M{num}"] = check(spec, num, options)
+            except AssertionError as err:
+                raise AssertionError(f"{name} with {num} modalities: {err}") from err
+    results["aux_fusion"] = check_aux_fusion(spec, options)
+    return results
