@@ -102,8 +102,8 @@ class AMSS(Balancer):
         seed: seed of the sampling generator (identical on every DDP rank).
 
     Attributes:
-        units: what is masked (public API), one :class:`~equimodal.amss.units.UnitTensor` per masked
-            parameter with its ``modality``, ``name`` (qualified module name), ``kind`` (``"filters"``,
+        units: what is masked (public API): modality -> list of :class:`~equimodal.amss.units.UnitTensor`,
+            one per masked parameter, with its ``modality``, ``name`` (qualified module name), ``kind`` (``"filters"``,
             ``"rows"``, ``"head_rows"``, ``"head_cols"``, ``"row_elements"``), ``groups`` and ``units``.
     """
 
