@@ -23,12 +23,22 @@ from .registry import unknown_name_error
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, its loader options, and batch sizes."""
+    """Which dataset, its options, batch sizes and how batches are loaded.
+
+    ``batch_size`` is the global batch: under torchrun each of W processes takes ``batch_size / W``
+    samples of it, so the updates do not depend on W. ``eval_batch_size`` is per process (it changes no
+    result). ``num_workers``: ``DataLoader`` worker processes; ``-1`` picks 0 for in-memory datasets and
+    ``min(8, CPUs - 1)`` for on-disk ones. ``pin_memory`` applies on CUDA only.
+    """
 
     name: str = "mfeat"
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     eval_batch_size: int = 512
+    num_workers: int = -1
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -98,9 +99,15 @@ def _expected_types(default: Any, annotation: Any) -> tuple[set[type], bool]:
     Read from the annotation when there is one, else from the default's type.
     """
     members = _union_args(annotation) if annotation is not None else (type(default),)
+    members = tuple(str if _is_pathlike(t) else t for t in members)  # a path is a string option
     plain = {t for t in members if t in (bool, int, float, str)}
     other = any(t not in (bool, int, float, str, type(None)) for t in members)
     return plain, other
+
+
+def _is_pathlike(tp: Any) -> bool:
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and issubclass(origin, os.PathLike)
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -163,8 +170,10 @@ def coerce_option(where: str, key: str, value: Any, default: Any, annotation: An
         if str in plain or other:
             return value
         return _as_number(where, key, value, plain)
-    if other:
+    if other or (str in plain and isinstance(value, os.PathLike)):
         return value
+    if plain == {str} and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(int(value)) if isinstance(value, float) and value == int(value) else str(value)
     if isinstance(value, bool):
         ok = bool in plain
     elif isinstance(value, int):

@@ -1,23 +1,33 @@
-"""The reference trainer: a plain loop written only against the public API.
+"""The reference trainer, written only against the public API, as a sequence of named parts.
 
-It calls ``balancer.loss`` and ``balancer.before_step`` exactly as a user's own loop would, plus
-the optional hooks for the methods that declare them (``prepare_epoch``, ``train_step``,
-``predict``). Model selection uses the validation split only; the selected checkpoint is evaluated
-once on test. Outputs (all written atomically) in the run folder: ``config.yaml``,
-``metrics.csv`` (a row per epoch), ``best.pt``, ``last.pt`` (for resuming) and ``summary.json``.
+:func:`train` reads as the sequence of its parts: :func:`process_group` (a DDP group torn down even
+when the run fails), :func:`build_run` (data, model, balancer, optimizer, scheduler, scaler, loaders),
+:class:`~equimodal.checkpoint.Checkpointer` (resume, best, last), :class:`~equimodal.fitting.EpochFitter`
+(one epoch; its step function chosen once from ``balancer.requirements``), :func:`validate_epoch` and
+:func:`final_summary` (the selected epoch evaluated once on test). It drives the balancer exactly as a
+user's own loop would (``set_epoch``, ``prepare_epoch`` when needed, ``loss``/``before_step`` or
+``train_step``, ``predict``). Model selection uses the validation split only.
+
+Batches: ``data.batch_size`` is the *global* batch; under torchrun each of the W processes takes
+``batch_size / W`` samples of every batch (the shards of one permutation), so W processes give the
+same updates as one process (up to float rounding; batch-norm statistics are per process).
+
+Outputs (all written atomically by rank 0) in the run folder: ``config.yaml``, ``metrics.csv`` (a row
+per epoch), ``best.pt``, ``last.pt`` (for resuming), ``predictions.npz``, ``summary.json`` and, when the
+dataset skipped bad rows, ``skipped.csv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
-import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,22 +36,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from .balancers import Balancer, EpochData, create_balancer
 from .balancers.registry import BALANCERS
+from .checkpoint import Checkpointer, Progress
 from .config import Config, config_to_dict, save_config
 from .data import load_dataset
-from .data.base import MultimodalDataset, TensorSplit
+from .data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
 from .distributed import rank as dist_rank
-from .io import atomic_savez, atomic_torch_save, atomic_write_text
-from .metrics import accuracy, fit_linear_probe, imbalance, macro_f1, probe_accuracy
+from .evaluation import EvalResult, evaluate, linear_probes, removal_accuracy
+from .fitting import EpochFitter, StepContext
+from .io import atomic_savez, atomic_write_text
 from .models import MultimodalClassifier
 from .models.encoders import create_encoder
-from .types import MultimodalOutput, check_batch
+from .types import check_batch
 
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------- parts
 def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; any other value is passed to ``torch.device``."""
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -60,14 +74,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def process_group(device_type: str) -> Iterator[tuple[int, int]]:
+    """Yield ``(rank, world_size)``; under torchrun create the process group and always destroy it.
+
+    A group that already exists (created by the caller) is used and left alone. A group created here is
+    torn down when the run ends and also when it fails, so a failed rank does not leave the others hanging
+    in a later collective of the same process.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    own = world > 1 and not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    try:
+        yield dist_rank(), (dist.get_world_size() if dist.is_initialized() else 1)
+        if own:
+            dist.barrier()
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
 def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier:
     """The dataset's default encoders (with config overrides) and the configured fusion head.
 
-    The whole dataset is checked once here (every modality present, finite values), so the model is
+    In-memory splits are checked once here (every modality present, finite values), so the model is
     built with ``validate_inputs=False``: no per-batch check, hence no host sync per step for it.
     """
     for split in (dataset.train, dataset.val, dataset.test):
-        check_batch(split.inputs, dataset.modalities)
+        if isinstance(split, TensorSplit):
+            check_batch(split.inputs, dataset.modalities)
     encoders = dataset.default_encoders()
     unknown = [m for m in cfg.model.encoders if m not in encoders]
     if unknown:
@@ -77,8 +113,7 @@ def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier
     for m, spec in cfg.model.encoders.items():
         if not isinstance(spec, dict) or "name" not in spec:
             raise TypeError(f"model.encoders.{m} must be a mapping with a 'name' key, found {spec!r}.")
-        kwargs = {k: v for k, v in spec.items() if k != "name"}
-        encoders[m] = create_encoder(spec["name"], **kwargs)
+        encoders[m] = create_encoder(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
     return MultimodalClassifier(
         encoders,
         dataset.num_classes,
@@ -131,171 +166,6 @@ def stratified_holdout(labels: Tensor, fraction: float, generator: torch.Generat
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
-@dataclass
-class EvalResult:
-    """Evaluation of one split (``logits`` are the evaluated logits, kept for ensembles)."""
-
-    loss: float
-    accuracy: float
-    macro_f1: float
-    unimodal: dict[str, float]
-    logits: Tensor | None = None
-    labels: Tensor | None = None
-
-    def as_dict(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}_loss": self.loss, f"{prefix}_acc": self.accuracy, f"{prefix}_f1": self.macro_f1}
-        out.update({f"{prefix}_acc_{m}": a for m, a in self.unimodal.items()})
-        out[f"{prefix}_imbalance"] = imbalance(self.unimodal)
-        return out
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    balancer: Balancer,
-    split: TensorSplit,
-    batch_size: int,
-    device: torch.device,
-    num_classes: int,
-    transform: Callable[[dict[str, Tensor]], MultimodalOutput] | None = None,
-) -> EvalResult:
-    """Fused accuracy (through ``balancer.predict``), macro-F1, loss and each modality's unimodal accuracy."""
-    was_training = model.training
-    model.eval()
-    preds, targets, losses = [], [], []
-    uni: dict[str, list[Tensor]] = {m: [] for m in balancer.modalities}
-    for batch, y in split.batches(batch_size, device=device):
-        out = transform(batch) if transform is not None else model(batch)
-        logits = balancer.predict(out)
-        losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.float().cpu())
-        targets.append(y)
-        uni_logits = balancer.predict_unimodal(out)
-        for m in balancer.modalities:
-            uni[m].append(uni_logits[m].argmax(1))
-    model.train(was_training)
-    all_logits, target = torch.cat(preds), torch.cat(targets).cpu()
-    pred = all_logits.argmax(1)
-    return EvalResult(
-        loss=float(torch.stack(losses).sum()) / max(len(target), 1),
-        accuracy=accuracy(pred, target),
-        macro_f1=macro_f1(pred, target, num_classes),
-        unimodal={m: accuracy(torch.cat(v).cpu(), target) for m, v in uni.items()},
-        logits=all_logits,
-        labels=target,
-    )
-
-
-@torch.no_grad()
-def encoder_features(
-    model: nn.Module, split: TensorSplit, batch_size: int, device: torch.device
-) -> dict[str, Tensor]:
-    """Frozen pooled features of every modality over a split (eval mode)."""
-    model.eval()
-    feats: dict[str, list[Tensor]] = {}
-    for batch, _ in split.batches(batch_size, device=device):
-        out = model(batch)
-        if out.features is None:
-            raise ValueError(
-                "Linear probes need `features` in the model output; return them or set train.probe=false."
-            )
-        for m, f in out.features.items():
-            feats.setdefault(m, []).append(f.flatten(1).float().cpu())
-    return {m: torch.cat(v) for m, v in feats.items()}
-
-
-def removal_accuracy(
-    model: MultimodalClassifier,
-    balancer: Balancer,
-    split: TensorSplit,
-    batch_size: int,
-    device: torch.device,
-    nc: int,
-) -> dict[str, float]:
-    """Fused accuracy with each modality's features zeroed at test time (how much the model leans on it)."""
-    result = {}
-    for m in balancer.modalities:
-
-        def drop(batch: dict[str, Tensor], m: str = m) -> MultimodalOutput:
-            feats = model.encode(batch)
-            feats[m] = torch.zeros_like(feats[m])
-            fused, uni = model.fusion(feats)
-            return MultimodalOutput(fused, uni, feats)
-
-        result[m] = evaluate(model, balancer, split, batch_size, device, nc, transform=drop).accuracy
-    return result
-
-
-def run_epoch(
-    train_model: nn.Module,
-    balancer: Balancer,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    batches: Iterable[tuple[dict[str, Tensor], Tensor]],
-    grad_accum: int,
-    use_amp: bool,
-) -> tuple[float, dict[str, float]]:
-    """One training epoch through the balancer's hooks; returns the mean loss and mean per-step stats.
-
-    Two-call balancers: ``loss`` per micro-batch, ``before_step`` once per optimizer step after
-    ``unscale_``; a short tail group of micro-batches is rescaled to a mean gradient like the full
-    groups. Balancers that own their step get ``grad_accum`` micro-batches per ``train_step`` call.
-    """
-    total_loss: Tensor | float = 0.0  # summed on the device: no host sync per step
-    n_batches, micro = 0, 0
-    stat_sums: dict[str, float] = {}
-    stat_counts: dict[str, int] = {}
-    group: list[tuple[dict[str, Tensor], Tensor]] = []
-
-    def record_stats() -> None:
-        for k, v in balancer.stats().items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
-                stat_counts[k] = stat_counts.get(k, 0) + 1
-
-    def optimizer_step(micro_batches: int) -> None:
-        scaler.unscale_(optimizer)
-        if micro_batches != grad_accum:
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, grad_accum / micro_batches)
-        balancer.before_step()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        record_stats()
-
-    def owned_step() -> Tensor:
-        """One ``train_step`` over the grouped micro-batches; returns their summed mean losses."""
-        inputs = {k: torch.cat([b[k] for b, _ in group]) for k in group[0][0]}
-        target = torch.cat([y for _, y in group])
-        loss = balancer.train_step(inputs, target, optimizer, micro_batches=len(group)) * len(group)
-        group.clear()
-        record_stats()
-        return loss
-
-    own_step = balancer.requirements.own_step
-    for batch, y in batches:
-        n_batches += 1
-        if own_step:
-            group.append((batch, y))
-            if len(group) == grad_accum:
-                total_loss = total_loss + owned_step().detach().float()
-            continue
-        with torch.autocast(y.device.type, enabled=use_amp):
-            loss = balancer.loss(train_model(batch), y, batch=batch)
-        scaler.scale(loss / grad_accum).backward()
-        total_loss = total_loss + loss.detach().float()
-        micro += 1
-        if micro == grad_accum:
-            optimizer_step(micro)
-            micro = 0
-    if micro:
-        optimizer_step(micro)
-    if group:
-        total_loss = total_loss + owned_step().detach().float()
-    return float(total_loss) / max(n_batches, 1), {k: v / stat_counts[k] for k, v in stat_sums.items()}
-
-
 def _balancer_kwargs(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
     """The configured options, plus ``seed=train.seed`` when the balancer takes a seed."""
     kwargs = dict(options)
@@ -304,7 +174,175 @@ def _balancer_kwargs(name: str, options: dict[str, Any], seed: int) -> dict[str,
     return kwargs
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+# ------------------------------------------------------------------------------------------ the run
+@dataclass
+class Loaders:
+    """The run's data loaders (this process's shard of each split)."""
+
+    train: DataLoader
+    epoch_train: DataLoader
+    heldout: DataLoader | None
+    val: DataLoader
+    test: DataLoader
+    train_eval: DataLoader
+
+
+@dataclass
+class Run:
+    """Everything :func:`build_run` makes for one training run."""
+
+    cfg: Config
+    out: Path | None
+    device: torch.device
+    rank: int
+    world: int
+    dataset: MultimodalDataset
+    model: nn.Module
+    train_model: nn.Module
+    balancer: Balancer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    train_split: Split
+    heldout: Split | None
+    loaders: Loaders
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def parts(self) -> dict[str, Any]:
+        """The stateful parts a checkpoint holds, by name."""
+        return {
+            "model": self.model, "optimizer": self.optimizer, "balancer": self.balancer,
+            "scaler": self.scaler, "scheduler": self.scheduler,
+        }  # fmt: skip
+
+
+def loader_options(cfg: Config, dataset: MultimodalDataset, device: torch.device) -> LoaderOptions:
+    """Workers (``-1``: none for in-memory data, else :func:`default_workers`), pinning on CUDA only."""
+    d = cfg.data
+    workers = d.num_workers if d.num_workers >= 0 else (0 if dataset.in_memory else default_workers())
+    return LoaderOptions(
+        num_workers=workers,
+        pin_memory=d.pin_memory and device.type == "cuda",
+        persistent_workers=d.persistent_workers,
+        prefetch_factor=d.prefetch_factor if workers > 0 else None,
+    )
+
+
+def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDataset], rank: int, world: int,
+                  options: LoaderOptions) -> Loaders:  # fmt: skip
+    """Training loaders shard one permutation per epoch (global batch split over ranks); evaluation
+    loaders shard the fixed order so every sample is evaluated exactly once."""
+    train_split, heldout, ds = run_data
+    if cfg.data.batch_size % world:
+        raise ValueError(
+            f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be divisible by the "
+            f"number of processes ({world}); set it to a multiple of {world}."
+        )
+    per_rank, seed = cfg.data.batch_size // world, cfg.train.seed
+    for name, split in (("train", train_split), ("val", ds.val), ("test", ds.test)):
+        if len(split) < world:
+            raise ValueError(f"The {name} split has {len(split)} samples, fewer than the {world} processes.")
+    once = LoaderOptions(options.num_workers, options.pin_memory, False, options.prefetch_factor)
+    sharded = {"rank": rank, "world_size": world}
+
+    def evaluation(split: Split, opts: LoaderOptions = once) -> DataLoader:
+        return make_loader(split, cfg.data.eval_batch_size, options=opts, **sharded)
+
+    return Loaders(
+        train=make_loader(train_split, per_rank, train=True, seed=seed * 100003, options=options, **sharded),
+        epoch_train=make_loader(train_split, per_rank, train=True, seed=seed * 100003 + 50021, options=once, **sharded),
+        heldout=None if heldout is None else make_loader(heldout, per_rank, options=once, **sharded),
+        val=evaluation(ds.val, options),
+        test=evaluation(ds.test),
+        train_eval=evaluation(train_split),
+    )  # fmt: skip
+
+
+def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, rank: int, world: int) -> Run:
+    """Data, model, balancer, optimizer, scheduler, scaler and loaders for one run."""
+    t = cfg.train
+    device = select_device(t.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(t.seed)
+    if "seed" in cfg.data.options:
+        raise ValueError(
+            "data.options.seed is not allowed: the dataset split and pairing follow train.seed. "
+            "Set train.seed instead."
+        )
+    ds = dataset or load_dataset(cfg.data.name, seed=t.seed, **cfg.data.options)
+    model = build_model(cfg, ds).to(device)
+    balancer = create_balancer(
+        cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed)
+    )
+    req = balancer.requirements  # the one place the trainer learns what this balancer needs
+    optimizer = build_optimizer(cfg, [*model.parameters(), *balancer.parameters()])
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=req.unused_parameters,
+        )
+    use_amp = t.amp and device.type == "cuda"
+    if use_amp and req.own_step:
+        raise ValueError(
+            f"Balancer {cfg.balancer.name!r} runs its own optimisation step, which has no AMP loss scaling; "
+            "set train.amp=false."
+        )
+    train_split, heldout = ds.train, None
+    if req.heldout_fraction > 0:
+        split_gen = torch.Generator().manual_seed(t.seed + 7919)
+        kept, held = stratified_holdout(ds.train.labels, req.heldout_fraction, split_gen)
+        train_split, heldout = ds.train.subset(kept), ds.train.subset(held)
+    loaders = build_loaders(cfg, (train_split, heldout, ds), rank, world, loader_options(cfg, ds, device))
+    return Run(
+        cfg=cfg, out=out, device=device, rank=rank, world=world, dataset=ds, model=model,
+        train_model=train_model, balancer=balancer, optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer), scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+        use_amp=use_amp, train_split=train_split, heldout=heldout, loaders=loaders,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- per epoch
+def start_epoch(run: Run, epoch: int) -> None:
+    """``set_epoch`` on the samplers and the balancer, and ``prepare_epoch`` when it needs epoch data."""
+    run.loaders.train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    run.balancer.set_epoch(epoch)
+    if run.balancer.requirements.epoch_data:
+        run.loaders.epoch_train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        held = run.loaders.heldout
+        run.balancer.prepare_epoch(
+            EpochData(
+                train=lambda: iter(run.loaders.epoch_train),
+                heldout=(lambda: iter(held)) if held is not None else None,
+                device=run.device,
+            )
+        )
+
+
+def validate_epoch(run: Run) -> EvalResult:
+    """The validation figures of the current model (every sample once, gathered over ranks)."""
+    ds = run.dataset
+    return evaluate(run.model, run.balancer, run.loaders.val, len(ds.val), run.device, ds.num_classes)
+
+
+def epoch_row(
+    epoch: int, train_loss: float, seconds: float, val: EvalResult, stats: dict[str, float]
+) -> dict[str, Any]:
+    """One metrics.csv row: epoch, train loss, time, the validation figures and the balancer's statistics."""
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "epoch_time": seconds}
+    row.update(val.as_dict("val"))
+    row.update({f"bal_{k}": v for k, v in stats.items()})
+    return row
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the metrics rows as CSV (columns: the union of every row's keys, in order of appearance)."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -315,21 +353,84 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _progress(enabled: bool) -> Any:
+# ---------------------------------------------------------------------------------------- the summary
+def final_summary(run: Run, progress: Progress) -> dict[str, Any]:
+    """Evaluate the selected epoch once on val and test; probes, removals; write the outputs."""
+    ds, cfg, model, bal, dev, nc = (
+        run.dataset,
+        run.cfg,
+        run.model,
+        run.balancer,
+        run.device,
+        run.dataset.num_classes,
+    )
+    val = evaluate(model, bal, run.loaders.val, len(ds.val), dev, nc)
+    test = evaluate(model, bal, run.loaders.test, len(ds.test), dev, nc)
+    times = progress.epoch_times
+    summary: dict[str, Any] = {
+        "dataset": ds.name, "balancer": cfg.balancer.name, "seed": cfg.train.seed, "modalities": ds.modalities,
+        "class_names": ds.class_names, "selected_epoch": progress.best["epoch"], "epochs": cfg.train.epochs,
+        "time_per_epoch": float(np.median(times)) if times else float("nan"),
+        "val": val.as_dict("val"), "test": test.as_dict("test"),
+    }  # fmt: skip
+    if isinstance(model, MultimodalClassifier):
+        removed = removal_accuracy(model, bal, run.loaders.test, len(ds.test), dev, nc)
+        summary["test"].update({f"test_removed_{m}": a for m, a in removed.items()})
+    if cfg.train.probe:
+        splits = {
+            "train": (run.loaders.train_eval, len(run.train_split), run.train_split.labels),
+            "val": (run.loaders.val, len(ds.val), ds.val.labels),
+            "test": (run.loaders.test, len(ds.test), ds.test.labels),
+        }
+        for key, figures in linear_probes(model, splits, ds.modalities, nc, dev).items():
+            summary[key].update(figures)
+    skipped = ds.info.get("skipped") or []
+    if skipped:
+        summary["skipped_rows"] = len(skipped)  # type: ignore[arg-type]
+    summary["config"] = config_to_dict(cfg)
+    if run.out is not None and run.main:
+        write_outputs(run.out, run, summary, (val, test), skipped)  # type: ignore[arg-type]
+    return summary
+
+
+def write_outputs(
+    out: Path, run: Run, summary: dict[str, Any], evals: tuple[EvalResult, EvalResult], skipped: list
+) -> None:
+    """predictions.npz, summary.json and (when rows were skipped) skipped.csv, atomically."""
+    ds, (val, test) = run.dataset, evals
+    labels = run.train_split.labels
+    arrays: dict[str, Any] = dict(
+        val_logits=val.logits.numpy(), val_labels=val.labels.numpy(),  # type: ignore[union-attr]
+        test_logits=test.logits.numpy(), test_labels=test.labels.numpy(),  # type: ignore[union-attr]
+        train_label_counts=torch.bincount(labels, minlength=ds.num_classes).numpy(),
+    )  # fmt: skip
+    if ds.class_names:
+        arrays["class_names"] = np.array([str(c) for c in ds.class_names])
+    atomic_savez(out / "predictions.npz", **arrays)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if skipped:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(skipped[0]))
+        writer.writeheader()
+        writer.writerows(skipped)
+        atomic_write_text(out / "skipped.csv", buf.getvalue())
+
+
+def _progress_bar(enabled: bool, total: int, done: int) -> Any:
     if not enabled:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=True,
-    )
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), transient=True,
+    )  # fmt: skip
+    bar.add_task("train", total=total, info="", completed=done)
+    bar.start()
+    return bar
 
 
+# ---------------------------------------------------------------------------------------------- train
 def train(
     cfg: Config,
     out_dir: str | Path | None = None,
@@ -347,220 +448,53 @@ def train(
         resume: continue from ``out_dir/last.pt`` when it exists and matches the config.
         on_epoch: called with each epoch's metrics row.
     """
-    t = cfg.train
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:  # launched by torchrun: the process group is ours to create and to close
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist_rank()
-    device = select_device(t.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    seed_everything(t.seed)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     out = Path(out_dir) if out_dir is not None else None
-    main_proc = rank == 0
-    if out is not None and main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    with process_group(select_device(cfg.train.device).type) as (rank, world):
+        if out is not None and rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        run = build_run(cfg, out, dataset, rank, world)
+        ckpt = Checkpointer(out, config_to_dict(cfg), run.main)
+        progress = ckpt.resume(run.parts(), run.device) if resume else Progress()
+        fitter = EpochFitter(
+            StepContext(run.train_model, run.balancer, run.optimizer, run.scaler, cfg.train.grad_accum,
+                        run.use_amp, run.device)
+        )  # fmt: skip
+        bar = _progress_bar(cfg.train.progress and run.main, cfg.train.epochs, progress.next_epoch)
+        try:
+            for epoch in range(progress.next_epoch, cfg.train.epochs):
+                fit_one_epoch(run, fitter, ckpt, progress, epoch, on_epoch, bar)
+        finally:
+            if bar is not None:
+                bar.stop()
+        ckpt.load_best(run.model, run.balancer, run.device)
+        return final_summary(run, progress)
 
-    if "seed" in cfg.data.options:
-        raise ValueError(
-            "data.options.seed is not allowed: the dataset split and pairing follow train.seed. "
-            "Set train.seed instead."
-        )
-    ds = dataset or load_dataset(cfg.data.name, seed=t.seed, **cfg.data.options)
-    model = build_model(cfg, ds).to(device)
-    balancer = create_balancer(
-        cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed)
-    )
-    req = balancer.requirements  # the one place the trainer learns what this balancer needs
-    optimizer = build_optimizer(cfg, list(model.parameters()) + list(balancer.parameters()))
-    scheduler = build_scheduler(cfg, optimizer)
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=req.unused_parameters,
-        )
 
-    split_gen = torch.Generator().manual_seed(t.seed + 7919)
-    train_split, heldout = ds.train, None
-    if req.heldout_fraction > 0:
-        kept, held = stratified_holdout(ds.train.labels, req.heldout_fraction, split_gen)
-        train_split, heldout = ds.train.subset(kept), ds.train.subset(held)
-
-    use_amp = t.amp and device.type == "cuda"
-    if use_amp and req.own_step:
-        raise ValueError(
-            f"Balancer {cfg.balancer.name!r} runs its own optimisation step, which has no AMP loss scaling; "
-            "set train.amp=false."
-        )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    rows: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": -1, "val_acc": -math.inf, "val_loss": math.inf}
-    start_epoch = 0
-    epoch_times: list[float] = []
-    if resume and out is not None and (out / "last.pt").exists():
-        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        if ckpt.get("config") == config_to_dict(cfg):
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            balancer.load_state_dict(ckpt["balancer"])
-            if scheduler is not None and ckpt.get("scheduler") is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            rows, best, start_epoch = ckpt["rows"], ckpt["best"], ckpt["epoch"] + 1
-            epoch_times = list(ckpt.get("epoch_times", []))
-            torch.set_rng_state(ckpt["rng"])
-            log.info("Resumed %s at epoch %d", out, start_epoch)
-        else:
-            log.warning("Ignoring %s: it was written with another config", out / "last.pt")
-
-    loader_gen = torch.Generator().manual_seed(t.seed)
-    progress = _progress(t.progress and main_proc)
-    epoch_task = progress.add_task("train", total=t.epochs, info="") if progress else None
-    if progress:
-        progress.start()
-        progress.update(epoch_task, completed=start_epoch)
-    best_state: dict[str, Any] | None = None
-    try:
-        for epoch in range(start_epoch, t.epochs):
-            loader_gen.manual_seed(t.seed * 100003 + epoch)
-            balancer.set_epoch(epoch)
-            tic = time.perf_counter()
-
-            def batches(split: TensorSplit, shuffle: bool, g: torch.Generator | None = None):
-                return split.batches(
-                    cfg.data.batch_size,
-                    shuffle=shuffle,
-                    generator=g,
-                    rank=rank,
-                    world_size=world,
-                    device=device,
-                )
-
-            if req.epoch_data:
-                # Shuffled (the splits are stored class by class), same order on every rank.
-                epoch_gen = torch.Generator().manual_seed(t.seed * 100003 + epoch + 50021)
-                balancer.prepare_epoch(
-                    EpochData(
-                        train=lambda g=epoch_gen: batches(train_split, True, g),
-                        heldout=(lambda: batches(heldout, False)) if heldout is not None else None,
-                        device=device,
-                    )
-                )
-            train_model.train()
-            train_loss, step_stats = run_epoch(
-                train_model,
-                balancer,
-                optimizer,
-                scaler,
-                batches(train_split, True, loader_gen),
-                t.grad_accum,
-                use_amp,
-            )
-            if scheduler is not None:
-                scheduler.step()
-            epoch_time = time.perf_counter() - tic
-            epoch_times.append(epoch_time)
-            val = evaluate(model, balancer, ds.val, cfg.data.eval_batch_size, device, ds.num_classes)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "epoch_time": epoch_time,
-            }
-            row.update(val.as_dict("val"))
-            row.update({f"bal_{k}": v for k, v in step_stats.items()})
-            rows.append(row)
-            improved = val.accuracy > best["val_acc"] or (
-                val.accuracy == best["val_acc"] and val.loss < best["val_loss"]
-            )
-            if improved:
-                best = {"epoch": epoch, "val_acc": val.accuracy, "val_loss": val.loss}
-                best_state = {
-                    "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    "balancer": balancer.state_dict(),
-                    "epoch": epoch,
-                }
-                if out is not None and main_proc:
-                    atomic_torch_save({**best_state, "config": config_to_dict(cfg)}, out / "best.pt")
-            if out is not None and main_proc:
-                _write_csv(out / "metrics.csv", rows)
-                atomic_torch_save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "balancer": balancer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "rows": rows,
-                        "epoch_times": epoch_times,
-                        "best": best,
-                        "epoch": epoch,
-                        "rng": torch.get_rng_state(),
-                        "config": config_to_dict(cfg),
-                    },
-                    out / "last.pt",
-                )
-            if on_epoch is not None:
-                on_epoch(row)
-            if progress:
-                progress.update(
-                    epoch_task, advance=1, info=f"val acc {val.accuracy:.3f}  loss {row['train_loss']:.3f}"
-                )
-    finally:
-        if progress:
-            progress.stop()
-
-    if best_state is None and out is not None and (out / "best.pt").exists():
-        best_state = torch.load(out / "best.pt", map_location=device, weights_only=False)
-    if best_state is not None:
-        model.load_state_dict(best_state["model"])
-        balancer.load_state_dict(best_state["balancer"])
-    bs = cfg.data.eval_batch_size
-    val = evaluate(model, balancer, ds.val, bs, device, ds.num_classes)
-    test = evaluate(model, balancer, ds.test, bs, device, ds.num_classes)
-    summary: dict[str, Any] = {
-        "dataset": ds.name,
-        "balancer": cfg.balancer.name,
-        "seed": t.seed,
-        "modalities": ds.modalities,
-        "selected_epoch": best["epoch"],
-        "epochs": t.epochs,
-        "time_per_epoch": float(np.median(epoch_times)) if epoch_times else float("nan"),
-        "val": val.as_dict("val"),
-        "test": test.as_dict("test"),
-    }
-    if isinstance(model, MultimodalClassifier):
-        summary["test"].update(
-            {
-                f"test_removed_{m}": a
-                for m, a in removal_accuracy(model, balancer, ds.test, bs, device, ds.num_classes).items()
-            }
-        )
-    if t.probe:
-        tr = encoder_features(model, train_split, bs, device)
-        va = encoder_features(model, ds.val, bs, device)
-        te = encoder_features(model, ds.test, bs, device)
-        for m in ds.modalities:
-            probe = fit_linear_probe(tr[m], train_split.labels, ds.num_classes)
-            summary["val"][f"val_probe_{m}"] = probe_accuracy(probe, va[m], ds.val.labels)
-            summary["test"][f"test_probe_{m}"] = probe_accuracy(probe, te[m], ds.test.labels)
-    summary["config"] = config_to_dict(cfg)
-    if out is not None and main_proc:
-        atomic_savez(
-            out / "predictions.npz",
-            val_logits=val.logits.numpy(),
-            val_labels=val.labels.numpy(),
-            test_logits=test.logits.numpy(),
-            test_labels=test.labels.numpy(),
-            train_label_counts=torch.bincount(train_split.labels, minlength=ds.num_classes).numpy(),
-        )
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    if own_group:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+def fit_one_epoch(
+    run: Run, fitter: EpochFitter, ckpt: Checkpointer, progress: Progress, epoch: int,
+    on_epoch: Callable[[dict[str, Any]], None] | None, bar: Any,
+) -> None:  # fmt: skip
+    """Train one epoch, validate, select, checkpoint and report it."""
+    tic = time.perf_counter()
+    start_epoch(run, epoch)
+    train_loss, stats = fitter.fit(run.loaders.train)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    seconds = time.perf_counter() - tic
+    progress.epoch_times.append(seconds)
+    val = validate_epoch(run)
+    row = epoch_row(epoch, train_loss, seconds, val, stats)
+    progress.rows.append(row)
+    if progress.improves(val.accuracy, val.loss):
+        progress.best = {"epoch": epoch, "val_acc": val.accuracy, "val_loss": val.loss}
+        ckpt.save_best(run.model, run.balancer, epoch)
+    if run.out is not None and run.main:
+        write_metrics(run.out / "metrics.csv", progress.rows)
+    ckpt.save_last(run.parts(), progress, epoch)
+    if on_epoch is not None:
+        on_epoch(row)
+    if bar is not None:
+        bar.update(bar.task_ids[0], advance=1, info=f"val acc {val.accuracy:.3f}  loss {train_loss:.3f}")

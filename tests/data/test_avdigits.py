@@ -18,6 +18,7 @@ from equimodal.data.avdigits import (
     remove_pca_energy,
     resample_frames,
 )
+from equimodal.data.base import make_loader
 
 # No skip: the test bootstrap (make test) installs both; a missing one must fail loudly.
 assert importlib.util.find_spec("sklearn") is not None, "AV-Digits images need: pip install scikit-learn"
@@ -48,7 +49,7 @@ def test_avdigits_shapes_and_splits(plain0) -> None:
     assert torch.equal(torch.bincount(plain0.val.labels), torch.full((10,), 40))
     assert "paired by label" in str(plain0.info["pairing"])
     enc = plain0.default_encoders()
-    batch, _ = next(plain0.train.batches(4))
+    batch, _ = next(iter(make_loader(plain0.train, 4)))
     assert {m: tuple(e(batch[m]).shape) for m, e in enc.items()} == {
         "image": (4, enc["image"].out_dim),
         "audio": (4, enc["audio"].out_dim),
@@ -59,7 +60,7 @@ def test_avdigits_shapes_and_splits(plain0) -> None:
 def test_avdigits_audio_formats(fmt: str, shape: tuple[int, ...]) -> None:
     ds = load_dataset("avdigits", audio_format=fmt, frames=24)
     assert ds.input_shapes()["audio"] == shape
-    batch, _ = next(ds.train.batches(3))
+    batch, _ = next(iter(make_loader(ds.train, 3)))
     audio_encoder = ds.default_encoders()["audio"]
     assert audio_encoder(batch["audio"]).shape[0] == 3
 
@@ -70,7 +71,7 @@ def test_avdigits_hard_shapes_splits_and_encoders(hard0) -> None:
     assert hard0.info["pca_components_removed"] == 13
     assert "MFCC domain" in str(hard0.info["noise"])
     enc = hard0.default_encoders()
-    batch, _ = next(hard0.train.batches(4))
+    batch, _ = next(iter(make_loader(hard0.train, 4)))
     for m in hard0.modalities:
         assert enc[m](batch[m]).shape == (4, 64)
     x = hard0.train.inputs["image"].double()

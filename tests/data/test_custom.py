@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from equimodal.data import load_dataset
+from equimodal.data.base import make_loader
 from equimodal.data.custom import default_encoder_spec, encode_labels
 
 
@@ -62,7 +63,7 @@ def test_npz_round_trip_with_string_split(tmp_path: Path) -> None:
     np.testing.assert_allclose(ds.val.inputs["audio"].numpy(), arrays["audio"][1::3], rtol=1e-6)
     assert torch.equal(ds.test.labels, torch.from_numpy(arrays["label"][2::3]))
     enc = ds.default_encoders()
-    batch, _ = next(ds.train.batches(4))
+    batch, _ = next(iter(make_loader(ds.train, 4)))
     assert {m: e(batch[m]).shape[0] for m, e in enc.items()} == {"audio": 4, "video": 4}
     assert type(enc["video"]).__name__ == "ConvEncoder"
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from equimodal.data import load_dataset, mfeat
+from equimodal.data.base import make_loader
 from equimodal.data.mfeat import MFEAT_DIMS, MFEAT_VIEWS, parse_views, read_mfeat_arrays
 
 
@@ -41,7 +42,7 @@ def test_default_is_pix_image_plus_fou() -> None:
         assert torch.equal(torch.bincount(split.labels), torch.full((10,), per_class))
     assert ds.info["licence"] == "CC BY 4.0"
     encoders = ds.default_encoders()
-    batch, _ = next(ds.train.batches(5))
+    batch, _ = next(iter(make_loader(ds.train, 5)))
     for m, enc in encoders.items():
         assert enc(batch[m]).shape == (5, enc.out_dim)
     assert type(encoders["pix"]).__name__ == "ConvEncoder"

@@ -25,7 +25,14 @@ CASES: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "transformer": ({"in_dim": 6, "d_model": 8, "num_heads": 2, "num_layers": 1}, (5, 6)),
     "avd_image": ({}, (1, 8, 8)),
     "avd_audio": ({}, (13, 32)),
+    "text_embedding": ({"vocab_size": 11, "dim": 8}, (5,)),
 }
+TOKEN_INPUTS = {"text_embedding"}  # these take integer token ids, not floats
+
+
+def sample_input(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A batch of inputs for encoder ``name``: token ids in [1, 11) or standard-normal floats."""
+    return torch.randint(1, 11, (B, *shape)) if name in TOKEN_INPUTS else torch.randn(B, *shape)
 
 
 def test_every_registered_encoder_has_a_case() -> None:
@@ -39,7 +46,7 @@ def test_output_shape_and_out_dim(name: str) -> None:
     enc = create_encoder(name, **kwargs)
     assert isinstance(enc, nn.Module)
     assert isinstance(enc.out_dim, int) and enc.out_dim > 0
-    out = enc(torch.randn(B, *shape))
+    out = enc(sample_input(name, shape))
     assert out.shape == (B, enc.out_dim)
     assert torch.isfinite(out).all()
 
@@ -49,7 +56,7 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     torch.manual_seed(0)
     kwargs, shape = CASES[name]
     enc = create_encoder(name, **kwargs).train()
-    enc(torch.randn(B, *shape)).square().sum().backward()
+    enc(sample_input(name, shape)).square().sum().backward()
     for pname, p in enc.named_parameters():
         assert p.grad is not None, f"{name}: no gradient for {pname}"
         assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient for {pname}"

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_mean
+from ..distributed import all_reduce_sum, is_distributed
 from ..types import MultimodalOutput
-from .base import Balancer, Batch, EpochData
+from .base import Balancer, Batch, EpochData, all_reduce_grads
 from .mmpareto import require_encoder_unimodal_logits
 from .registry import register_balancer
 
@@ -70,7 +70,8 @@ class GradientBlending(Balancer):
     zero-padded inputs to the fused head); held-out data comes from train (the reference uses the
     test set). The copies use their own optimizer (``copy_optimizer``/``copy_lr``), not the user's.
     The unimodal logits of concat/sum fusions share the fused head's weights (the paper uses
-    separate heads). Under DDP the measured losses are all-reduced so all ranks get the same weights.
+    separate heads). Under DDP the copies' gradients and the measured losses are reduced over ranks, so every
+    rank trains the same copies and gets the weights one process gets at the same global batch.
 
     Args:
         model: a model whose unimodal logits carry gradient to the encoders.
@@ -160,18 +161,17 @@ class GradientBlending(Balancer):
     def _losses(
         self, model: nn.Module, source: Callable[[], Iterable[tuple[Batch, Tensor]]], device: torch.device
     ) -> Tensor:
-        """Mean CE of every head over a split, in eval mode."""
+        """Mean CE of every head over a split, in eval mode (sums and counts reduced over DDP ranks)."""
         was_training = model.training
         model.eval()
-        total, n = torch.zeros(len(self.heads), device=device), 0
+        total = torch.zeros(len(self.heads) + 1, device=device)  # per-head CE sums, then the count
         for batch, y in self._batches(source, device):
             out = model(batch)
-            total += torch.stack(
-                [F.cross_entropy(self._head(out, k), y, reduction="sum") for k in range(len(self.heads))]
-            ).float()
-            n += len(y)
+            ce = [F.cross_entropy(self._head(out, k), y, reduction="sum") for k in range(len(self.heads))]
+            total += torch.stack([*ce, ce[0].new_tensor(float(len(y)))]).float()
         model.train(was_training)
-        return total / max(n, 1)
+        total = all_reduce_sum(total)
+        return total[:-1] / total[-1].clamp_min(1)
 
     def _train_copy(self, k: int, data: EpochData) -> nn.Module:
         """A deep copy of the model trained for ``super_epoch_len`` epochs on train with head k's CE."""
@@ -187,6 +187,8 @@ class GradientBlending(Balancer):
             for batch, y in self._batches(data.train, data.device):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self._head(clone(batch), k), y).backward()
+                if is_distributed():  # the copy is not DDP-wrapped: average its gradients over ranks
+                    all_reduce_grads(params)
                 opt.step()
         return clone
 
@@ -208,7 +210,7 @@ class GradientBlending(Balancer):
                 end[0, k] = self._losses(clone, data.train, data.device)[k]
                 end[1, k] = self._losses(clone, data.heldout, data.device)[k]
                 del clone
-        losses = all_reduce_mean(torch.stack([*start, *end]))
+        losses = torch.stack([*start, *end])  # already reduced over ranks by _losses
         self.weights = blend_weights(*losses, estimator=self.estimator).cpu()
         self.weights_epoch = self.epoch
         self._set_stats()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from .avdigits import load_avdigits, load_avdigits_hard
 from .base import Batch, MultimodalDataset, TensorSplit
 from .custom import load_custom_csv, load_custom_npz
+from .manifest import load_manifest
 from .mfeat import load_mfeat
 from .registry import DatasetLoader, dataset_options, list_datasets, load_dataset, register_dataset
 from .splits import per_class_count_split, split_from_assignment, stratified_split
@@ -35,6 +36,7 @@ __all__ = [
     "load_custom_csv",
     "load_custom_npz",
     "load_dataset",
+    "load_manifest",
     "load_mfeat",
     "per_class_count_split",
     "register_dataset",

@@ -1,26 +1,87 @@
-"""In-memory multimodal datasets with fixed train/val/test splits, and a fast batch iterator.
+"""Datasets as map-style ``torch.utils.data.Dataset`` splits, batched by a ``DataLoader``.
 
-Every built-in dataset is small enough to live in memory as one tensor per modality, so batches are
-formed by indexing those tensors (no per-sample Python work). Under DDP each rank iterates over its
-own shard of one permutation drawn from a generator seeded identically on all ranks.
+A :class:`Split` is one split of a dataset (train, val or test): ``split[key]`` is ``(inputs, label)``
+with ``inputs`` a mapping of modality name to tensor; ``split.labels`` holds every label (for stratified
+hold-outs, class counts and probes). Two implementations:
+
+- :class:`TensorSplit`: every modality held in memory as one tensor. Its ``__getitems__`` forms a whole
+  batch by indexing those tensors, which the ``DataLoader`` uses instead of per-sample calls and
+  :func:`collate`, so in-memory data costs no per-sample Python work.
+- :class:`FileSplit`: samples read from files on disk by a reader function, one sample at a time (in
+  ``DataLoader`` workers), with a per-split transform: random augmentation while training, deterministic
+  otherwise.
+
+Keys and randomness: evaluation samplers yield plain indices; the training sampler yields
+:class:`SampleKey` ``(index, epoch)`` pairs, so a random transform draws from a generator seeded by
+``(seed, epoch, index)`` (:func:`sample_generator`). A run is therefore reproducible whatever the number
+of workers, with or without persistent workers.
+
+Distribution: :func:`make_loader` shards with :class:`TrainSampler` (as ``DistributedSampler``: one
+permutation drawn from ``seed + epoch``, padded by wrapping so every rank sees equally many samples)
+and :class:`EvalSampler` (indices ``rank::world``, no padding, so every sample is evaluated exactly once
+across ranks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..types import LABEL_KEY
 
 Batch = dict[str, Tensor]
+Sample = tuple[dict[str, Tensor], int]
+
+
+class SampleKey(NamedTuple):
+    """A training sample's key: its index and the epoch it is drawn in (seeds random transforms)."""
+
+    index: int
+    epoch: int
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator for one sample's random transform, seeded by ``(seed, epoch, index)``."""
+    mixed = ((int(seed) * 1_000_003 + int(epoch)) * 10_000_019 + int(index)) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _index(key: int | SampleKey) -> int:
+    return key.index if isinstance(key, SampleKey) else int(key)
+
+
+class Split(Dataset):
+    """One split of a multimodal dataset: ``split[key] -> (inputs, label)``; ``labels`` holds all labels."""
+
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, key: int | SampleKey) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def subset(self, index: Tensor) -> Split:  # pragma: no cover - abstract
+        """The samples ``index`` of this split, as a split of the same kind."""
+        raise NotImplementedError
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample input shape of every modality (of the first sample)."""
+        inputs, _ = self[0]
+        return {m: tuple(x.shape) for m, x in inputs.items()}
 
 
 @dataclass
-class TensorSplit:
-    """One split: ``inputs[m]`` is ``(N, ...)`` for each modality, ``labels`` is ``(N,)`` long."""
+class TensorSplit(Split):
+    """An in-memory split: ``inputs[m]`` is ``(N, ...)`` for each modality, ``labels`` is ``(N,)`` long."""
 
     inputs: dict[str, Tensor]
     labels: Tensor
@@ -37,44 +98,193 @@ class TensorSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __getitem__(self, key: int | SampleKey) -> Sample:
+        i = _index(key)
+        return {m: x[i] for m, x in self.inputs.items()}, int(self.labels[i])
+
+    def __getitems__(self, keys: Sequence[int | SampleKey]) -> Batched:
+        """A whole batch by tensor indexing (the ``DataLoader`` calls this instead of ``__getitem__``)."""
+        idx = torch.tensor([_index(k) for k in keys], dtype=torch.long)
+        return Batched({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx])
+
     def subset(self, index: Tensor) -> TensorSplit:
         """The rows ``index`` of this split."""
         return TensorSplit({m: x[index] for m, x in self.inputs.items()}, self.labels[index])
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        generator: torch.Generator | None = None,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str | None = None,
-    ) -> Iterator[tuple[Batch, Tensor]]:
-        """Yield ``(batch, labels)`` pairs; ``batch`` maps modality name to a tensor (plus ``"label"``).
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {m: tuple(x.shape[1:]) for m, x in self.inputs.items()}
 
-        Under DDP (``world_size > 1``) each rank takes every ``world_size``-th index of the same
-        permutation (the permutation is padded by wrapping so all ranks see equally many batches).
-        """
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, found {batch_size}.")
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:
-            total = -(-n // world_size) * world_size
-            order = torch.cat([order, order[: total - n]])[rank::world_size]
-        m = order.shape[0]
-        stop = m - m % batch_size if drop_last and m >= batch_size else m
-        for i in range(0, stop, batch_size):
-            idx = order[i : i + batch_size]
-            batch = {k: x[idx] for k, x in self.inputs.items()}
-            y = self.labels[idx]
-            if device is not None:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                y = y.to(device, non_blocking=True)
-            batch[LABEL_KEY] = y
-            yield batch, y
+
+Reader = Callable[[int, "torch.Generator | None"], dict[str, Tensor]]
+"""``reader(index, generator)`` returns one sample's inputs; ``generator`` is ``None`` in evaluation
+(deterministic transforms) and a per-sample seeded generator in training (random augmentation)."""
+
+
+@dataclass
+class FileSplit(Split):
+    """A split read from disk one sample at a time.
+
+    Attributes:
+        reader: ``reader(record_index, generator)`` -> the sample's inputs (see :data:`Reader`).
+        records: indices into the reader's records that belong to this split, in order.
+        labels: the label of each of ``records``.
+        train: whether this is a training split (random transforms, seeded per sample).
+        seed: seed of the random transforms.
+    """
+
+    reader: Reader
+    records: Tensor
+    labels: Tensor
+    train: bool = False
+    seed: int = 0
+
+    def __getitem__(self, key: int | SampleKey) -> Sample:
+        i = _index(key)
+        gen = None
+        if self.train:
+            epoch = key.epoch if isinstance(key, SampleKey) else 0
+            gen = sample_generator(self.seed, epoch, int(self.records[i]))
+        return self.reader(int(self.records[i]), gen), int(self.labels[i])
+
+    def subset(self, index: Tensor) -> FileSplit:
+        return FileSplit(self.reader, self.records[index], self.labels[index], self.train, self.seed)
+
+
+class Batched(NamedTuple):
+    """A batch already formed by a split's ``__getitems__`` (passed through :func:`collate`)."""
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+
+
+def collate(samples: Batched | list[Sample]) -> tuple[Batch, Tensor]:
+    """``(batch, labels)``: stacks per-sample inputs (or passes a :class:`Batched` through).
+
+    ``batch`` maps each modality to a ``(B, ...)`` tensor and also holds the labels under ``"label"``.
+    """
+    if isinstance(samples, Batched):
+        batch, labels = dict(samples.inputs), samples.labels
+    else:
+        if not samples:
+            raise ValueError("collate got an empty list of samples.")
+        names = list(samples[0][0])
+        batch = {m: torch.stack([s[0][m] for s in samples]) for m in names}
+        labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
+    batch[LABEL_KEY] = labels
+    return batch, labels
+
+
+class TrainSampler(Sampler[SampleKey]):
+    """A per-epoch shuffle sharded over ranks, yielding :class:`SampleKey` ``(index, epoch)``.
+
+    It shards as ``torch.utils.data.DistributedSampler`` does: the first pass of an epoch is
+    ``randperm(n)`` from a generator seeded ``seed + epoch``, padded by wrapping to a multiple of
+    ``world_size``, and rank r takes positions ``r, r + world_size, ...``. Unlike it, every further pass
+    in the same epoch draws a new order from the same generator (G-Blending trains model copies for
+    several passes over the epoch data). Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.num_replicas = n, int(seed), rank, world_size
+        self.num_samples = -(-n // world_size)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``: reseed the order's generator with ``seed + epoch``."""
+        self.epoch = int(epoch)
+        self._gen = torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        order = torch.randperm(self.n, generator=self._gen)
+        total = self.num_samples * self.num_replicas
+        order = torch.cat([order, order[: total - self.n]])[self.rank :: self.num_replicas]
+        return (SampleKey(int(i), self.epoch) for i in order.tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EvalSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every sample exactly once across ranks, in a fixed order."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed Python's and numpy's RNGs in a ``DataLoader`` worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How batches are loaded: workers, pinned memory, persistent workers, prefetching."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    prefetch_factor: int | None = None
+
+
+def make_loader(
+    split: Split,
+    batch_size: int,
+    *,
+    train: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    options: LoaderOptions = LoaderOptions(),  # noqa: B008 - frozen, immutable default
+    drop_last: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` over ``split`` yielding ``(batch, labels)`` (see :func:`collate`).
+
+    ``train=True`` shuffles per epoch with :class:`TrainSampler` (call ``loader.sampler.set_epoch(e)``)
+    and passes :class:`SampleKey` keys; otherwise the order is fixed and sharded by :class:`EvalSampler`
+    (never dropping the last batch). ``batch_size`` is per process.
+    """
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}.")
+    n = len(split)
+    sampler: Sampler = (
+        TrainSampler(n, seed=seed, rank=rank, world_size=world_size)
+        if train
+        else EvalSampler(n, rank=rank, world_size=world_size)
+    )
+    workers = options.num_workers
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"persistent_workers": options.persistent_workers, "worker_init_fn": _seed_worker}
+        if options.prefetch_factor is not None:
+            extra["prefetch_factor"] = options.prefetch_factor
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=options.pin_memory,
+        drop_last=drop_last and train,
+        generator=torch.Generator().manual_seed(int(seed)),
+        **extra,
+    )
+
+
+def default_workers() -> int:
+    """A sensible worker count for on-disk data: the CPUs this process may use, minus one, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
 
 
 @dataclass
@@ -88,13 +298,13 @@ class MultimodalDataset:
         modalities: modality names in order.
         default_encoders: builds fresh default encoders (``modality -> nn.Module`` with ``out_dim``).
         class_names: optional class names.
-        info: free-form provenance (source, licence, options used).
+        info: free-form provenance (source, licence, options used, rows skipped).
     """
 
     name: str
-    train: TensorSplit
-    val: TensorSplit
-    test: TensorSplit
+    train: Split
+    val: Split
+    test: Split
     num_classes: int
     modalities: list[str]
     default_encoders: Callable[[], dict[str, nn.Module]]
@@ -103,4 +313,14 @@ class MultimodalDataset:
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample input shape of every modality."""
-        return {m: tuple(self.train.inputs[m].shape[1:]) for m in self.modalities}
+        return self.train.input_shapes()
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether every split is a :class:`TensorSplit` (then workers bring nothing)."""
+        return all(isinstance(s, TensorSplit) for s in (self.train, self.val, self.test))
+
+
+def batch_to(batch: Mapping[str, Tensor], device: torch.device, non_blocking: bool = True) -> Batch:
+    """Move every tensor of a batch to ``device``."""
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}

@@ -377,3 +377,35 @@ class ResNet18(nn.Module):
         h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
         h = h.unflatten(0, (-1, frames))  # (B, T, C', h, w)
         return h.mean((1, 3, 4))
+
+
+@register_encoder("text_embedding")
+class TextEmbedding(nn.Module):
+    """A bag-of-embeddings text encoder for token ids ``(B, L)`` (long, id 0 = padding).
+
+    Embeds every token (``nn.Embedding(vocab_size, dim, padding_idx=0)``), averages over the non-padding
+    tokens (an all-padding row gives zeros), then ``Linear(dim, dim) + ReLU``; ``out_dim = dim``.
+
+    Args:
+        vocab_size: number of token ids (every id must be below it), e.g. a tokenizer's vocabulary size.
+        dim: embedding and feature size.
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 64) -> None:
+        super().__init__()
+        if vocab_size < 2 or dim < 1:
+            raise ValueError(
+                f"TextEmbedding needs vocab_size >= 2 and dim >= 1, found vocab_size={vocab_size}, dim={dim}."
+            )
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.vocab_size = vocab_size
+        self.out_dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, (2,), "(B, L) token ids", self)
+        if x.is_floating_point() or x.is_complex():
+            raise TypeError(f"TextEmbedding expects integer token ids, found dtype {x.dtype}.")
+        mask = (x != 0).unsqueeze(-1).to(self.embed.weight.dtype)
+        summed = (self.embed(x) * mask).sum(1)
+        return self.proj(summed / mask.sum(1).clamp_min(1.0))

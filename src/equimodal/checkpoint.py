@@ -1,0 +1,119 @@
+"""Checkpoints of a run: ``last.pt`` (to resume) and ``best.pt`` (the epoch selected on validation).
+
+Everything is written atomically by the main process; every process reads the same files to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What a run has done so far: one metrics row per epoch, the best epoch, the epoch times.
+
+    Attributes:
+        rows: the metrics row of every finished epoch.
+        best: ``{"epoch", "val_acc", "val_loss"}`` of the epoch selected so far (``epoch = -1``: none).
+        epoch_times: seconds of each finished epoch.
+        next_epoch: the first epoch still to run.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": -1, "val_acc": -math.inf, "val_loss": math.inf}
+    )
+    epoch_times: list[float] = field(default_factory=list)
+    next_epoch: int = 0
+
+    def improves(self, val_acc: float, val_loss: float) -> bool:
+        """Whether an epoch with these validation figures beats the best so far (accuracy, then loss)."""
+        best = self.best
+        return val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"])
+
+
+class Checkpointer:
+    """Saves and restores the training state of a run folder (``None``: keeps nothing on disk).
+
+    Args:
+        out: the run folder, or ``None``.
+        config: the resolved config as a plain dict; a checkpoint written with another config is not
+            resumed.
+        main: whether this process writes (rank 0).
+    """
+
+    def __init__(self, out: Path | None, config: dict[str, Any], main: bool) -> None:
+        self.out = out
+        self.config = config
+        self.main = main
+        self._best_in_memory: dict[str, Any] | None = None
+
+    @property
+    def last_path(self) -> Path | None:
+        return None if self.out is None else self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path | None:
+        return None if self.out is None else self.out / "best.pt"
+
+    def resume(self, parts: dict[str, Any], device: torch.device) -> Progress:
+        """Load ``last.pt`` into ``parts`` (objects with ``load_state_dict``) when it fits this config.
+
+        Returns the restored progress, or a fresh one when there is nothing to resume.
+        """
+        path = self.last_path
+        if path is None or not path.exists():
+            return Progress()
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        if ckpt.get("config") != self.config:
+            log.warning("Ignoring %s: it was written with another config", path)
+            return Progress()
+        for key, obj in parts.items():
+            if obj is not None and ckpt.get(key) is not None:
+                obj.load_state_dict(ckpt[key])
+        torch.set_rng_state(ckpt["rng"])
+        log.info("Resumed %s at epoch %d", self.out, ckpt["epoch"] + 1)
+        return Progress(
+            rows=ckpt["rows"], best=ckpt["best"], epoch_times=list(ckpt.get("epoch_times", [])),
+            next_epoch=ckpt["epoch"] + 1,
+        )  # fmt: skip
+
+    def save_last(self, parts: dict[str, Any], progress: Progress, epoch: int) -> None:
+        """Write ``last.pt``: every part's state, the progress and the RNG state, after ``epoch``."""
+        if self.last_path is None or not self.main:
+            return
+        state = {key: (obj.state_dict() if obj is not None else None) for key, obj in parts.items()}
+        state.update(
+            rows=progress.rows, epoch_times=progress.epoch_times, best=progress.best, epoch=epoch,
+            rng=torch.get_rng_state(), config=self.config,
+        )  # fmt: skip
+        atomic_torch_save(state, self.last_path)
+
+    def save_best(self, model: torch.nn.Module, balancer: Any, epoch: int) -> None:
+        """Keep the selected epoch's model and balancer state (in memory, and in ``best.pt``)."""
+        self._best_in_memory = {
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "balancer": balancer.state_dict(),
+            "epoch": epoch,
+        }
+        if self.best_path is not None and self.main:
+            atomic_torch_save({**self._best_in_memory, "config": self.config}, self.best_path)
+
+    def load_best(self, model: torch.nn.Module, balancer: Any, device: torch.device) -> None:
+        """Restore the selected epoch (from memory, or from ``best.pt`` after a resume)."""
+        best = self._best_in_memory
+        if best is None and self.best_path is not None and self.best_path.exists():
+            best = torch.load(self.best_path, map_location=device, weights_only=False)
+        if best is not None:
+            model.load_state_dict(best["model"])
+            balancer.load_state_dict(best["balancer"])
