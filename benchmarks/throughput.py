@@ -9,20 +9,23 @@ process, so machine noise hits both alike. The hand-written loop is the README's
 
 and equimodal's is :class:`equimodal.fitting.EpochFitter` (what ``equimodal train`` runs each epoch: it
 also moves batches to the device, runs autocast and the GradScaler when enabled, and averages the
-balancer's statistics every step). Printed per workload: samples per second of each, their ratio
-(goal: at least 0.97), and the data-loading share of the hand-written loop's epoch (time spent waiting
+balancer's statistics every step). Printed per workload: samples per second of each (medians), the median
+and quartiles of the ratio of adjacent epochs (pairing cancels the machine's slow drifts; goal: at least
+0.97), and the data-loading share of the hand-written loop's epoch (time spent waiting
 for the next batch over the epoch's time).
 
 Workloads:
 
-- ``memory``: an in-memory :class:`~equimodal.data.base.TensorSplit` (1024 samples of a 13x32 sequence
+- ``memory``: an in-memory :class:`~equimodal.data.base.TensorSplit` (512 samples of a 13x32 sequence
   and a 1x32x32 image; conv1d + cnn encoders);
+- ``overhead``: a tiny MLP pair (about 1 ms a step), to show the fitter's own cost per step in
+  microseconds (it moves batches to the device and averages the balancer's statistics);
 - ``disk``: a manifest of on-disk ``.npy`` (13x32), ``.wav`` (0.5 s at 16 kHz, as a log-spectrogram)
-  and ``.png`` (32x32 grey) files written by this script (384 samples), loaded by the ``manifest``
+  and ``.png`` (32x32 grey) files written by this script (256 samples), loaded by the ``manifest``
   dataset with 0 and 2 ``DataLoader`` workers.
 
 Run:
-    python benchmarks/throughput.py                # 5 rounds (a few minutes on 2 cores)
+    python benchmarks/throughput.py                # 20 rounds (about 10 minutes on 2 cores)
     python benchmarks/throughput.py --quick        # 1 round: a sanity run
 """
 
@@ -51,7 +54,7 @@ def memory_encoders() -> dict[str, torch.nn.Module]:
     return {"audio": create_encoder("conv1d", in_channels=13), "image": create_encoder("cnn", in_channels=1)}
 
 
-def memory_split(n: int = 1024) -> TensorSplit:
+def memory_split(n: int = 512) -> TensorSplit:
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (n,), generator=g)
     inputs = {
@@ -61,7 +64,7 @@ def memory_split(n: int = 1024) -> TensorSplit:
     return TensorSplit(inputs, y)
 
 
-def disk_manifest(root: Path, n: int = 384) -> Path:
+def disk_manifest(root: Path, n: int = 256) -> Path:
     """Write ``n`` samples of npy / wav / png files and their manifest; returns the manifest's path."""
     import soundfile
     from PIL import Image
@@ -132,34 +135,59 @@ def measure(
         loader = make_loader(split, 32, train=True, seed=1, options=opts)
         hand_written_epoch(model, balancer, optimizer, loader, 0)  # warm-up (workers start, caches fill)
         fitter_epoch(model, balancer, optimizer, loader, 0)
-        hand, ours, share = [], [], []
-        for r in range(rounds):
-            for fn, store in ((hand_written_epoch, hand), (fitter_epoch, ours))[:: 1 if r % 2 == 0 else -1]:
+        hand, ours, ratios, share = [], [], [], []
+        for r in range(rounds):  # adjacent epochs of the two loops, in alternating order: paired ratios
+            speed = {}
+            for fn in (hand_written_epoch, fitter_epoch)[:: 1 if r % 2 == 0 else -1]:
                 seconds, waited, samples = fn(model, balancer, optimizer, loader, r + 1)
-                store.append(samples / seconds)
+                speed[fn] = samples / seconds
                 if fn is hand_written_epoch:
                     share.append(waited / seconds)
-        h, o = statistics.median(hand), statistics.median(ours)
-        rows.append(
-            (
-                label,
-                str(workers),
-                name,
-                f"{h:.0f}",
-                f"{o:.0f}",
-                f"{o / h:.3f}",
-                f"{100 * statistics.median(share):.1f}%",
-            )
-        )
+            hand.append(speed[hand_written_epoch])
+            ours.append(speed[fitter_epoch])
+            ratios.append(speed[fitter_epoch] / speed[hand_written_epoch])
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        rows.append((
+            label, str(workers), name, f"{statistics.median(hand):.0f}", f"{statistics.median(ours):.0f}",
+            f"{statistics.median(ratios):.3f} [{q1:.3f}, {q3:.3f}]", f"{100 * statistics.median(share):.1f}%",
+        ))  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
     return rows
+
+
+def overhead_per_step(rounds: int) -> None:
+    """The fitter's own cost per step, in microseconds: both loops on a tiny MLP pair (about 1 ms a step)."""
+    g = torch.Generator().manual_seed(0)
+    n = 2048
+    split = TensorSplit(
+        {m: torch.randn(n, 8, generator=g) for m in ("a", "b")}, torch.randint(0, 3, (n,), generator=g)
+    )
+    for name in BALANCERS:
+        encoders = {m: create_encoder("mlp", in_dim=8, hidden=(8,)) for m in ("a", "b")}
+        model = em.MultimodalClassifier(encoders, 3, validate_inputs=False)
+        balancer = em.create_balancer(name, model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = make_loader(split, 32, train=True, seed=1)
+        hand_written_epoch(model, balancer, optimizer, loader, 0)
+        fitter_epoch(model, balancer, optimizer, loader, 0)
+        diffs, step = [], []
+        for r in range(max(rounds, 5)):
+            a = hand_written_epoch(model, balancer, optimizer, loader, r)[0]
+            b = fitter_epoch(model, balancer, optimizer, loader, r)[0]
+            diffs.append((b - a) / len(loader) * 1e6)
+            step.append(a / len(loader) * 1e3)
+        print(
+            f"overhead | 0 | {name} | hand-written step {statistics.median(step):.2f} ms | equimodal adds "
+            f"{statistics.median(diffs):.0f} us per step (median of paired epochs)",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5, help="timed epochs of each loop")
+    parser.add_argument("--rounds", type=int, default=20, help="timed epochs of each loop")
     parser.add_argument("--quick", action="store_true", help="1 round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model")
     args = parser.parse_args()
@@ -167,9 +195,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} round(s), batch 32, CPU")
     print(
-        "workload | workers | balancer | hand-written samples/s | equimodal samples/s | ratio | data-loading share"
+        "workload | workers | balancer | hand-written samples/s | equimodal samples/s | "
+        "ratio, median of paired epochs [quartiles] | data-loading share"
     )
     rows = []
+    overhead_per_step(rounds)
     rows += measure("memory", memory_split(), memory_encoders, 10, rounds, 0)
     with tempfile.TemporaryDirectory() as tmp:
         path = disk_manifest(Path(tmp))

@@ -10,6 +10,7 @@ Two step functions exist, picked from ``balancer.requirements`` when the fitter 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,13 +57,17 @@ class TwoCallSteps:
 
     def __init__(self, ctx: StepContext, meter: StatsMeter) -> None:
         self.ctx, self.meter, self.micro = ctx, meter, 0
+        # Chosen once: without AMP neither autocast nor the (disabled) scaler runs per step.
+        amp = ctx.use_amp
+        self.autocast = (lambda: torch.autocast(ctx.device.type)) if amp else contextlib.nullcontext
+        self.scale = ctx.scaler.scale if amp else (lambda loss: loss)
 
     def micro_step(self, batch: Batch, y: Tensor) -> Tensor:
         """Forward, loss and backward of one micro-batch; steps the optimizer when the group is full."""
         c = self.ctx
-        with torch.autocast(c.device.type, enabled=c.use_amp):
+        with self.autocast():
             loss = c.balancer.loss(c.train_model(batch), y, batch=batch)
-        c.scaler.scale(loss / c.grad_accum).backward()
+        self.scale(loss / c.grad_accum if c.grad_accum > 1 else loss).backward()
         self.micro += 1
         if self.micro == c.grad_accum:
             self._optimizer_step()
