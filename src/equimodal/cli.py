@@ -79,6 +79,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: value}`` with YAML-parsed values (numbers, booleans, lists)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"Option {item!r} must look like key=value (e.g. workers=4).")
+        key, raw = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return options
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    info = prepare(args.dataset, args.raw, args.out, workers=args.workers, **parse_options(args.set))
+    counts = ", ".join(f"{n} {s}" for s, n in info["counts"].items())
+    print(f"Prepared {args.dataset} into {args.out}: {counts} ({len(info['classes'])} classes).")
+    skipped = info.get("skipped") or []
+    if skipped:
+        print(f"{len(skipped)} unusable input(s) were skipped (all listed in {args.out}/prepare.json):")
+        for s in skipped[:10]:
+            print(f"  {s['clip']}: {s['reason']}")
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more")
+    print(f"Train on it: equimodal train {args.dataset} --set data.options.root={args.out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
@@ -134,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     c.add_argument("--threads", type=int, default=1, help="torch threads per run")
     c.set_defaults(func=cmd_compare)
+    pr = sub.add_parser("prepare", help="turn a dataset's raw download into the layout its loader reads")
+    pr.add_argument("dataset", help="cremad, kinetics_sounds, sarcasm, twitter15 or nvgesture")
+    pr.add_argument("--raw", required=True, help="the folder holding the raw download (see README)")
+    pr.add_argument("--out", required=True, help="the prepared folder to write (resumable)")
+    pr.add_argument("--workers", type=int, help="worker processes (default: the CPUs available)")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="a preparer option (repeatable)")
+    pr.set_defaults(func=cmd_prepare)
     r = sub.add_parser("report", help="plot learning curves of run folders (RUN/curves.png)")
     r.add_argument("runs", nargs="+", help="run folders written by `equimodal train --out`")
     r.add_argument("--out", help="output PNG (only with a single run)")
@@ -149,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
         if args.verbose:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)

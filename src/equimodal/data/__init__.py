@@ -43,3 +43,6 @@ __all__ = [
     "split_from_assignment",
     "stratified_split",
 ]
+
+# The paper's datasets, read from folders written by `equimodal prepare` (importing registers them).
+from . import cremad, kinetics_sounds, nvgesture, sarcasm, twitter15  # noqa: E402,F401

@@ -14,3 +14,6 @@ __all__ = [
     "register_encoder",
     "register_fusion",
 ]
+
+# Encoders of the paper's workloads (importing registers them; bert needs the optional transformers).
+from . import bert, i3d, resnet50  # noqa: E402,F401

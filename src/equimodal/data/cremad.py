@@ -1,0 +1,1 @@
+"""Placeholder: the cremad loader is being written."""

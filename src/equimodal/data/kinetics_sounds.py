@@ -1,0 +1,1 @@
+"""Placeholder: the kinetics_sounds loader is being written."""

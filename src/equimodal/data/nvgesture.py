@@ -1,0 +1,1 @@
+"""Placeholder: the nvgesture loader is being written."""

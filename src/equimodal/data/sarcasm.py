@@ -1,0 +1,1 @@
+"""Placeholder: the sarcasm loader is being written."""

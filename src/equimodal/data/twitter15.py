@@ -1,0 +1,1 @@
+"""Placeholder: the twitter15 loader is being written."""

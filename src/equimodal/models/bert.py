@@ -1,0 +1,1 @@
+"""Placeholder: the bert encoder is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the i3d encoder is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the resnet50 encoder is being written."""

@@ -1,0 +1,287 @@
+"""The machinery every ``equimodal prepare <dataset>`` command shares.
+
+A preparer turns a dataset's raw download into the *prepared layout* that its loader reads:
+
+    OUT/
+      manifest.csv     label, split, and one column per modality (paths relative to OUT)
+      prepare.json     dataset, layout version, options, counts per split, what was skipped and why
+      splits/          train.txt, val.txt, test.txt: the clip ids of each split (saved with the data)
+      <files>          one output per clip and modality (npy arrays, jpg frames, txt), written atomically
+
+Work is a list of :class:`Item` (one clip: its inputs and the outputs it writes) run by :func:`run_items`:
+in parallel over worker processes, with a progress bar on a terminal (a log line every few percent
+otherwise), resumable (an item whose outputs all exist is skipped), atomic (every output goes through a
+temporary file and a rename), and fault-tolerant: an input that is missing, unreadable or corrupt makes
+its item fail with a :class:`PrepareError` naming the file; the item is skipped and listed in the final
+report, never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+
+
+class PrepareError(ValueError):
+    """A raw input that cannot be used; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of preparation work (usually a clip).
+
+    Attributes:
+        key: the clip id (used in reports and split lists).
+        inputs: the raw files it reads (named in reports).
+        outputs: the files it writes, relative to the output folder; when all exist it is skipped.
+        args: whatever the work function needs besides the item.
+    """
+
+    key: str
+    inputs: tuple[Path, ...]
+    outputs: tuple[str, ...]
+    args: tuple[Any, ...] = ()
+
+
+@dataclass
+class Report:
+    """What :func:`run_items` did: items done, found finished, and failed (with the reason)."""
+
+    done: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> list[str]:
+        """Keys of the items whose outputs exist now (done in this run or before)."""
+        return self.existing + self.done
+
+    def summary(self) -> str:
+        rate = f", {len(self.done) / self.seconds:.1f} items/s" if self.seconds and self.done else ""
+        return (
+            f"{len(self.done)} prepared, {len(self.existing)} already there, {len(self.failed)} skipped "
+            f"as unusable ({self.seconds:.1f} s{rate})"
+        )
+
+
+def _finished(item: Item, out: Path) -> bool:
+    return all((out / o).exists() for o in item.outputs)
+
+
+def _run_one(work: Callable[[Item, Path], None], item: Item, out: Path) -> tuple[str, str | None]:
+    """Run one item; returns ``(key, None)`` or ``(key, reason)``. Every failure is caught here."""
+    try:
+        work(item, out)
+        return item.key, None
+    except (PrepareError, OSError, ValueError, EOFError) as err:
+        return item.key, str(err) or type(err).__name__
+    except Exception as err:  # decoders raise their own types (av.error.*, PIL, soundfile): report them
+        last = traceback.extract_tb(err.__traceback__)[-1:]
+        where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
+        return item.key, f"{type(err).__name__}: {err}{where}"
+
+
+class _Progress:
+    """A rich progress bar on a terminal; otherwise a log line about every 5 % (one line per N items)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.count = total, desc, 0
+        self.every = max(1, total // 20)
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task(desc, total=total)
+            self.bar.start()
+
+    def advance(self) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1)
+        elif self.count % self.every == 0 or self.count == self.total:
+            log.warning("%s: %d / %d", self.desc, self.count, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_items(
+    items: Sequence[Item], work: Callable[[Item, Path], None], out: Path, *, workers: int = 1, desc: str = ""
+) -> Report:
+    """Run ``work(item, out)`` for every unfinished item, in ``workers`` processes; never raises for an item.
+
+    ``work`` must be a module-level function (it is sent to worker processes) that writes the item's
+    outputs atomically (see :func:`save_npy`, :func:`save_jpeg`, :func:`save_text`).
+    """
+    report = Report()
+    todo = []
+    for item in items:
+        if _finished(item, out):
+            report.existing.append(item.key)
+        else:
+            todo.append(item)
+    progress = _Progress(len(todo), desc or "prepare")
+    inputs = {i.key: i.inputs for i in todo}
+    tic = time.perf_counter()
+
+    def record(key: str, reason: str | None) -> None:
+        if reason is None:
+            report.done.append(key)
+        else:
+            files = ", ".join(str(p) for p in inputs.get(key, ()))
+            report.failed.append({"clip": key, "files": files, "reason": reason})
+        progress.advance()
+
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_run_one, work, item, out) for item in todo]
+                for future in as_completed(futures):
+                    record(*future.result())
+        else:
+            for item in todo:
+                record(*_run_one(work, item, out))
+    finally:
+        progress.close()
+    report.seconds = time.perf_counter() - tic
+    report.done.sort()
+    report.failed.sort(key=lambda f: f["clip"])
+    return report
+
+
+# --------------------------------------------------------------------------------- atomic outputs
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and an atomic rename."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def save_jpeg(path: Path, image: np.ndarray, quality: int = 90) -> None:
+    """Save an ``(H, W, 3)`` or ``(H, W)`` uint8 array as JPEG, atomically (needs Pillow)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def save_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    _atomic_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------- the layout
+def write_split_lists(out: Path, splits: dict[str, Sequence[str]]) -> None:
+    """``OUT/splits/{train,val,test}.txt``: one clip id per line."""
+    for name, keys in splits.items():
+        atomic_write_text(out / "splits" / f"{name}.txt", "".join(f"{k}\n" for k in keys))
+
+
+def write_layout(
+    out: Path,
+    dataset: str,
+    rows: Iterable[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    options: dict[str, Any],
+    report: Report,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``manifest.csv`` (``label``, ``split`` and ``columns``) and ``prepare.json``; returns the info.
+
+    Args:
+        rows: one mapping per prepared clip with ``key``, ``label``, ``split`` and every column.
+        columns: the modality columns, in order.
+        options: the preparer's resolved options (recorded).
+        report: what :func:`run_items` did (its failures are recorded as skipped inputs).
+        extra: further facts (source version, split protocol, ...).
+    """
+    rows = list(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["key", "label", "split", *columns], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "manifest.csv", buf.getvalue())
+    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    info = {
+        "dataset": dataset,
+        "layout_version": LAYOUT_VERSION,
+        "counts": counts,
+        "classes": sorted({str(r["label"]) for r in rows}),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "skipped": report.failed,
+        **(extra or {}),
+    }
+    atomic_write_text(out / "prepare.json", json.dumps(info, indent=2))
+    return info
+
+
+def read_layout(root: Path, dataset: str) -> tuple[Path, dict[str, Any]]:
+    """The manifest and ``prepare.json`` info of a prepared folder, checked against ``dataset``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a prepared folder (names the prepare command).
+        ValueError: it holds another dataset or another layout version.
+    """
+    root = Path(root).expanduser()
+    manifest, info_path = root / "manifest.csv", root / "prepare.json"
+    if not manifest.is_file() or not info_path.is_file():
+        raise FileNotFoundError(
+            f"{str(root)!r} is not a prepared {dataset} folder (no manifest.csv / prepare.json). Run "
+            f"`equimodal prepare {dataset} --raw <download folder> --out {root}` first, then pass "
+            f"--set data.options.root={root}."
+        )
+    info = json.loads(info_path.read_text())
+    if info.get("dataset") != dataset:
+        raise ValueError(
+            f"{str(root)!r} holds a prepared {info.get('dataset')!r} dataset, not {dataset!r}; point "
+            f"data.options.root at the output of `equimodal prepare {dataset}`."
+        )
+    if info.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(
+            f"{str(root)!r} was prepared with layout version {info.get('layout_version')}, this equimodal reads "
+            f"version {LAYOUT_VERSION}: rerun `equimodal prepare {dataset}` into a new folder."
+        )
+    return manifest, info
+
+
+def default_workers() -> int:
+    """Worker processes for preparation: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)

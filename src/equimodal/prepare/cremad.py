@@ -1,0 +1,1 @@
+"""Placeholder: the cremad preparer is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the kinetics_sounds preparer is being written."""

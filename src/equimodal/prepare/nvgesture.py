@@ -1,0 +1,1 @@
+"""Placeholder: the nvgesture preparer is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the sarcasm preparer is being written."""
