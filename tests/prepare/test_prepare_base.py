@@ -1,0 +1,138 @@
+"""The machinery shared by every preparer: parallel resumable work, reports, atomic outputs, the layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from equimodal.cli import main
+from equimodal.prepare import PREPARERS, prepare, register_preparer
+from equimodal.prepare.base import (
+    Item,
+    PrepareError,
+    Report,
+    read_layout,
+    run_items,
+    save_npy,
+    write_layout,
+    write_split_lists,
+)
+
+
+def _square(item: Item, out: Path) -> None:
+    """A work function: item.args[0] squared into its output; negative values are 'corrupt inputs'."""
+    (value,) = item.args
+    if value < 0:
+        raise PrepareError(f"input {item.inputs[0]} is corrupt")
+    if value == 13:
+        raise RuntimeError("a decoder's own exception type")
+    save_npy(out / item.outputs[0], np.array([value * value]))
+
+
+def _items(values: list[int]) -> list[Item]:
+    return [Item(f"c{v}", (Path(f"raw/c{v}.wav"),), (f"sq/c{v}.npy",), (v,)) for v in values]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_items_reports_failures_and_resumes(tmp_path: Path, workers: int) -> None:
+    report = run_items(_items([1, 2, -3, 13, 4]), _square, tmp_path, workers=workers)
+    assert report.done == ["c1", "c2", "c4"] and report.existing == []
+    reasons = {f["clip"]: f for f in report.failed}
+    assert (
+        reasons["c-3"]["reason"] == "input raw/c-3.wav is corrupt"
+        and reasons["c-3"]["files"] == "raw/c-3.wav"
+    )
+    assert reasons["c13"]["reason"].startswith("RuntimeError: a decoder's own exception type")
+    assert int(np.load(tmp_path / "sq" / "c4.npy")[0]) == 16
+    (tmp_path / "sq" / "c2.npy").unlink()
+    again = run_items(_items([1, 2, 4]), _square, tmp_path, workers=workers)
+    assert again.done == ["c2"] and sorted(again.existing) == ["c1", "c4"]
+    assert not list((tmp_path / "sq").glob(".*tmp"))  # no temporary files left behind
+
+
+def test_layout_round_trip_and_errors(tmp_path: Path) -> None:
+    rows = [
+        {"key": "a", "label": "x", "split": "train", "m": "m/a.npy"},
+        {"key": "b", "label": "y", "split": "test", "m": "m/b.npy"},
+    ]
+    info = write_layout(tmp_path, "toy", rows, ["m"], options={"seed": 0, "path": tmp_path}, report=Report())
+    write_split_lists(tmp_path, {"train": ["a"], "test": ["b"]})
+    assert info["counts"] == {"train": 1, "val": 0, "test": 1} and info["classes"] == ["x", "y"]
+    manifest, read = read_layout(tmp_path, "toy")
+    assert manifest.read_text().splitlines()[0] == "key,label,split,m" and read == json.loads(
+        json.dumps(info)
+    )
+    assert (tmp_path / "splits" / "test.txt").read_text() == "b\n"
+    with pytest.raises(ValueError, match="holds a prepared 'toy' dataset, not 'cremad'"):
+        read_layout(tmp_path, "cremad")
+    with pytest.raises(
+        FileNotFoundError, match=r"Run `equimodal prepare cremad --raw <download folder> --out"
+    ):
+        read_layout(tmp_path / "nothing", "cremad")
+
+
+def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = PREPARERS._items
+    saved = dict(registry)
+    try:
+
+        @register_preparer("toy_prepare")
+        def toy(raw: Path, out: Path, *, workers: int, level: int = 1) -> dict:
+            report = run_items(_items([level, -1]), _square, out, workers=workers)
+            rows = [{"key": k, "label": "a", "split": "train", "m": f"sq/{k}.npy"} for k in report.ok]
+            return write_layout(out, "toy_prepare", rows, ["m"], options={"level": level}, report=report)
+
+        assert (
+            main(["prepare", "toy_prepare", "--raw", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+            == 2
+        )
+        assert "No raw toy_prepare folder at" in " ".join(capsys.readouterr().err.split())
+        assert (
+            main(
+                [
+                    "prepare",
+                    "toy_prepare",
+                    "--raw",
+                    str(tmp_path),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--set",
+                    "levle=2",
+                ]
+            )
+            == 2
+        )
+        assert "Did you mean 'level'" in " ".join(capsys.readouterr().err.split())
+        assert (
+            main(
+                [
+                    "prepare",
+                    "toy_prepare",
+                    "--raw",
+                    str(tmp_path),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--set",
+                    "level=3",
+                    "--workers",
+                    "1",
+                ]
+            )
+            == 0
+        )
+        printed = capsys.readouterr().out
+        assert (
+            "1 unusable input(s) were skipped" in printed and "c-1: input raw/c-1.wav is corrupt" in printed
+        )
+        assert (
+            prepare("toy_prepare", tmp_path, tmp_path / "o", workers=1, level=3)["skipped"][0]["clip"]
+            == "c-1"
+        )
+        with pytest.raises(ValueError, match="Unknown preparer 'toy_prepar'. Did you mean 'toy_prepare'"):
+            prepare("toy_prepar", tmp_path, tmp_path / "o")
+    finally:
+        registry.clear()
+        registry.update(saved)
