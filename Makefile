@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+test-slow: venv  # the marked heavier tests (full-size dataset presets, full-width I3D): about a minute
+	$(PY) -m pytest -q -m slow
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks tools

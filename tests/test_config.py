@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from equimodal.config import Config, config_from_dict, config_to_dict, list_presets, load_config
@@ -66,7 +68,27 @@ def test_option_dicts_read_scientific_notation_as_numbers(tmp_path) -> None:
         load_config(None, ["train.epochs=inf"])
 
 
-@pytest.mark.parametrize("preset", list_presets())
+def _needs_prepared_folder(preset: str) -> bool:
+    from equimodal.data.registry import dataset_options
+
+    return "root" in dataset_options(load_config(preset).data.name)
+
+
+IN_PACKAGE = [p for p in list_presets() if not _needs_prepared_folder(p)]
+ON_DISK = [p for p in list_presets() if _needs_prepared_folder(p)]
+
+
+def test_every_on_disk_preset_has_a_tiny_variant_trained_by_its_dataset_tests() -> None:
+    """Presets of the paper's datasets need a prepared folder: tests/prepare/ trains each one's -tiny variant."""
+    tests = [p.read_text() for p in (Path(__file__).parent / "prepare").glob("test_*.py")]
+    full = [p for p in ON_DISK if not p.endswith("-tiny")]
+    assert sorted(full) == ["cremad", "kinetics_sounds", "nvgesture", "sarcasm", "twitter15"]
+    for preset in full:
+        assert f"{preset}-tiny" in ON_DISK, preset
+        assert any(f'"{preset}' in t and '-tiny"' in t and '"train"' in t for t in tests), preset
+
+
+@pytest.mark.parametrize("preset", IN_PACKAGE)
 def test_every_shipped_preset_trains_one_epoch(preset: str) -> None:
     from equimodal.train import train
 

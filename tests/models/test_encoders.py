@@ -26,8 +26,15 @@ CASES: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "avd_image": ({}, (1, 8, 8)),
     "avd_audio": ({}, (13, 32)),
     "text_embedding": ({"vocab_size": 11, "dim": 8}, (5,)),
-}
-TOKEN_INPUTS = {"text_embedding"}  # these take integer token ids, not floats
+    "i3d": ({"in_channels": 2, "width_multiplier": 0.0625}, (2, 4, 16, 16)),
+    "resnet50": ({"out_dim": 8}, (3, 32, 32)),
+    "bert": (
+        {"config": {"vocab_size": 11, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "intermediate_size": 16, "max_position_embeddings": 16}, "out_dim": 6},
+        (5,),
+    ),
+}  # fmt: skip
+TOKEN_INPUTS = {"text_embedding", "bert"}  # these take integer token ids, not floats
 
 
 def sample_input(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -222,7 +229,7 @@ def test_bad_inputs_and_options() -> None:
 
 
 def test_unknown_encoder_name_suggests_close_matches() -> None:
-    with pytest.raises(ValueError, match=r"Unknown encoder 'resnet'.*Did you mean 'resnet18'") as info:
+    with pytest.raises(ValueError, match=r"Unknown encoder 'resnet'.*Did you mean .*'resnet18'") as info:
         create_encoder("resnet")
     assert "transformer" in str(info.value)  # the valid list
 

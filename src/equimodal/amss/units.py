@@ -11,6 +11,12 @@ module                          unit                                       sampl
                                 of q, k, v (``in_proj_weight`` or the       ``out_proj`` one group
                                 separate ``q/k/v_proj_weight``); ``E/H``
                                 consecutive *columns* of ``out_proj``
+transformers-style attention    a head: ``d_head`` consecutive rows of     q, k and v each one group;
+(Linear children ``query/key/   each of q, k, v; ``d_head`` consecutive    the output projection one
+value``, ``q_proj/k_proj/       *columns* of the output projection         group
+v_proj``, ``q_lin/...``,        (a child ``out_proj/o_proj/out_lin/o/
+``q/k/v``, plus a head count    dense``, or the sibling ``output.dense``
+or head size attribute)         of BERT-style ``BertAttention``)
 ``Linear`` declared a head      ``out/H`` consecutive rows (``"rows"``:    the whole tensor
 projection                      q, k, v) or ``in/H`` columns (``"cols"``:
                                 the output projection)
@@ -27,6 +33,15 @@ the encoder has no convolution or attention units (``linear_rows="auto"``), so R
 encoders follow the code (no FFN or projection masking) while MLP encoders still have units. The first
 convolution of an encoder is *not* skipped implicitly: guessing a stem from module order is the kind of
 heuristic the library avoids; mark it ``amss_skip`` or pass it in ``exclude``.
+
+Transformers attention is found by structure, not by class name: a module with ``nn.Linear``
+children named as one of the q/k/v triples above and an int ``num_attention_heads`` / ``num_heads`` /
+``n_heads`` (or ``config.num_attention_heads``) or head size ``attention_head_size`` / ``head_dim`` /
+``key_value_proj_dim`` (BERT, RoBERTa, ViT, BART, CLIP, T5, DistilBERT, LLaMA, ...). The head size
+``d_head`` splits every projection, so grouped-query k/v projections get fewer heads than q. This is
+how the official text-image code masks BERT (q/k/v rows and ``attention.output.dense`` columns per
+head); BERT's FFN, embeddings, pooler and LayerNorms are not masked (``linear_rows="auto"``). GPT-2's
+fused ``Conv1D`` projection is not recognised: declare it with ``heads`` if needed.
 
 Selection API for a user's own model: ``include`` / ``exclude`` (a callable ``(name, module) -> bool``
 or a collection of modules), ``heads`` (``{linear_module: (num_heads, "rows" | "cols")}``, or the
@@ -247,6 +262,152 @@ def _mha_units(name: str, mha: nn.MultiheadAttention, modality: str) -> list[Uni
     return out
 
 
+# ----------------------------------------------------------------------- transformers-style attention
+QKV_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("query", "key", "value"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("q", "k", "v"),
+)
+"""Names of the q/k/v ``Linear`` children of transformers' attention modules (BERT, BART/LLaMA, DistilBERT, T5)."""
+OUT_NAMES = ("out_proj", "o_proj", "out_lin", "o", "dense")
+"""Names of an output projection held by the attention module itself."""
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "key_value_proj_dim")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionSpec:
+    """The projections of a transformers-style attention module, found by :func:`attention_spec`.
+
+    Attributes:
+        qkv: ``(child name, Linear)`` of the query, key and value projections.
+        out: the output projection when the module holds it (``out_proj``, ``o_proj``, ...), else ``None``.
+        head_size: rows of q/k/v (columns of the output projection) per head.
+    """
+
+    qkv: tuple[tuple[str, nn.Linear], ...]
+    out: tuple[str, nn.Linear] | None
+    head_size: int
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _head_size(module: nn.Module, width: int) -> int | None:
+    """Head size from the module's attributes: a head size, else ``width / head count``; ``None``: neither."""
+    for attr in HEAD_SIZE_ATTRS:
+        size = _positive_int(getattr(module, attr, None))
+        if size is not None:
+            return size
+    config = getattr(module, "config", None)
+    counts = [getattr(module, a, None) for a in HEAD_COUNT_ATTRS]
+    counts.append(getattr(config, "num_attention_heads", None))
+    heads = next((h for h in map(_positive_int, counts) if h is not None), None)
+    if heads is None:
+        return None
+    if width % heads:
+        raise ValueError(
+            f"{type(module).__name__}: {heads} attention heads do not divide the query width {width}. Exclude "
+            "the module (exclude=[module]) or declare its heads (heads={linear: (num_heads, 'rows')})."
+        )
+    return width // heads
+
+
+def attention_spec(module: nn.Module) -> AttentionSpec | None:
+    """The q/k/v (and output) projections of a transformers-style attention module, or ``None``.
+
+    A module qualifies when it has ``nn.Linear`` children named as one of :data:`QKV_NAMES` and a head
+    count or head size attribute (:data:`HEAD_COUNT_ATTRS`, :data:`HEAD_SIZE_ATTRS`, or
+    ``config.num_attention_heads``), as ``BertSelfAttention`` (``query``/``key``/``value``,
+    ``num_attention_heads``) or ``BartAttention`` (``q_proj``/..., ``num_heads``) have.
+
+    Raises:
+        ValueError: the head size does not divide a projection.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return None
+    children = dict(module.named_children())
+    for names in QKV_NAMES:
+        linears = [children.get(n) for n in names]
+        if all(isinstance(lin, nn.Linear) for lin in linears):
+            break
+    else:
+        return None
+    qkv = tuple(zip(names, linears, strict=True))
+    size = _head_size(module, qkv[0][1].out_features)
+    if size is None:
+        return None
+    out = next(((n, children[n]) for n in OUT_NAMES if isinstance(children.get(n), nn.Linear)), None)
+    widths = [(n, lin.out_features) for n, lin in qkv] + ([(out[0], out[1].in_features)] if out else [])
+    bad = [(n, w) for n, w in widths if w % size]
+    if bad:
+        raise ValueError(
+            f"{type(module).__name__}: head size {size} does not divide the width of {bad} (expected multiples "
+            f"of {size}). Exclude the module (exclude=[module]) or declare its heads with heads=..."
+        )
+    return AttentionSpec(qkv, out, size)  # type: ignore[arg-type]
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or getattr(module, "amss_heads", None) is not None
+        or attention_spec(module) is not None
+    )
+
+
+def _sibling_outputs(visited: Sequence[tuple[str, nn.Module]]) -> dict[int, int]:
+    """``id(Linear) -> head size`` of BERT-style output projections: the ``output.dense`` next to attention.
+
+    In ``BertAttention`` (and ViT's, RoBERTa's, ...) the self-attention module holds q/k/v and its sibling
+    ``output`` (``BertSelfOutput``) holds the output projection ``dense``. Only visited (not skipped or
+    excluded) attention modules count; the FFN's ``BertOutput.dense`` is never next to one.
+    """
+    ids = {id(m) for _, m in visited}
+    found: dict[int, int] = {}
+    for _, module in visited:
+        children = dict(module.named_children())
+        output = children.get("output")
+        dense = getattr(output, "dense", None) if output is not None else None
+        if not isinstance(dense, nn.Linear):
+            continue
+        for child_name, child in children.items():
+            spec = attention_spec(child) if child_name != "output" and id(child) in ids else None
+            if spec is not None and spec.out is None and dense.in_features == spec.qkv[0][1].out_features:
+                found[id(dense)] = spec.head_size
+    return found
+
+
+def _attention_units(
+    name: str,
+    spec: AttentionSpec,
+    modality: str,
+    heads: Mapping[nn.Module, tuple[int, str]] | None,
+    exclude: Callable[[str, nn.Module], bool] | None,
+) -> list[UnitTensor]:
+    """Head rows of q, k and v (each its own group) and head columns of a held output projection."""
+    parts = [(n, lin, "head_rows") for n, lin in spec.qkv]
+    parts += [(spec.out[0], spec.out[1], "head_cols")] if spec.out is not None else []
+    out: list[UnitTensor] = []
+    for child_name, linear, kind in parts:
+        full = f"{name}.{child_name}" if name else child_name
+        if getattr(linear, "amss_skip", False) or (exclude is not None and exclude(full, linear)):
+            continue
+        declared = _head_spec(linear, heads)
+        if declared is not None:
+            unit = _heads_of_linear(full, linear, declared[0], declared[1], modality)
+            out += [unit] if unit is not None else []
+            continue
+        if not _trainable(linear.weight):
+            continue
+        width = linear.weight.shape[0] if kind == "head_rows" else linear.weight.shape[1]
+        n = width // spec.head_size
+        out.append(UnitTensor(linear.weight, modality, full, kind, 1, n, code_units=n))  # type: ignore[arg-type]
+    return out
+
+
 def _walk(
     module: nn.Module, prefix: str, exclude: Callable[[str, nn.Module], bool] | None
 ) -> Iterator[tuple[str, nn.Module]]:
@@ -254,7 +415,7 @@ def _walk(
     if getattr(module, "amss_skip", False) or (exclude is not None and exclude(prefix, module)):
         return
     yield prefix, module
-    if isinstance(module, nn.MultiheadAttention) or getattr(module, "amss_heads", None) is not None:
+    if _is_attention(module):
         return
     for child_name, child in module.named_children():
         yield from _walk(child, f"{prefix}.{child_name}" if prefix else child_name, exclude)
@@ -279,9 +440,14 @@ def encoder_units(
         include: if given, replaces the default choice: every module of a maskable type (conv, attention,
             any ``Linear``) that ``include`` accepts is masked.
         exclude: modules (and their subtrees) never masked, in addition to ``amss_skip`` markers.
-        heads: ``{linear: (num_heads, "rows" | "cols")}`` for separate q/k/v/o projections.
+        heads: ``{linear: (num_heads, "rows" | "cols")}`` for separate q/k/v/o projections (takes
+            precedence over the heads found automatically on transformers' attention).
         linear_rows: mask plain ``Linear`` output rows: ``"auto"`` (only if the encoder has no conv or
             attention units), ``True`` or ``False``. Ignored when ``include`` is given.
+
+    A transformers attention module (see :func:`attention_spec`) is selected as one module: ``include``
+    and ``exclude`` see it (and may also exclude one of its q/k/v children, or ``amss_skip`` it); a
+    BERT-style ``output.dense`` is a unit of its own, found only next to a visited attention module.
     """
     if linear_rows not in ("auto", True, False):
         raise ValueError(f"linear_rows must be 'auto', True or False, found {linear_rows!r}.")
@@ -289,15 +455,23 @@ def encoder_units(
     exc = _as_selector(exclude, "exclude")
     structured: list[UnitTensor] = []
     linear: list[UnitTensor] = []
-    for name, module in _walk(encoder, prefix, exc):
+    visited = list(_walk(encoder, prefix, exc))
+    outputs = _sibling_outputs(visited)
+    for name, module in visited:
         if inc is not None and not inc(name, module):
             continue
         head = _head_spec(module, heads)
+        spec = attention_spec(module) if head is None else None
         if head is not None:
             unit = _heads_of_linear(name, module, head[0], head[1], modality)
             structured += [unit] if unit is not None else []
         elif isinstance(module, nn.MultiheadAttention):
             structured += _mha_units(name, module, modality)
+        elif spec is not None:
+            structured += _attention_units(name, spec, modality, heads, exc)
+        elif id(module) in outputs and _trainable(module.weight):
+            n = module.weight.shape[1] // outputs[id(module)]
+            structured.append(UnitTensor(module.weight, modality, name, "head_cols", 1, n, code_units=n))
         elif isinstance(module, _ConvNd) and not module.transposed:
             if _trainable(module.weight):
                 n = module.weight.shape[0]

@@ -1,1 +1,193 @@
-"""Placeholder: the kinetics_sounds loader is being written."""
+"""The ``kinetics_sounds`` dataset: Kinetics-Sounds from a folder written by ``equimodal prepare kinetics_sounds``.
+
+Classes in sorted order of their names (the version, counts and classes are in the folder's
+``prepare.json``), two modalities:
+
+- ``audio``: the stored spectrogram (16 kHz, 10 s, n_fft 512, hop 160, ``log(|STFT| + 1e-7)``) as
+  ``(1, 257, T)`` float32 (T = 1001 with the default prepare options; the official pickles hold 1004);
+- ``visual``: ``frames`` frames of the clip's 1 fps frame folder as ``(frames, 3, image_size, image_size)``,
+  ImageNet-normalised. Training: ``frames`` distinct random positions, sorted, then one RandomResizedCrop
+  and one random horizontal flip for the whole clip; evaluation: evenly spaced positions and
+  Resize((``image_size``, ``image_size``)).
+
+Every random draw comes from the per-sample generator of the training split. The split is the one saved
+by the preparer. Default encoders: the official pair, two ResNet18 from scratch with GELU (audio 1 input
+channel; visual 3, run on the frames as one batch and average-pooled over frames and space).
+
+Differences from the official loader: its frame choice ignores the random indices it draws and reads the
+first files in ``os.listdir`` order (spec B11); here positions are random in training and evenly spaced
+in evaluation. Its torchvision transform draws a crop and a flip per frame; here one crop and flip is
+shared by the clip's frames.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import MultimodalDataset
+from .media import VISION_INSTALL, MediaError, decoded, frame_positions, list_frames, read_npy, require
+from .prepared import ReaderFactory, Rows, load_prepared
+from .registry import register_dataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, crop, maybe_hflip, normalize, resize, resized_crop_box
+
+DATASET = "kinetics_sounds"
+MODALITIES = ("audio", "visual")
+FREQUENCIES = 257
+
+
+def read_rgb(path: Path) -> Tensor:
+    """A JPEG/PNG image as float32 ``(3, H, W)`` in [0, 1] at its own size."""
+    pil = require("PIL.Image", VISION_INSTALL, "images", "Pillow")
+
+    def load() -> np.ndarray:
+        with pil.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+    return torch.from_numpy(np.ascontiguousarray(decoded("an image", load).transpose(2, 0, 1)))
+
+
+def clip_transform(clip: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
+    """``(T, 3, H, W)`` frames in [0, 1] to ``(T, 3, size, size)``, ImageNet-normalised.
+
+    Training (a generator): one RandomResizedCrop box and one horizontal flip draw for all frames;
+    evaluation (``None``): Resize((size, size)).
+    """
+    if generator is None:
+        clip = resize(clip, size)
+    else:
+        box = resized_crop_box(clip.shape[-2], clip.shape[-1], generator)
+        clip = maybe_hflip(resize(crop(clip, box), size), generator)
+    return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclass(frozen=True)
+class KineticsSoundsReader:
+    """Reads clip ``i`` of a prepared Kinetics-Sounds folder: ``reader(i, generator) -> {"audio", "visual"}``.
+
+    It holds paths and settings only, so it pickles into ``DataLoader`` workers.
+    """
+
+    root: Path
+    keys: tuple[str, ...]
+    audio: tuple[str, ...]
+    visual: tuple[str, ...]
+    frames: int = 3
+    image_size: int = 224
+    spectrogram_shape: tuple[int, int] | None = None
+
+    def __call__(self, index: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+        return {"audio": self.read_audio(index), "visual": self.read_visual(index, generator)}
+
+    def _fail(self, index: int, column: str, err: MediaError) -> ValueError:
+        return ValueError(
+            f"{self.root / 'manifest.csv'}: clip {self.keys[index]!r}, {column} file "
+            f"{getattr(self, column)[index]!r} {err}. Delete that file or folder and rerun `equimodal prepare "
+            f"kinetics_sounds` with the same --out and options, so that the clip is prepared again."
+        )
+
+    def read_audio(self, index: int) -> Tensor:
+        """The clip's spectrogram as ``(1, 257, T)`` float32."""
+        try:
+            spec = read_npy(self.root / self.audio[index])
+            expected = self.spectrogram_shape
+            if (
+                spec.dim() != 2
+                or spec.shape[0] != FREQUENCIES
+                or (expected and tuple(spec.shape) != expected)
+            ):
+                want = expected or (FREQUENCIES, "T")
+                raise MediaError(f"holds shape {tuple(spec.shape)}, expected {want}")
+        except MediaError as err:
+            raise self._fail(index, "audio", err) from err
+        return spec.unsqueeze(0)
+
+    def read_visual(self, index: int, generator: torch.Generator | None) -> Tensor:
+        """``frames`` transformed frames ``(frames, 3, S, S)``; a folder with fewer repeats its last one."""
+        folder = self.root / self.visual[index]
+        files = list_frames(folder) if folder.is_dir() else []
+        try:
+            if not files:
+                raise MediaError("is not a folder holding frame images")
+            chosen = frame_positions(len(files), self.frames, generator)
+            images = [read_rgb(files[i]) for i in chosen]
+        except MediaError as err:
+            raise self._fail(index, "visual", err) from err
+        size = images[0].shape[-2:]
+        images = [im if im.shape[-2:] == size else resize(im, tuple(size)) for im in images]
+        return clip_transform(torch.stack(images), self.image_size, generator)
+
+
+def _reader(frames: int, image_size: int, shape: tuple[int, int] | None) -> ReaderFactory:
+    """The factory :func:`load_prepared` calls with the manifest rows and the folder."""
+
+    def build(rows: Rows, folder: Path) -> KineticsSoundsReader:
+        return KineticsSoundsReader(
+            folder,
+            tuple(r["key"] for r in rows),
+            tuple(r["audio"] for r in rows),
+            tuple(r["visual"] for r in rows),
+            frames=frames,
+            image_size=image_size,
+            spectrogram_shape=shape,
+        )
+
+    return build
+
+
+def _spectrogram_shape(root: str) -> tuple[int, int] | None:
+    """The spectrogram shape recorded in ``prepare.json`` (``None`` when absent or unreadable)."""
+    try:
+        info = json.loads((Path(root).expanduser() / "prepare.json").read_text())
+        shape = info["spectrogram"]["shape"]
+        return int(shape[0]), int(shape[1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None  # load_prepared reports a missing or foreign folder
+
+
+def default_encoders() -> dict[str, nn.Module]:
+    """The official Kinetics-Sounds pair: ResNet18 from scratch with GELU, audio 1 input channel and
+    visual 3 (frames run as one batch, pooled over frames and space)."""
+    from ..models.encoders import create_encoder
+
+    return {
+        "audio": create_encoder("resnet18", in_channels=1, activation="gelu"),
+        "visual": create_encoder("resnet18", in_channels=3, activation="gelu"),
+    }
+
+
+@register_dataset(DATASET)
+def load_kinetics_sounds(
+    *, root: str, seed: int = 0, frames: int = 3, image_size: int = 224
+) -> MultimodalDataset:
+    """Kinetics-Sounds from a folder prepared by ``equimodal prepare kinetics_sounds`` (see the module
+    docstring).
+
+    Args:
+        root: the prepared folder (``--out`` of ``equimodal prepare kinetics_sounds``).
+        seed: seeds the random training transforms (frame positions, crop, flip).
+        frames: frames per clip (official: 3).
+        image_size: side of the square frames (official: 224).
+
+    Raises:
+        FileNotFoundError / ValueError: ``root`` is not a prepared Kinetics-Sounds folder (naming the
+            prepare command), an empty split, or ``frames`` / ``image_size`` below 1 / 8.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1 (official: 3), found {frames}.")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 (official: 224), found {image_size}.")
+    return load_prepared(
+        DATASET,
+        root,
+        modalities=MODALITIES,
+        reader=_reader(frames, image_size, _spectrogram_shape(root)),
+        encoders=default_encoders,
+        seed=seed,
+        info={"frames": frames, "image_size": image_size},
+    )
