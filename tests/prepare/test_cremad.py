@@ -154,7 +154,9 @@ def test_rerun_resumes_and_redoes_only_missing_outputs(prepared: Path, raw: Path
     assert info["clips"]["prepared_now"] == 2 and info["clips"]["already_there"] == 10
     assert np.load(audio).shape == (257, 188) and len(list(visual.glob("*.jpg"))) == 2
     assert kept.stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="holds clips prepared with .*float16.*new --out folder"):
+    with pytest.raises(
+        ValueError, match="holds clips prepared with other settings .*float16.*new --out folder"
+    ):
         prepare("cremad", raw, out, workers=1, audio_dtype="float32", **options)
 
 

@@ -193,7 +193,7 @@ def test_rerun_resumes_and_refuses_another_image_size(tmp_path: Path) -> None:
     again = prepare("sarcasm", raw, out, workers=1, image_size=16)
     assert first["images"]["written"] == 16 and again["images"] == {"written": 0, "reused": 16, "failed": 0}
     assert again["counts"] == first["counts"] == {"train": 8, "val": 4, "test": 4}
-    with pytest.raises(ValueError, match="prepared with image_size=16"):
+    with pytest.raises(ValueError, match="prepared with other settings \\(image_size=16 before"):
         prepare("sarcasm", raw, out, workers=1, image_size=32)
 
 

@@ -18,7 +18,8 @@ from equimodal.data import load_dataset
 from equimodal.data.base import SampleKey
 from equimodal.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from equimodal.prepare import PREPARERS, prepare
-from equimodal.prepare.kinetics_sounds import carve_val, frames_at_fps, match_version, read_lists
+from equimodal.prepare.base import carve_val
+from equimodal.prepare.kinetics_sounds import match_version, read_lists
 from equimodal.prepare.media import video_frames
 
 av = pytest.importorskip("av")
@@ -171,7 +172,7 @@ def test_prepare_resumes_and_refuses_other_settings(prepared: tuple[Path, Path])
     (out / "audio" / "ripping paper" / "c1_2.npy").unlink()
     run_prepare(raw, out)
     assert _info(out)["last_run"]["prepared"] == 1 and _info(out)["counts"]["val"] == 3
-    with pytest.raises(ValueError, match=r"other settings \{'frame_size': \(32, 64\)\}"):
+    with pytest.raises(ValueError, match=r"other settings \(frame_size=32 before, 64 now\)"):
         prepare_direct(raw, out, frame_size=64)
 
 
@@ -195,8 +196,10 @@ def test_val_is_carved_from_train_without_val_list(prepared: tuple[Path, Path], 
     assert {r["key"] for r in val} <= listed_train
     entries, _, _ = read_lists(raw2, {s: raw2 / "splits" / f"{s}.txt" for s in ("train", "test")})
     usable = [e for e in entries["train"] if e.key in {r["key"] for r in rows}]  # carved after decoding
-    assert len(usable) == 9 and {r["key"] for r in val} == carve_val(usable, 0.34, 3)
-    assert len({frozenset(carve_val(usable, 0.34, s)) for s in range(6)}) > 1
+    assert len(usable) == 9 and {r["key"] for r in val} == carve_val(
+        ((e.key, e.label) for e in usable), 0.34, 3
+    )
+    assert len({frozenset(carve_val(((e.key, e.label) for e in usable), 0.34, s)) for s in range(6)}) > 1
 
 
 def test_missing_split_lists_and_bad_options_fail_clearly(tmp_path: Path) -> None:
@@ -219,7 +222,14 @@ def test_missing_split_lists_and_bad_options_fail_clearly(tmp_path: Path) -> Non
 def test_streamed_frames_match_video_frames(tmp_path: Path, fps: float) -> None:
     clip = tmp_path / "c.mp4"
     write_clip(clip, seconds=3.3, fps=30, audio=False)
-    streamed, reference = frames_at_fps(clip, fps), video_frames(clip, fps=fps)
+    import av
+
+    with av.open(str(clip)) as container:  # the reference: decode everything, pick by nearest time
+        decoded = [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    times = np.array([t for t, _ in decoded])
+    targets = np.arange(0.0, times[-1] + 1e-9, 1.0 / fps) + 0.5 / fps
+    reference = [decoded[i][1] for i in sorted({int(np.abs(times - t).argmin()) for t in targets})]
+    streamed = video_frames(clip, fps=fps)
     assert len(streamed) == len(reference) > 1
     assert all(np.array_equal(a, b) for a, b in zip(streamed, reference, strict=True))
 

@@ -19,12 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .base import MultimodalDataset
-from .media import VISION_INSTALL, MediaError, decoded, frame_positions, list_frames, read_npy, require
+from .media import (
+    MediaError,
+    frame_positions,
+    list_frames,
+    read_npy,
+    read_rgb,
+)
 from .prepared import ReaderFactory, Rows, load_prepared
 from .registry import register_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, maybe_hflip, normalize, random_resized_crop, resize
@@ -32,17 +37,6 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, maybe_hflip, normalize, ran
 DATASET = "cremad"
 MODALITIES = ("audio", "visual")
 SPECTROGRAM_SHAPE = (257, 188)
-
-
-def read_rgb(path: Path) -> Tensor:
-    """A JPEG/PNG image as float32 ``(3, H, W)`` in [0, 1] at its own size."""
-    pil = require("PIL.Image", VISION_INSTALL, "images", "Pillow")
-
-    def load() -> np.ndarray:
-        with pil.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-    return torch.from_numpy(np.ascontiguousarray(decoded("an image", load).transpose(2, 0, 1)))
 
 
 def frame_transform(image: Tensor, size: int, generator: torch.Generator | None) -> Tensor:

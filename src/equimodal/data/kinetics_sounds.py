@@ -26,12 +26,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .base import MultimodalDataset
-from .media import VISION_INSTALL, MediaError, decoded, frame_positions, list_frames, read_npy, require
+from .media import (
+    MediaError,
+    frame_positions,
+    list_frames,
+    read_npy,
+    read_rgb,
+)
 from .prepared import ReaderFactory, Rows, load_prepared
 from .registry import register_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, crop, maybe_hflip, normalize, resize, resized_crop_box
@@ -39,17 +44,6 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, crop, maybe_hflip, normaliz
 DATASET = "kinetics_sounds"
 MODALITIES = ("audio", "visual")
 FREQUENCIES = 257
-
-
-def read_rgb(path: Path) -> Tensor:
-    """A JPEG/PNG image as float32 ``(3, H, W)`` in [0, 1] at its own size."""
-    pil = require("PIL.Image", VISION_INSTALL, "images", "Pillow")
-
-    def load() -> np.ndarray:
-        with pil.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-    return torch.from_numpy(np.ascontiguousarray(decoded("an image", load).transpose(2, 0, 1)))
 
 
 def clip_transform(clip: Tensor, size: int, generator: torch.Generator | None) -> Tensor:

@@ -250,6 +250,17 @@ def audio_length(seconds: float, sample_rate: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ images
+def read_rgb(path: Path) -> Tensor:
+    """A JPEG/PNG image as float32 ``(3, H, W)`` in [0, 1] at its own size (needs Pillow)."""
+    pil = require("PIL.Image", VISION_INSTALL, "images", "Pillow")
+
+    def load() -> np.ndarray:
+        with pil.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+    return torch.from_numpy(np.ascontiguousarray(decoded("an image", load).transpose(2, 0, 1)))
+
+
 def read_image(path: Path, *, size: int = 64, mode: Literal["RGB", "L"] = "RGB") -> Tensor:
     """An image as float32 ``(C, size, size)`` in [0, 1]: RGB (C = 3) or grayscale ``"L"`` (C = 1).
 

@@ -171,6 +171,52 @@ def run_items(
     return report
 
 
+def carve_val(keys_and_labels: Iterable[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+    """Keys of a stratified, seeded validation part of the training clips.
+
+    Per class (in sorted order), ``round(n * fraction)`` of its ``n`` clips, at least one when
+    ``fraction > 0`` and the class has two or more, never all of them; drawn by one ``permutation`` per
+    class from ``numpy.random.default_rng(seed)`` over the class's sorted keys.
+    """
+    by_label: dict[str, list[str]] = {}
+    for key, label in keys_and_labels:
+        by_label.setdefault(label, []).append(key)
+    rng = np.random.default_rng(seed)
+    val: set[str] = set()
+    for label in sorted(by_label):
+        keys = sorted(by_label[label])
+        n_val = int(round(len(keys) * fraction))
+        if fraction > 0 and len(keys) >= 2:
+            n_val = min(max(n_val, 1), len(keys) - 1)
+        val.update(keys[i] for i in rng.permutation(len(keys))[:n_val])
+    return val
+
+
+SETTINGS_FILE = ".prepare-settings.json"
+
+
+def check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix files made with other settings into ``out``; record the settings otherwise.
+
+    ``settings`` are the options that change what a clip's files hold. They are written to
+    ``OUT/.prepare-settings.json`` when a run starts (so an interrupted first run is covered too); a later
+    run into the same folder must pass the same values, or it stops naming each changed value and the fix.
+    """
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            shown = ", ".join(f"{k}={old!r} before, {new!r} now" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"{str(out)!r} holds clips prepared with other settings ({shown}). Prepare into a new --out "
+                "folder, or pass the same options to resume."
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, sort_keys=True))
+
+
 # --------------------------------------------------------------------------------- atomic outputs
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +243,31 @@ def save_jpeg(path: Path, image: np.ndarray, quality: int = 90) -> None:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     _atomic_bytes(path, buf.getvalue())
+
+
+def save_frame_folder(folder: Path, frames: Sequence[np.ndarray], digits: int = 5) -> None:
+    """Write ``frames`` as ``00001.jpg, 00002.jpg, ...`` (``digits`` wide) into ``folder``, atomically.
+
+    The folder is built under a hidden temporary name next to it and renamed at the end, so a reader
+    never sees half a clip; temporary folders an interrupted run left for it are removed first.
+    """
+    import glob
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in glob.glob(str(folder.parent / f".{glob.escape(folder.name)}.*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir()
+        for i, image in enumerate(frames, 1):
+            save_jpeg(tmp / f"{i:0{digits}d}.jpg", image)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_text(path: Path, text: str) -> None:

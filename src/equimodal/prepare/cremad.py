@@ -29,11 +29,8 @@ dropped (listed as skipped).
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,8 +40,18 @@ from typing import Any, Literal
 import numpy as np
 
 from . import register_preparer
-from .base import Item, PrepareError, Report, run_items, save_jpeg, save_npy, write_layout, write_split_lists
-from .media import VIDEO_INSTALL, _require, official_spectrogram, read_wav, resample, video_frames
+from .base import (
+    Item,
+    Report,
+    carve_val,
+    check_resume_settings,
+    run_items,
+    save_frame_folder,
+    save_npy,
+    write_layout,
+    write_split_lists,
+)
+from .media import check_flv_complete, official_spectrogram, read_wav, resample, video_frames
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,6 @@ NAME = re.compile(r"(?P<actor>\d{4})_(?P<sentence>[A-Z]{3})_(?P<emotion>[A-Z]{3}
 SAMPLE_RATE = 22050
 AUDIO_DIR, VIDEO_DIR = "AudioWAV", "VideoFlash"
 SPLITS = ("train", "val", "test")
-SETTINGS_FILE = ".cremad-media.json"
 LAYOUT_HINT = (
     f"expected the CREMA-D release layout RAW/{AUDIO_DIR}/<clip>.wav and RAW/{VIDEO_DIR}/<clip>.flv "
     "(clips named like 1001_DFA_ANG_XX)"
@@ -242,17 +248,6 @@ def _check_listed(path: Path, listed: list[tuple[int, str, str | None]], found: 
         )
 
 
-def carve_val(train: Sequence[Clip], fraction: float, seed: int) -> set[str]:
-    """About ``fraction`` of every emotion's training clips (at least one of two or more), drawn by ``seed``."""
-    rng = np.random.default_rng(seed)
-    held: set[str] = set()
-    for emotion in sorted({c.emotion for c in train}):
-        keys = sorted(c.key for c in train if c.emotion == emotion)
-        n = max(1, round(fraction * len(keys))) if fraction > 0 and len(keys) > 1 else 0
-        held.update(keys[i] for i in rng.permutation(len(keys))[:n])
-    return held
-
-
 def ogmge_split(
     clips: Sequence[Clip], found: set[str], *, train_csv: str | None, test_csv: str | None,
     val_fraction: float, seed: int,
@@ -285,7 +280,7 @@ def ogmge_split(
     listed = {k: s for s, rows in lists.items() for _, k, _ in rows}
     usable = {c.key: c for c in clips}
     train = [usable[k] for k, s in listed.items() if s == "train" and k in usable]
-    val = carve_val(train, val_fraction, seed)
+    val = carve_val(((c.key, c.emotion) for c in train), val_fraction, seed)
     assignment = {k: ("val" if k in val else s) for k, s in listed.items() if k in usable}
     info = {
         "train_csv": str(train_csv), "test_csv": str(test_csv), "val_fraction": val_fraction,
@@ -313,69 +308,10 @@ def _check_not_empty(assignment: dict[str, str], split: str, *, after: str = "")
 
 
 # ----------------------------------------------------------------------------------- per clip
-def check_flv_complete(path: Path) -> None:
-    """Raise :class:`PrepareError` when an flv file is truncated.
-
-    A truncated FLV still decodes (FFmpeg stops at the cut), so the packets are compared with the
-    duration its header declares; without a declared duration, the file must end on a complete tag
-    (its last four bytes give the size of the tag before them).
-    """
-    av = _require("av", VIDEO_INSTALL)
-    try:
-        with av.open(str(path)) as container:
-            declared = container.duration / 1e6 if container.duration else None
-            stream = container.streams.video[0] if container.streams.video else None
-            end = 0.0
-            for packet in container.demux(stream) if stream is not None else ():
-                if packet.pts is not None and packet.time_base is not None:
-                    end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
-    except Exception as err:  # av.error.* on corrupt containers
-        raise PrepareError(f"video file {str(path)!r} cannot be read ({type(err).__name__}: {err})") from err
-    if declared is not None:
-        if end < declared - max(0.25, 0.1 * declared):
-            raise PrepareError(
-                f"video file {str(path)!r} is truncated: its packets cover {end:.2f} s of the {declared:.2f} s "
-                "its header declares (download it again)"
-            )
-    elif not _flv_tail_complete(path):
-        raise PrepareError(f"video file {str(path)!r} is truncated: it does not end on a complete FLV tag")
-
-
-def _flv_tail_complete(path: Path) -> bool:
-    """Whether the file ends on a whole FLV tag: its last 4 bytes give the size of the tag before them."""
-    size = path.stat().st_size
-    if size < 13:
-        return False
-    with path.open("rb") as f:
-        f.seek(size - 4)
-        tag = int.from_bytes(f.read(4), "big")
-        start = size - 4 - tag
-        if tag == 0:
-            return size == 13  # a header without tags
-        if tag < 11 or start < 13:
-            return False
-        f.seek(start + 1)
-        return int.from_bytes(f.read(3), "big") == tag - 11
-
-
 def clip_spectrogram(wav: Path) -> np.ndarray:
     """The official CREMA-D audio input of a wav: resampled to 22 050 Hz, (257, 188) float32."""
     wave, rate = read_wav(wav)
     return official_spectrogram(resample(wave, rate, SAMPLE_RATE), SAMPLE_RATE)
-
-
-def save_frames(folder: Path, frames: Sequence[np.ndarray]) -> None:
-    """Write ``001.jpg, 002.jpg, ...`` into ``folder`` atomically: a temporary folder renamed at the end."""
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for i, frame in enumerate(frames, 1):
-            save_jpeg(tmp / f"{i:03d}.jpg", frame)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_clip(item: Item, out: Path) -> None:
@@ -386,24 +322,7 @@ def prepare_clip(item: Item, out: Path) -> None:
     check_flv_complete(flv)
     frames = video_frames(flv, fps=fps)
     save_npy(out / item.outputs[0], spectrogram)
-    save_frames(out / item.outputs[1], frames)
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix clips prepared with other media settings into ``out``; record them otherwise."""
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
-        if before != settings:
-            raise ValueError(
-                f"{str(out)!r} holds clips prepared with {before}, this run asks {settings}. Prepare into a "
-                f"new --out folder, or delete {out / 'audio'}, {out / 'visual'} and {path} first."
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings))
-    for stale in (out / "visual").glob(".*.tmp") if (out / "visual").is_dir() else ():
-        shutil.rmtree(stale, ignore_errors=True)
+    save_frame_folder(out / item.outputs[1], frames, digits=3)
 
 
 # ------------------------------------------------------------------------------------ the command
@@ -494,7 +413,7 @@ def prepare_cremad(
     }  # fmt: skip
     clips, skipped, found = scan(raw)
     assignment, protocol = _assign(clips, found, split, options)
-    _check_settings(out, {"audio_dtype": audio_dtype, "fps": fps, "sample_rate": SAMPLE_RATE})
+    check_resume_settings(out, {"audio_dtype": audio_dtype, "fps": fps, "sample_rate": SAMPLE_RATE})
     todo = [c for c in clips if c.key in assignment]
     items = [
         Item(c.key, (c.wav, c.flv), (f"audio/{c.key}.npy", f"visual/{c.key}"), (audio_dtype, fps))

@@ -38,7 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from .base import Item, PrepareError, Report, run_items, save_jpeg, save_text, write_layout, write_split_lists
+from .base import (
+    Item,
+    PrepareError,
+    Report,
+    check_resume_settings,
+    run_items,
+    save_jpeg,
+    save_text,
+    write_layout,
+    write_split_lists,
+)
 from .media import resize_frame
 
 log = logging.getLogger(__name__)
@@ -296,22 +306,6 @@ def convert_image(item: Item, out: Path) -> None:
     save_jpeg(out / item.outputs[0], resize_frame(rgb, size or None))
 
 
-def _check_reuse(out: Path, dataset: str, image_size: int) -> None:
-    """Refuse to mix images of another ``image_size`` into an existing prepared folder."""
-    info_path = out / "prepare.json"
-    if not info_path.is_file():
-        return
-    import json
-
-    info = json.loads(info_path.read_text())
-    before = info.get("options", {}).get("image_size")
-    if info.get("dataset") == dataset and before is not None and before != image_size:
-        raise ValueError(
-            f"{str(out)!r} was prepared with image_size={before}, now image_size={image_size}: its images would "
-            "be mixed. Prepare into a new --out folder, or pass the same image_size."
-        )
-
-
 # -------------------------------------------------------------------------------------------- preparer
 def _plan(
     rows: list[TsvRow], files: Mapping[str, Path], folder: Path, image_size: int
@@ -351,7 +345,7 @@ def prepare_image_text(
     planned, items, missing = _plan(rows, index_images(folder), folder, image_size)
     skipped += missing
     out.mkdir(parents=True, exist_ok=True)
-    _check_reuse(out, spec.dataset, image_size)
+    check_resume_settings(out, {"image_size": image_size})
     report = run_items(
         list(items.values()), convert_image, out, workers=workers, desc=f"{spec.dataset} images"
     )

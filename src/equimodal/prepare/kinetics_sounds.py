@@ -33,11 +33,7 @@ gives 1001 frames here), and frame folders extracted by an unpublished script. F
 from __future__ import annotations
 
 import difflib
-import glob
-import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,8 +41,19 @@ from typing import Any, Literal
 import numpy as np
 
 from . import register_preparer
-from .base import Item, PrepareError, Report, run_items, save_jpeg, save_npy, write_layout, write_split_lists
-from .media import VIDEO_INSTALL, official_spectrogram, read_audio_track, resample, resize_frame
+from .base import (
+    Item,
+    PrepareError,
+    Report,
+    carve_val,
+    check_resume_settings,
+    run_items,
+    save_frame_folder,
+    save_npy,
+    write_layout,
+    write_split_lists,
+)
+from .media import official_spectrogram, read_audio_track, resample, resize_frame, video_frames
 
 log = logging.getLogger(__name__)
 
@@ -196,21 +203,6 @@ def read_lists(
     return entries, bad, listed
 
 
-def carve_val(entries: list[Entry], fraction: float, seed: int) -> set[str]:
-    """Keys of a stratified validation part of ``entries``: ``round(n * fraction)`` clips of each class of
-    n clips (at least one when ``fraction > 0`` and the class has two or more, never all), seeded.
-    """
-    rng = np.random.default_rng(seed)
-    val: set[str] = set()
-    for label in sorted({e.label for e in entries}):
-        keys = sorted(e.key for e in entries if e.label == label)
-        n_val = int(round(len(keys) * fraction))
-        if fraction > 0 and len(keys) >= 2:
-            n_val = min(max(n_val, 1), len(keys) - 1)
-        val.update(keys[i] for i in rng.permutation(len(keys))[:n_val])
-    return val
-
-
 def match_version(listed: dict[str, int]) -> str | None:
     """The known Kinetics-Sounds version whose clip counts the lists match exactly, else ``None``."""
     counts = {**listed, "train+val": listed.get("train", 0) + listed.get("val", 0)}
@@ -221,74 +213,6 @@ def match_version(listed: dict[str, int]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- media
-def frames_at_fps(path: Path, fps: float) -> list[np.ndarray]:
-    """One ``(H, W, 3)`` uint8 RGB frame per ``1 / fps`` seconds: the frame nearest the middle of each
-    interval, as :func:`equimodal.prepare.media.video_frames` picks them, but streamed: only the chosen
-    frames are converted and kept, so long or large videos need little memory.
-
-    Raises:
-        PrepareError: the file is missing, empty, has no video track or cannot be decoded.
-    """
-    if not path.is_file():
-        raise PrepareError(f"video file {str(path)!r} is missing")
-    if path.stat().st_size == 0:
-        raise PrepareError(f"video file {str(path)!r} is empty (0 bytes)")
-    try:
-        import av
-    except ImportError as err:
-        raise ImportError(
-            f"Preparing Kinetics-Sounds needs PyAV ({err}); install it with: {VIDEO_INSTALL}"
-        ) from err
-    picker = _NearestPicker(1.0 / fps)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise PrepareError(f"video file {str(path)!r} has no video track")
-            for frame in container.decode(container.streams.video[0]):
-                picker.add(float(frame.time or 0.0), frame)
-    except PrepareError:
-        raise
-    except Exception as err:  # av.error.* on truncated or corrupt containers
-        raise PrepareError(
-            f"video file {str(path)!r} cannot be decoded ({type(err).__name__}: {err})"
-        ) from err
-    if picker.count == 0:
-        raise PrepareError(f"video file {str(path)!r} holds no decodable frame")
-    return picker.finish()
-
-
-class _NearestPicker:
-    """Streams ``(time, frame)`` in time order; keeps the frame nearest each target ``(k + 0.5) * step``
-    for every ``k`` with ``k * step`` at most the last frame's time (each frame kept once)."""
-
-    def __init__(self, step: float) -> None:
-        self.step, self.k, self.count = step, 0, 0
-        self.prev: tuple[float, Any, int] | None = None
-        self.kept: list[np.ndarray] = []
-        self.last_index = -1
-
-    def _keep(self, frame: Any, index: int) -> None:
-        if index != self.last_index:
-            self.kept.append(frame.to_ndarray(format="rgb24"))
-            self.last_index = index
-
-    def add(self, time: float, frame: Any) -> None:
-        index, self.count = self.count, self.count + 1
-        while (target := (self.k + 0.5) * self.step) < time:
-            prev = self.prev
-            if prev is not None and target - prev[0] <= time - target:
-                self._keep(prev[1], prev[2])
-            else:
-                self._keep(frame, index)
-            self.k += 1
-        self.prev = (time, frame, index)
-
-    def finish(self) -> list[np.ndarray]:
-        if self.prev is not None and self.k * self.step <= self.prev[0] + 1e-9:
-            self._keep(self.prev[1], self.prev[2])
-        return self.kept
-
-
 def clip_spectrogram(path: Path, sample_rate: int, seconds: float) -> np.ndarray:
     """The audio track of ``path`` at ``sample_rate``, tiled or cut to ``seconds``, clipped to [-1, 1], as
     ``log(|STFT| + 1e-7)`` (n_fft 512, hop 160, Hann, centred): ``(257, 1 + samples // 160)`` float32."""
@@ -297,30 +221,11 @@ def clip_spectrogram(path: Path, sample_rate: int, seconds: float) -> np.ndarray
     return official_spectrogram(wave, sample_rate, seconds=seconds, n_fft=N_FFT, hop_length=HOP_LENGTH)
 
 
-def save_frame_folder(folder: Path, frames: list[np.ndarray]) -> None:
-    """Write ``frames`` as ``00001.jpg``, ... into ``folder``, atomically: built in a hidden temporary
-    folder next to it, then renamed (a folder left by an interrupted run is replaced)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(str(folder.parent / f".{glob.escape(folder.name)}.*.tmp")):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    try:
-        tmp.mkdir()
-        for i, image in enumerate(frames, 1):
-            save_jpeg(tmp / f"{i:05d}.jpg", image)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _prepare_clip(item: Item, out: Path) -> None:
     """Work function: one video into its frame folder and spectrogram (written last)."""
     (video,) = item.inputs
     fps, frame_size, sample_rate, seconds, dtype = item.args
-    frames = frames_at_fps(video, fps)
+    frames = video_frames(video, fps=fps)
     if len(frames) <= MAX_DROPPED_FRAMES:
         raise PrepareError(
             f"video file {str(video)!r} gives {len(frames)} frame(s) at {fps:g} fps: clips with "
@@ -347,20 +252,6 @@ def _check_options(
         )
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), found {val_fraction} (default 0.1).")
-
-
-def _check_resume(out: Path, options: dict[str, Any]) -> None:
-    """Refuse to mix clips prepared with other array settings into ``out``."""
-    info_path = out / "prepare.json"
-    if not info_path.is_file():
-        return
-    old = json.loads(info_path.read_text()).get("options", {})
-    changed = {k: (old[k], options[k]) for k in ARRAY_OPTIONS if k in old and old[k] != options[k]}
-    if changed:
-        raise ValueError(
-            f"{str(out)!r} was prepared with other settings {changed} (before, now); prepare into a new --out "
-            "folder, or pass the same options to resume."
-        )
 
 
 def _item(entry: Entry, args: tuple[Any, ...]) -> Item:
@@ -399,7 +290,7 @@ def prepare_kinetics_sounds(
     _check_options(sample_rate, audio_seconds, fps, frame_size, val_fraction)
     options = {"sample_rate": sample_rate, "audio_seconds": audio_seconds, "audio_dtype": audio_dtype,
                "fps": fps, "frame_size": frame_size, "val_fraction": val_fraction, "seed": seed}  # fmt: skip
-    _check_resume(out, options)
+    check_resume_settings(out, {k: options[k] for k in ARRAY_OPTIONS})
     lists = find_lists(raw)
     entries, bad, listed = read_lists(raw, lists)
     split_of = {e.key: s for s, es in entries.items() for e in es}
@@ -409,7 +300,7 @@ def prepare_kinetics_sounds(
     if "val" not in lists:  # carved from the usable train clips, so unusable ones never shrink val
         ok = set(report.ok)
         usable = [e for e in entries["train"] if e.key in ok]
-        split_of.update({k: "val" for k in carve_val(usable, val_fraction, seed)})
+        split_of.update({k: "val" for k in carve_val(((e.key, e.label) for e in usable), val_fraction, seed)})
     last_run = {
         "prepared": len(report.done),
         "already_there": len(report.existing),

@@ -8,8 +8,10 @@ lazily; a missing one raises ``ImportError`` with the install command.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ AUDIO_INSTALL = "pip install 'equimodal[audio]'"
 VIDEO_INSTALL = "pip install 'equimodal[video]'"
 
 
-def _require(module: str, install: str) -> ModuleType:
+def require(module: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -29,7 +31,7 @@ def _require(module: str, install: str) -> ModuleType:
         ) from err
 
 
-def _check_file(path: Path, what: str) -> None:
+def check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise PrepareError(f"{what} {str(path)!r} is missing")
     if path.stat().st_size == 0:
@@ -38,8 +40,8 @@ def _check_file(path: Path, what: str) -> None:
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """A wav/flac file as mono float32 in [-1, 1] and its sample rate (channels averaged)."""
-    _check_file(path, "audio file")
-    soundfile = _require("soundfile", AUDIO_INSTALL)
+    check_file(path, "audio file")
+    soundfile = require("soundfile", AUDIO_INSTALL)
     try:
         wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError / RuntimeError on bad files
@@ -51,8 +53,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 def read_audio_track(path: Path) -> tuple[np.ndarray, int]:
     """The audio track of a video file as mono float32 and its sample rate (PyAV, downmixed by FFmpeg)."""
-    _check_file(path, "video file")
-    av = _require("av", VIDEO_INSTALL)
+    check_file(path, "video file")
+    av = require("av", VIDEO_INSTALL)
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -79,7 +81,7 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     """``wave`` at ``rate`` Hz resampled to ``target`` Hz (soxr, high quality); unchanged when equal."""
     if rate == target:
         return wave
-    soxr = _require("soxr", AUDIO_INSTALL)
+    soxr = require("soxr", AUDIO_INSTALL)
     return soxr.resample(wave, rate, target).astype(np.float32)
 
 
@@ -101,40 +103,135 @@ def official_spectrogram(
     return torch.log(spec.abs() + 1e-7).numpy().astype(np.float32)
 
 
-def video_frames(path: Path, *, fps: float | None = None, count: int | None = None) -> list[np.ndarray]:
-    """Frames of a video as ``(H, W, 3)`` uint8 RGB arrays (PyAV).
+def iter_video_frames(path: Path) -> Iterator[Any]:
+    """Decoded ``av.VideoFrame`` objects of a video's first video stream, streamed (PyAV).
 
-    Args:
-        fps: take the frame nearest to every ``1 / fps`` seconds (1.0: one frame per second, as the
-            official CREMA-D / Kinetics-Sounds frame folders).
-        count: instead, take ``count`` evenly spaced frames over the clip.
-        (neither: every frame.)
+    Callers convert only the frames they keep (``frame.to_ndarray(format=...)``); breaking out of the
+    loop closes the file.
+
+    Raises:
+        PrepareError: the file is missing, empty, has no video track or cannot be decoded.
     """
-    _check_file(path, "video file")
-    av = _require("av", VIDEO_INSTALL)
+    check_file(path, "video file")
+    av = require("av", VIDEO_INSTALL)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise PrepareError(f"video file {str(path)!r} has no video track")
-            stream = container.streams.video[0]
-            decoded = [(float(f.time or 0.0), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+            yield from container.decode(container.streams.video[0])
     except PrepareError:
         raise
     except Exception as err:  # av.error.* on truncated or corrupt containers
         raise PrepareError(
             f"video file {str(path)!r} cannot be decoded ({type(err).__name__}: {err})"
         ) from err
-    if not decoded:
+
+
+class NearestPicker:
+    """Streams ``(time, frame)`` in time order; keeps the frame nearest each target ``(k + 0.5) * step``
+    for every ``k`` with ``k * step`` at most the last frame's time (each frame kept once, converted to
+    an ``(H, W, 3)`` uint8 RGB array only when kept)."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.k, self.count = step, 0, 0
+        self.prev: tuple[float, Any, int] | None = None
+        self.kept: list[np.ndarray] = []
+        self.last_index = -1
+
+    def _keep(self, frame: Any, index: int) -> None:
+        if index != self.last_index:
+            self.kept.append(frame.to_ndarray(format="rgb24"))
+            self.last_index = index
+
+    def add(self, time: float, frame: Any) -> None:
+        index, self.count = self.count, self.count + 1
+        while (target := (self.k + 0.5) * self.step) < time:
+            prev = self.prev
+            if prev is not None and target - prev[0] <= time - target:
+                self._keep(prev[1], prev[2])
+            else:
+                self._keep(frame, index)
+            self.k += 1
+        self.prev = (time, frame, index)
+
+    def finish(self) -> list[np.ndarray]:
+        if self.prev is not None and self.k * self.step <= self.prev[0] + 1e-9:
+            self._keep(self.prev[1], self.prev[2])
+        return self.kept
+
+
+def video_frames(path: Path, *, fps: float | None = None, count: int | None = None) -> list[np.ndarray]:
+    """Frames of a video as ``(H, W, 3)`` uint8 RGB arrays (PyAV), converting only the frames kept.
+
+    Args:
+        fps: take the frame nearest the middle of every ``1 / fps`` seconds (1.0: one frame per second,
+            as the official CREMA-D / Kinetics-Sounds frame folders); streamed, so long videos need little
+            memory.
+        count: instead, take ``count`` evenly spaced frames over the clip.
+        (neither: every frame.)
+
+    Raises:
+        PrepareError: the file is missing, empty, has no video track, cannot be decoded or holds no frame.
+    """
+    if fps is not None and count is None:
+        picker = NearestPicker(1.0 / fps)
+        for frame in iter_video_frames(path):
+            picker.add(float(frame.time or 0.0), frame)
+        frames = picker.finish() if picker.count else []
+    else:
+        decoded = list(iter_video_frames(path))
+        picks = range(len(decoded))
+        if count is not None and decoded:
+            picks = np.linspace(0, len(decoded) - 1, count).round().astype(int).tolist()
+        frames = [decoded[i].to_ndarray(format="rgb24") for i in picks]
+    if not frames:
         raise PrepareError(f"video file {str(path)!r} holds no decodable frame")
-    if count is not None:
-        picks = np.linspace(0, len(decoded) - 1, count).round().astype(int)
-        return [decoded[i][1] for i in picks]
-    if fps is None:
-        return [img for _, img in decoded]
-    times = np.array([t for t, _ in decoded])
-    targets = np.arange(0.0, times[-1] + 1e-9, 1.0 / fps) + 0.5 / fps  # the middle of each interval
-    picks = sorted({int(np.abs(times - t).argmin()) for t in targets})
-    return [decoded[i][1] for i in picks]
+    return frames
+
+
+def check_flv_complete(path: Path) -> None:
+    """Raise :class:`PrepareError` when an flv file is truncated.
+
+    A truncated FLV still decodes (FFmpeg stops at the cut), so the packets are compared with the
+    duration its header declares; without a declared duration, the file must end on a complete tag
+    (its last four bytes give the size of the tag before them).
+    """
+    av = require("av", VIDEO_INSTALL)
+    try:
+        with av.open(str(path)) as container:
+            declared = container.duration / 1e6 if container.duration else None
+            stream = container.streams.video[0] if container.streams.video else None
+            end = 0.0
+            for packet in container.demux(stream) if stream is not None else ():
+                if packet.pts is not None and packet.time_base is not None:
+                    end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+    except Exception as err:  # av.error.* on corrupt containers
+        raise PrepareError(f"video file {str(path)!r} cannot be read ({type(err).__name__}: {err})") from err
+    if declared is not None:
+        if end < declared - max(0.25, 0.1 * declared):
+            raise PrepareError(
+                f"video file {str(path)!r} is truncated: its packets cover {end:.2f} s of the {declared:.2f} s "
+                "its header declares (download it again)"
+            )
+    elif not _flv_tail_complete(path):
+        raise PrepareError(f"video file {str(path)!r} is truncated: it does not end on a complete FLV tag")
+
+
+def _flv_tail_complete(path: Path) -> bool:
+    """Whether the file ends on a whole FLV tag: its last 4 bytes give the size of the tag before them."""
+    size = path.stat().st_size
+    if size < 13:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - 4)
+        tag = int.from_bytes(f.read(4), "big")
+        start = size - 4 - tag
+        if tag == 0:
+            return size == 13  # a header without tags
+        if tag < 11 or start < 13:
+            return False
+        f.seek(start + 1)
+        return int.from_bytes(f.read(3), "big") == tag - 11
 
 
 def resize_frame(image: np.ndarray, short_side: int | None) -> np.ndarray:

@@ -37,7 +37,6 @@ Differences from the official pipeline (spec sections 10 and 11):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -47,7 +46,18 @@ from typing import Any
 import numpy as np
 
 from . import register_preparer
-from .base import Item, PrepareError, Report, run_items, save_npy, write_layout, write_split_lists
+from .base import (
+    Item,
+    PrepareError,
+    Report,
+    carve_val,
+    check_resume_settings,
+    run_items,
+    save_npy,
+    write_layout,
+    write_split_lists,
+)
+from .media import iter_video_frames
 
 log = logging.getLogger(__name__)
 
@@ -174,49 +184,14 @@ def read_list(path: Path, seen: set[str]) -> tuple[list[Entry], list[dict[str, s
     return entries, bad
 
 
-def carve_val(entries: list[Entry], fraction: float, seed: int) -> set[str]:
-    """Keys of the validation clips: ``round(n * fraction)`` of each class's n train clips (at least one
-    when ``fraction > 0`` and the class has two or more), chosen with a seeded generator, class by class.
-    """
-    rng = np.random.default_rng(seed)
-    val: set[str] = set()
-    for label in sorted({e.label for e in entries}):
-        keys = sorted(e.key for e in entries if e.label == label)
-        n_val = int(round(len(keys) * fraction))
-        if fraction > 0 and len(keys) >= 2:
-            n_val = min(max(n_val, 1), len(keys) - 1)
-        val.update(keys[i] for i in rng.permutation(len(keys))[:n_val])
-    return val
-
-
 # ------------------------------------------------------------------------------------------ media
 def _decode(path: Path, end: int, fmt: str) -> list[np.ndarray]:
     """The first ``end`` frames of a video (``fmt`` ``"rgb24"`` or ``"gray"``), decoding no further."""
-    if not path.is_file():
-        raise PrepareError(f"video file {str(path)!r} is missing")
-    if path.stat().st_size == 0:
-        raise PrepareError(f"video file {str(path)!r} is empty (0 bytes)")
-    try:
-        import av
-    except ImportError as err:
-        raise ImportError(
-            f"Preparing NVGesture needs PyAV ({err}); install it with: {VIDEO_INSTALL}"
-        ) from err
     frames: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise PrepareError(f"video file {str(path)!r} has no video track")
-            for frame in container.decode(container.streams.video[0]):
-                frames.append(frame.to_ndarray(format=fmt))
-                if len(frames) >= end:
-                    break
-    except PrepareError:
-        raise
-    except Exception as err:  # av.error.* on truncated or corrupt containers
-        raise PrepareError(
-            f"video file {str(path)!r} cannot be decoded ({type(err).__name__}: {err})"
-        ) from err
+    for frame in iter_video_frames(path):
+        frames.append(frame.to_ndarray(format=fmt))
+        if len(frames) >= end:
+            break
     return frames
 
 
@@ -305,21 +280,6 @@ def _check_options(clip_frames: int, frame_size: int, val_fraction: float, flow_
         raise ValueError(f"flow_bound must be a positive number of pixels, found {flow_bound} (default 20).")
 
 
-def _check_resume(out: Path, options: dict[str, Any]) -> None:
-    """Refuse to mix arrays of another shape into a folder prepared with other options."""
-    info_path = out / "prepare.json"
-    if not info_path.is_file():
-        return
-    old = json.loads(info_path.read_text()).get("options", {})
-    keys = ("clip_frames", "frame_size", "flow_bound")
-    changed = {k: (old[k], options[k]) for k in keys if k in old and old[k] != options[k]}
-    if changed:
-        raise ValueError(
-            f"{str(out)!r} was prepared with other array settings {changed} (before, now); prepare into a new "
-            "--out folder, or pass the same options to resume."
-        )
-
-
 def _rows(entries: list[Entry], ok: set[str], split_of: dict[str, str]) -> list[dict[str, str]]:
     return [
         {
@@ -361,12 +321,12 @@ def prepare_nvgesture(
     _check_options(clip_frames, frame_size, val_fraction, flow_bound)
     options = {"clip_frames": clip_frames, "frame_size": frame_size, "val_fraction": val_fraction,
                "seed": seed, "flow_bound": flow_bound}  # fmt: skip
-    _check_resume(out, options)
+    check_resume_settings(out, {k: options[k] for k in ("clip_frames", "frame_size", "flow_bound")})
     lists = {split: find_list(raw, split) for split in ("train", "test")}
     seen: set[str] = set()
     train, bad_train = read_list(lists["train"], seen)
     test, bad_test = read_list(lists["test"], seen)
-    val = carve_val(train, val_fraction, seed)
+    val = carve_val(((e.key, e.label) for e in train), val_fraction, seed)
     split_of = {e.key: ("val" if e.key in val else "train") for e in train} | {e.key: "test" for e in test}
     entries = train + test
     args = (clip_frames, frame_size, float(flow_bound))
