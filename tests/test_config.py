@@ -26,11 +26,31 @@ def test_yaml_strings_are_coerced_by_field_type(tmp_path) -> None:
 def test_overrides_set_nested_and_option_keys() -> None:
     cfg = load_config(
         None,
-        ["optim.lr=0.5", "balancer.name=none", "balancer.options.temperature=0.3", "optim.milestones=3,4"],
+        ["optim.lr=0.5", "balancer.name=amss", "balancer.options.temperature=0.3", "optim.milestones=3,4"],
     )
     assert cfg.optim.lr == 0.5
     assert cfg.balancer.options == {"temperature": 0.3}
     assert cfg.optim.milestones == (3, 4)
+
+
+def test_registered_names_and_options_are_checked_before_any_work() -> None:
+    with pytest.raises(ValueError, match=r"Unknown balancer 'amsss'. Did you mean 'amss'"):
+        load_config(None, ["balancer.name=amsss"])
+    with pytest.raises(
+        TypeError, match=r"Balancer 'amss' got unknown option\(s\) \['temprature'\].*'temperature'"
+    ):
+        load_config(None, ["balancer.name=amss", "balancer.options.temprature=0.5"])
+    with pytest.raises(TypeError, match=r"Balancer 'amss' option 'temperature' expects a number"):
+        load_config(None, ["balancer.name=amss", "balancer.options.temperature=hot"])
+    with pytest.raises(ValueError, match=r"Unknown fusion 'concta'"):
+        load_config(None, ["model.fusion=concta"])
+    with pytest.raises(TypeError, match=r"Dataset 'mfeat' got unknown option\(s\) \['view'\]"):
+        load_config(None, ["data.options.view=fac"])
+    with pytest.raises(ValueError, match=r"Unknown encoder 'mpl'"):
+        load_config(None, ["model.encoders={fac: {name: mpl}}"])
+    assert (
+        load_config("cremad").data.name == "cremad"
+    )  # a preset may leave its data folder to the command line
 
 
 def test_unknown_key_suggests_close_match() -> None:
@@ -61,8 +81,11 @@ def test_bad_override_syntax_and_missing_config() -> None:
 def test_option_dicts_read_scientific_notation_as_numbers(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("balancer:\n  name: ogm\n  options:\n    alpha: 1e-1\n    reference: mean\n")
-    cfg = load_config(path, ["balancer.options.beta=2E-3", "model.fusion_options.d_model=64"])
-    assert cfg.balancer.options == {"alpha": 0.1, "reference": "mean", "beta": 0.002}
+    cfg = load_config(
+        path,
+        ["balancer.options.start_epoch=2E0", "model.fusion=attention", "model.fusion_options.d_model=64"],
+    )
+    assert cfg.balancer.options == {"alpha": 0.1, "reference": "mean", "start_epoch": 2.0}
     assert cfg.model.fusion_options == {"d_model": 64}
     with pytest.raises(TypeError, match="train.epochs: expected int, found 'inf'"):
         load_config(None, ["train.epochs=inf"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,7 @@ def _train_all(out: Path, tag: str) -> None:
         state["_shards"] = torch.tensor(
             [run.loaders.train.sampler.num_replicas, run.loaders.train.batch_size]
         )
+        state["_train_loss"] = torch.tensor([r["train_loss"] for r in progress.rows], dtype=torch.float64)
         torch.save(state, out / f"{tag}_{name}.pt")
         return original(run, progress)
 
@@ -85,6 +88,9 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
         r0, r1, single = (torch.load(tmp_path / f"{t}_{name}.pt") for t in ("rank0", "rank1", "single"))
         assert r0.pop("_shards").tolist() == [2, 32] and single.pop("_shards").tolist() == [1, 64]
         r1.pop("_shards")
+        losses = [d.pop("_train_loss") for d in (r0, r1, single)]  # metrics.csv: the loss over all shards
+        assert torch.equal(losses[0], losses[1]), f"{name}: ranks report different training losses"
+        torch.testing.assert_close(losses[0], losses[2], rtol=1e-3, atol=1e-4, msg=f"{name}: train_loss")
         for k in r0:
             assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ in {k}"
             # G-Blending's weights are ratios of loss differences, which amplify float rounding
@@ -120,3 +126,25 @@ def test_a_failed_run_tears_down_the_process_group_it_created(tmp_path: Path) ->
             "data.batch_size (63) is the global batch and must be divisible by the number of processes (2)"
             in message
         )
+
+
+def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(_free_port()), "-m", "equimodal", "train", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+
+
+@pytest.mark.ddp
+def test_torchrun_exits_with_the_runs_own_code(tmp_path: Path) -> None:
+    """A finished run exits 0 (its DDP wrapper is freed before the group, or the process can abort at exit);
+    a non-finite loss exits 3 on every process, with the error on the first."""
+    sets = [x for o in (*BASE, "train.epochs=1") for x in ("--set", o)]
+    for attempt in range(2):
+        done = _torchrun([*sets, "--out", f"run{attempt}"], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / f"run{attempt}" / "summary.json").exists()
+    failed = _torchrun([*sets, "--set", "optim.lr=1e9"], tmp_path)
+    assert failed.returncode != 0
+    assert "Non-finite values at epoch 0" in failed.stderr
+    assert "exitcode  : 3" in failed.stderr or "exit code: 3" in failed.stderr, failed.stderr[-2000:]

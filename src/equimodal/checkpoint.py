@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from .fitting import EpochState
 from .io import atomic_torch_save
+from .run_folder import RunFolderError
 
 log = logging.getLogger(__name__)
 
@@ -66,36 +68,70 @@ class Checkpointer:
     def best_path(self) -> Path | None:
         return None if self.out is None else self.out / "best.pt"
 
-    def resume(self, parts: dict[str, Any], device: torch.device) -> Progress:
+    def _load(self, path: Path, device: torch.device) -> dict[str, Any]:
+        """``torch.load`` a checkpoint; a truncated or foreign file is an error naming it and the fix."""
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=False)
+        except Exception as err:  # zipfile / pickle / EOF errors of a truncated or foreign file
+            raise RunFolderError(
+                f"The checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:120]}); it may "
+                "have been cut off. Pass --no-resume to start the run afresh (the folder's run is replaced), "
+                "or --out another folder."
+            ) from None
+        if not isinstance(ckpt, dict) or "config" not in ckpt:
+            raise RunFolderError(
+                f"{str(path)!r} is not an equimodal checkpoint. Pass --no-resume to start afresh, or --out "
+                "another folder."
+            )
+        return ckpt
+
+    def resume(self, parts: dict[str, Any], device: torch.device) -> tuple[Progress, EpochState | None]:
         """Load ``last.pt`` into ``parts`` (objects with ``load_state_dict``) when it fits this config.
 
-        Returns the restored progress, or a fresh one when there is nothing to resume.
+        Returns the restored progress and, for a checkpoint written mid-epoch, that epoch's state (a
+        fresh progress and ``None`` when there is nothing to resume).
         """
         path = self.last_path
         if path is None or not path.exists():
-            return Progress()
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+            return Progress(), None
+        ckpt = self._load(path, device)
         if ckpt.get("config") != self.config:
             log.warning("Ignoring %s: it was written with another config", path)
-            return Progress()
-        for key, obj in parts.items():
-            if obj is not None and ckpt.get(key) is not None:
-                obj.load_state_dict(ckpt[key])
+            return Progress(), None
+        try:
+            for key, obj in parts.items():
+                if obj is not None and ckpt.get(key) is not None:
+                    obj.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise RunFolderError(
+                f"The checkpoint {str(path)!r} does not fit this run ({type(err).__name__}: {str(err)[:160]}). "
+                "Pass --no-resume to start afresh, or --out another folder."
+            ) from None
         torch.set_rng_state(ckpt["rng"])
-        log.info("Resumed %s at epoch %d", self.out, ckpt["epoch"] + 1)
-        return Progress(
-            rows=ckpt["rows"], best=ckpt["best"], epoch_times=list(ckpt.get("epoch_times", [])),
-            next_epoch=ckpt["epoch"] + 1,
+        partial = EpochState(**ckpt["partial"]) if ckpt.get("partial") else None
+        next_epoch = ckpt["epoch"] if partial is not None else ckpt["epoch"] + 1
+        log.info(
+            "Resumed %s at epoch %d%s", self.out, next_epoch, f", step {partial.steps}" if partial else ""
+        )
+        progress = Progress(
+            rows=ckpt["rows"], best=ckpt["best"], epoch_times=list(ckpt.get("epoch_times", [])), next_epoch=next_epoch,
         )  # fmt: skip
+        return progress, partial
 
-    def save_last(self, parts: dict[str, Any], progress: Progress, epoch: int) -> None:
-        """Write ``last.pt``: every part's state, the progress and the RNG state, after ``epoch``."""
+    def save_last(
+        self, parts: dict[str, Any], progress: Progress, epoch: int, partial: EpochState | None = None
+    ) -> None:
+        """Write ``last.pt``: every part's state, the progress and the RNG state.
+
+        After a finished ``epoch`` (``partial=None``), or mid-way through ``epoch`` with its state.
+        """
         if self.last_path is None or not self.main:
             return
         state = {key: (obj.state_dict() if obj is not None else None) for key, obj in parts.items()}
         state.update(
             rows=progress.rows, epoch_times=progress.epoch_times, best=progress.best, epoch=epoch,
             rng=torch.get_rng_state(), config=self.config,
+            partial=None if partial is None else partial.to_dict(),
         )  # fmt: skip
         atomic_torch_save(state, self.last_path)
 
@@ -113,7 +149,7 @@ class Checkpointer:
         """Restore the selected epoch (from memory, or from ``best.pt`` after a resume)."""
         best = self._best_in_memory
         if best is None and self.best_path is not None and self.best_path.exists():
-            best = torch.load(self.best_path, map_location=device, weights_only=False)
+            best = self._load(self.best_path, device)
         if best is not None:
             model.load_state_dict(best["model"])
             balancer.load_state_dict(best["balancer"])

@@ -52,11 +52,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = load_config(args.config, args.set or [])
-    summary = train(cfg, args.out, resume=not args.no_resume)
+    summary = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process reports
-        Console().print(_summary_table(summary))
+        console = Console(width=min(Console().width, 100))
+        console.print(_summary_table(summary))
         if args.out:
-            Console().print(f"Run folder: {args.out}")
+            console.print(f"Run folder: {args.out}")
+        else:
+            console.print("No --out given: nothing was saved. Pass --out DIR to keep the run folder.")
     return 0
 
 
@@ -88,7 +91,10 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"Option {item!r} must look like key=value (e.g. workers=4).")
         key, raw = item.split("=", 1)
-        options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"Option {item!r}: the value {raw!r} is not valid YAML; quote it.") from None
     return options
 
 
@@ -116,10 +122,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import plot_run
+    from .report import plot_runs
 
-    for run in args.runs:
-        print(plot_run(run, args.out if len(args.runs) == 1 else None))
+    for path in plot_runs(args.runs, args.out):
+        print(path)
     return 0
 
 
@@ -141,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", help="run folder for config.yaml, metrics.csv, best.pt, summary.json")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
+    t.add_argument("--overwrite", action="store_true", help="replace a run of another config in OUT")
     t.set_defaults(func=cmd_train)
 
     ls = sub.add_parser("list", help="list registered names")
@@ -162,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an extra row with its own overrides, e.g. amss_T1:balancer.name=amss,balancer.options.temperature=1",
     )
     c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    c.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
     c.add_argument("--threads", type=int, default=1, help="torch threads per run")
     c.set_defaults(func=cmd_compare)
     pr = sub.add_parser("prepare", help="turn a dataset's raw download into the layout its loader reads")
@@ -173,24 +181,67 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prepare)
     r = sub.add_parser("report", help="plot learning curves of run folders (RUN/curves.png)")
     r.add_argument("runs", nargs="+", help="run folders written by `equimodal train --out`")
-    r.add_argument("--out", help="output PNG (only with a single run)")
+    r.add_argument(
+        "--out",
+        help="one image file (.png, .pdf, .svg) for every run, a row each (default: RUN/curves.png per run)",
+    )
     r.set_defaults(func=cmd_report)
     return p
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Warnings to stderr; off a terminal, the trainer's per-epoch lines to stdout (a terminal gets a bar)."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
+    progress = logging.getLogger("equimodal.train")
+    if verbose or sys.stdout.isatty() or any(getattr(h, "_equimodal", False) for h in progress.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: record.levelno == logging.INFO)
+    handler._equimodal = True  # type: ignore[attr-defined]
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``equimodal`` console script."""
+    """Entry point of the ``equimodal`` console script.
+
+    Exit codes: 0 success; 1 some compared runs failed; 2 bad input (config, data, files); 3 a non-finite
+    loss or gradient stopped training; 128 + N when signal N (SIGINT 2, SIGTERM 15) stopped it.
+    """
+    from .fitting import NonFiniteError
+    from .interrupt import Interrupted
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.verbose)
+    err = Console(stderr=True)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except Interrupted as exc:
+        err.print(f"[bold yellow]stopped:[/] {exc}", highlight=False)
+        return 128 + int(exc.signum)
+    except NonFiniteError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 3
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         if args.verbose:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {_describe(exc)}", highlight=False)
         return 2
+
+
+def _describe(exc: BaseException) -> str:
+    """A message for an error; OS errors without one of ours name the path and what happened."""
+    if (
+        isinstance(exc, OSError)
+        and not isinstance(exc, (FileNotFoundError, FileExistsError))
+        and exc.filename
+    ):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename!r}. Check the path and its permissions."
+    return str(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,12 +1,21 @@
 """``equimodal compare``: balancers x seeds on one dataset, with reference rows and paired statistics.
 
-Each run lives in ``OUT/<label>/seed<k>/`` and is skipped when its ``summary.json`` exists, so an
-interrupted comparison resumes where it stopped. Reference rows computed in the same run: each
+Each run lives in ``OUT/<label>/seed<k>/`` and is skipped when it finished with the config this
+comparison asks for, so an interrupted comparison resumes where it stopped. A run folder that holds a
+run of *another* config (an older comparison into the same ``--out``) is never retrained silently:
+before any training the whole comparison is refused, naming the folders and the differing keys, unless
+``--overwrite`` asks to retrain those runs from scratch. Reference rows computed in the same run: each
 modality trained alone (``unimodal``), the late-fusion ensembles of those branches (product rule
 and mean of probabilities), and joint training with SGD (``none``) and with Adam (``none_adam``).
 For every method the fraction of the joint-to-ensemble gap it closes is estimated, paired by seed,
 with a bootstrap confidence interval over seeds; it is reported as "n/a" when the gap itself is not
-significantly above zero (then any fraction of it would be noise).
+significantly above zero (then any fraction of it would be noise). With a single seed a value is shown
+without a spread and its interval reads "n/a (1 seed)".
+
+The terminal shows a compact table (method, seeds, fused test accuracy, paired Δ, gap closed) that
+fits 80 columns; the full table (macro-F1, per-modality unimodal and probe accuracy, imbalance, time
+per epoch) is written to ``results.md`` and ``results.csv``, the raw figures to ``results.json`` and a
+bar chart (accuracy axis from 0 to 100) to ``results.png``.
 """
 
 from __future__ import annotations
@@ -24,13 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .io import atomic_write_text
+from .run_folder import RunFolderError, check_writable_folder, config_differences
 
 log = logging.getLogger(__name__)
 
+# What a run writes into its folder (train's outputs, and report's curves.png).
+RUN_FILES = (
+    "config.yaml", "last.pt", "best.pt", "metrics.csv", "summary.json", "predictions.npz", "skipped.csv",
+    "curves.png",
+)  # fmt: skip
 ADAM_OVERRIDES = ("optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0")
 
 
@@ -43,9 +61,15 @@ class RunSpec:
     seed: int
 
 
-def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> tuple[str, str | None]:
-    """Run one training; returns ``(run folder, error message or None)`` so one failure stops nothing."""
-    config, overrides, out, threads = args
+def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
+    """Run one training; returns ``(run folder, error message or None)`` so one failure stops nothing.
+
+    ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
+    with ``fresh`` (a run of another config, retrained under ``--overwrite``) the old run's files
+    (``RUN_FILES``) are deleted first, so the run starts from scratch; other files there are kept.
+    """
+    config, overrides, out, threads = args[:4]
+    fresh = bool(args[4]) if len(args) > 4 else False
     import torch
 
     from .config import load_config
@@ -54,6 +78,9 @@ def _run_one(args: tuple[str | None, tuple[str, ...], str, int]) -> tuple[str, s
     torch.set_num_threads(threads)
     try:
         cfg = load_config(config, list(overrides) + ["train.progress=false"])
+        if fresh:
+            for name in RUN_FILES:
+                (Path(out) / name).unlink(missing_ok=True)
         train(cfg, out)
     except Exception as exc:  # noqa: BLE001 - reported per run, the comparison goes on
         log.exception("run %s failed", out)
@@ -81,7 +108,12 @@ def run_specs(
     refs: bool,
     variants: Sequence[tuple[str, tuple[str, ...]]] = (),
 ) -> list[RunSpec]:
-    """All runs of a comparison (methods, then variants, then the reference runs)."""
+    """All runs of a comparison (methods, then variants, then the reference runs).
+
+    Raises:
+        ValueError: ``seeds`` is not a whole number >= 1.
+    """
+    check_count(seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
     specs: list[RunSpec] = []
     labels: list[tuple[str, tuple[str, ...]]] = [(b, (f"balancer.name={b}",)) for b in balancers]
     labels += list(variants)
@@ -97,6 +129,88 @@ def run_specs(
         for label, ov in labels:
             specs.append(RunSpec(label, (*base, *ov, f"train.seed={seed}"), seed))
     return specs
+
+
+def check_count(value: Any, name: str, meaning: str, example: str) -> int:
+    """``value`` as an int >= 1, else a ValueError naming ``--name``, what it means and an example."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"--{name} must be a whole number >= 1 ({meaning}), found {value!r}. Pass e.g. --{name} {example}."
+        )
+    return int(value)
+
+
+def run_dir(out: Path, spec: RunSpec) -> Path:
+    """The folder of one run: ``OUT/<label>/seed<k>``."""
+    return Path(out) / spec.label / f"seed{spec.seed}"
+
+
+def _recorded_config(folder: Path) -> dict[str, Any] | None:
+    """The config a run folder was trained with (``config.yaml``, else ``summary.json``), or None if it
+    holds no run; a run whose config cannot be read reads as a one-key placeholder (a difference)."""
+    saved, summary = folder / "config.yaml", folder / "summary.json"
+    try:
+        if saved.is_file():
+            loaded = yaml.safe_load(saved.read_text())
+            return loaded if isinstance(loaded, dict) else {"(unreadable config.yaml)": True}
+        if summary.is_file():
+            recorded = json.loads(summary.read_text()).get("config")
+            return recorded if isinstance(recorded, dict) else {"(no config recorded)": True}
+    except (yaml.YAMLError, json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return {"(unreadable config.yaml or summary.json)": True}
+    return None
+
+
+def other_config_runs(
+    out: Path, specs: Sequence[RunSpec], expected: dict[RunSpec, dict[str, Any]]
+) -> dict[RunSpec, dict[str, tuple[Any, Any]]]:
+    """The runs whose folder holds a run of another config: ``{spec: {key: (there, now)}}``.
+
+    Raises:
+        RunFolderError: a run's folder path is an existing file.
+    """
+    found: dict[RunSpec, dict[str, tuple[Any, Any]]] = {}
+    for s in specs:
+        folder = run_dir(out, s)
+        if folder.exists() and not folder.is_dir():
+            raise RunFolderError(
+                f"{str(folder)!r} is a file, but compare keeps the run {s.label} seed {s.seed} there. Move "
+                "the file away, or pass another --out."
+            )
+        recorded = _recorded_config(folder) if folder.is_dir() else None
+        if recorded is None:
+            continue
+        diffs = config_differences(recorded, expected[s])
+        if not diffs:  # config.yaml matches: the summary (if any) must too, or it is another run's
+            summary = folder / "summary.json"
+            if summary.is_file():
+                try:
+                    recorded = json.loads(summary.read_text()).get("config")
+                except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                    recorded = {"(unreadable summary.json)": True}
+                if isinstance(recorded, dict):
+                    diffs = config_differences(recorded, expected[s])
+        if diffs:
+            found[s] = diffs
+    return found
+
+
+def other_config_error(out: Path, found: dict[RunSpec, dict[str, tuple[Any, Any]]]) -> RunFolderError:
+    """One error naming every run folder of another config, its differing keys, and the two ways out."""
+    lines = []
+    for s, diffs in list(found.items())[:10]:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(diffs.items())[:4])
+        more = f" (and {len(diffs) - 4} more keys)" if len(diffs) > 4 else ""
+        lines.append(f"  {s.label}/seed{s.seed}: {shown}{more}")
+    if len(found) > 10:
+        lines.append(f"  ... and {len(found) - 10} more run folders")
+    listing = "\n".join(lines)
+    return RunFolderError(
+        f"--out {str(out)!r} holds {len(found)} run folder(s) trained with another config than this "
+        f"comparison asks for:\n{listing}\nNothing was trained or changed. Pass another --out to keep "
+        "those runs and start a new comparison, or add --overwrite to retrain them from scratch (their "
+        "old run files are deleted)."
+    )
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -151,12 +265,26 @@ def gap_closed(method: np.ndarray, joint: np.ndarray, ensemble: np.ndarray) -> t
     return stat(rows), lo, hi
 
 
+ONE_SEED = "n/a (1 seed)"
+
+
 def _mean_std(v: Sequence[float]) -> str:
+    """``mean ± std`` in percent over the finite values; a single value is shown alone (no spread)."""
     a = 100 * np.asarray(v, dtype=float)
-    if a.size == 0 or np.all(np.isnan(a)):
+    a = a[np.isfinite(a)]
+    if a.size == 0:
         return "-"
-    sd = float(np.nanstd(a, ddof=1)) if a.size > 1 else 0.0
-    return f"{np.nanmean(a):.1f} ± {sd:.1f}"
+    if a.size == 1:
+        return f"{a[0]:.1f}"
+    return f"{a.mean():.1f} ± {float(np.std(a, ddof=1)):.1f}"
+
+
+def _mean_ci(d: np.ndarray) -> str:
+    """``mean [lo, hi]`` of paired differences with a bootstrap 95% interval; one seed: no interval."""
+    if d.size == 1:
+        return f"{d[0]:+.2f} [{ONE_SEED}]"
+    lo, hi = bootstrap_ci(d[:, None], lambda r: float(r.mean()))
+    return f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def run_config(config: str | None, spec: RunSpec) -> dict[str, Any]:
@@ -228,10 +356,11 @@ def summarise(
         paired = [s for s in ss if s in joint]
         if paired and label != "none":
             d = 100 * np.array([runs[s]["test"]["test_acc"] - joint[s]["test"]["test_acc"] for s in paired])
-            lo, hi = bootstrap_ci(d[:, None], lambda r: float(r.mean()))
-            row["Δacc vs none (pp)"] = f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            row["Δacc vs none (pp)"] = _mean_ci(d)
         ep = ens["ensemble_product"]
         paired = [s for s in ss if s in joint and s in ep]
+        if len(paired) == 1 and label != "none" and not label.startswith("unimodal_"):
+            row["gap closed [95% CI]"] = ONE_SEED  # whether there is a gap at all needs seeds to tell
         if len(paired) >= 2 and label != "none" and not label.startswith("unimodal_"):
             j = np.array([joint[s]["test"]["test_acc"] for s in paired])
             e = np.array([ep[s] for s in paired])
@@ -250,14 +379,14 @@ def summarise(
             paired = [s for s in ss if s in joint]
             if paired:
                 d = 100 * np.array([accs[s] - joint[s]["test"]["test_acc"] for s in paired])
-                lo, hi = bootstrap_ci(d[:, None], lambda r: float(r.mean()))
-                row["Δacc vs none (pp)"] = f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                row["Δacc vs none (pp)"] = _mean_ci(d)
             rows.append(row)
     for r in rows:
         for c in columns:
             r.setdefault(c, "")
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    md += ["", *table_notes(rows)]
     atomic_write_text(out / "results.md", "\n".join(md) + "\n")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns)
@@ -271,31 +400,93 @@ def summarise(
     return columns, rows
 
 
+COMPACT_COLUMNS = ("method", "n", "test acc", "Δacc vs none (pp)", "gap closed [95% CI]")
+
+
+def table_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The notes printed under the tables (how to read the cells)."""
+    notes = [
+        "test acc: fused test accuracy (%), mean ± std over seeds. Δacc vs none: paired (same seed) "
+        "difference to joint training, with a 95% bootstrap interval over seeds. gap closed: fraction of "
+        "the joint-to-ensemble gap closed (n/a when that gap is not significantly above zero).",
+    ]
+    if any(r.get("n") == 1 for r in rows):
+        notes.append(f'With a single seed a value has no ± spread and its interval reads "{ONE_SEED}".')
+    return notes
+
+
+def results_table(rows: Sequence[dict[str, Any]], title: str, seeds: int | None = None) -> Table:
+    """The compact terminal table (it fits 80 columns; no cell is cut, a too long word folds).
+
+    Columns: ``COMPACT_COLUMNS`` less those empty in every row, and less ``n`` when every row has
+    ``seeds`` runs (the title says how many); the full table is in results.md/csv.
+    """
+    columns = [c for c in COMPACT_COLUMNS if any(str(r.get(c, "")) for r in rows)]
+    if seeds is not None and all(r.get("n") == seeds for r in rows):
+        columns.remove("n")
+    table = Table(
+        title=Text(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
+    for c in columns:
+        table.add_column(Text(c), overflow="fold", justify="left" if c == "method" else "right")
+    for r in rows:  # Text, not markup: "[n/a (1 seed)]" would read as a style tag
+        table.add_row(*[Text(str(r.get(c, ""))) for c in columns])
+    return table
+
+
+def print_results(
+    console: Console, title: str, rows: Sequence[dict[str, Any]], out: Path, seeds: int | None = None
+) -> None:
+    """Print the compact table, its notes, and where the full tables are."""
+    console.print(results_table(rows, title, seeds))
+    for note in table_notes(rows):
+        console.print(note, highlight=False, markup=False)
+    console.print(
+        "Full table (macro-F1, per-modality unimodal and probe accuracy, imbalance, time/epoch): "
+        f"{out / 'results.md'}, {out / 'results.csv'}; plot: {out / 'results.png'}",
+        highlight=False,
+        markup=False,
+    )
+
+
+def results_figure(raw: dict[str, dict[str, dict[str, float]]]) -> Any:
+    """The bar chart of test accuracy per method (mean ± std over seeds), accuracy axis 0 to 100.
+
+    Returns the matplotlib figure (the caller saves and closes it). Raises ImportError without
+    matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(raw)
+    values = [[100 * v["test_acc"] for v in raw[k].values()] for k in labels]
+    means = [float(np.mean(v)) for v in values]
+    stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+    single = all(len(v) == 1 for v in values)
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels)), 3.5))
+    ax.bar(range(len(labels)), means, yerr=None if single else stds, capsize=3, color="#4477aa")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    title = "1 seed (no error bars)" if single else "mean ± std over seeds"
+    if "none" in labels:
+        ax.axhline(means[labels.index("none")], color="0.4", ls="--", lw=1)
+        title += "; dashed: joint training (none)"
+    ax.set_title(title, fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    return fig
+
+
 def _plot(out: Path, raw: dict[str, dict[str, dict[str, float]]]) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig = results_figure(raw)
     except ImportError:
         log.warning("matplotlib is not installed: skipping results.png (pip install 'equimodal[plots]')")
         return
-    labels = list(raw)
-    means = [100 * np.mean([v["test_acc"] for v in raw[k].values()]) for k in labels]
-    stds = [
-        100 * np.std([v["test_acc"] for v in raw[k].values()], ddof=1) if len(raw[k]) > 1 else 0
-        for k in labels
-    ]
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels)), 3.5))
-    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="#4477aa")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    if "none" in labels:
-        ax.axhline(means[labels.index("none")], color="0.4", ls="--", lw=1, label="joint training (none)")
-        ax.legend(loc="lower left", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    lo = min(m - s for m, s in zip(means, stds, strict=True))
-    ax.set_ylim(max(0, lo - 5), min(100, max(m + s for m, s in zip(means, stds, strict=True)) + 2))
-    fig.tight_layout()
+    import matplotlib.pyplot as plt
+
     tmp = out / ".results.png.tmp"
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
@@ -303,10 +494,19 @@ def _plot(out: Path, raw: dict[str, dict[str, dict[str, float]]]) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """CLI entry: run missing runs (in parallel with ``--jobs``), then print and write the tables."""
+    """CLI entry: run missing runs (in parallel with ``--jobs``), then print and write the tables.
+
+    Before any training every run folder is checked against the config its run asks for; one holding
+    a run of another config stops the comparison (a :class:`RunFolderError` naming the folders and
+    keys) unless ``args.overwrite``, which retrains those runs from scratch.
+    """
     from .config import load_config
     from .data import load_dataset
 
+    seeds = check_count(args.seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
+    n_jobs = check_count(getattr(args, "jobs", 1), "jobs", "runs in parallel", "1")
+    threads = check_count(getattr(args, "threads", 1), "threads", "torch threads per run", "1")
+    overwrite = bool(getattr(args, "overwrite", False))
     base = list(args.set or [])
     if args.dataset:
         base.insert(0, f"data.name={args.dataset}")
@@ -323,18 +523,22 @@ def run_compare(args: argparse.Namespace) -> int:
     modalities = load_dataset(cfg.data.name, seed=0, **cfg.data.options).modalities
     refs = not args.no_references
     variants = [parse_variant(v) for v in args.variant or []]
-    specs = run_specs(base, balancers, modalities, args.seeds, refs, variants)
+    specs = run_specs(base, balancers, modalities, seeds, refs, variants)
     out = Path(args.out)
     expected = {s: run_config(args.config, s) for s in specs}
-    todo = [s for s in specs if finished_summary(out, s, expected[s]) is None]
-    stale = [s for s in todo if (out / s.label / f"seed{s.seed}" / "summary.json").exists()]
-    if stale:
-        log.warning("%d run folder(s) hold results of another config and will be retrained", len(stale))
+    check_writable_folder(out)
+    other = other_config_runs(out, specs, expected)
+    if other and not overwrite:
+        raise other_config_error(out, other)
+    todo = [s for s in specs if s in other or finished_summary(out, s, expected[s]) is None]
     console = Console()
+    again = f" ({len(other)} of another config, retrained from scratch: --overwrite)" if other else ""
     console.print(
-        f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run in {out}"
+        f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run{again} in {out}",
+        highlight=False,
+        markup=False,
     )
-    jobs = [(args.config, s.overrides, str(out / s.label / f"seed{s.seed}"), args.threads) for s in todo]
+    jobs = [(args.config, s.overrides, str(run_dir(out, s)), threads, s in other) for s in todo]
     failures: list[tuple[str, str]] = []
 
     def report(i: int, done: str, error: str | None) -> None:
@@ -342,21 +546,17 @@ def run_compare(args: argparse.Namespace) -> int:
         if error:
             failures.append((done, error))
 
-    if args.jobs > 1 and jobs:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
+    if n_jobs > 1 and jobs:
+        with mp.get_context("spawn").Pool(n_jobs) as pool:
             for i, (done, error) in enumerate(pool.imap_unordered(_run_one, jobs), 1):
                 report(i, done, error)
     else:
         for i, job in enumerate(jobs, 1):
             report(i, *_run_one(job))
-    columns, rows = summarise(out, specs, modalities, refs, expected)
-    table = Table(title=f"{cfg.data.name}: test metrics, mean ± std over seeds (epoch chosen on val)")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*[str(r[c]) for c in columns])
-    console.print(table)
-    console.print(f"Tables: {out / 'results.md'}, {out / 'results.csv'}")
+    _, rows = summarise(out, specs, modalities, refs, expected)
+    spread = "1 seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+    title = f"{cfg.data.name}: test metrics, {spread} (epoch chosen on val)"
+    print_results(console, title, rows, out, seeds)
     if failures:
         console.print(f"[bold red]{len(failures)} run(s) failed[/] (rerun the same command to retry them):")
         for done, error in failures:

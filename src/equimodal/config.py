@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -74,7 +75,14 @@ class BalancerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Epochs, seed, device and run-level switches."""
+    """Epochs, seed, device and run-level switches.
+
+    ``on_nonfinite``: ``"stop"`` (a non-finite loss or gradient ends the run with an error naming the
+    epoch, the step and the modality) or ``"skip"`` (such steps are skipped and counted in metrics.csv as
+    ``skipped_steps``; AMP overflow steps are always left to the GradScaler). ``checkpoint_every``: also
+    write ``last.pt`` every N optimizer steps (0: at epoch ends only), so a long epoch resumes mid-way.
+    ``log_every``: off a terminal, also log a line every N optimizer steps (0: one line per epoch).
+    """
 
     epochs: int = 40
     seed: int = 0
@@ -84,6 +92,9 @@ class TrainConfig:
     probe: bool = True
     progress: bool = True
     num_threads: int = 0
+    on_nonfinite: str = "stop"
+    checkpoint_every: int = 0
+    log_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,9 +165,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if tp is int:
                 if float(number) != int(float(number)):
                     raise ValueError
+                if abs(float(number)) >= 2**31:
+                    raise ValueError(
+                        f"{where}: expected an integer of magnitude below 2**31, found {value!r}."
+                    )
                 return int(float(number))
             return float(number)
-        except (TypeError, ValueError, OverflowError):
+        except ValueError as err:
+            if str(err).startswith(where):
+                raise
+            raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
+        except (TypeError, OverflowError):
             raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -177,8 +196,91 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:
-    """Build a :class:`Config` from nested mappings, coercing values by field type."""
-    return _from_mapping(Config, data or {}, "")
+    """Build a :class:`Config` from nested mappings, coercing values by field type, and validate it."""
+    cfg = _from_mapping(Config, data or {}, "")
+    validate_config(cfg)
+    return cfg
+
+
+def _check(ok: bool, where: str, expected: str, value: Any, fix: str = "") -> None:
+    if not ok:
+        raise ValueError(f"{where}: expected {expected}, found {value!r}.{' ' + fix if fix else ''}")
+
+
+def _choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise unknown_name_error(kind, value, list(valid))
+
+
+def validate_config(cfg: Config) -> None:
+    """Check every value's range and choice before any work starts (names the key, the rule, the value).
+
+    Raises:
+        ValueError: e.g. ``train.epochs: expected an integer >= 1, found 0.``
+    """
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    _check(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", d.eval_batch_size)
+    _check(d.num_workers >= -1, "data.num_workers", "-1 (automatic) or an integer >= 0", d.num_workers)
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", d.prefetch_factor)
+    _choice("optimizer (optim.name)", o.name, ("sgd", "adam", "adamw"))
+    _check(
+        math.isfinite(o.lr) and o.lr > 0,
+        "optim.lr",
+        "a finite number > 0",
+        o.lr,
+        "Try 0.01 (SGD) or 1e-3 (Adam).",
+    )
+    _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
+    _check(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        "optim.weight_decay",
+        "a finite number >= 0",
+        o.weight_decay,
+    )
+    _choice("schedule (optim.schedule)", o.schedule, ("none", "step", "multistep", "cosine"))
+    _check(o.step_size >= 1, "optim.step_size", "an integer >= 1", o.step_size)
+    _check(all(m >= 1 for m in o.milestones), "optim.milestones", "epochs >= 1", list(o.milestones))
+    _check(math.isfinite(o.gamma) and o.gamma > 0, "optim.gamma", "a finite number > 0", o.gamma)
+    _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
+    _check(t.grad_accum >= 1, "train.grad_accum", "an integer >= 1", t.grad_accum)
+    _check(t.num_threads >= 0, "train.num_threads", "0 (torch's default) or an integer >= 1", t.num_threads)
+    _choice("train.on_nonfinite value", t.on_nonfinite, ("stop", "skip"))
+    _check(
+        t.checkpoint_every >= 0,
+        "train.checkpoint_every",
+        "0 (epoch ends only) or an integer >= 1",
+        t.checkpoint_every,
+    )
+    _check(t.log_every >= 0, "train.log_every", "0 (one line per epoch) or an integer >= 1", t.log_every)
+    _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
+    _check(bool(d.name), "data.name", "a registered dataset name", d.name)
+    check_registered(cfg)
+
+
+def check_registered(cfg: Config) -> None:
+    """The dataset, balancer, fusion and encoder names are registered and their options fit them.
+
+    Checked by name and signature only (nothing is built or loaded), with the registries' messages:
+    close matches for unknown names and options, the expected type for a mistyped value. A required
+    option left out (a preset's data folder) is named when the dataset is loaded.
+    """
+    from .balancers.registry import BALANCERS
+    from .data.registry import DATASETS
+    from .models.encoders import ENCODERS
+    from .models.fusion import FUSIONS
+
+    DATASETS.check(cfg.data.name, {"seed": cfg.train.seed, **cfg.data.options}, complete=False)
+    options = dict(cfg.balancer.options)
+    if "seed" in BALANCERS.options(cfg.balancer.name):
+        options.setdefault("seed", cfg.train.seed)
+    BALANCERS.check(cfg.balancer.name, options, complete=False)
+    FUSIONS.check(cfg.model.fusion, cfg.model.fusion_options, complete=False)
+    for m, spec in cfg.model.encoders.items():
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise TypeError(f"model.encoders.{m} must be a mapping with a 'name' key, found {spec!r}.")
+        ENCODERS.check(spec["name"], {k: v for k, v in spec.items() if k != "name"}, complete=False)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -202,11 +304,29 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error names the file, line and column (1-based)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: invalid YAML ({problem}). Fix the file's syntax.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (UTF-8) YAML file.") from None
+
+
 def load_config(source: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML file (or a shipped preset by name), then apply ``key.path=value`` overrides."""
+    """Load a YAML file (or a shipped preset by name), then apply ``key.path=value`` overrides.
+
+    Every value is checked (types, ranges, choices) before anything runs; see :func:`validate_config`.
+    """
     data: dict[str, Any] = {}
     if source is not None:
         path = Path(source)
+        if path.is_dir():
+            raise ValueError(f"Config {str(source)!r} is a folder; pass a YAML file or a preset name.")
         if not path.exists():
             preset = PRESET_DIR / f"{source}.yaml"
             if not preset.exists():
@@ -217,7 +337,7 @@ def load_config(source: str | Path | None = None, overrides: Iterable[str] = ())
                     f"Presets: {', '.join(list_presets())}."
                 )
             path = preset
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, Mapping):
             raise TypeError(
                 f"{path}: expected a YAML mapping at the top level, found {type(loaded).__name__}."
@@ -235,7 +355,14 @@ def _set_path(data: dict[str, Any], item: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ValueError(f"Override {item!r} has an empty key.")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(
+            f"Override {item!r}: the value {raw!r} is not valid YAML ({problem}). Quote it to pass a string, "
+            "e.g. key='\"text\"'."
+        ) from None
     node = data
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})

@@ -190,7 +190,13 @@ def coerce_option(where: str, key: str, value: Any, default: Any, annotation: An
 
 
 def check_options(
-    where: str, factory: Callable[..., Any], options: Mapping[str, Any], *, skip: int = 0, example: str = ""
+    where: str,
+    factory: Callable[..., Any],
+    options: Mapping[str, Any],
+    *,
+    skip: int = 0,
+    example: str = "",
+    complete: bool = True,
 ) -> dict[str, Any]:
     """Validate ``options`` against ``factory``'s keyword parameters and return them coerced.
 
@@ -200,6 +206,7 @@ def check_options(
         options: the keyword options given.
         skip: leading positional parameters that are not options (e.g. ``model``).
         example: how a user passes an option, with ``{key}`` for its name (for the missing-option hint).
+        complete: whether ``options`` must hold every required option (``False``: check what is given).
     """
     sig_params = _signature(factory).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig_params):
@@ -212,7 +219,7 @@ def check_options(
         shown = ", ".join(f"{k}={p.default!r}" if p.default is not _EMPTY else k for k, p in valid.items())
         raise TypeError(f"{where} got unknown option(s) {unknown}.{hint} Valid options: {shown or '(none)'}.")
     missing = [k for k, p in valid.items() if p.default is _EMPTY and k not in options]
-    if missing:
+    if missing and complete:
         how = example.format(key=missing[0]) if example else f"{missing[0]}=..."
         raise TypeError(f"{where} needs option(s) {missing}, e.g. {how}.")
     hints = _hints(factory)
@@ -272,12 +279,21 @@ class Registry(Generic[T]):
         """The options of ``name`` and their defaults (``inspect.Parameter.empty`` when required)."""
         return {k: p.default for k, p in option_parameters(self.get(name), self.skip).items()}
 
-    def check(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate and coerce ``options`` for ``name`` without building anything."""
+    def check(self, name: str, options: Mapping[str, Any], *, complete: bool = True) -> dict[str, Any]:
+        """Validate and coerce ``options`` for ``name`` without building anything.
+
+        ``complete=False`` checks only the options given (a preset may leave a required one, such as a
+        data folder, to the command line; building it then names what is missing).
+        """
         factory = self.get(name)
         example = self.example.format(name=name, key="{key}") if self.example else ""
         return check_options(
-            f"{self.kind.capitalize()} {name!r}", factory, options, skip=self.skip, example=example
+            f"{self.kind.capitalize()} {name!r}",
+            factory,
+            options,
+            skip=self.skip,
+            example=example,
+            complete=complete,
         )
 
     def create(self, name: str, *args: Any, **options: Any) -> Any:

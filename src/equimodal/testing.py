@@ -19,7 +19,8 @@ The checks:
   ``torch.save``/``torch.load(weights_only=True)``) continues identically.
 - :func:`check_deterministic`: the same seed gives bit-identical steps.
 - :func:`check_accumulation`: k micro-batches give the update of one batch k times larger.
-- :func:`check_overflow_tolerated`: an inf/NaN gradient step (AMP overflow) does not raise or corrupt state.
+- :func:`check_overflow_tolerated`: a dropped inf/NaN step (an AMP overflow, or a NaN micro-batch that a
+  driver skips) does not raise and leaves the next steps finite.
 - :func:`check_two_call_loop`: a bare two-call loop (and the README's loop, which adds ``set_epoch`` and
   ``batch=``) either trains exactly as the fully driven method or raises
   :class:`~equimodal.balancers.DriverError` at its first call, naming the call it needs.
@@ -271,22 +272,44 @@ def check_accumulation(
 
 
 def check_overflow_tolerated(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
-    """An inf gradient (an AMP overflow step) passes ``before_step`` and the next step is finite."""
-    model = toy_model(num_modalities)
-    balancer = build(spec, model, options)
-    if balancer.requirements.own_step:
-        return  # an owned step runs no GradScaler path
-    start_epoch(balancer, 0)
-    batch, y = toy_batch(num_modalities, 16, seed=1)
-    balancer.loss(model(batch), y, batch=batch).backward()
-    first = next(model.encoders[balancer.modalities[0]].parameters())
-    first.grad.fill_(float("inf"))
-    balancer.before_step()  # must not raise: GradScaler will skip this step
-    model.zero_grad()
-    grads, _ = _one_step(balancer, model, num_modalities, seed=2, prepare=False)
-    assert all(bool(torch.isfinite(g).all()) for g in grads.values()), (
-        "non-finite gradient after an overflow step"
-    )
+    """A step that is dropped for inf/NaN passes ``before_step`` and leaves the next steps finite.
+
+    Two such steps: an AMP overflow (one gradient holds inf; the ``GradScaler`` skips the step) and a
+    micro-batch whose inputs, hence logits, loss and gradients, hold NaN (what the reference trainer's
+    ``on_nonfinite="skip"`` drops: it sets the gradients to NaN and calls ``before_step`` without an
+    optimizer step). Either way the balancer must not raise, and must not carry what it saw into the
+    next steps: their gradients and parameters stay finite.
+    """
+    for scenario in ("overflow", "nan_batch"):
+        model = toy_model(num_modalities)
+        balancer = build(spec, model, options)
+        if balancer.requirements.own_step:
+            return  # an owned step runs no GradScaler path and is never skipped by a driver
+        start_epoch(balancer, 0)
+        batch, y = toy_batch(num_modalities, 16, seed=1)
+        out = model(batch)
+        if scenario == "nan_batch":  # the first sample's logits are NaN, as if its inputs were
+            poison = torch.ones(16, 1).index_fill_(0, torch.tensor([0]), float("nan"))
+            out = out._replace(
+                logits=out.logits * poison,
+                unimodal_logits={m: v * poison for m, v in out.unimodal_logits.items()},
+            )
+        balancer.loss(out, y, batch=batch).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if scenario == "overflow":
+            next(model.encoders[balancer.modalities[0]].parameters()).grad.fill_(float("inf"))
+        else:
+            torch._foreach_mul_(grads, float("nan"))
+        balancer.before_step()  # must not raise: this step is dropped
+        model.zero_grad(set_to_none=True)
+        for seed in (2, 3):
+            grads_after, params = _one_step(balancer, model, num_modalities, seed=seed, prepare=False)
+            assert all(bool(torch.isfinite(g).all()) for g in grads_after.values()), (
+                f"non-finite gradient {seed - 1} step(s) after a dropped step ({scenario})"
+            )
+            assert all(bool(torch.isfinite(p).all()) for p in params.values()), (
+                f"non-finite parameter {seed - 1} step(s) after a dropped step ({scenario})"
+            )
 
 
 _NEEDED_CALL = re.compile(r"train_step\(|set_epoch\(|prepare_epoch\(|batch=")

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import json
 import logging
 import os
 import random
+import signal
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +50,12 @@ from .data import load_dataset
 from .data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
 from .distributed import rank as dist_rank
 from .evaluation import EvalResult, evaluate, linear_probes, removal_accuracy
-from .fitting import EpochFitter, StepContext
+from .fitting import EpochFitter, EpochState, NonFiniteError, StepContext, params_finite
+from .interrupt import Interrupted, StopRequest, stop_signals
 from .io import atomic_savez, atomic_write_text
 from .models import MultimodalClassifier
 from .models.encoders import create_encoder
+from .run_folder import check_run_folder
 from .types import check_batch
 
 log = logging.getLogger(__name__)
@@ -80,7 +86,11 @@ def process_group(device_type: str) -> Iterator[tuple[int, int]]:
 
     A group that already exists (created by the caller) is used and left alone. A group created here is
     torn down when the run ends and also when it fails, so a failed rank does not leave the others hanging
-    in a later collective of the same process.
+    in a later collective of the same process. Before it is destroyed, the run's objects are freed
+    (the locals of the frames of a failure's traceback are cleared, then a garbage collection): a
+    ``DistributedDataParallel`` wrapper that outlives its gloo group makes the process abort at exit
+    (SIGABRT in about half of the runs with torch 2.13), which would turn a finished run into a failure.
+    If you create the group yourself, drop your references to the run before destroying it.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     own = world > 1 and not dist.is_initialized()
@@ -90,7 +100,13 @@ def process_group(device_type: str) -> Iterator[tuple[int, int]]:
         yield dist_rank(), (dist.get_world_size() if dist.is_initialized() else 1)
         if own:
             dist.barrier()
+    except BaseException as exc:
+        if own:
+            traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
+        if dist.is_initialized():
+            gc.collect()  # also when the caller owns the group: free this run's DDP wrapper now
         if own:
             dist.destroy_process_group()
 
@@ -288,6 +304,12 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=req.unused_parameters,
         )
+    if req.own_step and t.on_nonfinite == "skip":
+        raise ValueError(
+            f"train.on_nonfinite=skip cannot be used with balancer {cfg.balancer.name!r}: it runs its own "
+            "optimisation step, which has updated the parameters before its loss can be checked. Use "
+            "train.on_nonfinite=stop (the default)."
+        )
     use_amp = t.amp and device.type == "cuda"
     if use_amp and req.own_step:
         raise ValueError(
@@ -309,11 +331,17 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
 
 
 # ---------------------------------------------------------------------------------------- per epoch
-def start_epoch(run: Run, epoch: int) -> None:
-    """``set_epoch`` on the samplers and the balancer, and ``prepare_epoch`` when it needs epoch data."""
-    run.loaders.train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+def start_epoch(run: Run, epoch: int, resumed: EpochState | None = None) -> None:
+    """``set_epoch`` on the samplers and the balancer, and ``prepare_epoch`` when it needs epoch data.
+
+    Resuming mid-epoch, the sampler skips the samples already trained on and ``prepare_epoch`` is not
+    called again (its result is part of the balancer's restored state).
+    """
+    per_rank = run.cfg.data.batch_size // run.world
+    skip = 0 if resumed is None else resumed.batches * per_rank
+    run.loaders.train.sampler.set_epoch(epoch, start=skip)  # type: ignore[union-attr]
     run.balancer.set_epoch(epoch)
-    if run.balancer.requirements.epoch_data:
+    if run.balancer.requirements.epoch_data and resumed is None:
         run.loaders.epoch_train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         held = run.loaders.heldout
         run.balancer.prepare_epoch(
@@ -431,12 +459,31 @@ def _progress_bar(enabled: bool, total: int, done: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def prepare_run_folder(out: Path, cfg: Config, *, overwrite: bool, resume: bool, rank: int) -> bool:
+    """Refuse a folder holding another config's run (unless ``overwrite``); returns whether to resume.
+
+    With ``overwrite`` (or ``resume=False``) the folder's previous run files are removed first, so nothing
+    of the old run is mixed into the new one.
+    """
+    same = check_run_folder(out, config_to_dict(cfg), overwrite=overwrite)
+    if rank == 0:
+        if not same or not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return same and resume
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "summary.json", "predictions.npz", "skipped.csv")
+
+
 def train(
     cfg: Config,
     out_dir: str | Path | None = None,
     *,
     dataset: MultimodalDataset | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns the summary (also written to ``out_dir/summary.json``).
@@ -445,48 +492,83 @@ def train(
         cfg: the resolved configuration.
         out_dir: run folder; ``None`` keeps everything in memory.
         dataset: a preloaded dataset (else ``load_dataset(cfg.data.name, seed=cfg.train.seed, ...)``).
-        resume: continue from ``out_dir/last.pt`` when it exists and matches the config.
+        resume: continue from ``out_dir/last.pt`` when it exists (``False``: start afresh in the folder).
+        overwrite: replace a run of another config in ``out_dir`` (otherwise that is an error).
         on_epoch: called with each epoch's metrics row.
+
+    Raises:
+        RunFolderError: ``out_dir`` holds another config's run, is a file or cannot be written, or its
+            checkpoint cannot be read. NonFiniteError: a non-finite loss or gradient (with
+            ``train.on_nonfinite="stop"``). Interrupted: SIGINT/SIGTERM (after writing a checkpoint).
     """
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     out = Path(out_dir) if out_dir is not None else None
-    with process_group(select_device(cfg.train.device).type) as (rank, world):
-        if out is not None and rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-        run = build_run(cfg, out, dataset, rank, world)
-        ckpt = Checkpointer(out, config_to_dict(cfg), run.main)
-        progress = ckpt.resume(run.parts(), run.device) if resume else Progress()
-        fitter = EpochFitter(
-            StepContext(run.train_model, run.balancer, run.optimizer, run.scaler, cfg.train.grad_accum,
-                        run.use_amp, run.device)
-        )  # fmt: skip
-        bar = _progress_bar(cfg.train.progress and run.main, cfg.train.epochs, progress.next_epoch)
-        try:
-            for epoch in range(progress.next_epoch, cfg.train.epochs):
-                fit_one_epoch(run, fitter, ckpt, progress, epoch, on_epoch, bar)
-        finally:
-            if bar is not None:
-                bar.stop()
-        ckpt.load_best(run.model, run.balancer, run.device)
-        return final_summary(run, progress)
+    with process_group(select_device(cfg.train.device).type) as (rank, world), stop_signals() as stop:
+        # The run lives in run_in_group's frame only, so that it (and its DDP wrapper) is gone before
+        # the process group is destroyed, on success and on failure (see process_group).
+        return run_in_group(cfg, out, dataset, (resume, overwrite), on_epoch, (rank, world, stop))
+
+
+def run_in_group(
+    cfg: Config, out: Path | None, dataset: MultimodalDataset | None, flags: tuple[bool, bool],
+    on_epoch: Callable[[dict[str, Any]], None] | None, where: tuple[int, int, StopRequest],
+) -> dict[str, Any]:  # fmt: skip
+    """The body of :func:`train` inside its process group: folder, run, resume, epochs, summary."""
+    (resume, overwrite), (rank, world, stop) = flags, where
+    if out is not None:
+        resume = prepare_run_folder(out, cfg, overwrite=overwrite, resume=resume, rank=rank)
+    run = build_run(cfg, out, dataset, rank, world)
+    ckpt = Checkpointer(out, config_to_dict(cfg), run.main)
+    progress, partial = ckpt.resume(run.parts(), run.device) if resume else (Progress(), None)
+    fitter = EpochFitter(
+        StepContext(run.train_model, run.balancer, run.optimizer, run.scaler, cfg.train.grad_accum,
+                    run.use_amp, run.device, cfg.train.on_nonfinite)
+    )  # fmt: skip
+    show_bar = cfg.train.progress and run.main and sys.stdout.isatty()
+    bar = _progress_bar(show_bar, cfg.train.epochs, progress.next_epoch)
+    try:
+        for epoch in range(progress.next_epoch, cfg.train.epochs):
+            resumed = partial if epoch == progress.next_epoch else None
+            fit_one_epoch(run, fitter, ckpt, progress, epoch, resumed, stop, on_epoch, bar)
+    finally:
+        if bar is not None:
+            bar.stop()
+    ckpt.load_best(run.model, run.balancer, run.device)
+    return final_summary(run, progress)
 
 
 def fit_one_epoch(
     run: Run, fitter: EpochFitter, ckpt: Checkpointer, progress: Progress, epoch: int,
-    on_epoch: Callable[[dict[str, Any]], None] | None, bar: Any,
+    resumed: EpochState | None, stop: StopRequest, on_epoch: Callable[[dict[str, Any]], None] | None, bar: Any,
 ) -> None:  # fmt: skip
-    """Train one epoch, validate, select, checkpoint and report it."""
-    tic = time.perf_counter()
-    start_epoch(run, epoch)
-    train_loss, stats = fitter.fit(run.loaders.train)
+    """Train one epoch (or its rest after a mid-epoch resume), validate, select, checkpoint, report."""
+    t, tic = run.cfg.train, time.perf_counter()
+    done = resumed.seconds if resumed is not None else 0.0
+    start_epoch(run, epoch, resumed)
+
+    def after_step(state: EpochState, check: Callable[[], None]) -> None:
+        state.seconds = done + time.perf_counter() - tic
+        stopping = stop.requested(state.steps, run.world, run.device)
+        if stopping or (t.checkpoint_every and state.steps % t.checkpoint_every == 0):
+            check()  # never checkpoint past a non-finite step
+            check_params_finite(run, epoch)
+            ckpt.save_last(run.parts(), progress, epoch, partial=state)
+        if stopping:
+            raise Interrupted(stop.signum or signal.SIGTERM, interrupted_message(run, epoch, state, stop))
+        if t.log_every and state.steps % t.log_every == 0 and run.main:
+            log.info("epoch %d, step %d: train loss %.4f", epoch + 1, state.steps, state.mean_loss)
+
+    state = fitter.fit(run.loaders.train, resumed, epoch=epoch, after_step=after_step)
+    check_params_finite(run, epoch)
+    train_loss = mean_train_loss(run, state)
     if run.scheduler is not None:
         run.scheduler.step()
-    seconds = time.perf_counter() - tic
+    seconds = done + time.perf_counter() - tic
     progress.epoch_times.append(seconds)
     val = validate_epoch(run)
-    row = epoch_row(epoch, train_loss, seconds, val, stats)
+    row = epoch_row(epoch, train_loss, seconds, val, state.mean_stats())
+    row["skipped_steps"] = state.skipped
     progress.rows.append(row)
     if progress.improves(val.accuracy, val.loss):
         progress.best = {"epoch": epoch, "val_acc": val.accuracy, "val_loss": val.loss}
@@ -496,5 +578,53 @@ def fit_one_epoch(
     ckpt.save_last(run.parts(), progress, epoch)
     if on_epoch is not None:
         on_epoch(row)
+    report_epoch(run, epoch, (train_loss, state.skipped), val, seconds, bar)
+
+
+def mean_train_loss(run: Run, state: EpochState) -> float:
+    """The epoch's mean micro-batch loss over every process's shard (one all-reduce under DDP)."""
+    if run.world == 1:
+        return state.mean_loss
+    state.settle()
+    t = torch.tensor([state.loss_sum, float(state.batches)], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def check_params_finite(run: Run, epoch: int) -> None:
+    """Stop (``on_nonfinite=stop``) before a checkpoint or a validation of non-finite parameters.
+
+    A gradient that held inf/NaN while the loss stayed finite reaches the parameters unseen by the
+    loss flags; this one check per checkpoint and epoch catches it.
+    """
+    if run.cfg.train.on_nonfinite == "stop" and not params_finite(run.model):
+        raise NonFiniteError(
+            f"Non-finite parameters after epoch {epoch} steps (a gradient held inf/NaN while the loss was "
+            "finite). Lower optim.lr, or set train.on_nonfinite=skip to skip such steps."
+        )
+
+
+def report_epoch(
+    run: Run, epoch: int, train: tuple[float, int], val: EvalResult, seconds: float, bar: Any
+) -> None:
+    """Advance the progress bar (a terminal) or log one line (off a terminal) for a finished epoch.
+
+    ``train`` is the epoch's mean training loss and its number of skipped steps.
+    """
+    loss, skipped = train
     if bar is not None:
-        bar.update(bar.task_ids[0], advance=1, info=f"val acc {val.accuracy:.3f}  loss {train_loss:.3f}")
+        bar.update(bar.task_ids[0], advance=1, info=f"val acc {val.accuracy:.3f}  loss {loss:.3f}")
+    elif run.main:
+        note = f", {skipped} skipped step(s)" if skipped else ""
+        log.info(
+            "epoch %d/%d: train loss %.4f, val acc %.4f, val loss %.4f, %.1f s%s",
+            epoch + 1, run.cfg.train.epochs, loss, val.accuracy, val.loss, seconds, note,
+        )  # fmt: skip
+
+
+def interrupted_message(run: Run, epoch: int, state: EpochState, stop: StopRequest) -> str:
+    """What the CLI prints when a signal stopped the run: where, and how to resume."""
+    where = f"{stop.name} stopped the run in epoch {epoch}, after optimizer step {state.steps}"
+    if run.out is None:
+        return f"{where}; nothing was saved (no --out). Pass --out DIR to make a run resumable."
+    return f"{where}; a checkpoint is in {run.out}. Rerun the same command to resume from it."

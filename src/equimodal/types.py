@@ -59,10 +59,19 @@ def check_batch(batch: Mapping[str, Tensor], modalities: Sequence[str]) -> None:
             f"found {sorted(batch.keys())}). Make the dataset yield one tensor per modality name "
             "in `model.encoders`."
         )
+    sizes: dict[str, int] = {}
     for m in modalities:
         x = batch[m]
         if not isinstance(x, Tensor):
             raise TypeError(f"Batch entry {m!r} must be a Tensor, found {type(x).__name__}.")
+        if x.dim() == 0:
+            raise ValueError(f"Batch entry {m!r} is a scalar; expected a (batch, ...) tensor.")
+        sizes[m] = int(x.shape[0])
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"The modalities hold different numbers of samples: {sizes} (the first dimension of each "
+                "tensor is its batch size). Give every modality one row per sample of the batch."
+            )
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             n_bad = int((~torch.isfinite(x)).sum())
             raise ValueError(

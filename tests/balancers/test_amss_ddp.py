@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             records.append({"masks": masks, "stats": balancer.stats()})
             opt.step()
         torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
+        del ddp  # a DDP wrapper that outlives its gloo group can abort the process at exit
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 import equimodal as em
 from equimodal import testing
@@ -76,3 +77,23 @@ def test_check_balancer_catches_a_broken_balancer() -> None:
 
     with pytest.raises(AssertionError, match="joint_outside_window"):
         testing.check_balancer(ForgetsTheWindow, modalities=(2,))
+
+
+def test_check_balancer_catches_state_poisoned_by_a_dropped_step() -> None:
+    class KeepsNaN(em.Balancer):
+        """A running confidence mean with no guard: one NaN micro-batch poisons every later step."""
+
+        def __init__(self, model, *, start_epoch=0, end_epoch=None, seed=0):
+            super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+            self.mean = torch.ones(())
+
+        def observe(self, out, target, batch) -> None:
+            self.mean = 0.9 * self.mean + 0.1 * out.logits.detach().softmax(1).amax(1).mean()
+
+        def adjust_gradients(self) -> None:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.mean)
+
+    with pytest.raises(AssertionError, match="after a dropped step \\(nan_batch\\)"):
+        testing.check_overflow_tolerated(KeepsNaN)

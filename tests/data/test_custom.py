@@ -56,7 +56,8 @@ def test_npz_round_trip_with_string_split(tmp_path: Path) -> None:
     split = np.array(["train", "val", "test"] * 20)
     path = tmp_path / "d.npz"
     np.savez(path, **arrays, split=split)
-    ds = load_dataset("custom_npz", path=str(path), standardize=False)
+    with pytest.warns(UserWarning, match=r"class 0 \(20 samples\): none in val or test"):  # label r % 3
+        ds = load_dataset("custom_npz", path=str(path), standardize=False)
     assert ds.modalities == ["audio", "video"] and ds.num_classes == 3 and ds.class_names is None
     assert ds.input_shapes() == {"audio": (13,), "video": (1, 6, 6)}
     assert (len(ds.train), len(ds.val), len(ds.test)) == (20, 20, 20)
@@ -72,7 +73,8 @@ def test_npz_int_split_and_modality_selection(tmp_path: Path) -> None:
     arrays = _toy_arrays()
     path = tmp_path / "d.npz"
     np.savez(path, **arrays, split=np.arange(60) % 3)
-    ds = load_dataset("custom_npz", path=path, modalities="video,audio")
+    with pytest.warns(UserWarning, match="leaves classes out of some splits"):
+        ds = load_dataset("custom_npz", path=path, modalities="video,audio")
     assert ds.modalities == ["video", "audio"]
     assert len(ds.train) == 20
     x = ds.train.inputs["audio"].double()
@@ -323,3 +325,99 @@ def test_csv_error_reports_the_file_line_after_blank_lines(tmp_path: Path) -> No
     path.write_text("label,a_0,b_0\n0,1,2\n\n1,x,3\n")
     with pytest.raises(ValueError, match=r"line 4, column 'a_0': expected a number, found 'x'"):
         load_dataset("custom_csv", path=path)
+
+
+# ---------------------------------------------------------------- classes, typos, bad cells, scalars
+
+
+def _rows_with_labels(labels: list[object]) -> list[list[object]]:
+    return [[y, float(i), float(-i)] for i, y in enumerate(labels)]
+
+
+def test_a_class_of_one_sample_without_a_split_is_refused(tmp_path: Path) -> None:
+    labels = ["cat"] * 10 + ["dog"] * 10 + ["eel"]
+    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], _rows_with_labels(labels))
+    with pytest.raises(ValueError) as err:
+        load_dataset("custom_csv", path=path)
+    message = str(err.value)
+    assert "class 'eel' (1 sample): none in val or test" in message
+    assert "at least 4 samples" in message and "'split' column" in message
+    assert "cat" not in message  # only the classes that are too small are named
+    arrays = {"a": np.zeros((21, 2)), "label": np.array([0] * 10 + [1] * 10 + [2])}
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(ValueError, match=r"class 2 \(1 sample\): none in val or test"):
+        load_dataset("custom_npz", path=tmp_path / "d.npz")
+    arrays["label"] = np.array([0] * 10 + [1] * 9 + [2] * 2)  # 2 samples: train and test, no val
+    np.savez(tmp_path / "d2.npz", **arrays)
+    with pytest.raises(ValueError, match=r"class 2 \(2 samples\): none in val"):
+        load_dataset("custom_npz", path=tmp_path / "d2.npz")
+
+
+def test_a_class_missing_from_a_chosen_split_is_allowed_with_a_warning(tmp_path: Path) -> None:
+    labels = ["cat"] * 10 + ["dog"] * 10 + ["eel"]
+    rows = [[*r, s] for r, s in zip(_rows_with_labels(labels), ["train", "val", "test"] * 7, strict=True)]
+    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "split"], rows)
+    with pytest.warns(UserWarning, match=r"class 'eel' \(1 sample\): none in train or val\. A class missing"):
+        ds = load_dataset("custom_csv", path=path)
+    assert ds.class_names == ["cat", "dog", "eel"] and len(ds.test) == 7
+
+
+def test_a_lone_column_near_another_prefix_is_a_typo(tmp_path: Path) -> None:
+    header = ["label", *[f"audio_{i}" for i in range(13)], "audoi_0", "video_0", "video_1"]
+    rows = [[r % 2, *range(13), 1, 2, 3] for r in range(20)]
+    path = _write_csv(tmp_path / "d.csv", header, rows)
+    with pytest.raises(ValueError) as err:
+        load_dataset("custom_csv", path=path)
+    message = str(err.value)
+    assert "column 'audoi_0' is the only column with prefix 'audoi_', close to 'audio_'" in message
+    assert "(13 column(s) audio_0..audio_12)" in message
+    assert "Rename it (e.g. to 'audio_13')" in message and "modalities=" in message
+    ds = load_dataset(
+        "custom_csv", path=path, modalities={"audio": "audio_", "audoi": ["audoi_0"], "video": "video_"}
+    )
+    assert ds.input_shapes() == {"audio": (13,), "audoi": (1,), "video": (2,)}
+    # one-column modalities whose names are not alike stay accepted
+    ok = _write_csv(
+        tmp_path / "ok.csv", ["label", "age_0", "video_0", "video_1"], [[r % 2, r, 1, 2] for r in range(20)]
+    )
+    assert load_dataset("custom_csv", path=ok).input_shapes() == {"age": (1,), "video": (2,)}
+    alike = _write_csv(
+        tmp_path / "alike.csv", ["label", "sensor1_0", "sensor2_0"], [[r % 2, r, -r] for r in range(20)]
+    )
+    assert load_dataset("custom_csv", path=alike).input_shapes() == {"sensor1": (1,), "sensor2": (1,)}
+
+
+def test_a_nan_cell_is_named_by_line_and_column(tmp_path: Path) -> None:
+    rows = [[r % 2, r, r, r] for r in range(20)]
+    rows[6][3] = "inf"
+    rows[4][2] = "nan"
+    rows[4][3] = "NaN"
+    rows[9][1] = "nan"
+    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "b_1"], rows)
+    # data row 4 is file line 6 (the header is line 1); a_0 belongs to another modality than b_0
+    with pytest.raises(
+        ValueError,
+        match=r"line 6, column 'b_0': found 'nan', a non-finite value \(NaN or inf\); 4 such cell\(s\) in 3 "
+        r"row\(s\) in all .*Fill or impute them",
+    ):
+        load_dataset("custom_csv", path=path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"audio": np.float64(3.0)},
+            r"'audio' is a scalar \(0-d array, value 3\.0\) where an array of 60 rows",
+        ),
+        ({"label": np.int64(1)}, r"'label' is a scalar \(0-d array, value 1\) where an array of N rows"),
+        (
+            {"split": np.array("train")},
+            r"'split' is a scalar \(0-d array, value 'train'\) where an array of 60",
+        ),
+    ],
+)
+def test_a_scalar_in_an_npz_is_named_as_such(tmp_path: Path, change: dict, message: str) -> None:
+    np.savez(tmp_path / "d.npz", **{**_toy_arrays(), **change})
+    with pytest.raises(ValueError, match=message):
+        load_dataset("custom_npz", path=tmp_path / "d.npz")

@@ -227,6 +227,28 @@ def test_errors_name_the_missing_folder_and_the_empty_split(raw: Path, tmp_path:
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+def test_a_split_emptied_by_skipped_clips_keeps_the_report(tmp_path: Path) -> None:
+    """Every clip of two of three actors is unreadable: the error names them and skipped.json lists them."""
+    wavs, flvs = tmp_path / "raw" / "AudioWAV", tmp_path / "raw" / "VideoFlash"
+    wavs.mkdir(parents=True)
+    flvs.mkdir()
+    for actor in (1001, 1002, 1003):
+        for emotion in ("ANG", "SAD"):
+            key = f"{actor}_DFA_{emotion}_XX"
+            write_wav(wavs / f"{key}.wav")
+            write_flv(flvs / f"{key}.flv", seconds=0.5)
+            if actor != 1001:
+                (wavs / f"{key}.wav").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"would be empty after skipping unusable clips.*4 input\(s\) were "
+                       r"skipped, all listed in .*skipped.json.*1002_DFA_ANG_XX: .*empty"):  # fmt: skip
+        prepare("cremad", tmp_path / "raw", out, workers=1, val_actors=1, test_actors=1)
+    listed = json.loads((out / "skipped.json").read_text())
+    assert sorted(f["clip"] for f in listed) == [
+        f"{a}_DFA_{e}_XX" for a in (1002, 1003) for e in ("ANG", "SAD")
+    ]
+
+
 def test_loader_shapes_and_transforms(prepared: Path) -> None:
     ds = load_dataset("cremad", root=str(prepared), image_size=32)
     assert ds.num_classes == 6 and ds.class_names == list(EMOTIONS) and ds.modalities == ["audio", "visual"]

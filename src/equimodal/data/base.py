@@ -181,7 +181,8 @@ class TrainSampler(Sampler[SampleKey]):
     ``randperm(n)`` from a generator seeded ``seed + epoch``, padded by wrapping to a multiple of
     ``world_size``, and rank r takes positions ``r, r + world_size, ...``. Unlike it, every further pass
     in the same epoch draws a new order from the same generator (G-Blending trains model copies for
-    several passes over the epoch data). Call :meth:`set_epoch` before each epoch.
+    several passes over the epoch data). Call :meth:`set_epoch` before each epoch; ``start`` resumes an
+    epoch after that many of this rank's samples (the first pass only).
     """
 
     def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -189,19 +190,21 @@ class TrainSampler(Sampler[SampleKey]):
         self.num_samples = -(-n // world_size)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch``: reseed the order's generator with ``seed + epoch``."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Start ``epoch``: reseed the order's generator with ``seed + epoch``; skip ``start`` samples once."""
         self.epoch = int(epoch)
         self._gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self._start = int(start)
 
     def __iter__(self) -> Iterator[SampleKey]:
         order = torch.randperm(self.n, generator=self._gen)
         total = self.num_samples * self.num_replicas
         order = torch.cat([order, order[: total - self.n]])[self.rank :: self.num_replicas]
-        return (SampleKey(int(i), self.epoch) for i in order.tolist())
+        start, self._start = self._start, 0
+        return (SampleKey(int(i), self.epoch) for i in order[start:].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self._start
 
 
 class EvalSampler(Sampler[int]):

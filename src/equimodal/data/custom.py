@@ -13,8 +13,16 @@ columns grouped into modalities by name prefix, e.g. ``audio_0, ..., audio_12, v
 By default every other column must look like ``<modality>_<index>``; pass ``modalities`` to choose
 the groups (``{"audio": "audio_", "video": "video_"}``, or the string ``"audio=audio_,video=video_"``;
 ``"audio,video"`` means the prefixes ``audio_`` and ``video_``). Columns are ordered by their index.
+Inferred groups guard against typos: a prefix used by a single column whose name is close to another
+prefix of several columns (``audoi_0`` beside ``audio_0..audio_12``) is an error, not a 1-feature modality; pass
+``modalities`` to keep such a column as a modality of its own. Cells must be finite numbers: an empty,
+non-numeric or non-finite (``nan``, ``inf``) cell is reported with its file line and column.
 
-Without a split, rows are split per class by ``seed`` (60 / 20 / 20 by default). With
+Without a split, rows are split per class by ``seed`` (60 / 20 / 20 by default); a class too small to
+appear in train, val *and* test under those fractions (e.g. a class of a single sample, which would
+land in train only) is an error naming the class, its count and the fixes (more samples of it, or a
+``split`` of your own). With a ``split`` the rows go where it says; a class that it leaves out of
+train, val or test is allowed (the split is your choice) but reported with a ``UserWarning``. With
 ``standardize=True`` (the default) each modality is standardised with statistics of the training rows:
 per feature for vectors ``(N, D)``, per channel (axis 1) for arrays with more dimensions.
 
@@ -26,9 +34,12 @@ with the ``model.encoders`` config or pass your own encoders to ``MultimodalClas
 from __future__ import annotations
 
 import csv
+import difflib
 import os
 import re
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -171,9 +182,14 @@ def build_custom_dataset(
             f"{name}: found no modality data besides {LABEL!r}/{SPLIT!r}. Add one array (or column group) "
             "per modality."
         )
+    _check_not_scalar(name, LABEL, labels, None)
     y, class_names = encode_labels(labels)
     n = y.shape[0]
-    counts = {m: int(np.shape(a)[0]) if np.ndim(a) else 0 for m, a in arrays.items()}
+    for m, a in arrays.items():
+        _check_not_scalar(name, m, a, n)
+    if split is not None:
+        _check_not_scalar(name, SPLIT, split, n)
+    counts = {m: int(np.shape(a)[0]) for m, a in arrays.items()}
     if any(c != n for c in counts.values()) or (split is not None and np.shape(split)[0] != n):
         extra = f", split {np.shape(split)[0]}" if split is not None else ""
         raise ValueError(
@@ -201,9 +217,11 @@ def build_custom_dataset(
     )
     if split is None and (index[1].size == 0 or index[2].size == 0):
         raise ValueError(
-            f"{name}: {n} rows are too few for a train/val/test split with fractions {fractions} "
+            f"{name}: {n} rows are too few for a train/val/test split with fractions "
+            f"{tuple(round(f, 6) for f in fractions)} "
             f"(found {[int(i.size) for i in index]} rows). Add data or provide a `split`."
         )
+    _check_classes_in_splits(name, y, class_names, index, fractions if split is None else None)
     if standardize:
         clean = {m: _standardize_nd(a, index[0]) for m, a in clean.items()}
     train, val, test = make_splits(clean, y, index)
@@ -226,6 +244,74 @@ def build_custom_dataset(
             if split is not None
             else f"stratified by seed {fractions}",
         },
+    )
+
+
+def _check_not_scalar(name: str, what: str, a: object, n: int | None) -> None:
+    """A clear error for a 0-d array (a scalar) where one row per sample is expected."""
+    if np.ndim(a) == 0:
+        value = np.asarray(a).item() if np.asarray(a).dtype.kind in "biufUS" else "?"
+        rows = (
+            f"an array of {n} rows (one per label)"
+            if n is not None
+            else "an array of N rows (one per sample)"
+        )
+        raise ValueError(
+            f"{name}: {what!r} is a scalar (0-d array, value {value!r}) where {rows} was expected. Store one "
+            f"row per sample: shape (N,) for {LABEL!r}/{SPLIT!r}, (N, ...) for a modality."
+        )
+
+
+def min_class_size(fractions: tuple[float, float, float]) -> int:
+    """The smallest class that :func:`stratified_split` puts in train, val and test alike."""
+    for k in range(3, 10_000):
+        n_train = min(k, round(k * fractions[0]))
+        n_val = min(k - n_train, round(k * fractions[1]))
+        if n_train and n_val and k - n_train - n_val:
+            return k
+    return 10_000
+
+
+def _check_classes_in_splits(
+    name: str,
+    y: np.ndarray,
+    class_names: list[str] | None,
+    index: Indices,
+    fractions: tuple[float, float, float] | None,
+) -> None:
+    """Every class in train, val and test: an error for the seeded split (``fractions``), a warning for
+    the file's own split (``fractions=None``)."""
+    counts = np.bincount(y, minlength=int(y.max()) + 1)
+    present = [set(np.unique(y[i]).tolist()) for i in index]
+    missing = {
+        c: [s for s, p in zip(("train", "val", "test"), present, strict=True) if c not in p]
+        for c in range(counts.size)
+    }
+    missing = {c: parts for c, parts in missing.items() if parts}
+    if not missing:
+        return
+
+    def label(c: int) -> str:
+        return repr(class_names[c]) if class_names is not None else str(c)
+
+    shown = "; ".join(
+        f"class {label(c)} ({counts[c]} sample{'s' if counts[c] != 1 else ''}): none in {' or '.join(parts)}"
+        for c, parts in list(missing.items())[:10]
+    )
+    more = f" (and {len(missing) - 10} more classes)" if len(missing) > 10 else ""
+    if fractions is not None:
+        raise ValueError(
+            f"{name}: some classes are too small for the stratified train/val/test split with fractions "
+            f"{tuple(round(f, 6) for f in fractions)}: {shown}{more}. Each class needs at least {min_class_size(fractions)} samples to "
+            "be trained on, selected on (val) and measured (test). Add samples of those classes or drop "
+            f"them, or give a {SPLIT!r} {'column' if 'csv' in name else 'array'} to choose the split yourself."
+        )
+    warnings.warn(
+        f"{name}: the file's {SPLIT!r} leaves classes out of some splits: {shown}{more}. A class missing "
+        "from train is never learnt, one missing from val or test is not measured there. Fine if "
+        "intended; otherwise move some of its rows to those splits.",
+        UserWarning,
+        stacklevel=3,
     )
 
 
@@ -276,8 +362,8 @@ def load_custom_npz(
     p = _resolve_path(path, ".npz", NPZ_LAYOUT)
     try:
         npz = np.load(p, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError) as err:
-        raise ValueError(f"Could not read {str(p)!r} as an .npz archive ({err}); {NPZ_LAYOUT}") from err
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise ValueError(f"Could not read {str(p)!r} as an .npz archive ({err}); {NPZ_LAYOUT}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ValueError(f"{str(p)!r} holds a single array, not an .npz archive; {NPZ_LAYOUT}")
     with npz:
@@ -294,6 +380,8 @@ def load_custom_npz(
                 f"Could not read an array of {str(p)!r} ({err}). Object arrays are not loaded (no pickle): "
                 "save strings as a fixed-width unicode array, e.g. np.array(labels, dtype=str)."
             ) from err
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{str(p)!r} is a damaged .npz archive ({err}); {NPZ_LAYOUT}") from None
     options = {
         "path": str(p),
         "seed": seed,
@@ -356,6 +444,33 @@ def _order_columns(cols: list[str], prefix: str) -> list[str]:
     return cols
 
 
+def _check_lone_columns(groups: dict[str, list[str]], where: str) -> None:
+    """A prefix of a single column close to the prefix of a multi-column group is a likely typo: an error.
+
+    (Several 1-column modalities with alike names, ``sensor1_0`` and ``sensor2_0``, stay accepted.)
+    """
+    for m, cols in groups.items():
+        if len(cols) != 1:
+            continue
+        others = [o for o in groups if o != m and len(groups[o]) > 1]
+        close = difflib.get_close_matches(m, others, n=3, cutoff=0.6)
+        if not close:
+            continue
+        near = close[0]
+        span = groups[near]
+        listing = f"{span[0]}..{span[-1]}" if len(span) > 1 else span[0]
+        indices = [int(i) for c in span if (i := c[len(near) + 1 :]).isdigit()]
+        rename = f"{near}_{max(indices) + 1}" if indices else f"{near}_<index>"
+        raise ValueError(
+            f"{where}: column {cols[0]!r} is the only column with prefix '{m}_', close to "
+            f"{', '.join(repr(c + '_') for c in close)} ({len(span)} column(s) {listing}); as it stands it "
+            f"would be a 1-feature modality {m!r} of its own, which is most likely a typo. Rename it (e.g. to "
+            f"{rename!r}) if it belongs to {near!r}, or pass `modalities` to group the columns explicitly "
+            f"(e.g. modalities={{{near!r}: {near + '_'!r}, {m!r}: [{cols[0]!r}], ...}} to keep it as a "
+            "modality)."
+        )
+
+
 def _group_columns(
     header: list[str], modalities: str | Mapping[str, str | Sequence[str]] | None, where: str
 ) -> dict[str, list[str]]:
@@ -374,7 +489,9 @@ def _group_columns(
                 f"{where}: column(s) {stray[:10]} do not look like <modality>_<index>. Rename them, or pass "
                 "`modalities` (e.g. 'audio=audio_,video=video_') to choose the column groups."
             )
-        return {m: _order_columns(cols, f"{m}_") for m, cols in groups.items()}
+        groups = {m: _order_columns(cols, f"{m}_") for m, cols in groups.items()}
+        _check_lone_columns(groups, where)
+        return groups
     groups = {}
     owner: dict[str, str] = {}
     for name, spec in parse_modality_groups(modalities).items():
@@ -409,6 +526,18 @@ def read_csv_table(path: Path, delimiter: str = ",") -> tuple[list[str], list[li
     Raises:
         ValueError: an empty file, duplicate column names, or a row whose width differs from the header's.
     """
+    try:
+        return _read_csv_rows(path, delimiter)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not a UTF-8 text CSV (byte {err.start}: {err.reason}); expected a text file "
+            "with a header row. Save it as UTF-8 CSV."
+        ) from None
+    except csv.Error as err:
+        raise ValueError(f"{str(path)!r} is not a readable CSV ({err}).") from None
+
+
+def _read_csv_rows(path: Path, delimiter: str) -> tuple[list[str], list[list[str]], list[int]]:
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header = next(reader, None)
@@ -432,6 +561,36 @@ def read_csv_table(path: Path, delimiter: str = ",") -> tuple[list[str], list[li
             rows.append(row)
             lines.append(line)
     return header, rows, lines
+
+
+def _check_finite_cells(
+    arrays: dict[str, np.ndarray],
+    groups: dict[str, list[str]],
+    col: dict[str, int],
+    table: np.ndarray,
+    lines: list[int],
+    where: str,
+) -> None:
+    """Name the first non-finite cell (file line and column) and how many there are."""
+    count, rows, first = 0, set(), None
+    for m, cols in groups.items():
+        bad = np.argwhere(~np.isfinite(arrays[m]))
+        if bad.size == 0:
+            continue
+        count += len(bad)
+        rows.update(bad[:, 0].tolist())
+        r, c = (int(v) for v in bad[0])
+        cell = (r, col[cols[c]])
+        if first is None or cell < first:
+            first = cell
+    if first is None:
+        return
+    r, c = first
+    raise ValueError(
+        f"{where} line {lines[r]}, column {list(col)[c]!r}: found {str(table[r, c]).strip()!r}, a non-finite "
+        f"value (NaN or inf); {count} such cell(s) in {len(rows)} row(s) in all (the first is shown). Fill "
+        "or impute them (e.g. with the column's mean), or drop those rows."
+    )
 
 
 CSV_LAYOUT = (
@@ -494,6 +653,7 @@ def load_custom_csv(
                             "Fill empty cells and remove non-numeric values."
                         ) from None
             raise
+    _check_finite_cells(arrays, groups, col, table, lines, where)
     label_text = np.char.strip(table[:, col[LABEL]])
     labels: np.ndarray = label_text
     if all(re.fullmatch(r"[+-]?\d+", v) for v in label_text.tolist()):

@@ -171,12 +171,13 @@ def run_items(
     return report
 
 
-def carve_val(keys_and_labels: Iterable[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+def carve_val(keys_and_labels: Iterable[tuple[str, str | int]], fraction: float, seed: int) -> set[str]:
     """Keys of a stratified, seeded validation part of the training clips.
 
-    Per class (in sorted order), ``round(n * fraction)`` of its ``n`` clips, at least one when
-    ``fraction > 0`` and the class has two or more, never all of them; drawn by one ``permutation`` per
-    class from ``numpy.random.default_rng(seed)`` over the class's sorted keys.
+    Per class (labels in sorted order), ``round(n * fraction)`` of its ``n`` clips; for a class of two
+    or more and ``fraction > 0`` that is clamped to ``1 .. n - 1`` (never the whole class), while a
+    class of one clip goes to val only when ``round(fraction)`` is 1 (``fraction > 0.5``). Drawn by one
+    ``permutation`` per class from ``numpy.random.default_rng(seed)`` over the class's sorted keys.
     """
     by_label: dict[str, list[str]] = {}
     for key, label in keys_and_labels:
@@ -280,6 +281,20 @@ def write_split_lists(out: Path, splits: dict[str, Sequence[str]]) -> None:
     """``OUT/splits/{train,val,test}.txt``: one clip id per line."""
     for name, keys in splits.items():
         atomic_write_text(out / "splits" / f"{name}.txt", "".join(f"{k}\n" for k in keys))
+
+
+def empty_after_skipping(out: Path, report: Report, err: ValueError) -> ValueError:
+    """An error for a split left empty by skipped inputs: they are written to ``OUT/skipped.json`` and named.
+
+    Returned (the caller raises it), so that the report of what was skipped is never lost with the run.
+    """
+    atomic_write_text(out / "skipped.json", json.dumps(report.failed, indent=2))
+    shown = "; ".join(f"{f['clip']}: {f['reason']}" for f in report.failed[:5])
+    more = f" (and {len(report.failed) - 5} more)" if len(report.failed) > 5 else ""
+    return ValueError(
+        f"{err} {len(report.failed)} input(s) were skipped, all listed in {str(out / 'skipped.json')!r}: "
+        f"{shown}{more}."
+    )
 
 
 def write_layout(

@@ -45,6 +45,7 @@ from .base import (
     Report,
     carve_val,
     check_resume_settings,
+    empty_after_skipping,
     run_items,
     save_frame_folder,
     save_npy,
@@ -430,7 +431,10 @@ def prepare_cremad(
          "visual": f"visual/{c.key}"}
         for c in todo if c.key in ok
     ]  # fmt: skip
-    _check_not_empty({r["key"]: r["split"] for r in rows}, split, after=" after skipping unusable clips")
+    try:
+        _check_not_empty({r["key"]: r["split"] for r in rows}, split, after=" after skipping unusable clips")
+    except ValueError as err:
+        raise empty_after_skipping(out, report, err) from None
     write_split_lists(out, {s: [r["key"] for r in rows if r["split"] == s] for s in SPLITS})
     extra = {
         "source": "CREMA-D release (AudioWAV 16 kHz wav, VideoFlash 480x360 30 fps flv)",

@@ -80,7 +80,6 @@ FARNEBACK: dict[str, float | int] = {
 }
 """Parameters of ``cv2.calcOpticalFlowFarneback`` (OpenCV's documented example values)."""
 FLOW_LEVELS = 127
-VIDEO_INSTALL = "pip install 'equimodal[video]'"
 
 
 @dataclass(frozen=True)

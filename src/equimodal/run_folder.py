@@ -1,0 +1,85 @@
+"""A run folder is never silently overwritten: a folder that holds another config's run is refused.
+
+``equimodal train --out DIR`` and ``equimodal compare --out DIR`` call :func:`check_run_folder` before any
+work. It reads the folder's ``config.yaml`` (written when a run starts); when that config differs from
+the one asked for, it raises :class:`RunFolderError` naming every differing key (old and new value) and
+the two ways out: another ``--out``, or ``--overwrite``. The same config resumes (``last.pt``) or, for a
+finished run, is reported as is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (another config's run, a file, unwritable)."""
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}`` (lists and empty mappings are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs: ``{key: (old, new)}`` (a missing key reads as ``None``)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_writable_folder(out: Path, flag: str = "--out") -> None:
+    """Raise :class:`RunFolderError` when ``out`` is a file or cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{flag} {str(out)!r} is an existing file, not a folder; pass a folder path.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".equimodal-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"{flag} {str(out)!r} cannot be written ({err.strerror or err}); pass a folder you can write to."
+        ) from err
+
+
+def check_run_folder(
+    out: Path, config: Mapping[str, Any], *, overwrite: bool = False, flag: str = "--out"
+) -> bool:
+    """Check that ``out`` may hold a run of ``config``; returns whether it already holds one of it.
+
+    Raises:
+        RunFolderError: ``out`` is a file or not writable, or holds a run of another config (unless
+            ``overwrite``), naming the differing keys and the fixes.
+    """
+    out = Path(out)
+    check_writable_folder(out, flag)
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return False
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        old = {"(unreadable config.yaml)": True}
+    diffs = config_differences(old, config)
+    if not diffs:
+        return True
+    if overwrite:
+        return False
+    shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(diffs.items())[:8])
+    more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+    raise RunFolderError(
+        f"{flag} {str(out)!r} holds a run of another config ({shown}{more}). Nothing was changed. Pass a new "
+        f"{flag} folder to keep both, or add --overwrite to replace that run."
+    )

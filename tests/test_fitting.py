@@ -1,0 +1,132 @@
+"""The epoch fitter's non-finite policy: ``stop`` names where, ``skip`` drops and counts, nothing leaks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import equimodal as em
+from equimodal.fitting import CHECK_EVERY, EpochFitter, EpochState, NonFiniteError, StepContext
+from equimodal.testing import ToyEncoder, toy_batch
+
+
+class Flaky(nn.Module):
+    """An encoder that returns NaN features on the calls listed in ``bad`` (counted from 1)."""
+
+    def __init__(self, in_dim: int, bad: set[int]) -> None:
+        super().__init__()
+        self.inner, self.bad, self.calls = ToyEncoder(in_dim), bad, 0
+        self.out_dim = self.inner.out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        h = self.inner(x)
+        return h * float("nan") if self.calls in self.bad else h
+
+
+class BadGrad(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward (the loss stays finite)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # noqa: ANN001
+        return g * float("nan")
+
+
+def model_with(bad: set[int]) -> em.MultimodalClassifier:
+    torch.manual_seed(0)
+    return em.MultimodalClassifier({"m0": ToyEncoder(5), "m1": Flaky(6, bad)}, 3)
+
+
+def loader(steps: int) -> list[tuple[dict[str, Tensor], Tensor]]:
+    return [toy_batch(2, 8, seed=s) for s in range(steps)]
+
+
+def fit(model: nn.Module, mode: str, steps: int, balancer: str = "none", grad_accum: int = 1) -> EpochState:
+    bal = em.create_balancer(balancer, model)
+    bal.set_epoch(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ctx = StepContext(model, bal, opt, scaler, grad_accum, False, torch.device("cpu"), mode)
+    return EpochFitter(ctx).fit(loader(steps), epoch=4)
+
+
+def test_stop_names_the_epoch_step_and_modality() -> None:
+    with pytest.raises(NonFiniteError, match=r"epoch 4, optimizer step 3 \(micro-batch 1\): the unimodal "
+                       r"logits of modality 'm1' hold non-finite values"):  # fmt: skip
+        fit(model_with({3}), "stop", steps=5)
+
+
+def test_stop_reads_the_flags_only_at_check_points() -> None:
+    """A NaN at step 3 of a long epoch is reported at the first check point, still naming step 3."""
+    seen: list[int] = []
+    model = model_with({3})
+    bal = em.create_balancer("none", model)
+    bal.set_epoch(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(
+        model, bal, opt, torch.amp.GradScaler("cpu", enabled=False), 1, False, torch.device("cpu")
+    )
+    with pytest.raises(NonFiniteError, match="optimizer step 3 "):
+        EpochFitter(ctx).fit(
+            loader(CHECK_EVERY + 5), after_step=lambda state, check: seen.append(state.steps)
+        )
+    assert seen == list(range(1, CHECK_EVERY))  # no check (and no sync) before step CHECK_EVERY
+
+
+@pytest.mark.parametrize("balancer", ["none", "amss_plus", "ogm_ge", "mmpareto"])
+def test_skip_drops_the_step_and_leaves_nothing_behind(balancer: str) -> None:
+    """Skipping steps 2 and 3 leaves the model exactly where a run without those batches would be."""
+    model = model_with({2, 3})
+    clean = copy.deepcopy(model)
+    clean.encoders["m1"].bad = set()
+    state = fit(model, "skip", steps=5, balancer=balancer)
+    assert (state.steps, state.skipped, state.batches) == (3, 2, 5)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if balancer == "none":  # no randomness: the skipped batches simply never happened
+        bal = em.create_balancer("none", clean)
+        opt = torch.optim.SGD(clean.parameters(), lr=0.1)
+        for i, (x, y) in enumerate(loader(5)):
+            if i in (1, 2):
+                continue
+            bal.loss(clean(x), y).backward()
+            bal.before_step()
+            opt.step()
+            opt.zero_grad()
+        for (n, p), q in zip(model.named_parameters(), clean.parameters(), strict=True):
+            torch.testing.assert_close(p, q, msg=n)
+
+
+def test_skip_drops_the_whole_accumulation_group() -> None:
+    state = fit(model_with({3}), "skip", steps=6, grad_accum=2)  # micro-batch 3 is in the 2nd group
+    assert (state.steps, state.skipped) == (2, 1)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss() -> None:
+    """Skip mode sees it in the gradients; stop mode lets the trainer's parameter check catch it."""
+
+    class Hook(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.calls, self.out_dim = ToyEncoder(5), 0, 8
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            h = self.inner(x)
+            return BadGrad.apply(h) if self.calls == 2 else h
+
+    torch.manual_seed(0)
+    model = em.MultimodalClassifier({"m0": Hook(), "m1": ToyEncoder(6)}, 3)
+    state = fit(copy.deepcopy(model), "skip", steps=4)
+    assert (state.steps, state.skipped) == (3, 1)
+    with pytest.raises(NonFiniteError, match="optimizer step 3 "):  # the next loss is NaN
+        fit(copy.deepcopy(model), "stop", steps=4)
+    stopped = copy.deepcopy(model)
+    fit(stopped, "stop", steps=2)  # the bad step is the last: every loss was finite ...
+    assert not em.fitting.params_finite(stopped)  # ... and the trainer's parameter check stops the run
