@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from equimodal.config import Config, config_from_dict, config_to_dict, list_presets, load_config
 
@@ -118,3 +119,23 @@ def test_every_shipped_preset_trains_one_epoch(preset: str) -> None:
     cfg = load_config(preset, ["train.epochs=1", "train.progress=false", "train.probe=false"])
     summary = train(cfg)
     assert summary["epochs"] == 1 and 0.0 <= summary["test"]["test_acc"] <= 1.0
+
+
+def test_betas_drop_last_and_select_from_reach_the_run(tmp_path) -> None:
+    from equimodal.train import build_optimizer, train
+
+    cfg = load_config(None, ["optim.name=adam", "optim.betas=[0.9, 0.99]"])
+    assert build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))]).defaults["betas"] == (0.9, 0.99)
+    with pytest.raises(ValueError, match=r"optim.betas: expected no betas with optim.name=sgd"):
+        load_config(None, ["optim.betas=[0.9, 0.99]"])
+    with pytest.raises(ValueError, match=r"optim.betas: expected two numbers in \[0, 1\)"):
+        load_config(None, ["optim.name=adam", "optim.betas=[0.9]"])
+    with pytest.raises(
+        ValueError, match=r"train.select_from: expected an epoch in 0..1 \(train.epochs is 2\)"
+    ):
+        load_config(None, ["train.epochs=2", "train.select_from=2"])
+    fast = ["data.options.views=fac,mor", "train.probe=false", "train.progress=false", "train.epochs=3"]
+    summary = train(load_config(None, [*fast, "train.select_from=2", "data.drop_last=true"]), tmp_path / "r")
+    assert summary["selected_epoch"] == 2  # the only epoch it may select
+    assert load_config("sarcasm").optim.betas == (0.9, 0.99) and load_config("cremad").data.drop_last
+    assert load_config("nvgesture").train.select_from == 20

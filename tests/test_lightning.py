@@ -8,6 +8,7 @@ gives on the same data; what the callback cannot drive it refuses with a message
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any
 
 import lightning as L
@@ -25,16 +26,17 @@ LR = 0.1
 
 
 class Module(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, balancer: em.Balancer) -> None:
+    def __init__(self, model: torch.nn.Module, balancer: em.Balancer, micro_batches: int = 1) -> None:
         super().__init__()
         self.model = model
         self.balancer = balancer
+        self.micro_batches = micro_batches
         self.automatic_optimization = not balancer.requirements.own_step
 
     def training_step(self, batch: Any, _: int) -> Any:
         x, y = batch
         if not self.automatic_optimization:
-            return self.balancer.train_step(x, y, self.optimizers())
+            return self.balancer.train_step(x, y, self.optimizers(), micro_batches=self.micro_batches)
         return self.balancer.loss(self.model(x), y, batch=x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -80,6 +82,26 @@ def test_lightning_equals_the_reference_driver(name: str) -> None:
             drive_step(ref_bal, twin, x, y, opt, micro_batches=accumulate)
     assert lit_bal.num_steps == ref_bal.num_steps == 6
     assert_same(snapshot(model, lit_bal), snapshot(twin, ref_bal), what=f"{name} under Lightning")
+
+
+def test_an_owned_step_accumulates_through_train_step_micro_batches() -> None:
+    """mla under Lightning (manual optimisation) with train_step(..., micro_batches=2) equals the reference
+    driver with 2 micro-batches; 16-bit AMP is refused for it, naming the precisions that work."""
+    model = make_toy_model(2)
+    twin = copy.deepcopy(model)
+    lit_bal, ref_bal = em.create_balancer("mla", model, seed=1), em.create_balancer("mla", twin, seed=1)
+    whole, _, _ = _data()
+    loader = torch.utils.data.DataLoader(whole, batch_size=None)
+    _trainer().fit(Module(model, lit_bal, micro_batches=2), train_dataloaders=loader)
+    opt = optimizer_for(twin, ref_bal, LR)
+    for epoch in range(2):
+        ref_bal.set_epoch(epoch)
+        for x, y in whole:
+            drive_step(ref_bal, twin, x, y, opt, micro_batches=2)
+    assert_same(snapshot(model, lit_bal), snapshot(twin, ref_bal), what="mla with micro_batches=2")
+    half = types.SimpleNamespace(precision="16-mixed")  # Lightning turns 16-mixed into bf16 on a CPU
+    with pytest.raises(ValueError, match=r"precision='bf16-mixed' or '32-true'"):
+        BalancerCallback().on_fit_start(half, Module(model, lit_bal))
 
 
 def test_before_step_runs_once_per_optimizer_step_and_logs() -> None:

@@ -10,7 +10,16 @@ from .balancers import (
     register_balancer,
 )
 from .data import list_datasets, load_dataset, register_dataset
-from .models import MultimodalClassifier, create_encoder, list_encoders, list_fusions
+from .models import (
+    Fusion,
+    MultimodalClassifier,
+    create_encoder,
+    create_fusion,
+    list_encoders,
+    list_fusions,
+    register_encoder,
+    register_fusion,
+)
 from .types import MultimodalOutput
 
 __version__ = "0.1.0"
@@ -19,12 +28,14 @@ __all__ = [
     "Balancer",
     "DriverError",
     "EpochData",
+    "Fusion",
     "MultimodalClassifier",
     "MultimodalOutput",
     "Requirements",
     "__version__",
     "create_balancer",
     "create_encoder",
+    "create_fusion",
     "list_balancers",
     "list_datasets",
     "list_encoders",
@@ -32,4 +43,6 @@ __all__ = [
     "load_dataset",
     "register_balancer",
     "register_dataset",
+    "register_encoder",
+    "register_fusion",
 ]

@@ -29,7 +29,8 @@ class DataConfig:
     ``batch_size`` is the global batch: under torchrun each of W processes takes ``batch_size / W``
     samples of it, so the updates do not depend on W. ``eval_batch_size`` is per process (it changes no
     result). ``num_workers``: ``DataLoader`` worker processes; ``-1`` picks 0 for in-memory datasets and
-    ``min(8, CPUs - 1)`` for on-disk ones. ``pin_memory`` applies on CUDA only.
+    ``min(8, CPUs - 1)`` for on-disk ones. ``pin_memory`` applies on CUDA only. ``drop_last``: drop the
+    last, short training batch of each epoch (evaluation never drops one).
     """
 
     name: str = "mfeat"
@@ -40,6 +41,7 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    drop_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer (sgd, adam, adamw) and learning-rate schedule (none, step, multistep, cosine)."""
+    """Optimizer (sgd, adam, adamw) and learning-rate schedule (none, step, multistep, cosine).
+
+    ``betas``: Adam/AdamW's ``(beta1, beta2)``; empty means torch's default ``(0.9, 0.999)``.
+    """
 
     name: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    betas: tuple[float, ...] = ()
     schedule: str = "none"
     step_size: int = 30
     milestones: tuple[int, ...] = ()
@@ -82,6 +88,8 @@ class TrainConfig:
     ``skipped_steps``; AMP overflow steps are always left to the GradScaler). ``checkpoint_every``: also
     write ``last.pt`` every N optimizer steps (0: at epoch ends only), so a long epoch resumes mid-way.
     ``log_every``: off a terminal, also log a line every N optimizer steps (0: one line per epoch).
+    ``select_from``: the first epoch that model selection may choose (earlier epochs are validated and
+    logged, never selected; the official NVGesture code evaluates from epoch 20).
     """
 
     epochs: int = 40
@@ -95,6 +103,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     checkpoint_every: int = 0
     log_every: int = 0
+    select_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,19 @@ def validate_config(cfg: Config) -> None:
     )
     _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _check(
+        o.betas == () or (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)),
+        "optim.betas",
+        "two numbers in [0, 1) (or none: torch's default)",
+        list(o.betas),
+    )
+    _check(
+        o.betas == () or o.name in ("adam", "adamw"),
+        "optim.betas",
+        "no betas with optim.name=sgd (they are Adam's)",
+        list(o.betas),
+        "Set optim.name=adam or adamw, or drop optim.betas.",
+    )
+    _check(
         math.isfinite(o.weight_decay) and o.weight_decay >= 0,
         "optim.weight_decay",
         "a finite number >= 0",
@@ -254,6 +276,12 @@ def validate_config(cfg: Config) -> None:
         t.checkpoint_every,
     )
     _check(t.log_every >= 0, "train.log_every", "0 (one line per epoch) or an integer >= 1", t.log_every)
+    _check(
+        0 <= t.select_from < t.epochs,
+        "train.select_from",
+        f"an epoch in 0..{t.epochs - 1} (train.epochs is {t.epochs})",
+        t.select_from,
+    )
     _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
     _check(bool(d.name), "data.name", "a registered dataset name", d.name)
     check_registered(cfg)

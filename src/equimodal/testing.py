@@ -14,7 +14,8 @@ The checks:
 
 - :func:`check_finite_step`: one step gives finite gradients and parameters and changes the model;
   ``stats()`` maps strings to floats.
-- :func:`check_joint_outside_window`: before ``start_epoch`` a step is exactly joint training.
+- :func:`check_joint_outside_window`: before ``start_epoch`` and after ``end_epoch`` a step is exactly
+  joint training.
 - :func:`check_state_round_trip`: a fresh balancer loaded from ``state_dict()`` (through
   ``torch.save``/``torch.load(weights_only=True)``) continues identically.
 - :func:`check_deterministic`: the same seed gives bit-identical steps.
@@ -202,16 +203,18 @@ def check_finite_step(spec: BalancerSpec, num_modalities: int = 2, options: Opti
 
 
 def check_joint_outside_window(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
-    """Before its ``start_epoch`` a balancer's step equals plain joint training exactly."""
-    model = toy_model(num_modalities)
-    twin = copy.deepcopy(model)
-    late = build(spec, model, options, start_epoch=3)
-    grads, params = _one_step(late, model, num_modalities, epoch=1)
-    ref_grads, ref_params = _one_step(create_balancer("none", twin), twin, num_modalities, epoch=1)
-    if grads:
-        assert_same(grads, ref_grads, what="gradients outside the window")
-    own = {k: v for k, v in params.items() if not k.startswith("balancer.")}
-    assert_same(own, ref_params, what="parameters outside the window")
+    """Before its ``start_epoch`` and after its ``end_epoch`` a balancer's step equals joint training exactly."""
+    for window, epoch in (({"start_epoch": 3}, 1), ({"start_epoch": 0, "end_epoch": 1}, 2)):
+        model = toy_model(num_modalities)
+        twin = copy.deepcopy(model)
+        balancer = build(spec, model, options, **window)
+        grads, params = _one_step(balancer, model, num_modalities, epoch=epoch)
+        ref_grads, ref_params = _one_step(create_balancer("none", twin), twin, num_modalities, epoch=epoch)
+        where = f"in epoch {epoch}, outside the window {window}"
+        if grads:
+            assert_same(grads, ref_grads, what=f"gradients {where}")
+        own = {k: v for k, v in params.items() if not k.startswith("balancer.")}
+        assert_same(own, ref_params, what=f"parameters {where}")
 
 
 def check_state_round_trip(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:

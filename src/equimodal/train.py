@@ -145,10 +145,11 @@ def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.
     params = [p for p in params if p.requires_grad]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    betas = {"betas": tuple(o.betas)} if o.betas else {}
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **betas)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **betas)
     raise ValueError(f"Unknown optimizer {o.name!r}; expected one of sgd, adam, adamw (set optim.name).")
 
 
@@ -269,7 +270,8 @@ def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDa
         return make_loader(split, cfg.data.eval_batch_size, options=opts, **sharded)
 
     return Loaders(
-        train=make_loader(train_split, per_rank, train=True, seed=seed * 100003, options=options, **sharded),
+        train=make_loader(train_split, per_rank, train=True, seed=seed * 100003, options=options,
+                          drop_last=cfg.data.drop_last, **sharded),
         epoch_train=make_loader(train_split, per_rank, train=True, seed=seed * 100003 + 50021, options=once, **sharded),
         heldout=None if heldout is None else make_loader(heldout, per_rank, options=once, **sharded),
         val=evaluation(ds.val, options),
@@ -570,7 +572,7 @@ def fit_one_epoch(
     row = epoch_row(epoch, train_loss, seconds, val, state.mean_stats())
     row["skipped_steps"] = state.skipped
     progress.rows.append(row)
-    if progress.improves(val.accuracy, val.loss):
+    if epoch >= t.select_from and progress.improves(val.accuracy, val.loss):
         progress.best = {"epoch": epoch, "val_acc": val.accuracy, "val_loss": val.loss}
         ckpt.save_best(run.model, run.balancer, epoch)
     if run.out is not None and run.main:

@@ -193,6 +193,24 @@ def test_frames_evenly_spaced_in_evaluation_random_in_training(tmp_path: Path) -
     assert frame_positions(2, 4) == [0, 1, 1, 1]  # fewer frames than asked: the last one repeats
 
 
+def test_image_augmentation_in_training_only() -> None:
+    """flip and crop_flip draw from the sample's generator (one draw for all frames); evaluation is plain."""
+    from equimodal.data.media import augment_image
+
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(3, 8, 8) / 192  # varies along W
+    clip = torch.stack([image, image])
+    assert augment_image(image, "crop_flip", None) is image  # evaluation: untouched
+    assert augment_image(image, "none", torch.Generator().manual_seed(0)) is image
+    flips = [augment_image(image, "flip", torch.Generator().manual_seed(s)) for s in range(8)]
+    assert {torch.equal(f, image) for f in flips} == {True, False}
+    assert all(torch.equal(f, image) or torch.equal(f, image.flip(-1)) for f in flips)
+    crops = [augment_image(clip, "crop_flip", torch.Generator().manual_seed(s)) for s in range(4)]
+    assert all(c.shape == clip.shape for c in crops) and any(not torch.equal(c, clip) for c in crops)
+    assert all(torch.equal(c[0], c[1]) for c in crops)  # one draw per clip: every frame alike
+    again = augment_image(clip, "crop_flip", torch.Generator().manual_seed(2))
+    assert torch.equal(crops[2], again)  # seeded: the same sample and epoch give the same crop
+
+
 def test_text_token_ids_padded_and_truncated(tmp_path: Path) -> None:
     tok = LocalTokenizer(_tokenizer(tmp_path / "tokenizer.json"))
     (tmp_path / "t.txt").write_text("the dog barks zebra", encoding="utf-8")

@@ -16,8 +16,9 @@ folders of frame images, or ``.txt`` text (which needs the ``tokenizer`` option)
 column, rows are split per class by ``seed``, 60 / 20 / 20.
 
 The files are read one sample at a time while training (in ``DataLoader`` workers): random crops of
-audio and random frame positions in the training split (seeded per sample and epoch), deterministic
-centre crops and evenly spaced frames otherwise. Before that, the loader checks every file (option
+audio, random frame positions and (option ``image_augment``) random image crops and flips in the
+training split (seeded per sample and epoch), deterministic centre crops and evenly spaced frames,
+unaugmented, otherwise. Before that, the loader checks every file (option
 ``check``); rows with bad files are an error naming the file, row and column, or, with
 ``skip_bad=True``, dropped and listed in ``info["skipped"]`` (the trainer writes ``skipped.csv``).
 
@@ -449,6 +450,7 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 def media_settings(
     *, sample_rate: int, audio_seconds: float, audio: str, n_fft: int, hop_length: int, image_size: int,
     image_mode: str, frames: int, tokenizer: str | os.PathLike[str] | None, max_tokens: int,
+    image_augment: str = "none",
 ) -> MediaSettings:  # fmt: skip
     """Validate the reading options and bundle them (the tokenizer is not loaded here)."""
     for key, v in (("sample_rate", sample_rate), ("n_fft", n_fft), ("hop_length", hop_length),
@@ -457,6 +459,7 @@ def media_settings(
     _positive("audio_seconds", audio_seconds, float)
     _choice("audio", audio, ("waveform", "spectrogram"))
     _choice("image_mode", image_mode, ("RGB", "L"))
+    _choice("image_augment", image_augment, ("none", "flip", "crop_flip"))
     length = audio_length(audio_seconds, sample_rate)
     if audio == "spectrogram" and n_fft > length:
         raise ValueError(
@@ -467,7 +470,7 @@ def media_settings(
         raise TypeError(f"Expected option `tokenizer` to be a path, found {type(tokenizer).__name__}.")
     return MediaSettings(
         sample_rate, float(audio_seconds), audio, n_fft, hop_length, image_size, image_mode, frames,  # type: ignore[arg-type]
-        max_tokens, LocalTokenizer(tokenizer) if tokenizer is not None else None,
+        max_tokens, LocalTokenizer(tokenizer) if tokenizer is not None else None, image_augment,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -528,6 +531,7 @@ def load_manifest(
     hop_length: int = 160,
     image_size: int = 64,
     image_mode: Literal["RGB", "L"] = "RGB",
+    image_augment: Literal["none", "flip", "crop_flip"] = "none",
     frames: int = 4,
     tokenizer: str | os.PathLike[str] | None = None,
     max_tokens: int = 64,
@@ -552,6 +556,10 @@ def load_manifest(
         hop_length: STFT hop of the spectrogram.
         image_size: images and frames are resized (bilinear) to ``image_size x image_size``.
         image_mode: ``"RGB"`` (3 channels) or ``"L"`` (grayscale, 1 channel).
+        image_augment: random training transform of images and frame folders (one draw per sample and
+            epoch, the same for every frame of a folder): ``"none"``, ``"flip"`` (left-right, p = 1/2) or
+            ``"crop_flip"`` (``RandomResizedCrop`` then the flip, as the official CREMA-D code).
+            Evaluation splits are never augmented.
         frames: frames taken from each frame folder (random sorted positions in training, evenly spaced
             otherwise; a folder with fewer images repeats its last one).
         tokenizer: a local ``tokenizer.json`` file or tokenizer folder (transformers), needed for ``.txt``
@@ -571,12 +579,14 @@ def load_manifest(
     settings = media_settings(
         sample_rate=sample_rate, audio_seconds=audio_seconds, audio=audio, n_fft=n_fft, hop_length=hop_length,
         image_size=image_size, image_mode=image_mode, frames=frames, tokenizer=tokenizer, max_tokens=max_tokens,
+        image_augment=image_augment,
     )  # fmt: skip
     manifest = read_manifest(_resolve_path(path, "manifest CSV", LAYOUT).absolute())
     options = {
         "path": str(manifest.path), "seed": seed, "check": check, "skip_bad": skip_bad,
         "sample_rate": sample_rate, "audio_seconds": audio_seconds, "audio": audio, "n_fft": n_fft,
-        "hop_length": hop_length, "image_size": image_size, "image_mode": image_mode, "frames": frames,
+        "hop_length": hop_length, "image_size": image_size, "image_mode": image_mode,
+        "image_augment": image_augment, "frames": frames,
         "tokenizer": None if tokenizer is None else str(tokenizer), "max_tokens": max_tokens,
     }  # fmt: skip
     return build_manifest_dataset(

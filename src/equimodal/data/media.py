@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import transforms
+
 log = logging.getLogger(__name__)
 
 MediaKind = Literal["npy", "audio", "image", "frames", "text"]
@@ -349,7 +351,7 @@ class LocalTokenizer:
 
     def _load_folder(self) -> Any:
         transformers = require(
-            "transformers", "pip install transformers (or pass a tokenizer.json file)", "a tokenizer folder"
+            "transformers", TEXT_INSTALL + " (or pass a tokenizer.json file)", "a tokenizer folder"
         )
         return transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
 
@@ -381,6 +383,23 @@ def read_text(path: Path, tokenizer: LocalTokenizer, *, max_tokens: int = 64) ->
     return token_ids(tokenizer.encode(text.strip()), max_tokens)
 
 
+def augment_image(
+    image: Tensor, augment: Literal["none", "flip", "crop_flip"], generator: torch.Generator | None
+) -> Tensor:
+    """The training augmentation of an image ``(C, H, W)`` or a clip ``(T, C, H, W)`` (one draw per clip).
+
+    ``"flip"``: a left-right flip with probability 1/2; ``"crop_flip"``: torchvision's
+    ``RandomResizedCrop`` (area 8-100 %, aspect 3/4-4/3, resized back to the same size) then the flip,
+    the official CREMA-D and Kinetics-Sounds image transform. Evaluation (``generator=None``) and
+    ``"none"`` leave the image as it is.
+    """
+    if generator is None or augment == "none":
+        return image
+    if augment == "crop_flip":
+        image = transforms.random_resized_crop(image, image.shape[-1], generator)
+    return transforms.maybe_hflip(image, generator)
+
+
 # ---------------------------------------------------------------------------------------- dispatch
 @dataclass(frozen=True)
 class MediaSettings:
@@ -396,6 +415,7 @@ class MediaSettings:
     frames: int = 4
     max_tokens: int = 64
     tokenizer: LocalTokenizer | None = None
+    image_augment: Literal["none", "flip", "crop_flip"] = "none"
 
 
 def read_media(
@@ -411,9 +431,12 @@ def read_media(
             n_fft=s.n_fft, hop_length=s.hop_length,
         )  # fmt: skip
     if kind == "image":
-        return read_image(path, size=s.image_size, mode=s.image_mode)
+        return augment_image(
+            read_image(path, size=s.image_size, mode=s.image_mode), s.image_augment, generator
+        )
     if kind == "frames":
-        return read_frames(path, generator, frames=s.frames, size=s.image_size, mode=s.image_mode)
+        clip = read_frames(path, generator, frames=s.frames, size=s.image_size, mode=s.image_mode)
+        return augment_image(clip, s.image_augment, generator)
     if kind == "text":
         if s.tokenizer is None:
             raise ValueError("Reading text files needs a tokenizer: pass the option `tokenizer`.")

@@ -91,14 +91,16 @@ def official_spectrogram(
     """The AMSS/OGM-GE audio input: the waveform tiled to ``seconds``, clipped to [-1, 1], then
     ``log(|STFT| + 1e-7)`` with a Hann window (centred frames), as ``(n_fft // 2 + 1, frames)`` float32.
 
-    At 22 050 Hz, 3 s, n_fft 512 and hop 353 (CREMA-D's recipe) this is 257 x 188.
+    At 22 050 Hz, 3 s, n_fft 512 and hop 353 (CREMA-D's recipe) this is 257 x 188. The centred frames
+    are padded by reflection, as ``librosa.stft`` did before librosa 0.10 (the official code's time);
+    librosa 0.10 and later pad with zeros, which changes the first and last frame only.
     """
     length = int(round(seconds * rate))
     reps = -(-length // max(len(wave), 1))
     tiled = np.clip(np.tile(wave, reps)[:length], -1.0, 1.0)
     spec = torch.stft(
         torch.from_numpy(tiled), n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft),
-        center=True, return_complex=True,
+        center=True, pad_mode="reflect", return_complex=True,
     )  # fmt: skip
     return torch.log(spec.abs() + 1e-7).numpy().astype(np.float32)
 
