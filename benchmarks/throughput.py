@@ -8,8 +8,9 @@ process, so machine noise hits both alike. The hand-written loop is the README's
         balancer.before_step(); optimizer.step(); optimizer.zero_grad()
 
 and equimodal's is :class:`equimodal.fitting.EpochFitter` (what ``equimodal train`` runs each epoch: it
-also moves batches to the device, runs autocast and the GradScaler when enabled, and averages the
-balancer's statistics every step). Printed per workload: samples per second of each (medians), the median
+also moves batches to the device, runs autocast and the GradScaler when enabled, queues the non-finite
+flags of every micro-batch (read every 50 steps), averages the balancer's statistics every step, and
+calls the trainer's between-step hook, here with what it does when no checkpoint or log line is due). Printed per workload: samples per second of each (medians), the median
 and quartiles of the ratio of adjacent epochs (pairing cancels the machine's slow drifts; goal: at least
 0.97), and the data-loading share of the hand-written loop's epoch (time spent waiting
 for the next batch over the epoch's time).
@@ -45,6 +46,7 @@ import torch
 import equimodal as em
 from equimodal.data.base import LoaderOptions, TensorSplit, make_loader
 from equimodal.fitting import EpochFitter, StepContext
+from equimodal.interrupt import StopRequest
 from equimodal.models.encoders import create_encoder
 
 BALANCERS = ("none", "amss_plus")
@@ -117,8 +119,14 @@ def fitter_epoch(model, balancer, optimizer, loader, epoch: int) -> tuple[float,
     balancer.set_epoch(epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     fitter = EpochFitter(StepContext(model, balancer, optimizer, scaler, 1, False, torch.device("cpu")))
+    stop = StopRequest()
     tic = time.perf_counter()
-    fitter.fit(loader)
+
+    def after_step(state, check) -> None:  # what the trainer does between steps when nothing is due
+        state.seconds = time.perf_counter() - tic
+        stop.requested(state.steps, 1, torch.device("cpu"))
+
+    fitter.fit(loader, epoch=epoch, after_step=after_step)
     return time.perf_counter() - tic, 0.0, len(loader.sampler)
 
 

@@ -113,10 +113,11 @@ class StepContext:
 
 
 class NonFiniteGuard:
-    """Device-side finiteness flags of each micro-batch, read only when a decision needs them.
+    """Device-side finiteness records of each micro-batch, read only when a decision needs them.
 
-    Each recorded micro-batch is a row ``[unimodal logits finite per modality..., fused logits finite,
-    loss finite]`` with its position (epoch, optimizer step, micro-batch).
+    Each recorded micro-batch is a row of largest magnitudes ``[unimodal logits per modality..., fused
+    logits, loss]`` (one fused ``_foreach_norm(ord=inf)``: NaN and inf propagate, nothing can overflow)
+    with its position (epoch, optimizer step, micro-batch).
     """
 
     def __init__(self, modalities: list[str]) -> None:
@@ -125,14 +126,13 @@ class NonFiniteGuard:
         self.where: list[tuple[int, int, int]] = []
 
     def record(self, out: MultimodalOutput | None, loss: Tensor, where: tuple[int, int, int]) -> None:
-        """Queue this micro-batch's flags (no host sync)."""
-        loss_ok = torch.isfinite(loss.detach()).reshape(1)
+        """Queue this micro-batch's largest magnitudes (finite exactly when every value is; no host sync)."""
+        loss = loss.detach().reshape(1)
         if out is None:
-            flags = torch.cat([loss_ok.new_ones(len(self.modalities) + 1), loss_ok])
+            tensors = [loss.new_zeros(1)] * (len(self.modalities) + 1) + [loss]
         else:
-            logits = [out.unimodal_logits[m].detach() for m in self.modalities] + [out.logits.detach()]
-            flags = torch.cat([torch.stack([torch.isfinite(x).all() for x in logits]), loss_ok])
-        self.rows.append(flags)
+            tensors = [out.unimodal_logits[m].detach() for m in self.modalities] + [out.logits.detach(), loss]
+        self.rows.append(torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).float())
         self.where.append(where)
 
     def first_bad(self, extra_bad: bool = False) -> str | None:
@@ -145,7 +145,7 @@ class NonFiniteGuard:
         self.rows, self.where = [], []
         if not rows:
             return "a gradient holds inf/NaN (the loss was finite)" if extra_bad else None
-        table = torch.stack(rows).float()
+        table = torch.isfinite(torch.stack(rows)).float()  # 1: finite
         local_bad = bool((table < 1).any()) or extra_bad
         any_bad = local_bad
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
