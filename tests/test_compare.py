@@ -81,12 +81,13 @@ def test_variants_are_labelled_rows_with_their_overrides() -> None:
         parse_variant("amss_T1")
 
 
-def _fake_runs(root, specs, test_of, logits_of) -> None:
+def _fake_runs(root, specs, test_of, logits_of, fraction_of=lambda s: 1.0) -> None:
     """Write summary.json and predictions.npz for each spec, as finished runs would."""
     for s in specs:
         run = root / s.label / f"seed{s.seed}"
         run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({"test": test_of(s), "time_per_epoch": 1.0}))
+        summary = {"test": test_of(s), "time_per_epoch": 1.0, "train_fraction": fraction_of(s)}
+        (run / "summary.json").write_text(json.dumps(summary))
         labels = np.array([0, 1] * 10)
         counts = np.array([5, 5])
         np.savez(
@@ -105,10 +106,13 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
         acc = {"none": 0.80, "amss": 0.84, "none_adam": 0.82}.get(s.label, 0.7) + 0.01 * s.seed
         return {"test_acc": acc, "test_f1": acc, "test_acc_a": 0.6, "test_acc_b": 0.5, "test_imbalance": 0.1}
 
-    _fake_runs(tmp_path, specs, summary_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y])
+    fraction = lambda s: 0.9 if s.label == "amss" else 1.0  # noqa: E731 - as if amss held 10 % out
+    _fake_runs(tmp_path, specs, summary_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y], fraction)
     columns, rows = summarise(tmp_path, specs, ["a", "b"], True)
     by = {r["method"]: r for r in rows}
     assert by["amss"]["test acc"] == "84.5 ± 0.7"  # 0.84, 0.85
+    assert (by["amss"]["train data"], by["none"]["train data"]) == ("90 %", "100 %")
+    assert "amss hold the rest out of training" in (tmp_path / "results.md").read_text()
     assert by["amss"]["Δacc vs none (pp)"].startswith("+4.00")
     assert {"ensemble_product", "ensemble_mean"} <= set(by)
     assert by["unimodal_a"]["gap closed [95% CI]"] == ""
@@ -269,7 +273,7 @@ def test_the_terminal_table_fits_80_columns_and_the_files_have_every_column(
     for cell in ("ensemble_product", "unimodal_fac", "86.5 ± 1.3", "test acc", "results.md", "results.csv"):
         assert cell in printed, cell
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
-    assert header == ["method", "n", "test acc", "test macro-F1", "fac unimodal", "mor unimodal", "fac probe",
+    assert header == ["method", "n", "train data", "test acc", "test macro-F1", "fac unimodal", "mor unimodal", "fac probe",
                       "mor probe", "imbalance", "time/epoch vs none", "gap closed [95% CI]",
                       "Δacc vs none (pp)"]  # fmt: skip
     assert "fac probe" in (tmp_path / "results.md").read_text()

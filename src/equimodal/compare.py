@@ -279,6 +279,12 @@ def _mean_std(v: Sequence[float]) -> str:
     return f"{a.mean():.1f} ± {float(np.std(a, ddof=1)):.1f}"
 
 
+def _train_share(fractions: Sequence[float | None]) -> str:
+    """The share of the training split a method trained on (the rest held out for its own weights)."""
+    known = [f for f in fractions if f is not None]
+    return f"{100 * float(np.mean(known)):.0f} %" if known else "?"
+
+
 def _mean_ci(d: np.ndarray) -> str:
     """``mean [lo, hi]`` of paired differences with a bootstrap 95% interval; one seed: no interval."""
     if d.size == 1:
@@ -335,7 +341,7 @@ def summarise(
                 ens["ensemble_product"][seed] = ensemble_accuracy(paths, "product")
                 ens["ensemble_mean"][seed] = ensemble_accuracy(paths, "mean")
 
-    columns = ["method", "n", "test acc", "test macro-F1"]
+    columns = ["method", "n", "train data", "test acc", "test macro-F1"]
     columns += [f"{m} unimodal" for m in modalities] + [f"{m} probe" for m in modalities]
     columns += ["imbalance", "time/epoch vs none", "gap closed [95% CI]", "Δacc vs none (pp)"]
     rows: list[dict[str, Any]] = []
@@ -345,6 +351,7 @@ def summarise(
         row: dict[str, Any] = {
             "method": label,
             "n": len(ss),
+            "train data": _train_share([runs[s].get("train_fraction") for s in ss]),
             "test acc": _mean_std([x["test_acc"] for x in t]),
         }
         row["test macro-F1"] = _mean_std([x["test_f1"] for x in t])
@@ -410,6 +417,12 @@ def table_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
         "difference to joint training, with a 95% bootstrap interval over seeds. gap closed: fraction of "
         "the joint-to-ensemble gap closed (n/a when that gap is not significantly above zero).",
     ]
+    partial = [str(r["method"]) for r in rows if r.get("train data") not in ("100 %", "?", None, "")]
+    if partial:
+        notes.append(
+            f"train data: the share of the training split a method trains on; {', '.join(partial)} hold "
+            "the rest out of training to fit their own weights (never val or test)."
+        )
     if any(r.get("n") == 1 for r in rows):
         notes.append(f'With a single seed a value has no ± spread and its interval reads "{ONE_SEED}".')
     return notes

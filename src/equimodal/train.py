@@ -400,6 +400,7 @@ def final_summary(run: Run, progress: Progress) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "dataset": ds.name, "balancer": cfg.balancer.name, "seed": cfg.train.seed, "modalities": ds.modalities,
         "class_names": ds.class_names, "selected_epoch": progress.best["epoch"], "epochs": cfg.train.epochs,
+        "train_samples": len(run.train_split), "train_fraction": len(run.train_split) / max(len(ds.train), 1),
         "time_per_epoch": float(np.median(times)) if times else float("nan"),
         "val": val.as_dict("val"), "test": test.as_dict("test"),
     }  # fmt: skip
