@@ -50,6 +50,9 @@ def _train_all(out: Path, tag: str) -> None:
             [run.loaders.train.sampler.num_replicas, run.loaders.train.batch_size]
         )
         state["_train_loss"] = torch.tensor([r["train_loss"] for r in progress.rows], dtype=torch.float64)
+        state["_train_acc"] = torch.tensor(
+            [r.get("train_acc", -1.0) for r in progress.rows], dtype=torch.float64
+        )
         torch.save(state, out / f"{tag}_{name}.pt")
         return original(run, progress)
 
@@ -88,6 +91,10 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
         r0, r1, single = (torch.load(tmp_path / f"{t}_{name}.pt") for t in ("rank0", "rank1", "single"))
         assert r0.pop("_shards").tolist() == [2, 32] and single.pop("_shards").tolist() == [1, 64]
         r1.pop("_shards")
+        accs = [d.pop("_train_acc") for d in (r0, r1, single)]  # counted over all shards
+        assert torch.equal(accs[0], accs[1]) and torch.allclose(accs[0], accs[2], atol=0.02), (
+            f"{name}: {accs}"
+        )
         losses = [d.pop("_train_loss") for d in (r0, r1, single)]  # metrics.csv: the loss over all shards
         assert torch.equal(losses[0], losses[1]), f"{name}: ranks report different training losses"
         torch.testing.assert_close(losses[0], losses[2], rtol=1e-3, atol=1e-4, msg=f"{name}: train_loss")

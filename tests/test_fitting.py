@@ -130,3 +130,31 @@ def test_a_non_finite_gradient_with_a_finite_loss() -> None:
     stopped = copy.deepcopy(model)
     fit(stopped, "stop", steps=2)  # the bad step is the last: every loss was finite ...
     assert not em.fitting.params_finite(stopped)  # ... and the trainer's parameter check stops the run
+
+
+def test_the_running_training_accuracy_counts_each_forward_pass(tmp_path) -> None:
+    model = model_with(set())
+    bal = em.create_balancer("none", model)
+    bal.set_epoch(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: the counts can be checked afterwards
+    ctx = StepContext(
+        model, bal, opt, torch.amp.GradScaler("cpu", enabled=False), 1, False, torch.device("cpu")
+    )
+    state = EpochFitter(ctx).fit(loader(3))
+    acc = state.train_accuracy(["m0", "m1"])
+    with torch.no_grad():
+        outs = [(model(x), y) for x, y in loader(3)]
+    expect = sum(int((o.logits.argmax(1) == y).sum()) for o, y in outs) / 24
+    expect_m1 = sum(int((o.unimodal_logits["m1"].argmax(1) == y).sum()) for o, y in outs) / 24
+    assert acc["train_acc"] == pytest.approx(expect) and acc["train_acc_m1"] == pytest.approx(expect_m1)
+    assert state.to_dict()["seen"] == 24
+    from equimodal.config import load_config
+    from equimodal.train import train
+
+    cfg = load_config(None, ["data.options.views=fac,mor", "train.epochs=2", "train.probe=false",
+                             "train.progress=false"])  # fmt: skip
+    train(cfg, tmp_path / "r")
+    header, *rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    cols = header.split(",")
+    assert {"train_acc", "train_acc_fac", "train_acc_mor"} <= set(cols)
+    assert 0.3 < float(rows[-1].split(",")[cols.index("train_acc")]) <= 1.0

@@ -66,7 +66,10 @@ class EpochState:
     stat_sums: dict[str, float] = field(default_factory=dict)
     stat_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    correct: list[float] = field(default_factory=list)
+    seen: int = 0
     pending_loss: Tensor | float = field(default=0.0, repr=False)
+    pending_correct: Tensor | None = field(default=None, repr=False)
 
     def add_stats(self, stats: dict[str, float]) -> None:
         """Add one step's balancer statistics (non-finite values are left out)."""
@@ -76,10 +79,30 @@ class EpochState:
                 self.stat_counts[k] = self.stat_counts.get(k, 0) + 1
 
     def settle(self) -> None:
-        """Fold the device-side loss sum into ``loss_sum`` (one host sync)."""
+        """Fold the device-side loss sum and correct counts into the plain fields (one host sync)."""
         if isinstance(self.pending_loss, Tensor):
             self.loss_sum += float(self.pending_loss)
         self.pending_loss = 0.0
+        if self.pending_correct is not None:
+            counts = self.pending_correct.tolist()
+            self.correct = [a + b for a, b in zip(self.correct or [0.0] * len(counts), counts, strict=True)]
+            self.pending_correct = None
+
+    def count_correct(self, out: MultimodalOutput, y: Tensor, modalities: list[str]) -> None:
+        """Add this micro-batch's correct predictions, fused then per modality (on the device, no sync)."""
+        with torch.no_grad():
+            logits = torch.stack([out.logits.detach(), *(out.unimodal_logits[m].detach() for m in modalities)])
+            hits = (logits.argmax(-1) == y).sum(1).float()
+        self.pending_correct = hits if self.pending_correct is None else self.pending_correct + hits
+        self.seen += int(y.shape[0])
+
+    def train_accuracy(self, modalities: list[str]) -> dict[str, float]:
+        """The running training accuracy of the epoch, fused and per modality (``{}`` when not counted)."""
+        self.settle()
+        if not self.correct or not self.seen:
+            return {}
+        acc = [c / self.seen for c in self.correct]
+        return {"train_acc": acc[0], **{f"train_acc_{m}": a for m, a in zip(modalities, acc[1:], strict=True)}}
 
     def mean_stats(self) -> dict[str, float]:
         return {k: v / self.stat_counts[k] for k, v in self.stat_sums.items()}
@@ -95,6 +118,7 @@ class EpochState:
         return {
             "batches": self.batches, "steps": self.steps, "loss_sum": self.loss_sum, "skipped": self.skipped,
             "stat_sums": dict(self.stat_sums), "stat_counts": dict(self.stat_counts), "seconds": self.seconds,
+            "correct": list(self.correct), "seen": self.seen,
         }  # fmt: skip
 
 
@@ -237,6 +261,7 @@ class TwoCallSteps(_Steps):
             out = c.train_model(batch)
             loss = c.balancer.loss(out, y, batch=batch)
         self.guard.record(out, loss, self.where())
+        self.state.count_correct(out, y, self.guard.modalities)
         self.scale(loss / c.grad_accum if c.grad_accum > 1 else loss).backward()
         self.micro += 1
         if self.micro == c.grad_accum:

@@ -571,6 +571,7 @@ def fit_one_epoch(
     progress.epoch_times.append(seconds)
     val = validate_epoch(run)
     row = epoch_row(epoch, train_loss, seconds, val, state.mean_stats())
+    row.update(train_accuracy(run, state))
     row["skipped_steps"] = state.skipped
     progress.rows.append(row)
     if epoch >= t.select_from and progress.improves(val.accuracy, val.loss):
@@ -592,6 +593,25 @@ def mean_train_loss(run: Run, state: EpochState) -> float:
     t = torch.tensor([state.loss_sum, float(state.batches)], dtype=torch.float64, device=run.device)
     dist.all_reduce(t)
     return float(t[0] / t[1].clamp_min(1))
+
+
+def train_accuracy(run: Run, state: EpochState) -> dict[str, float]:
+    """The epoch's running training accuracy (fused, per modality) over every process's shard.
+
+    Counted from the training forward passes as the epoch goes (the model changes during the epoch, as in
+    any running training accuracy); empty for balancers that run their own step.
+    """
+    modalities = list(run.dataset.modalities)
+    if run.world > 1:
+        state.settle()
+        width = len(modalities) + 2
+        local = [*state.correct, float(state.seen)] if state.correct else [0.0] * width
+        t = torch.tensor(local, dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        if t[-1] <= 0:
+            return {}
+        state.correct, state.seen = t[:-1].tolist(), int(t[-1])
+    return state.train_accuracy(modalities)
 
 
 def check_params_finite(run: Run, epoch: int) -> None:
