@@ -103,7 +103,10 @@ class MLA(Balancer):
     reference tests ``n == "module.weight"`` on an ``nn.Linear``, whose weight is named ``weight``,
     so as released it never projects; BalanceBenchmark instead adds ``grad P^T`` to the gradient);
     the intended replacement ``grad <- grad P^T`` is used, skipping the very first update as the
-    reference's ``exp_count != 0`` does. Dynamic weights use per-sample entropies over classes (the
+    reference's ``exp_count != 0`` does. A second latent bug of that update is fixed too: the released
+    code divides ``k k^T`` element-wise by ``alpha + k r`` (``torch.mm(k, r)``, a ``d x d`` outer
+    product), where the OWM/RLS update divides by the scalar ``alpha + r k``; the scalar is used here
+    (the two agree only if the projection never ran, as in the release). Dynamic weights use per-sample entropies over classes (the
     reference takes the softmax over the batch and sums to one scalar). Any M >= 2 and any d (the
     reference hard-codes 512). ``batch_idx/len`` uses ``steps_per_epoch`` or, when not given, the
     number of steps counted in the previous epoch (0 in the first epoch). Under DDP the gradients and
