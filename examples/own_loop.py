@@ -33,6 +33,10 @@ class TwoTowerNet(nn.Module):
             }
         )
         self.heads = nn.ModuleDict({"audio": nn.Linear(32, num_classes), "image": nn.Linear(16, num_classes)})
+        # Sizes read by the balancers that build heads of their own (mla, mmpareto, gblending); without
+        # them those balancers ask for feature_dims= / num_classes= options instead.
+        self.encoders["audio"].out_dim, self.encoders["image"].out_dim = 32, 16
+        self.num_classes = num_classes
 
     def forward(self, batch: dict[str, Tensor]) -> equimodal.MultimodalOutput:
         feats = {m: enc(batch[m]) for m, enc in self.encoders.items()}

@@ -1,4 +1,4 @@
-"""The ``equimodal`` command line: ``train``, ``compare``, ``report`` and ``list``.
+"""The ``equimodal`` command line: ``train``, ``compare``, ``report``, ``prepare``, ``units`` and ``list``.
 
 Distribution comes from the environment (``torchrun`` sets ``WORLD_SIZE``/``RANK``), never from a
 config field.
@@ -129,10 +129,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_units(args: argparse.Namespace) -> int:
+    """Print what AMSS masks in the model ``equimodal train`` would build for CONFIG, and why not the rest."""
+    from .config import load_config
+    from .data import load_dataset
+    from .train import build_model, seed_everything
+    from .units_report import amss_balancers, describe_units, rich_tables
+
+    cfg = load_config(args.config, args.set or [])
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, load_dataset(cfg.data.name, seed=cfg.train.seed, **cfg.data.options))
+    name, options = cfg.balancer.name, cfg.balancer.options
+    console = Console(width=min(Console().width, 80))
+    if name not in amss_balancers():
+        console.print(f"Balancer {name!r} masks no units; showing what 'amss' would mask with its defaults.")
+        name, options = "amss", {}
+    report = describe_units(model, balancer=name, **options)
+    shown = ", ".join(f"{k}={report.options[k]!r}" for k in ("linear_rows", "mask_encoders", "mask_fusion"))
+    console.print(f"{cfg.data.name} / {name} / {cfg.model.fusion} fusion: {shown}", highlight=False)
+    for table in rich_tables(report):
+        console.print(table)
+    if report.frozen:
+        console.print(f"{report.frozen} frozen parameter(s) (requires_grad=False) not listed.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(
-        prog="equimodal", description="Balanced multimodal learning: train, compare, report, list."
+        prog="equimodal",
+        description="Balanced multimodal learning: train, compare, report, prepare, units, list.",
     )
     p.add_argument("--version", action="version", version=f"equimodal {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -179,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, help="worker processes (default: the CPUs available)")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="a preparer option (repeatable)")
     pr.set_defaults(func=cmd_prepare)
+    u = sub.add_parser(
+        "units", help="list what AMSS masks in a config's model (units per parameter) and why not"
+    )
+    u.add_argument(
+        "config", nargs="?", help="a YAML file or a shipped preset name (see `equimodal list presets`)"
+    )
+    u.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. balancer.options.linear_rows=auto"
+    )
+    u.set_defaults(func=cmd_units)
     r = sub.add_parser("report", help="plot learning curves of run folders (RUN/curves.png)")
     r.add_argument("runs", nargs="+", help="run folders written by `equimodal train --out`")
     r.add_argument(

@@ -91,7 +91,9 @@ class EpochState:
     def count_correct(self, out: MultimodalOutput, y: Tensor, modalities: list[str]) -> None:
         """Add this micro-batch's correct predictions, fused then per modality (on the device, no sync)."""
         with torch.no_grad():
-            logits = torch.stack([out.logits.detach(), *(out.unimodal_logits[m].detach() for m in modalities)])
+            logits = torch.stack(
+                [out.logits.detach(), *(out.unimodal_logits[m].detach() for m in modalities)]
+            )
             hits = (logits.argmax(-1) == y).sum(1).float()
         self.pending_correct = hits if self.pending_correct is None else self.pending_correct + hits
         self.seen += int(y.shape[0])
@@ -102,7 +104,10 @@ class EpochState:
         if not self.correct or not self.seen:
             return {}
         acc = [c / self.seen for c in self.correct]
-        return {"train_acc": acc[0], **{f"train_acc_{m}": a for m, a in zip(modalities, acc[1:], strict=True)}}
+        return {
+            "train_acc": acc[0],
+            **{f"train_acc_{m}": a for m, a in zip(modalities, acc[1:], strict=True)},
+        }
 
     def mean_stats(self) -> dict[str, float]:
         return {k: v / self.stat_counts[k] for k, v in self.stat_sums.items()}

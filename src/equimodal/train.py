@@ -299,6 +299,7 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
     )
     req = balancer.requirements  # the one place the trainer learns what this balancer needs
     optimizer = build_optimizer(cfg, [*model.parameters(), *balancer.parameters()])
+    balancer.check_optimizer(optimizer)  # warns when an adaptive optimizer would cancel the method
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(

@@ -31,20 +31,21 @@ def names(units: list[UnitTensor]) -> list[str]:
     return [u.name for u in units]
 
 
-def test_conv_filters_found_by_type_and_markers_respected() -> None:
+def test_every_layer_type_found_by_type_and_markers_respected() -> None:
     enc = MixedEncoder()
-    units = encoder_units(enc, "a")
-    assert names(units) == ["c1", "c2", "c3"]
+    units = encoder_units(enc, "a")  # default: every layer type, a conv does not switch Linear rows off
+    assert names(units) == ["c1", "c2", "c3", "fc"]
     assert [(u.kind, u.groups, u.units) for u in units] == [
         ("filters", 1, 3),
         ("filters", 1, 5),
         ("filters", 1, 7),
+        ("rows", 1, 4),
     ]
     assert all(u.param.dim() >= 2 for u in units)  # never biases or norms
-    with_rows = encoder_units(enc, "a", linear_rows=True)
-    assert names(with_rows) == ["c1", "c2", "c3", "fc"] and with_rows[-1].kind == "rows"
-    assert names(encoder_units(enc, "a", exclude=[enc.c2])) == ["c1", "c3"]
-    assert names(encoder_units(enc, "a", exclude=lambda n, m: isinstance(m, nn.Conv3d))) == ["c1", "c2"]
+    assert names(encoder_units(enc, "a", linear_rows="auto")) == ["c1", "c2", "c3"]  # the old rule, explicit
+    assert names(encoder_units(enc, "a", linear_rows=False)) == ["c1", "c2", "c3"]
+    assert names(encoder_units(enc, "a", exclude=[enc.c2])) == ["c1", "c3", "fc"]
+    assert names(encoder_units(enc, "a", exclude=lambda n, m: isinstance(m, nn.Conv3d))) == ["c1", "c2", "fc"]
     assert names(encoder_units(enc, "a", include=[enc.fc, enc.c1])) == ["c1", "fc"]
     assert names(encoder_units(enc, "a", include=lambda n, m: n.startswith("skipped"))) == []
 
@@ -69,7 +70,7 @@ def test_resnet18_follows_the_official_choice() -> None:
 def test_frozen_parameters_are_not_masked() -> None:
     enc = MixedEncoder()
     enc.c2.weight.requires_grad_(False)
-    assert names(encoder_units(enc, "a")) == ["c1", "c3"]
+    assert names(encoder_units(enc, "a")) == ["c1", "c3", "fc"]
 
 
 def _mha_grads(mha: nn.MultiheadAttention) -> None:
@@ -82,9 +83,10 @@ def test_attention_head_units_match_head_boundaries() -> None:
     dh = embed // heads
     mha = nn.MultiheadAttention(embed, heads)
     enc = nn.Sequential(nn.Linear(4, embed), mha)
-    units = encoder_units(enc, "t")
+    units = encoder_units(enc, "t", linear_rows=False)
     by_kind = {u.kind: u for u in units}
-    assert set(by_kind) == {"head_rows", "head_cols"}  # Linear rows off: attention units exist
+    assert set(by_kind) == {"head_rows", "head_cols"}
+    assert [u.kind for u in encoder_units(enc, "t")] == ["rows", "head_rows", "head_cols"]  # the Linear too
     qkv, out = by_kind["head_rows"], by_kind["head_cols"]
     assert (qkv.groups, qkv.units, out.groups, out.units) == (3, heads, 1, heads)
     _mha_grads(mha)
@@ -118,6 +120,7 @@ def test_separate_projections_with_declared_heads() -> None:
         ("k", "head_rows", 3),
         ("v", "head_rows", 3),
         ("o", "head_cols", 3),
+        ("ffn", "rows", 6),
     ]
     g = torch.randn(12, 6)
     torch.testing.assert_close(units[0].sq_norms(g), g.view(3, 4, 6).pow(2).sum((1, 2)))

@@ -46,8 +46,8 @@ def batch(n: int = 12) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return {"text": ids, "other": torch.randn(n, 6, generator=g)}, torch.arange(n) % 3
 
 
-def test_bert_units_are_exactly_the_attention_heads() -> None:
-    units = discover_units(tiny_model(), ["text", "other"])["text"]
+def test_bert_units_are_exactly_the_attention_heads_with_the_official_rule() -> None:
+    units = discover_units(tiny_model(), ["text", "other"], linear_rows="auto")["text"]
     encoder = [u for u in units if u.kind != "row_elements"]
     assert len(encoder) == LAYERS * 4  # q, k, v rows and output columns of each layer, nothing else
     prefix = "encoders.text.bert.encoder.layer"
@@ -60,6 +60,21 @@ def test_bert_units_are_exactly_the_attention_heads() -> None:
     assert sum(u.num_units for u in encoder) == LAYERS * 4 * HEADS
     # FFN, embeddings, pooler and the projection are not masked (official); the fusion block is
     assert [u.name for u in units if u.kind == "row_elements"] == ["fusion[text]"]
+
+
+def test_bert_default_masks_heads_and_every_linear() -> None:
+    units = discover_units(tiny_model(), ["text", "other"])["text"]
+    prefix = "encoders.text.bert.encoder.layer"
+    expected = []
+    for i in range(LAYERS):
+        expected += [
+            (f"{prefix}.{i}.attention.self.{p}", "head_rows", HEADS) for p in ("query", "key", "value")
+        ]
+        expected.append((f"{prefix}.{i}.attention.output.dense", "head_cols", HEADS))
+        expected.append((f"{prefix}.{i}.intermediate.dense", "rows", 32))  # FFN neurons
+        expected.append((f"{prefix}.{i}.output.dense", "rows", HIDDEN))
+    expected += [("encoders.text.bert.pooler.dense", "rows", HIDDEN), ("encoders.text.proj", "rows", 8)]
+    assert [(u.name, u.kind, u.units) for u in units if u.kind != "row_elements"] == expected
 
 
 def test_head_norms_follow_head_boundaries() -> None:
@@ -77,7 +92,9 @@ def test_head_norms_follow_head_boundaries() -> None:
 
 def test_amss_step_zeroes_whole_heads() -> None:
     model = tiny_model()
-    bal = em.create_balancer("amss", model, temperature=0.5, k_max=0.5, seed=3)  # keep ceil(k * 2) = 1 head
+    bal = em.create_balancer(
+        "amss", model, temperature=0.5, k_max=0.5, seed=3, linear_rows="auto"
+    )  # 1 head kept
     inputs, y = batch()
     bal.loss(model(inputs), y).backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -107,14 +124,15 @@ def test_selection_still_applies_to_found_attention() -> None:
     bert = create_encoder("bert", config=TINY_BERT)
     layer0 = bert.bert.encoder.layer[0].attention
     layer0.self.query.amss_skip = True
-    names = [u.name for u in encoder_units(bert, "t")]
+    names = [u.name for u in encoder_units(bert, "t", linear_rows="auto")]
     assert "bert.encoder.layer.0.attention.self.query" not in names and len(names) == 7
-    names = [u.name for u in encoder_units(bert, "t", exclude=[layer0.self])]
+    names = [u.name for u in encoder_units(bert, "t", exclude=[layer0.self], linear_rows="auto")]
     assert names[0].startswith("bert.encoder.layer.1.")  # the excluded attention loses its output columns too
     declared = encoder_units(bert, "t", heads={layer0.self.key: (4, "rows")})
     assert [u.units for u in declared if u.name.endswith("layer.0.attention.self.key")] == [4]
-    rows = encoder_units(bert, "t", linear_rows=True)
+    rows = encoder_units(bert, "t")
     assert any(u.name.endswith("intermediate.dense") and u.kind == "rows" for u in rows)
+    assert not any(u.name.endswith("intermediate.dense") for u in encoder_units(bert, "t", linear_rows=False))
 
 
 def test_other_naming_schemes_and_grouped_query_heads() -> None:
@@ -128,7 +146,7 @@ def test_other_naming_schemes_and_grouped_query_heads() -> None:
             intermediate_size=8,
         )  # fmt: skip
     )
-    units = encoder_units(llama, "t")
+    units = encoder_units(llama, "t", linear_rows=False)
     assert [(u.name.rsplit(".", 1)[-1], u.kind, u.units) for u in units] == [
         ("q_proj", "head_rows", 4), ("k_proj", "head_rows", 2), ("v_proj", "head_rows", 2), ("o_proj", "head_cols", 4),
     ]  # fmt: skip
@@ -149,3 +167,22 @@ def test_other_naming_schemes_and_grouped_query_heads() -> None:
     plain.query, plain.key, plain.value = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
     assert attention_spec(plain) is None  # no head count: plain Linear layers
     assert [u.kind for u in encoder_units(plain, "t")] == ["rows"] * 3
+
+
+def test_transformers_vit_conv_patch_embedding_does_not_turn_off_the_linears() -> None:
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=24,
+    )  # fmt: skip
+    vit = transformers.ViTModel(config)
+    units = encoder_units(vit, "v")
+    kinds = [(u.kind, u.num_units) for u in units]
+    assert units[0].param is vit.embeddings.patch_embeddings.projection.weight and kinds[0] == ("filters", 16)
+    assert kinds.count(("head_rows", 4)) == 3 * 2 and kinds.count(("head_cols", 4)) == 2  # every head
+    assert kinds.count(("rows", 24)) == 2 and kinds.count(("rows", 16)) == 2 + 1  # FFN neurons, pooler
+    assert len(units) == 1 + 2 * 6 + 1
+    assert {u.kind for u in encoder_units(vit, "v", linear_rows="auto")} == {
+        "filters",
+        "head_rows",
+        "head_cols",
+    }

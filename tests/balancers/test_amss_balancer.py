@@ -50,7 +50,9 @@ def test_registered_with_class_defaults() -> None:
 def test_toy_models_train_and_loss_falls(name: str, num_modalities: int) -> None:
     model = make_toy_model(num_modalities)
     balancer = em.create_balancer(name, model, seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # lr 0.05: AMSS+'s unbiased weights raise the gradient's second moment (about 1/k), and at lr 0.1
+    # with momentum 0.9 this two-modality toy sometimes oscillates with AMSS+ (docs/amss.md)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = [step(balancer, model, num_modalities, seed=s % 8, opt=opt).item() for s in range(48)]
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
     stats = balancer.stats()
@@ -88,8 +90,12 @@ def test_user_model_that_only_satisfies_the_contract() -> None:
     torch.manual_seed(0)
     model = UserModel()
     balancer = em.create_balancer("amss_plus", model)
-    assert [u.name for u in balancer.units["audio"]] == ["encoders.audio.0"]
+    # every layer type wherever it sits: the conv's filters and the Linear's rows after it
+    assert [u.name for u in balancer.units["audio"]] == ["encoders.audio.0", "encoders.audio.3"]
+    assert [u.kind for u in balancer.units["audio"]] == ["filters", "rows"]
     assert [u.kind for u in balancer.units["image"]] == ["rows", "rows"]
+    official = em.create_balancer("amss_plus", model, linear_rows="auto")  # no Linear beside a conv
+    assert [u.name for u in official.units["audio"]] == ["encoders.audio.0"]
     batch = {"audio": torch.randn(8, 5), "image": torch.randn(8, 3, 4)}
     y = torch.randint(0, 3, (8,))
     balancer.loss(model(batch), y).backward()

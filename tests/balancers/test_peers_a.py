@@ -57,7 +57,7 @@ def is_weight(name: str, grad: Tensor) -> bool:
 @given(st.lists(st.floats(0.01, 100.0), min_size=2, max_size=2), st.floats(0.01, 2.0))
 def test_ogm_two_modalities_slow_exactly_the_stronger(scores: list[float], alpha: float) -> None:
     s = torch.tensor(scores, dtype=torch.float64)
-    for ref in ("mean", "max", "min"):
+    for ref in ("mean", "min", "sum", "max"):
         rho = score_ratios(s, ref)
         torch.testing.assert_close(rho, torch.stack([s[0] / s[1], s[1] / s[0]]))
         k = ogm_coefficients(rho, alpha)
@@ -224,13 +224,18 @@ def test_shapley_efficiency_and_dummy(num: int, seed: int) -> None:
 def test_agm_coefficients_two_modalities_by_hand() -> None:
     s_a, s_v, bar_a, bar_v, alpha = 0.5, 1.0, 0.7, 0.8, 0.3
     r, rbar, k = agm_coefficients(torch.tensor([s_a, s_v]), torch.tensor([bar_a, bar_v]), alpha)
-    # reference code: ratio_a = exp(s_v - s_a), optimal_a = exp(bar_v - bar_a), k = exp(alpha*min(gap, 7))
+    # reference code: ratio_a = exp(s_v - s_a), optimal_a = exp(bar_v - bar_a), k = exp(alpha*min(gap, 10))
     assert float(r[0]) == pytest.approx(math.exp(s_v - s_a))
     assert float(rbar[1]) == pytest.approx(math.exp(bar_a - bar_v))
     assert float(k[0]) == pytest.approx(math.exp(alpha * (math.exp(bar_v - bar_a) - math.exp(s_v - s_a))))
     assert float(k[1]) == pytest.approx(math.exp(alpha * (math.exp(bar_a - bar_v) - math.exp(s_a - s_v))))
     _, _, capped = agm_coefficients(torch.tensor([5.0, 5.0]), torch.tensor([0.0, 10.0]), alpha)
-    assert float(capped[0]) == pytest.approx(math.exp(alpha * 7.0))
+    assert float(capped[0]) == pytest.approx(math.exp(alpha * 10.0))
+    _, _, seven = agm_coefficients(torch.tensor([5.0, 5.0]), torch.tensor([0.0, 10.0]), alpha, 7.0)
+    assert float(seven[0]) == pytest.approx(math.exp(alpha * 7.0))
+    # gap exp(3) - 1 > 10: capped by default, not with max_gap=None
+    _, _, uncapped = agm_coefficients(torch.tensor([5.0, 5.0]), torch.tensor([0.0, 3.0]), alpha, None)
+    assert float(uncapped[0]) == pytest.approx(math.exp(alpha * (math.exp(3.0) - 1.0)), rel=1e-5)
 
 
 def agm_scores_by_hand(model: nn.Module, batch: dict[str, Tensor], y: Tensor) -> list[float]:
@@ -244,10 +249,11 @@ def agm_scores_by_hand(model: nn.Module, batch: dict[str, Tensor], y: Tensor) ->
     ]
 
 
-def test_agm_scales_encoder_grads_by_hand_computed_coefficients() -> None:
+def test_agm_scales_encoder_and_head_grads_by_hand_computed_coefficients() -> None:
     model = make_toy_model(2)
     alpha = 0.4
     balancer = em.create_balancer("agm", model, alpha=alpha, clip=None)
+    d0 = model.encoders["m0"].out_dim
     running = [0.0, 0.0]
     for step, seed in enumerate((0, 1)):
         batch, y = make_toy_batch(2, 32, seed=seed)
@@ -255,14 +261,19 @@ def test_agm_scales_encoder_grads_by_hand_computed_coefficients() -> None:
         s = agm_scores_by_hand(model, batch, y)
         grads = step_grads(balancer, model, batch, y, batch=batch)
         k = [
-            math.exp(alpha * min(math.exp(running[1 - i] - running[i]) - math.exp(s[1 - i] - s[i]), 7.0))
+            math.exp(alpha * min(math.exp(running[1 - i] - running[i]) - math.exp(s[1 - i] - s[i]), 10.0))
             for i in range(2)
         ]
         for i in range(2):
             assert balancer.stats()[f"k/m{i}"] == pytest.approx(k[i], rel=1e-5)
         for n, g in grads.items():
-            scale = k[int(n.split(".")[1][1])] if n.startswith("encoders.") else 1.0
-            torch.testing.assert_close(g, ref[n] * scale)
+            if n.startswith("encoders."):
+                torch.testing.assert_close(g, ref[n] * k[int(n.split(".")[1][1])])
+        # the authors' hooks on each modality's response also scale its head columns and bias share
+        w = "fusion.fc.weight"
+        torch.testing.assert_close(grads[w][:, :d0], ref[w][:, :d0] * k[0])
+        torch.testing.assert_close(grads[w][:, d0:], ref[w][:, d0:] * k[1])
+        torch.testing.assert_close(grads["fusion.fc.bias"], ref["fusion.fc.bias"] * (k[0] + k[1]) / 2)
         running = [(running[i] * step + s[i]) / (step + 1) for i in range(2)]
         torch.testing.assert_close(balancer.running, torch.tensor(running, dtype=torch.float64))
 
@@ -413,7 +424,8 @@ def test_mslr_keep_scales_encoder_and_head_block() -> None:
     batch, y = make_toy_batch(2, 16)
     ref = joint_grads(copy.deepcopy(model), batch, y)
     scales = {"m0": 2.0, "m1": 0.5}
-    grads = step_grads(em.create_balancer("mslr", model, scales=scales, mode="keep"), model, batch, y)
+    balancer = em.create_balancer("mslr", model, scales=scales, mode="keep", warmup_epochs=0)
+    grads = step_grads(balancer, model, batch, y)
     for n, g in grads.items():
         if n.startswith("encoders."):
             torch.testing.assert_close(g, ref[n] * scales[n.split(".")[1]])
@@ -421,7 +433,7 @@ def test_mslr_keep_scales_encoder_and_head_block() -> None:
     head = "fusion.fc.weight"
     torch.testing.assert_close(grads[head][:, :d0], ref[head][:, :d0] * 2.0)
     torch.testing.assert_close(grads[head][:, d0:], ref[head][:, d0:] * 0.5)
-    torch.testing.assert_close(grads["fusion.fc.bias"], ref["fusion.fc.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(grads["fusion.fc.bias"], ref["fusion.fc.bias"] * (2.0 + 0.5) / 2)
 
 
 def test_accuracy_ratio() -> None:
@@ -438,13 +450,13 @@ def test_mslr_dynamic_follows_heldout_accuracy() -> None:
     model = make_toy_model(2)
     held = make_toy_batch(2, 64, seed=30)
     data = EpochData(train=lambda: iter([]), heldout=lambda: iter([held]), device=torch.device("cpu"))
-    balancer = em.create_balancer("mslr", model, scales={"m0": 1.3, "m1": 0.7}, window=2)
+    balancer = em.create_balancer("mslr", model, scales={"m0": 1.3, "m1": 0.7}, window=2, warmup_epochs=2)
     balancer.set_epoch(0)
     balancer.prepare_epoch(data)
     assert balancer.memory == {"m0": [], "m1": []}  # untrained model: nothing measured
     balancer.num_steps = 1
     history: dict[str, list[float]] = {"m0": [], "m1": []}
-    for epoch in range(4):
+    for epoch in range(5):
         with torch.no_grad():  # a different model each epoch, so accuracies move
             for p in model.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(epoch)))
@@ -452,9 +464,12 @@ def test_mslr_dynamic_follows_heldout_accuracy() -> None:
         balancer.prepare_epoch(data)
         for m, init in (("m0", 1.3), ("m1", 0.7)):
             acc = unimodal_accuracy(model, *held, m)
-            expected = init * acc / (sum(history[m][-2:]) / 2) if len(history[m]) >= 2 else init
+            past = history[m][-2:]
+            fused = epoch >= 2  # after the warm start, from the first stored accuracy on
+            expected = init * acc / (sum(past) / len(past)) if fused and past else init
             assert balancer.scales[m] == pytest.approx(expected)
             history[m].append(acc)
+        assert balancer.memory["m0"] == pytest.approx(history["m0"][-2:])
     with pytest.raises(ValueError, match="heldout"):
         balancer.prepare_epoch(EpochData(train=lambda: iter([]), heldout=None, device=torch.device("cpu")))
 
@@ -465,3 +480,5 @@ def test_mslr_rejects_bad_scales() -> None:
         em.create_balancer("mslr", model, scales={"audio": 1.0})
     with pytest.raises(ValueError, match="positive"):
         em.create_balancer("mslr", model, scales={"m0": 0.0})
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        em.create_balancer("mslr", model, warmup_epochs=-1)

@@ -70,11 +70,17 @@ class NegatedUnimodal(nn.Module):
         return em.MultimodalOutput(fused, {k: -t for k, t in terms.items()}, z)
 
 
-def expected_mmpareto_grads(model: nn.Module, batch: dict, y: torch.Tensor, gamma: float = 1.5) -> dict:
-    """MMPareto's update computed independently: separate grads, min-norm/half weights, per-tensor rescale."""
+def expected_mmpareto_grads(
+    model: nn.Module, batch: dict, y: torch.Tensor, gamma: float = 1.5, heads: em.Balancer | None = None
+) -> dict:
+    """MMPareto's update computed independently: separate grads, min-norm/half weights, per-tensor rescale.
+
+    The unimodal logits are the model's, or those of ``heads`` (a balancer's separate heads) when given.
+    """
     out = model(batch)
     l_mm = F.cross_entropy(out.logits, y)
-    l_uni = {m: F.cross_entropy(out.unimodal_logits[m], y) for m in model.encoders}
+    uni = out.unimodal_logits if heads is None else heads.unimodal_prediction(out)
+    l_uni = {m: F.cross_entropy(uni[m], y) for m in model.encoders}
     params = dict(model.named_parameters())
     summed = torch.autograd.grad(l_mm + sum(l_uni.values()), list(params.values()), retain_graph=True)
     plain = dict(zip(params, summed, strict=True))
@@ -104,14 +110,20 @@ def run_balancer(model: nn.Module, balancer: em.Balancer, batch: dict, y: torch.
 
 
 @pytest.mark.parametrize(
-    "model_fn", [lambda: NegatedUnimodal(2), lambda: make_toy_model(3)], ids=["conflict", "toy3"]
+    ("model_fn", "heads"),
+    [
+        (lambda: NegatedUnimodal(2), "shared"),
+        (lambda: make_toy_model(3), "shared"),
+        (lambda: make_toy_model(3), "separate"),
+    ],
+    ids=["conflict-shared", "toy3-shared", "toy3-separate"],
 )
-def test_mmpareto_encoder_grad_equals_formula(model_fn) -> None:
+def test_mmpareto_encoder_grad_equals_formula(model_fn, heads: str) -> None:
     model = model_fn()
     batch, y = make_toy_batch(len(model.encoders))
-    bal = em.create_balancer("mmpareto", model)
+    bal = em.create_balancer("mmpareto", model, heads=heads)
+    expected = expected_mmpareto_grads(model, batch, y, heads=bal if heads == "separate" else None)
     got = run_balancer(model, bal, batch, y)
-    expected = expected_mmpareto_grads(model, batch, y)
     for n in expected:
         assert torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-4), n
     stats = bal.stats()
@@ -123,7 +135,7 @@ def test_mmpareto_encoder_grad_equals_formula(model_fn) -> None:
 
 def test_mmpareto_accumulation_and_loss_scaling_add_up() -> None:
     model = NegatedUnimodal(2)
-    bal = em.create_balancer("mmpareto", model)
+    bal = em.create_balancer("mmpareto", model, heads="shared")
     batch, y = make_toy_batch(2, batch_size=16)
     big = run_balancer(model, bal, batch, y)
     model.zero_grad(set_to_none=True)
@@ -136,7 +148,7 @@ def test_mmpareto_accumulation_and_loss_scaling_add_up() -> None:
         assert torch.allclose(p.grad, big[n], atol=1e-6, rtol=1e-4), n
 
 
-def test_mmpareto_inactive_is_joint_training_and_aux_fusion_rejected() -> None:
+def test_mmpareto_inactive_is_joint_training_and_shared_heads_reject_aux_fusion() -> None:
     model = make_toy_model(2)
     batch, y = make_toy_batch(2)
     bal = em.create_balancer("mmpareto", model, start_epoch=1)
@@ -144,7 +156,7 @@ def test_mmpareto_inactive_is_joint_training_and_aux_fusion_rejected() -> None:
     plain = torch.autograd.grad(F.cross_entropy(model(batch).logits, y), list(model.parameters()))
     assert all(torch.allclose(g, got[n]) for (n, _), g in zip(model.named_parameters(), plain, strict=True))
     with pytest.raises(ValueError, match="auxiliary heads"):
-        em.create_balancer("mmpareto", make_toy_model(2, fusion="film"))
+        em.create_balancer("mmpareto", make_toy_model(2, fusion="film"), heads="shared")
     with pytest.raises(ValueError, match="gamma"):
         em.create_balancer("mmpareto", model, gamma=0.0)
 
@@ -163,9 +175,10 @@ def test_blend_weights_from_hand_made_losses() -> None:
     assert torch.allclose(same, torch.full((3,), 1 / 3))
 
 
-def test_gblending_loss_is_weighted_head_sum(num_modalities: int) -> None:
+@pytest.mark.parametrize("heads", ["separate", "shared"])
+def test_gblending_loss_is_weighted_head_sum(num_modalities: int, heads: str) -> None:
     model = make_toy_model(num_modalities)
-    bal = em.create_balancer("gblending", model, super_epoch_len=1)
+    bal = em.create_balancer("gblending", model, super_epoch_len=1, heads=heads)
     batch, y = make_toy_batch(num_modalities)
     bal.set_epoch(0)
     with pytest.raises(em.DriverError, match=r"prepare_epoch\(EpochData"):
@@ -176,8 +189,9 @@ def test_gblending_loss_is_weighted_head_sum(num_modalities: int) -> None:
         w is not None and w.shape == (num_modalities + 1,) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-5)
     )
     out = model(batch)
-    heads = [out.logits, *out.unimodal_logits.values()]
-    expected = sum(float(w[i]) * F.cross_entropy(h, y) for i, h in enumerate(heads))
+    uni = bal.heads.logits(out) if heads == "separate" else out.unimodal_logits
+    logits = [out.logits, *uni.values()]
+    expected = sum(float(w[i]) * F.cross_entropy(h, y) for i, h in enumerate(logits))
     assert torch.allclose(bal.loss(out, y), expected)
     bal.set_epoch(1)  # not a recomputation epoch: same weights; a loss unlike plain CE
     bal.prepare_epoch(epoch_data(num_modalities))
@@ -192,8 +206,8 @@ def test_gblending_weights_follow_measured_losses(monkeypatch: pytest.MonkeyPatc
     seen: list[torch.Tensor] = []
     real = GradientBlending._losses
 
-    def spy(self, m, src, device):
-        seen.append(real(self, m, src, device))
+    def spy(self, m, heads, src, device):
+        seen.append(real(self, m, heads, src, device))
         return seen[-1]
 
     monkeypatch.setattr(GradientBlending, "_losses", spy)
@@ -209,17 +223,23 @@ def test_gblending_weights_follow_measured_losses(monkeypatch: pytest.MonkeyPatc
 def test_gblending_unimodal_copy_trains_only_its_encoder() -> None:
     model = make_toy_model(3)
     bal = em.create_balancer("gblending", model, super_epoch_len=1)
-    clone = bal._train_copy(2, epoch_data(3))  # head 2 = modality m1
+    clone, heads = bal._train_copy(2, epoch_data(3))  # head 2 = modality m1
     changed = {
         m for m in model.encoders if not torch.equal(clone.encoders[m].fc.weight, model.encoders[m].fc.weight)
     }
     assert changed == {"m1"}
+    moved = {
+        m for m in model.encoders if not torch.equal(heads.linears[m].weight, bal.heads.linears[m].weight)
+    }
+    assert moved == {"m1"}  # of the copied heads, only m1's own trained (with its encoder)
 
 
 def test_gblending_schedule_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(
-        GradientBlending, "_train_copy", lambda self, h, d: (calls.append(self.epoch), self.model)[1]
+        GradientBlending,
+        "_train_copy",
+        lambda self, h, d: (calls.append(self.epoch), (self.model, self.heads))[1],
     )
     for mode, expected in (("online", [0, 2, 4]), ("offline", [0])):
         calls.clear()
@@ -235,7 +255,7 @@ def test_gblending_schedule_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="mode"):
         em.create_balancer("gblending", make_toy_model(2), mode="sometimes")
     with pytest.raises(ValueError, match="auxiliary heads"):
-        em.create_balancer("gblending", make_toy_model(2, fusion="gated"))
+        em.create_balancer("gblending", make_toy_model(2, fusion="gated"), heads="shared")
 
 
 def test_gblending_deterministic_and_state_round_trip() -> None:

@@ -68,10 +68,12 @@ def test_resnet50_parameter_names_follow_torchvision(resnet: ResNet50) -> None:
 
 
 def test_resnet50_amss_units_are_the_bottleneck_convs(resnet: ResNet50) -> None:
-    units = encoder_units(resnet, "image")
+    units = encoder_units(resnet, "image", linear_rows=False)  # the official text-image choice
     assert len(units) == 48 and all(u.kind == "filters" for u in units)
     assert {u.name.rsplit(".", 1)[-1] for u in units} == {"conv1", "conv2", "conv3"}
     assert all(u.name.startswith("layer") for u in units)  # no stem, no downsample, no fc
+    every = encoder_units(resnet, "image")  # the default: every layer type, the fc projection's rows too
+    assert len(every) == 49 and every[-1].kind == "rows" and every[-1].name.endswith("fc")
 
 
 def test_resnet50_weights_round_trip_and_errors(resnet: ResNet50, tmp_path: Path) -> None:

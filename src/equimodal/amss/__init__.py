@@ -9,9 +9,11 @@ their own:
 - :mod:`.ratios`: update ratios ``k_m`` for any M >= 2;
 - :mod:`.sampling`: unit scores, keep counts, the five samplers, inclusion probabilities, weights;
 - :mod:`.units`: mask units found by module type, with a selection API;
-- :mod:`.masker`: the vectorised gradient masker.
+- :mod:`.masker`: the vectorised gradient masker;
+- :func:`describe_units` (from :mod:`equimodal.units_report`): what will be masked, and why the rest is not.
 """
 
+from ..units_report import UnitsReport, describe_units  # noqa: E402 - after .units, which it imports
 from .masker import MASK_STATS, GradientMasker
 from .ratios import RATIO_FORMS, update_ratios
 from .sampling import (
@@ -35,6 +37,8 @@ from .significance import (
 from .units import UnitTensor, discover_units, encoder_units, fusion_units
 
 __all__ = [
+    "UnitsReport",
+    "describe_units",
     "MASK_STATS",
     "RATIO_FORMS",
     "GradientMasker",

@@ -30,6 +30,7 @@ from .sampling import (
     SamplerName,
     ScoreMode,
     code_weights,
+    floored_scores,
     inverse_inclusion_weights,
     keep_counts,
     sample_units,
@@ -63,7 +64,7 @@ class _Layout:
     masks: Tensor  # (R, N) float32 buffer
     norm_grids: list[Tensor]
     weight_grids: list[Tensor]
-    mask_views: list[Tensor]
+    mask_views: list[list[Tensor]]  # per unit tensor, one view per tensor it masks (param, members)
 
 
 class GradientMasker:
@@ -92,14 +93,15 @@ class GradientMasker:
         rounding: Rounding = "ceil",
         reweight: ReweightMode = "none",
         inclusion: InclusionMode = "conditional",
-        max_weight: float | None = 10.0,
+        max_weight: float | None = 100.0,
         code_bias: float = 0.0,
         code_block_norm: bool = False,
+        score_floor: float = 0.0,
     ) -> None:
         self.modalities = list(units)
         self.tensors: list[UnitTensor] = [u for m in self.modalities for u in units[m]]
         self.score, self.sampler, self.rounding = score, sampler, rounding
-        self.reweight, self.inclusion = reweight, inclusion
+        self.reweight, self.inclusion, self.score_floor = reweight, inclusion, float(score_floor)
         self.max_weight, self.code_bias, self.code_block_norm = max_weight, code_bias, code_block_norm
         self._layout: _Layout | None = None
 
@@ -143,7 +145,10 @@ class GradientMasker:
             masks=masks,
             norm_grids=[u.grid(norms, r) for u, r in zip(self.tensors, starts, strict=True)],
             weight_grids=[u.grid(weight_norms, r) for u, r in zip(self.tensors, starts, strict=True)],
-            mask_views=[u.mask_view(u.grid(masks, r)) for u, r in zip(self.tensors, starts, strict=True)],
+            mask_views=[
+                [u.mask_view(u.grid(masks, r), t.dim()) for t in u.tensors]
+                for u, r in zip(self.tensors, starts, strict=True)
+            ],
         )
 
     def layout(self) -> _Layout:
@@ -162,28 +167,27 @@ class GradientMasker:
             generator: source of randomness (seeded alike on every DDP rank).
 
         Parameters without a gradient this step are left alone (their units score zero for sampling and
-        statistics). A step with any non-finite gradient in a masked tensor is left unmasked.
+        statistics). A unit spanning several tensors (an RNN's ``weight_ih`` and ``weight_hh``, weight
+        norm's ``v`` and ``g``) is scored over all of them and kept or dropped in all of them. A step
+        with any non-finite gradient in a masked tensor is left unmasked.
 
         Returns:
             ``(stats, finite)``: a ``(len(MASK_STATS), M)`` tensor (see :data:`MASK_STATS`) and a 0-d bool
             tensor, false when the step was skipped for non-finite gradients.
         """
         lay = self.layout()
-        grads = [u.param.grad for u in self.tensors]
-        for u, g, out in zip(self.tensors, grads, lay.norm_grids, strict=True):
-            if g is None:
-                out.zero_()
-            else:
-                u.write_norms_(g, out)
+        grads = [[t.grad for t in u.tensors] for u in self.tensors]
+        for u, gs, out in zip(self.tensors, grads, lay.norm_grids, strict=True):
+            u.write_unit_norms_(gs, out)
         sq = lay.norms.square_()
         finite = torch.isfinite(sq).all()
         sq = torch.nan_to_num_(sq, nan=0.0, posinf=0.0, neginf=0.0)
         wsq = None
         if self.score == "gn_wn":
             for u, out in zip(self.tensors, lay.weight_grids, strict=True):
-                u.write_norms_(u.param, out)
+                u.write_unit_norms_(u.tensors, out)
             wsq = lay.weight_norms.square_()
-        scores = unit_scores(sq, self.score, wsq)
+        scores = floored_scores(unit_scores(sq, self.score, wsq), self.score_floor, lay.valid)
         n = keep_counts(ratios.to(lay.device)[lay.row_modality], lay.row_units, self.rounding)
         keep, pi = sample_units(
             scores, n, sampler=self.sampler, generator=generator, valid=lay.valid, inclusion=self.inclusion
@@ -198,8 +202,13 @@ class GradientMasker:
             mu = keep.to(scores.dtype)
         mu = torch.where(finite, mu, torch.ones_like(mu))
         lay.masks.copy_(mu)
-        targets = [u.unit_view(g) for u, g in zip(self.tensors, grads, strict=True) if g is not None]
-        views = [v for v, g in zip(lay.mask_views, grads, strict=True) if g is not None]
+        pairs = [
+            (u.unit_view(g), v)
+            for u, gs, vs in zip(self.tensors, grads, lay.mask_views, strict=True)
+            for g, v in zip(gs, vs, strict=True)
+            if g is not None
+        ]
+        targets, views = [t for t, _ in pairs], [v for _, v in pairs]
         if targets:
             torch._foreach_mul_(targets, views)
         keepf = keep.to(scores.dtype)

@@ -1,6 +1,7 @@
 """Mask units of AMSS (Yang et al., TPAMI 2025): which parameter blocks are kept or dropped together.
 
-Units are found by module type, never by parameter-name substrings:
+Units are found by module type wherever the module sits in an encoder, never by parameter-name
+substrings, and every layer type is masked by default:
 
 ============================== ========================================== ===========================
 module                          unit                                       sampling groups
@@ -21,51 +22,81 @@ or head size attribute)         of BERT-style ``BertAttention``)
 projection                      q, k, v) or ``in/H`` columns (``"cols"``:
                                 the output projection)
 other ``Linear``                one output row (neuron)                    the whole tensor
+``nn.LSTM`` / ``nn.GRU`` /      a hidden unit ``j``: its gate rows         one group per layer and
+``nn.RNN`` (and the ``*Cell``   ``j, H+j, ...`` of ``weight_ih`` *and*     direction, spanning both
+modules)                        ``weight_hh`` together (LSTM ``proj_size``  tensors
+                                projections ``weight_hr``: output rows)
 fusion-head block of modality   one weight element ``W[c, j]``, ``j`` in   each output row ``c``
-m (``model.fusion.              the modality's column slice
-modality_blocks()``)
+m (``model.fusion.              the modality's column slice of a weight
+modality_blocks()``)            shared by the modalities (a concat head)
 ============================== ========================================== ===========================
 
-Default selection (the official choices): a module (and everything under it) carrying
-``amss_skip = True`` is never visited (equimodal's ResNet encoders mark their stems and downsample
-convolutions this way); norms and biases are never masked; plain ``Linear`` layers are masked only when
-the encoder has no convolution or attention units (``linear_rows="auto"``), so ResNet / BERT-style
-encoders follow the code (no FFN or projection masking) while MLP encoders still have units. The first
-convolution of an encoder is *not* skipped implicitly: guessing a stem from module order is the kind of
-heuristic the library avoids; mark it ``amss_skip`` or pass it in ``exclude``.
+Selection (the defaults): a module (and everything under it) carrying ``amss_skip = True`` is never
+visited (equimodal's ResNet encoders mark their stems and downsample convolutions this way); norm
+layers, embeddings and biases are never masked (the official code masks weights only); every Linear is
+masked (``linear_rows=True``); ``linear_rows="auto"`` is the previous, code-faithful rule (plain Linear
+layers only in encoders without conv, attention or RNN units: no BERT FFN or ResNet projection) and
+``linear_rows=False`` never masks plain Linear rows. The first convolution of an encoder is *not*
+skipped implicitly: mark it ``amss_skip`` or pass it in ``exclude``.
+
+Shared parameters: a Parameter reachable twice in one modality (tied weights, a module used twice) is
+masked exactly once, with the units of its first occurrence in module order; a Parameter masked in the
+encoders of two modalities is refused (each modality is masked with its own ratio): exclude it from one.
+
+Reparametrized weights: ``torch.nn.utils.parametrizations.weight_norm`` (and the older
+``torch.nn.utils.weight_norm``) with ``dim=0`` is masked through the parametrization: ``v``
+(``original1`` / ``weight_v``) is partitioned like the weight and ``g`` (``original0`` / ``weight_g``,
+one entry per output row) joins the unit of its row. Any other reparametrization (``spectral_norm``,
+``orthogonal``, ``weight_norm`` with another ``dim``, weight norm on an output projection whose units
+are columns) raises a ``ValueError`` naming the parameter, rather than being skipped silently.
+
+Fusion heads (``mask_fusion``): ``True`` / ``"concat"`` (default, the official code) masks only column
+blocks of a weight shared by the modalities (the concat head); ``"all"`` also masks heads that give each
+modality its own weight (``sum``, ``weighted``); ``False`` masks no fusion head. FiLM, gated and
+attention fusions declare no blocks and are never masked.
 
 Transformers attention is found by structure, not by class name: a module with ``nn.Linear``
 children named as one of the q/k/v triples above and an int ``num_attention_heads`` / ``num_heads`` /
 ``n_heads`` (or ``config.num_attention_heads``) or head size ``attention_head_size`` / ``head_dim`` /
 ``key_value_proj_dim`` (BERT, RoBERTa, ViT, BART, CLIP, T5, DistilBERT, LLaMA, ...). The head size
-``d_head`` splits every projection, so grouped-query k/v projections get fewer heads than q. This is
-how the official text-image code masks BERT (q/k/v rows and ``attention.output.dense`` columns per
-head); BERT's FFN, embeddings, pooler and LayerNorms are not masked (``linear_rows="auto"``). GPT-2's
+``d_head`` splits every projection, so grouped-query k/v projections get fewer heads than q. GPT-2's
 fused ``Conv1D`` projection is not recognised: declare it with ``heads`` if needed.
 
 Selection API for a user's own model: ``include`` / ``exclude`` (a callable ``(name, module) -> bool``
 or a collection of modules), ``heads`` (``{linear_module: (num_heads, "rows" | "cols")}``, or the
 attribute ``amss_heads = (num_heads, "rows" | "cols")`` on the module), ``linear_rows``,
-``mask_encoders`` and ``mask_fusion``.
+``mask_encoders`` and ``mask_fusion``. :func:`equimodal.units_report.describe_units` lists what is
+masked and why everything else is not.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
 log = logging.getLogger(__name__)
 
-UnitKind = Literal["filters", "rows", "head_rows", "head_cols", "row_elements"]
+UnitKind = Literal["filters", "rows", "head_rows", "head_cols", "gate_rows", "row_elements"]
 HeadLayout = Literal["rows", "cols"]
 ModuleSelector = Union[Callable[[str, nn.Module], bool], Collection[nn.Module]]  # noqa: UP007
-LinearRows = Union[bool, Literal["auto"]]  # noqa: UP007
+LinearRows = Literal[True, False, "auto"]
+"""``True``: every Linear's rows (default); ``False``: none; ``"auto"``: only in encoders without
+conv, attention or RNN units (the previous default, code-faithful for ResNet/BERT encoders)."""
+MaskFusion = Literal[True, False, "concat", "all"]
+"""``True`` / ``"concat"``: column blocks of a shared (concat) head; ``"all"``: also own per-modality
+heads (sum, weighted); ``False``: no fusion head."""
+LINEAR_ROWS: tuple[object, ...] = (True, False, "auto")
+MASK_FUSION: tuple[object, ...] = (True, False, "concat", "all")
+ROW_KINDS: tuple[str, ...] = ("filters", "rows", "head_rows", "gate_rows")
+"""Kinds whose units partition dim 0, so that a unit may span several tensors (``members``)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,14 +106,20 @@ class UnitTensor:
     Attributes:
         param: the parameter whose ``.grad`` is masked.
         modality: the modality it belongs to.
-        name: qualified module name (for reports).
+        name: qualified module name (for reports; ``.l0`` / ``.l0_reverse`` is added for an RNN layer).
         kind: ``"filters"`` / ``"rows"`` (dim 0 slices), ``"head_rows"`` (blocks of rows, ``groups``
-            blocks of ``units`` heads), ``"head_cols"`` (blocks of columns), ``"row_elements"`` (single
+            blocks of ``units`` heads), ``"head_cols"`` (blocks of columns), ``"gate_rows"`` (rows
+            ``j, H+j, ..`` of ``gates`` stacked gates: RNN hidden units), ``"row_elements"`` (single
             elements of a column slice, one group per row).
         groups: number of independent sampling groups.
         units: units per group.
         columns: the column slice of a fusion block (``"row_elements"`` only).
         code_units: the official AMSS+ weight's ``R`` (units per group; output rows for the fusion head).
+        members: further parameters whose dim 0 is partitioned exactly like ``param``'s and that belong
+            to the same units (an RNN's ``weight_hh`` with its ``weight_ih``; weight norm's ``g`` with
+            ``v``): a unit's score sums over all of them and its mask applies to all of them.
+        gates: stacked gates of a ``"gate_rows"`` tensor (4 LSTM, 3 GRU, 1 RNN).
+        param_names: qualified names of ``param`` and ``members`` (for reports).
     """
 
     param: nn.Parameter
@@ -93,6 +130,22 @@ class UnitTensor:
     units: int
     columns: slice | None = None
     code_units: int = 0
+    members: tuple[nn.Parameter, ...] = ()
+    gates: int = 1
+    param_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for t in self.members:
+            if self.kind not in ROW_KINDS or t.dim() != self.param.dim() or t.shape[0] != self.param.shape[0]:
+                raise ValueError(
+                    f"{self.name}: a member of a {self.kind!r} unit must have the shape[0] and dims of "
+                    f"{tuple(self.param.shape)}, found {tuple(t.shape)}."
+                )
+
+    @property
+    def tensors(self) -> tuple[nn.Parameter, ...]:
+        """``param`` and its ``members``: every tensor this entry masks."""
+        return (self.param, *self.members)
 
     @property
     def num_units(self) -> int:
@@ -106,29 +159,35 @@ class UnitTensor:
             return (self.groups, self.units)
         return (self.units,)
 
-    @property
-    def reduce_dims(self) -> tuple[int, ...]:
-        """Dims of :meth:`unit_view` reduced to get one value per unit (empty for single elements)."""
-        ndim = self.param.dim()
+    def _reduce_dims(self, ndim: int) -> tuple[int, ...]:
         if self.kind in ("filters", "rows"):
             return tuple(range(1, ndim))
         if self.kind == "head_rows":
             return tuple(range(2, ndim + 2))
+        if self.kind == "gate_rows":
+            return (0, *range(2, ndim + 1))
         if self.kind == "head_cols":
             return (0, 2)
         return ()
 
-    def unit_view(self, t: Tensor) -> Tensor:
-        """A view of ``t`` (the gradient or the weight) whose leading or marked dims index the units.
+    @property
+    def reduce_dims(self) -> tuple[int, ...]:
+        """Dims of :meth:`unit_view` reduced to get one value per unit (empty for single elements)."""
+        return self._reduce_dims(self.param.dim())
 
-        ``(N, ...)`` for filters and rows, ``(groups, heads, rows_per_head, in)`` for head rows,
-        ``(out, heads, cols_per_head)`` for head columns, ``(C, width)`` for fusion-block elements.
-        Splitting one dimension is always a view, whatever the strides.
+    def unit_view(self, t: Tensor) -> Tensor:
+        """A view of ``t`` (a gradient or weight of :attr:`tensors`) whose leading or marked dims index the units.
+
+        ``(N, ...)`` for filters and rows, ``(groups, heads, rows_per_head, ...)`` for head rows,
+        ``(gates, units, ...)`` for gate rows, ``(out, heads, cols_per_head)`` for head columns,
+        ``(C, width)`` for fusion-block elements. Splitting one dimension is always a view.
         """
         if self.kind in ("filters", "rows"):
             return t
         if self.kind == "head_rows":
             return t.unflatten(0, (self.groups, self.units, -1))
+        if self.kind == "gate_rows":
+            return t.unflatten(0, (self.gates, self.units))
         if self.kind == "head_cols":
             return t.unflatten(1, (self.units, -1))
         return t[:, self.columns]
@@ -139,13 +198,13 @@ class UnitTensor:
         return block if len(self.grid_shape) == 2 else block[0]
 
     def write_norms_(self, t: Tensor, out: Tensor) -> None:
-        """Write the L2 norm of each unit of ``t`` into ``out`` (shaped :attr:`grid_shape`); one reduction.
+        """Write the L2 norm of each unit of one tensor ``t`` into ``out`` (shaped :attr:`grid_shape`).
 
         No full-size temporary is made: the norm reduces a view of ``t`` directly (fusion elements are
         single weights, so their absolute value is written instead).
         """
         view = self.unit_view(t.detach())
-        dims = self.reduce_dims
+        dims = self._reduce_dims(t.dim())
         if not dims:
             out.copy_(view.abs())
         elif view.dtype == out.dtype or view.dtype in (torch.float16, torch.bfloat16):
@@ -153,25 +212,51 @@ class UnitTensor:
         else:
             out.copy_(torch.linalg.vector_norm(view, 2, dim=dims))
 
-    def mask_view(self, grid: Tensor) -> Tensor:
-        """A view of per-unit values ``grid`` (shaped :attr:`grid_shape`) that broadcasts over :meth:`unit_view`."""
+    def write_unit_norms_(self, tensors: Sequence[Tensor | None], out: Tensor) -> None:
+        """Write each unit's L2 norm over all of ``tensors`` (one per :attr:`tensors`; ``None``: absent)."""
+        present = [t for t in tensors if t is not None]
+        if not present:
+            out.zero_()
+            return
+        self.write_norms_(present[0], out)
+        for t in present[1:]:
+            extra = torch.empty_like(out)
+            self.write_norms_(t, extra)
+            torch.hypot(out, extra, out=out)
+
+    def mask_view(self, grid: Tensor, ndim: int | None = None) -> Tensor:
+        """A view of per-unit values ``grid`` that broadcasts over :meth:`unit_view` of an ``ndim``-dim tensor."""
+        ndim = self.param.dim() if ndim is None else ndim
         if self.kind in ("filters", "rows"):
-            return grid.view((self.units,) + (1,) * (self.param.dim() - 1))
+            return grid.view((self.units,) + (1,) * (ndim - 1))
         if self.kind == "head_rows":
-            return grid[..., None, None]
+            return grid.view((self.groups, self.units) + (1,) * ndim)
+        if self.kind == "gate_rows":
+            return grid.view((1, self.units) + (1,) * (ndim - 1))
         if self.kind == "head_cols":
             return grid.view(1, self.units, 1)
         return grid
 
     def sq_norms(self, t: Tensor) -> Tensor:
-        """Squared norm of each unit of ``t``, flat ``(groups * units,)`` in float32."""
+        """Squared norm of each unit of one tensor ``t``, flat ``(groups * units,)`` in float32."""
         out = torch.empty(self.grid_shape, dtype=torch.float32, device=t.device)
         self.write_norms_(t, out)
         return out.square().reshape(-1)
 
+    def unit_sq_norms(self) -> Tensor:
+        """Squared norm of each unit's gradient over all :attr:`tensors` (missing gradients count zero)."""
+        out = torch.empty(self.grid_shape, dtype=torch.float32, device=self.param.device)
+        self.write_unit_norms_([t.grad for t in self.tensors], out)
+        return out.square().reshape(-1)
+
     def apply_(self, grad: Tensor, mask: Tensor) -> None:
-        """Multiply ``grad`` in place by the flat per-unit ``mask`` (one ``mul_``)."""
-        self.unit_view(grad).mul_(self.mask_view(mask.reshape(self.grid_shape)))
+        """Multiply one gradient ``grad`` in place by the flat per-unit ``mask`` (one ``mul_``)."""
+        self.unit_view(grad).mul_(self.mask_view(mask.reshape(self.grid_shape), grad.dim()))
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _as_selector(sel: ModuleSelector | None, what: str) -> Callable[[str, nn.Module], bool] | None:
@@ -217,10 +302,124 @@ def _head_spec(
     return int(spec[0]), str(spec[1])
 
 
-def _trainable(p: nn.Parameter | None) -> bool:
+def _trainable(p: object) -> bool:
     return isinstance(p, nn.Parameter) and p.requires_grad and p.dim() >= 2 and p.numel() > 0
 
 
+# ----------------------------------------------------------------------- weights, reparametrized or not
+@dataclass(frozen=True)
+class _Weight:
+    """The trainable tensors behind a module's weight: ``param`` partitioned like the weight, ``members``
+    (weight norm's ``g``) partitioned along dim 0 only; ``names`` relative to the module."""
+
+    param: nn.Parameter
+    members: tuple[nn.Parameter, ...]
+    names: tuple[str, ...]
+
+
+def _refuse(where: str, what: str, attr: str) -> ValueError:
+    return ValueError(
+        f"{where} is reparametrized ({what}); AMSS cannot tell which entries of the trained tensors form "
+        "one of its units, and will not skip it silently. Supported: torch.nn.utils.parametrizations."
+        "weight_norm (or torch.nn.utils.weight_norm) with dim=0 on a weight whose units are rows (conv "
+        "filters, Linear rows, q/k/v heads, RNN gates). Remove the reparametrization (torch.nn.utils."
+        f"parametrize.remove_parametrizations(module, {attr!r}); for the hook API remove_spectral_norm or "
+        "remove_weight_norm), or keep the module out of masking (module.amss_skip = True, or exclude=[module])."
+    )
+
+
+def _reparametrization(module: nn.Module, attr: str) -> tuple[str, int | None] | None:
+    """``(what, dim)`` when ``module.attr`` is reparametrized (``dim``: a weight norm's), else ``None``."""
+    if parametrize.is_parametrized(module, attr):
+        plist = module.parametrizations[attr]
+        kinds = [type(p).__name__ for p in plist]
+        if kinds == ["_WeightNorm"]:
+            return "torch.nn.utils.parametrizations.weight_norm", getattr(plist[0], "dim", None)
+        return f"torch.nn.utils.parametrize with {', '.join(kinds)}", None
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) == attr and type(hook).__name__ == "WeightNorm":
+            return "torch.nn.utils.weight_norm", getattr(hook, "dim", None)
+    return None
+
+
+def _trained_behind(module: nn.Module, attr: str) -> bool:
+    """Whether a trainable tensor stands behind ``module.attr`` (itself, or what it is computed from)."""
+    if parametrize.is_parametrized(module, attr):
+        return any(p.requires_grad for p in module.parametrizations[attr].parameters())
+    return any(p.requires_grad for n, p in module.named_parameters(recurse=False) if n.startswith(attr))
+
+
+def _weight(module: nn.Module, attr: str, where: str, *, rows: bool = True) -> _Weight | None:
+    """The trainable tensors of ``module.attr``, or ``None`` (absent, or not a trained tensor).
+
+    Args:
+        module: the layer.
+        attr: its weight attribute.
+        where: the qualified module name, for errors.
+        rows: whether the units split dim 0 (weight norm's ``g`` can then join them).
+
+    Raises:
+        ValueError: the weight is reparametrized in a way whose units cannot be mapped.
+    """
+    full = _join(where, attr)
+    reparam = _reparametrization(module, attr)
+    if (reparam is not None or isinstance(getattr(module, attr, None), Tensor)) and not _trained_behind(
+        module, attr
+    ):
+        return None  # frozen: nothing to mask, whatever the parametrization
+    if reparam is not None:
+        what, dim = reparam
+        if not what.endswith("weight_norm"):
+            raise _refuse(full, what, attr)
+        if dim != 0:
+            raise _refuse(full, f"{what} with dim={dim}: its g does not follow the output rows", attr)
+        if not rows:
+            raise _refuse(full, f"{what}: its g is per output row, but these units are columns", attr)
+        if what == "torch.nn.utils.weight_norm":
+            g, v = getattr(module, f"{attr}_g"), getattr(module, f"{attr}_v")
+            names = (f"{attr}_v", f"{attr}_g")
+        else:
+            plist = module.parametrizations[attr]
+            g, v = plist.original0, plist.original1
+            names = (f"parametrizations.{attr}.original1", f"parametrizations.{attr}.original0")
+        if not isinstance(v, nn.Parameter):
+            return None
+        members = (g,) if isinstance(g, nn.Parameter) and g.requires_grad else ()
+        if members and (g.dim() != v.dim() or g.shape[0] != v.shape[0]):
+            raise _refuse(full, f"{what} with g of shape {tuple(g.shape)}", attr)
+        return _Weight(v, members, names[: 1 + len(members)])
+    w = getattr(module, attr, None)
+    if isinstance(w, nn.Parameter):
+        return _Weight(w, (), (attr,))
+    if isinstance(w, Tensor):
+        hooks = ", ".join(type(h).__name__ for h in module._forward_pre_hooks.values()) or "no hook"
+        raise _refuse(full, f"a tensor computed from other parameters, forward pre-hooks: {hooks}", attr)
+    return None
+
+
+def _unit(
+    where: str,
+    module: nn.Module,
+    attr: str,
+    modality: str,
+    kind: UnitKind,
+    units: int,
+    *,
+    label: str | None = None,
+    groups: int = 1,
+) -> UnitTensor | None:
+    """A :class:`UnitTensor` for ``module.attr`` when it is trained, else ``None``."""
+    w = _weight(module, attr, where, rows=kind in ROW_KINDS)
+    if w is None or not _trainable(w.param):
+        return None
+    names = tuple(_join(where, n) for n in w.names)
+    return UnitTensor(
+        w.param, modality, label or where, kind, groups, units, code_units=units, members=w.members,
+        param_names=names,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ unit builders
 def _heads_of_linear(
     name: str, module: nn.Module, num_heads: int, layout: str, modality: str
 ) -> UnitTensor | None:
@@ -228,37 +427,74 @@ def _heads_of_linear(
         raise TypeError(
             f"Heads were declared on {name} ({type(module).__name__}); only nn.Linear is supported."
         )
-    w = module.weight
-    size = w.shape[0] if layout == "rows" else w.shape[1]
+    size = module.out_features if layout == "rows" else module.in_features
     if num_heads < 1 or size % num_heads:
         dim = "output" if layout == "rows" else "input"
         raise ValueError(
             f"Head count {num_heads} does not divide the {dim} size {size} of {name} (expected a divisor of "
             f"{size}). Pass the attention layer's true number of heads."
         )
-    if not _trainable(w):
-        return None
-    kind: UnitKind = "head_rows" if layout == "rows" else "head_cols"
-    return UnitTensor(w, modality, name, kind, 1, num_heads, code_units=num_heads)
+    return _unit(
+        name, module, "weight", modality, "head_rows" if layout == "rows" else "head_cols", num_heads
+    )
 
 
 def _mha_units(name: str, mha: nn.MultiheadAttention, modality: str) -> list[UnitTensor]:
     h = mha.num_heads
     if mha.embed_dim % h:
         raise ValueError(f"{name}: num_heads {h} does not divide embed_dim {mha.embed_dim}.")
+    found = [
+        _unit(name, mha, "in_proj_weight", modality, "head_rows", h, label=_join(name, "in_proj"), groups=3),
+        *(
+            _unit(name, mha, f"{p}_proj_weight", modality, "head_rows", h, label=_join(name, f"{p}_proj"))
+            for p in "qkv"
+        ),
+        _unit(_join(name, "out_proj"), mha.out_proj, "weight", modality, "head_cols", h),
+    ]
+    return [u for u in found if u is not None]
+
+
+def _rnn_units(name: str, rnn: nn.Module, modality: str) -> list[UnitTensor]:
+    """One ``"gate_rows"`` tensor per layer and direction (``weight_ih`` with ``weight_hh`` as member)."""
+    hidden = int(rnn.hidden_size)  # type: ignore[arg-type]
+    if isinstance(rnn, nn.RNNBase):
+        gates = {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1)
+        dirs = ("", "_reverse") if rnn.bidirectional else ("",)
+        cells = [f"_l{k}{d}" for k in range(rnn.num_layers) for d in dirs]
+    else:
+        gates = {nn.LSTMCell: 4, nn.GRUCell: 3}.get(type(rnn), 1)
+        cells = [""]
     out: list[UnitTensor] = []
-    if mha.in_proj_weight is not None and _trainable(mha.in_proj_weight):
-        out.append(
-            UnitTensor(mha.in_proj_weight, modality, f"{name}.in_proj", "head_rows", 3, h, code_units=h)
-        )
-    for part in ("q", "k", "v"):
-        w = getattr(mha, f"{part}_proj_weight", None)
-        if w is not None and _trainable(w):
-            out.append(UnitTensor(w, modality, f"{name}.{part}_proj", "head_rows", 1, h, code_units=h))
-    if _trainable(mha.out_proj.weight):
-        out.append(
-            UnitTensor(mha.out_proj.weight, modality, f"{name}.out_proj", "head_cols", 1, h, code_units=h)
-        )
+    for sfx in cells:
+        label = _join(name, sfx[1:]) if sfx else name
+        parts = [_weight(rnn, f"weight_{k}{sfx}", name) for k in ("ih", "hh")]
+        parts = [w for w in parts if w is not None and _trainable(w.param)]
+        for w in parts:
+            if w.param.shape[0] != gates * hidden:
+                raise ValueError(
+                    f"{_join(name, w.names[0])}: expected {gates} x {hidden} gate rows, found {w.param.shape[0]}."
+                )
+        if parts:
+            first, rest = parts[0], parts[1:]
+            members = first.members + tuple(t for w in rest for t in (w.param, *w.members))
+            names = first.names + tuple(n for w in rest for n in w.names)
+            out.append(
+                UnitTensor(
+                    first.param,
+                    modality,
+                    label,
+                    "gate_rows",
+                    1,
+                    hidden,
+                    code_units=hidden,
+                    members=members,
+                    gates=gates,
+                    param_names=tuple(_join(name, n) for n in names),
+                )  # fmt: skip
+            )
+        if getattr(rnn, "proj_size", 0):
+            proj = _unit(name, rnn, f"weight_hr{sfx}", modality, "rows", rnn.proj_size, label=f"{label}.proj")
+            out += [proj] if proj is not None else []
     return out
 
 
@@ -380,45 +616,171 @@ def _sibling_outputs(visited: Sequence[tuple[str, nn.Module]]) -> dict[int, int]
     return found
 
 
+# ------------------------------------------------------------------------------------ the scan
+@dataclass
+class EncoderScan:
+    """What :func:`scan_encoder` found in one encoder, and why other modules were left out.
+
+    Attributes:
+        units: the masked tensors, in module order (tied duplicates removed).
+        pruned: qualified module name -> reason, for subtrees never visited (``amss_skip``, ``exclude``).
+        declined: qualified module name -> reason, for visited layers left unmasked (``include``,
+            ``linear_rows``).
+        tied: label of a dropped unit -> label of the unit that masks the same Parameter.
+    """
+
+    units: list[UnitTensor] = field(default_factory=list)
+    pruned: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+
+
+def _pruned(module: nn.Module, name: str, exclude: Callable[[str, nn.Module], bool] | None) -> str | None:
+    if getattr(module, "amss_skip", False):
+        return "skipped: amss_skip"
+    if exclude is not None and exclude(name, module):
+        return "skipped: exclude"
+    return None
+
+
+def _walk(
+    module: nn.Module,
+    prefix: str,
+    exclude: Callable[[str, nn.Module], bool] | None,
+    scan: EncoderScan,
+    seen: set[int],
+) -> Iterator[tuple[str, nn.Module]]:
+    """Pre-order walk (each module once) that prunes ``amss_skip``/excluded subtrees and stops at layers.
+
+    It does not enter attention modules, RNNs or the ``parametrizations`` holder of a reparametrized
+    module.
+    """
+    if id(module) in seen:
+        return
+    reason = _pruned(module, prefix, exclude)
+    if reason is not None:
+        scan.pruned[prefix] = reason
+        return
+    seen.add(id(module))  # after the pruning test: a module also reachable outside a pruned subtree counts
+    yield prefix, module
+    if _is_attention(module) or isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return
+    for child_name, child in module.named_children():
+        if child_name == "parametrizations" and parametrize.is_parametrized(module):
+            continue
+        yield from _walk(child, _join(prefix, child_name), exclude, scan, seen)
+
+
 def _attention_units(
     name: str,
     spec: AttentionSpec,
     modality: str,
     heads: Mapping[nn.Module, tuple[int, str]] | None,
     exclude: Callable[[str, nn.Module], bool] | None,
+    scan: EncoderScan,
 ) -> list[UnitTensor]:
     """Head rows of q, k and v (each its own group) and head columns of a held output projection."""
     parts = [(n, lin, "head_rows") for n, lin in spec.qkv]
     parts += [(spec.out[0], spec.out[1], "head_cols")] if spec.out is not None else []
     out: list[UnitTensor] = []
     for child_name, linear, kind in parts:
-        full = f"{name}.{child_name}" if name else child_name
-        if getattr(linear, "amss_skip", False) or (exclude is not None and exclude(full, linear)):
+        full = _join(name, child_name)
+        reason = _pruned(linear, full, exclude)
+        if reason is not None:
+            scan.pruned[full] = reason
             continue
         declared = _head_spec(linear, heads)
         if declared is not None:
             unit = _heads_of_linear(full, linear, declared[0], declared[1], modality)
-            out += [unit] if unit is not None else []
-            continue
-        if not _trainable(linear.weight):
-            continue
-        width = linear.weight.shape[0] if kind == "head_rows" else linear.weight.shape[1]
-        n = width // spec.head_size
-        out.append(UnitTensor(linear.weight, modality, full, kind, 1, n, code_units=n))  # type: ignore[arg-type]
+        else:
+            width = linear.out_features if kind == "head_rows" else linear.in_features
+            unit = _unit(full, linear, "weight", modality, kind, width // spec.head_size)  # type: ignore[arg-type]
+        out += [unit] if unit is not None else []
     return out
 
 
-def _walk(
-    module: nn.Module, prefix: str, exclude: Callable[[str, nn.Module], bool] | None
-) -> Iterator[tuple[str, nn.Module]]:
-    """Pre-order walk that prunes subtrees marked ``amss_skip`` or excluded, and does not enter attention."""
-    if getattr(module, "amss_skip", False) or (exclude is not None and exclude(prefix, module)):
-        return
-    yield prefix, module
-    if _is_attention(module):
-        return
-    for child_name, child in module.named_children():
-        yield from _walk(child, f"{prefix}.{child_name}" if prefix else child_name, exclude)
+def _module_units(
+    name: str,
+    module: nn.Module,
+    modality: str,
+    heads: Mapping[nn.Module, tuple[int, str]] | None,
+    exclude: Callable[[str, nn.Module], bool] | None,
+    outputs: dict[int, int],
+    scan: EncoderScan,
+) -> tuple[list[UnitTensor], bool]:
+    """The units of one visited module, and whether they are plain Linear rows (``linear_rows`` applies)."""
+    head = _head_spec(module, heads)
+    if head is not None:
+        unit = _heads_of_linear(name, module, head[0], head[1], modality)
+        return ([unit] if unit is not None else []), False
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_units(name, module, modality), False
+    spec = attention_spec(module)
+    if spec is not None:
+        return _attention_units(name, spec, modality, heads, exclude, scan), False
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return _rnn_units(name, module, modality), False
+    unit = None
+    linear = False
+    if isinstance(module, nn.Linear) and id(module) in outputs:
+        unit = _unit(name, module, "weight", modality, "head_cols", module.in_features // outputs[id(module)])
+    elif isinstance(module, _ConvNd) and not module.transposed:
+        unit = _unit(name, module, "weight", modality, "filters", module.out_channels)
+    elif isinstance(module, nn.Linear):
+        unit, linear = _unit(name, module, "weight", modality, "rows", module.out_features), True
+    return ([unit] if unit is not None else []), linear
+
+
+def _untie(units: list[UnitTensor], tied: dict[str, str]) -> list[UnitTensor]:
+    """Keep the first unit of every Parameter (tied weights, modules used twice): each masked once."""
+    owner: dict[int, str] = {}
+    kept: list[UnitTensor] = []
+    for u in units:
+        first = next((owner[id(t)] for t in u.tensors if id(t) in owner), None)
+        if first is not None:
+            tied[u.name] = first
+            continue
+        owner.update((id(t), u.name) for t in u.tensors)
+        kept.append(u)
+    return kept
+
+
+def scan_encoder(
+    encoder: nn.Module,
+    modality: str,
+    *,
+    prefix: str = "",
+    include: ModuleSelector | None = None,
+    exclude: ModuleSelector | None = None,
+    heads: Mapping[nn.Module, tuple[int, str]] | None = None,
+    linear_rows: LinearRows = True,
+) -> EncoderScan:
+    """Find one encoder's AMSS units and record why other modules were left out (see :func:`encoder_units`)."""
+    if linear_rows not in LINEAR_ROWS or not isinstance(linear_rows, (bool, str)):
+        raise ValueError(f"linear_rows must be True, False or 'auto', found {linear_rows!r}.")
+    inc = _as_selector(include, "include")
+    exc = _as_selector(exclude, "exclude")
+    scan = EncoderScan()
+    visited = list(_walk(encoder, prefix, exc, scan, set()))
+    outputs = _sibling_outputs(visited)
+    found: list[tuple[str, UnitTensor, bool]] = []
+    for name, module in visited:
+        if inc is not None and not inc(name, module):
+            scan.declined[name] = "not selected by include"
+            continue
+        units, linear = _module_units(name, module, modality, heads, exc, outputs, scan)
+        found += [(name, u, linear) for u in units]
+    structured = any(not linear for _, _, linear in found)
+    rows_off = inc is None and (linear_rows is False or (linear_rows == "auto" and structured))
+    if rows_off:
+        why = (
+            "Linear rows off (linear_rows=False)"
+            if linear_rows is False
+            else "Linear rows off (linear_rows='auto': the encoder has conv/attention/RNN units)"
+        )
+        scan.declined.update((name, why) for name, _, linear in found if linear)
+    scan.units = _untie([u for _, u, linear in found if not (rows_off and linear)], scan.tied)
+    return scan
 
 
 def encoder_units(
@@ -429,7 +791,7 @@ def encoder_units(
     include: ModuleSelector | None = None,
     exclude: ModuleSelector | None = None,
     heads: Mapping[nn.Module, tuple[int, str]] | None = None,
-    linear_rows: LinearRows = "auto",
+    linear_rows: LinearRows = True,
 ) -> list[UnitTensor]:
     """Find the AMSS mask units of one modality's encoder by module type (see the module docstring).
 
@@ -438,74 +800,177 @@ def encoder_units(
         modality: its modality name.
         prefix: name prefix for reports (e.g. ``"encoders.audio"``).
         include: if given, replaces the default choice: every module of a maskable type (conv, attention,
-            any ``Linear``) that ``include`` accepts is masked.
+            RNN, any ``Linear``) that ``include`` accepts is masked.
         exclude: modules (and their subtrees) never masked, in addition to ``amss_skip`` markers.
         heads: ``{linear: (num_heads, "rows" | "cols")}`` for separate q/k/v/o projections (takes
             precedence over the heads found automatically on transformers' attention).
-        linear_rows: mask plain ``Linear`` output rows: ``"auto"`` (only if the encoder has no conv or
-            attention units), ``True`` or ``False``. Ignored when ``include`` is given.
+        linear_rows: mask plain ``Linear`` output rows: ``True`` (default, every layer type), ``False``,
+            or ``"auto"`` (only if the encoder has no conv, attention or RNN units). Ignored when
+            ``include`` is given.
 
     A transformers attention module (see :func:`attention_spec`) is selected as one module: ``include``
     and ``exclude`` see it (and may also exclude one of its q/k/v children, or ``amss_skip`` it); a
     BERT-style ``output.dense`` is a unit of its own, found only next to a visited attention module.
+
+    Raises:
+        ValueError: a head count does not divide its projection, or a weight is reparametrized in a way
+            whose units cannot be mapped (see the module docstring).
     """
-    if linear_rows not in ("auto", True, False):
-        raise ValueError(f"linear_rows must be 'auto', True or False, found {linear_rows!r}.")
-    inc = _as_selector(include, "include")
-    exc = _as_selector(exclude, "exclude")
-    structured: list[UnitTensor] = []
-    linear: list[UnitTensor] = []
-    visited = list(_walk(encoder, prefix, exc))
-    outputs = _sibling_outputs(visited)
-    for name, module in visited:
-        if inc is not None and not inc(name, module):
-            continue
-        head = _head_spec(module, heads)
-        spec = attention_spec(module) if head is None else None
-        if head is not None:
-            unit = _heads_of_linear(name, module, head[0], head[1], modality)
-            structured += [unit] if unit is not None else []
-        elif isinstance(module, nn.MultiheadAttention):
-            structured += _mha_units(name, module, modality)
-        elif spec is not None:
-            structured += _attention_units(name, spec, modality, heads, exc)
-        elif id(module) in outputs and _trainable(module.weight):
-            n = module.weight.shape[1] // outputs[id(module)]
-            structured.append(UnitTensor(module.weight, modality, name, "head_cols", 1, n, code_units=n))
-        elif isinstance(module, _ConvNd) and not module.transposed:
-            if _trainable(module.weight):
-                n = module.weight.shape[0]
-                structured.append(UnitTensor(module.weight, modality, name, "filters", 1, n, code_units=n))
-        elif isinstance(module, nn.Linear) and _trainable(module.weight):
-            n = module.weight.shape[0]
-            linear.append(UnitTensor(module.weight, modality, name, "rows", 1, n, code_units=n))
-    if inc is not None or linear_rows is True or (linear_rows == "auto" and not structured):
-        return structured + linear
-    return structured
+    return scan_encoder(
+        encoder,
+        modality,
+        prefix=prefix,
+        include=include,
+        exclude=exclude,
+        heads=heads,
+        linear_rows=linear_rows,
+    ).units
 
 
-def fusion_units(model: nn.Module, modalities: Sequence[str]) -> dict[str, list[UnitTensor]]:
-    """Find the fusion head's per-modality AMSS blocks via ``model.fusion.modality_blocks()`` (may be empty).
-
-    Each block ``W[:, slice_m]`` is masked element-wise, one sampling group per output row (the
-    text-image code's ``--mask_ffn``). A head without ``modality_blocks`` contributes nothing.
-    """
+# ------------------------------------------------------------------------------------ fusion heads
+def fusion_label(model: nn.Module) -> str:
+    """The fusion head's registered name (``"concat"``, ``"sum"``, ...) or its class name."""
     fusion = getattr(model, "fusion", None)
-    blocks_fn = getattr(fusion, "modality_blocks", None)
+    return str(getattr(fusion, "name", None) or type(fusion).__name__)
+
+
+def scan_fusion(
+    model: nn.Module, modalities: Sequence[str], mask_fusion: MaskFusion = True
+) -> tuple[dict[str, list[UnitTensor]], str | None]:
+    """The fusion head's masked blocks per modality, and why (some of) the head is not masked (or ``None``).
+
+    Blocks come from ``model.fusion.modality_blocks()``: ``{modality: (weight, column slice)}``. A block
+    of a weight shared by several modalities (a concat head) is masked element-wise, one sampling group
+    per output row (the text-image code's ``--mask_ffn``); a weight that is a modality's own head (sum,
+    weighted) is masked only with ``mask_fusion="all"``.
+    """
+    if mask_fusion not in MASK_FUSION or not isinstance(mask_fusion, (bool, str)):
+        raise ValueError(f"mask_fusion must be True, False, 'concat' or 'all', found {mask_fusion!r}.")
     out: dict[str, list[UnitTensor]] = {m: [] for m in modalities}
-    if not callable(blocks_fn):
-        return out
-    for m, (param, cols) in blocks_fn().items():
+    fusion = getattr(model, "fusion", None)
+    if fusion is None:
+        return out, None
+    label = fusion_label(model)
+    if mask_fusion is False:
+        return out, "fusion head not masked: mask_fusion=False"
+    blocks_fn = getattr(fusion, "modality_blocks", None)
+    blocks = blocks_fn() if callable(blocks_fn) else {}
+    if not blocks:
+        return out, (
+            f"fusion head not masked: {label} fusion has no per-modality column blocks (official code: "
+            "concat only)"
+        )
+    users = Counter(id(param) for param, _ in blocks.values())
+    reason = None
+    for m, (param, cols) in blocks.items():
         if m not in out or not _trainable(param):
+            continue
+        if users[id(param)] < 2 and mask_fusion != "all":
+            reason = (
+                f"fusion head not masked: {label} fusion, a head per modality (official code: concat only; "
+                "mask_fusion='all' masks it)"
+            )
             continue
         width = len(range(*cols.indices(param.shape[1])))
         if width == 0:
             continue
         rows = param.shape[0]
         out[m].append(
-            UnitTensor(param, m, f"fusion[{m}]", "row_elements", rows, width, columns=cols, code_units=rows)
+            UnitTensor(
+                param,
+                m,
+                f"fusion[{m}]",
+                "row_elements",
+                rows,
+                width,
+                columns=cols,
+                code_units=rows,
+                param_names=(_param_name(model, param),),
+            )  # fmt: skip
         )
-    return out
+    return out, reason
+
+
+def _param_name(model: nn.Module, param: nn.Parameter) -> str:
+    return next((n for n, p in model.named_parameters() if p is param), "fusion")
+
+
+def fusion_units(
+    model: nn.Module, modalities: Sequence[str], mask_fusion: MaskFusion = True
+) -> dict[str, list[UnitTensor]]:
+    """Find the fusion head's per-modality AMSS blocks (may be empty); see :func:`scan_fusion`."""
+    return scan_fusion(model, modalities, mask_fusion)[0]
+
+
+# ------------------------------------------------------------------------------------ the model
+@dataclass
+class ModelScan:
+    """What :func:`scan_units` found: the masked tensors per modality and the records of every choice.
+
+    Attributes:
+        units: modality -> its masked tensors (encoder units, then its fusion-head block).
+        encoders: modality -> the scan of its encoder (empty when ``mask_encoders=False``).
+        fusion_reason: why (some of) the fusion head is not masked, or ``None``.
+        options: the selection options used.
+    """
+
+    units: dict[str, list[UnitTensor]]
+    encoders: dict[str, EncoderScan]
+    fusion_reason: str | None
+    options: dict[str, object]
+
+
+def scan_units(
+    model: nn.Module,
+    modalities: Sequence[str],
+    *,
+    include: ModuleSelector | None = None,
+    exclude: ModuleSelector | None = None,
+    heads: Mapping[nn.Module, tuple[int, str]] | None = None,
+    linear_rows: LinearRows = True,
+    mask_encoders: bool = True,
+    mask_fusion: MaskFusion = True,
+) -> ModelScan:
+    """Like :func:`discover_units`, also returning why modules were left out (for reports)."""
+    encoders = model.encoders
+    fusion, fusion_reason = scan_fusion(model, modalities, mask_fusion)
+    scans: dict[str, EncoderScan] = {}
+    owner: dict[int, tuple[str, str]] = {}
+    result: dict[str, list[UnitTensor]] = {}
+    for m in modalities:
+        scan = (
+            scan_encoder(
+                encoders[m], m, prefix=f"encoders.{m}", include=include, exclude=exclude, heads=heads,
+                linear_rows=linear_rows,
+            )
+            if mask_encoders
+            else EncoderScan()
+        )  # fmt: skip
+        scans[m] = scan
+        for u in scan.units:
+            for t in u.tensors:
+                other, where = owner.setdefault(id(t), (m, u.name))
+                if other != m:
+                    raise ValueError(
+                        f"Parameter {u.name} is shared by the encoders of {other!r} ({where}) and {m!r}; AMSS masks "
+                        "each modality with its own ratio. Exclude the shared module from one modality "
+                        "(exclude=[module], or amss_skip on a wrapper that only that modality uses)."
+                    )
+        if mask_encoders and not scan.units and fusion[m]:
+            log.warning(
+                "AMSS: the encoder of %r has no maskable units; only its fusion-head block is masked.", m
+            )
+        result[m] = scan.units + fusion[m]
+        if not result[m]:
+            raise ValueError(
+                f"AMSS found no maskable units for modality {m!r} (expected Conv1d/2d/3d, attention, RNN or "
+                f"Linear weights in model.encoders[{m!r}] or a fusion-head block; found none after amss_skip "
+                "markers, include/exclude, linear_rows and mask_encoders/mask_fusion). Remove amss_skip/exclude "
+                "from some module, pass include=... or heads=..., or enable mask_fusion with a concat fusion "
+                "head (see equimodal.units_report.describe_units for what was found)."
+            )
+    options = dict(linear_rows=linear_rows, mask_encoders=mask_encoders, mask_fusion=mask_fusion)
+    return ModelScan(result, scans, fusion_reason, options)
 
 
 def discover_units(
@@ -515,52 +980,18 @@ def discover_units(
     include: ModuleSelector | None = None,
     exclude: ModuleSelector | None = None,
     heads: Mapping[nn.Module, tuple[int, str]] | None = None,
-    linear_rows: LinearRows = "auto",
+    linear_rows: LinearRows = True,
     mask_encoders: bool = True,
-    mask_fusion: bool = True,
+    mask_fusion: MaskFusion = True,
 ) -> dict[str, list[UnitTensor]]:
     """Return every modality's AMSS-masked tensors: its encoder's units plus its fusion-head block.
 
     Raises:
-        ValueError: a modality has no maskable units, a head count does not divide its projection, or a
-            parameter belongs to the encoders of two modalities.
+        ValueError: a modality has no maskable units, a head count does not divide its projection, a
+            parameter is masked in the encoders of two modalities, or a weight is reparametrized in a
+            way whose units cannot be mapped.
     """
-    encoders = model.encoders
-    result: dict[str, list[UnitTensor]] = {}
-    fusion = fusion_units(model, modalities) if mask_fusion else {m: [] for m in modalities}
-    owner: dict[int, str] = {}
-    for m in modalities:
-        enc = (
-            encoder_units(
-                encoders[m],
-                m,
-                prefix=f"encoders.{m}",
-                include=include,
-                exclude=exclude,
-                heads=heads,
-                linear_rows=linear_rows,
-            )
-            if mask_encoders
-            else []
-        )
-        for u in enc:
-            other = owner.setdefault(id(u.param), m)
-            if other != m:
-                raise ValueError(
-                    f"Parameter {u.name} is shared by the encoders of {other!r} and {m!r}; AMSS masks each modality "
-                    "with its own ratio. Exclude the shared module from one modality (exclude=[module])."
-                )
-        if mask_encoders and not enc and fusion[m]:
-            log.warning(
-                "AMSS: the encoder of %r has no maskable units; only its fusion-head block is masked.", m
-            )
-        result[m] = enc + fusion[m]
-        if not result[m]:
-            raise ValueError(
-                f"AMSS found no maskable units for modality {m!r} (expected Conv1d/2d/3d, attention or Linear "
-                f"weights in model.encoders[{m!r}] or a fusion-head block; found none after amss_skip markers, "
-                "include/exclude and mask_encoders/mask_fusion). Remove amss_skip/exclude from some module, "
-                "pass include=... or heads=..., or enable mask_fusion with a fusion head that declares "
-                "modality_blocks()."
-            )
-    return result
+    return scan_units(
+        model, modalities, include=include, exclude=exclude, heads=heads, linear_rows=linear_rows,
+        mask_encoders=mask_encoders, mask_fusion=mask_fusion,
+    ).units  # fmt: skip

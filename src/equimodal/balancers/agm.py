@@ -45,12 +45,13 @@ def shapley_responses(
 
 
 def agm_coefficients(
-    scores: Tensor, reference: Tensor, alpha: float, max_gap: float = 7.0
+    scores: Tensor, reference: Tensor, alpha: float, max_gap: float | None = 10.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """AGM ratios and coefficients from per-modality CE scores and their running means.
 
     ``r_m = exp(M/(M-1) (mean_k s_k - s_m))`` (large for a strong, low-loss modality), ``rbar_m``
-    likewise from the running means, and ``k_m = exp(alpha * min(rbar_m - r_m, max_gap))``.
+    likewise from the running means, and ``k_m = exp(alpha * min(rbar_m - r_m, max_gap))``
+    (no cap when ``max_gap`` is ``None``).
 
     Returns:
         ``(r, rbar, k)``, each of shape ``(M,)``.
@@ -58,7 +59,38 @@ def agm_coefficients(
     n = scores.shape[0]
     r = torch.exp(n / (n - 1) * (scores.mean() - scores))
     rbar = torch.exp(n / (n - 1) * (reference.mean() - reference))
-    return r, rbar, torch.exp(alpha * torch.clamp(rbar - r, max=max_gap))
+    gap = rbar - r if max_gap is None else torch.clamp(rbar - r, max=max_gap)
+    return r, rbar, torch.exp(alpha * gap)
+
+
+HeadBlocks = dict[str, list[tuple[nn.Parameter, slice]]]
+SharedBiases = list[tuple[nn.Parameter, list[str]]]
+
+
+def head_blocks(model: nn.Module, modalities: Sequence[str]) -> tuple[HeadBlocks, SharedBiases]:
+    """What of the fusion head belongs to each modality: weight column blocks and bias shares.
+
+    The blocks are those the fusion declares (``model.fusion.modality_blocks()``: per modality a weight
+    and its column slice). The bias of a declared weight (the ``bias`` of the module that owns it, as in
+    ``nn.Linear``) is taken as split equally among the modalities that declare blocks of that weight:
+    ``ConcatFusion``'s ``b / M`` shares, or a modality's own head in ``SumFusion``. Returns the blocks
+    and, per such bias, the modalities sharing it. Fusions that declare nothing give empty results.
+    """
+    fusion = getattr(model, "fusion", None)
+    declared = fusion.modality_blocks() if hasattr(fusion, "modality_blocks") else {}
+    blocks: HeadBlocks = {m: [] for m in modalities}
+    owners: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for m in modalities:
+        if m in declared:
+            weight, cols = declared[m]
+            blocks[m].append((weight, cols))
+            owners.setdefault(id(weight), (weight, []))[1].append(m)
+    biases: SharedBiases = []
+    for mod in fusion.modules() if isinstance(fusion, nn.Module) else ():
+        weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        if isinstance(weight, nn.Parameter) and id(weight) in owners and isinstance(bias, nn.Parameter):
+            biases.append((bias, owners.pop(id(weight))[1]))
+    return blocks, biases
 
 
 @contextmanager
@@ -73,37 +105,71 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             mod.train(flag)
 
 
+def scale_modality_gradients(balancer: Balancer, k: Mapping[str, float]) -> None:
+    """Multiply by ``k[m]`` what belongs to modality m: its encoder's gradients, its fusion-head column
+    blocks and its share of a head bias (the mean of its owners' ``k``), per :func:`head_blocks`.
+
+    ``balancer`` must have ``head_blocks`` and ``head_biases`` from :func:`head_blocks` (AGM, MSLR).
+    """
+    for m in balancer.modalities:
+        for p in balancer.encoder_params(m):
+            if p.grad is not None:
+                p.grad.mul_(k[m])
+        for weight, cols in balancer.head_blocks[m]:  # type: ignore[attr-defined]
+            if weight.grad is not None:
+                weight.grad[:, cols].mul_(k[m])
+    for bias, owners in balancer.head_biases:  # type: ignore[attr-defined]
+        if bias.grad is not None:
+            bias.grad.mul_(sum(k[m] for m in owners) / len(owners))
+
+
 @register_balancer("agm")
 class AGM(Balancer):
-    """AGM (Li et al., ICCV'23): steer each modality's encoder gradients toward its running response ratio.
+    """AGM (Li et al., ICCV'23): steer each modality's gradients toward its running response ratio.
 
     Per micro-batch, ``loss`` evaluates the model on every proper non-empty coalition of modalities
     (absent ones zero-filled; ``2^M - 2`` extra forward passes under ``no_grad`` in eval mode, the
     full coalition reuses the training forward) and forms Shapley responses ``o_m``
     (:func:`shapley_responses`). ``s_m`` is the mean CE of ``o_m`` over the optimizer step (all
     micro-batches, all ranks). ``before_step`` computes ``k_m`` (:func:`agm_coefficients`) against
-    the running means of ``s`` over all previous steps, multiplies every encoder-m gradient by
-    ``k_m``, then updates the running means; if the largest head gradient exceeds ``clip`` all
-    gradients are clipped to total norm ``clip``.
+    the running means of ``s`` over all previous steps and multiplies by ``k_m`` what modality m's
+    response reaches, as the authors' backward hooks on the responses do: the gradients of encoder m,
+    of m's columns of the fusion head, and of m's share of the head's bias (the concat head's bias,
+    shared as ``b / M``, gets the mean of the ``k_m``; a modality's own head in ``sum`` fusion gets its
+    ``k_m``; see :func:`head_blocks`). For fusions that declare no per-modality blocks (FiLM, gated,
+    attention) only the encoders are scaled and the fusion keeps its joint gradient. Then the running
+    means are updated; if the largest head gradient exceeds ``clip`` all gradients are clipped to
+    total norm ``clip``. Under an adaptive optimizer the scaling mostly cancels
+    (:meth:`check_optimizer` warns).
 
     It needs the inputs: call ``loss(out, target, batch=batch)``.
 
     Args:
         model: a model following the contract.
-        alpha: modulation strength. Default 1.5, the authors' CREMA-D value (GitHub issue);
-            BalanceBenchmark uses 0.1.
+        alpha: modulation strength. Default 1.5, the author's value for CREMA-D with continuous
+            modulation (lihongcs/AGM issues #3, #5, #10; 2.5 for AV-MNIST, 4.0 for UR-Funny);
+            BalanceBenchmark's default is 0.1.
+        max_gap: cap of ``rbar_m - r_m`` before the exponential. Default 10, as in copies of the
+            authors' two-modality scripts (Kinetics-Sounds, UR-Funny); ``None`` for no cap (their
+            AV-MNIST and MOSEI scripts); 7 is BalanceBenchmark's (also seen in one three-modality
+            UR-Funny copy).
         clip: head-gradient threshold and max norm of the conditional clipping; ``None`` disables
-            it. Default 1.0 as in the authors' training script (BalanceBenchmark uses 5).
-        start_epoch, end_epoch: modulation window (default: always, the authors' "continuous"
-            modulation).
+            it. Default 1.0 as in the authors' MOSEI script (commented out in their audio-visual
+            scripts); their three-modality UR-Funny copy and BalanceBenchmark use 5.
+        start_epoch, end_epoch: modulation window (default: always, the author's "continuous"
+            modulation, window 0-1500 for CREMA-D).
         seed: unused (AGM draws no random numbers); kept for the common signature.
 
     Deviations from the reference code: any ``M >= 2`` through the Shapley formula (the reference
-    has hand-written 2- and 3-modality versions); the coefficient multiplies encoder gradients
-    after backward instead of a backward hook on the fused output; the running means cover active
-    steps only and are all-reduced under DDP; ``min(., 7)`` as in the 2-modality reference (some
-    variants use 10); a non-finite step (AMP overflow) changes neither gradients nor state.
+    has hand-written 2- and 3-modality versions); the coefficients multiply gradients after backward
+    instead of backward hooks on the responses (the same per-modality scaling of encoder, head
+    columns and bias share when a modality's zero-filled input gives a zero feature; the hooks also
+    leak small cross terms through the padded passes otherwise); the running means cover active
+    steps only and are all-reduced under DDP; a non-finite step (AMP overflow) changes neither
+    gradients nor state.
     """
+
+    scales_gradients: ClassVar[bool] = True
 
     needs_batch: ClassVar[bool] = True
 
@@ -112,6 +178,7 @@ class AGM(Balancer):
         model: nn.Module,
         *,
         alpha: float = 1.5,
+        max_gap: float | None = 10.0,
         clip: float | None = 1.0,
         start_epoch: int = 0,
         end_epoch: int | None = None,
@@ -120,17 +187,21 @@ class AGM(Balancer):
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(
-                f"alpha must be a positive finite number, found {alpha!r} (the paper uses 0.1-1.5)."
+                f"alpha must be a positive finite number, found {alpha!r} (the authors use 1.5-4.0)."
             )
+        if max_gap is not None and not (isinstance(max_gap, (int, float)) and math.isfinite(max_gap)):
+            raise ValueError(f"max_gap must be a finite number or None (no cap), found {max_gap!r}.")
         if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
             raise ValueError(f"clip must be a positive number or None (no clipping), found {clip!r}.")
         self.alpha = float(alpha)
+        self.max_gap = None if max_gap is None else float(max_gap)
         self.clip = None if clip is None else float(clip)
         self.running = torch.zeros(len(self.modalities), dtype=torch.float64)
         self.count = 0
         self._acc: Tensor | None = None  # [sum CE_1 .. sum CE_M, number of samples]
         enc = {id(p) for m in self.modalities for p in self.encoder_params(m)}
         self._head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc]
+        self.head_blocks, self.head_biases = head_blocks(model, self.modalities)
 
     def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
         """Accumulate the Shapley-response CE of each modality (extra forward passes on ``batch``)."""
@@ -157,7 +228,7 @@ class AGM(Balancer):
         return values
 
     def adjust_gradients(self) -> None:
-        """Multiply encoder-m gradients by ``k_m``, update the running means, clip conditionally."""
+        """Scale modality m's gradients by ``k_m`` (:meth:`_scale`), update the running means, clip conditionally."""
         acc, self._acc = self._acc, None
         if acc is None:
             return
@@ -166,13 +237,10 @@ class AGM(Balancer):
         params = [p for m in self.modalities for p in self.encoder_params(m)] + self._head
         if not (bool(torch.isfinite(scores).all()) and self.grads_finite(params)):
             return  # AMP overflow step: GradScaler skips it, so leave everything alone
-        r, rbar, k = agm_coefficients(scores, self.running, self.alpha)
+        r, rbar, k = agm_coefficients(scores, self.running, self.alpha, self.max_gap)
         self.running = (self.running * self.count + scores) / (self.count + 1)
         self.count += 1
-        for i, m in enumerate(self.modalities):
-            for p in self.encoder_params(m):
-                if p.grad is not None:
-                    p.grad.mul_(float(k[i]))
+        self._scale(k.tolist())
         if self.clip is not None and self._head:
             peaks = [p.grad.abs().amax() for p in self._head if p.grad is not None]
             if peaks and float(torch.stack(peaks).amax()) > self.clip:  # one host sync for the whole head
@@ -182,6 +250,10 @@ class AGM(Balancer):
         self._stats = {f"k/{m}": float(k[i]) for i, m in enumerate(self.modalities)}
         self._stats.update({f"ratio/{m}": float(r[i]) for i, m in enumerate(self.modalities)})
         self._stats.update({f"score/{m}": float(scores[i]) for i, m in enumerate(self.modalities)})
+
+    def _scale(self, k: list[float]) -> None:
+        """Multiply by ``k_m`` the gradients of encoder m, of m's head columns and of m's bias share."""
+        scale_modality_gradients(self, dict(zip(self.modalities, k, strict=True)))
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch, step count and the running means of the modality scores."""

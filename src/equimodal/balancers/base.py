@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -112,6 +114,27 @@ class Requirements:
         return lines
 
 
+_ADAPTIVE = tuple(
+    getattr(torch.optim, n)
+    for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam")
+    if hasattr(torch.optim, n)
+)
+_ADAPTIVE_NAME = re.compile(r"adam|rmsprop|adagrad|adadelta|adafactor|lamb|lion|adabelief|sophia", re.I)
+
+
+def is_adaptive_optimizer(optimizer: object) -> bool:
+    """Whether ``optimizer`` normalises each update by a running statistic of its own gradients.
+
+    True for torch's Adam family, RMSprop, Adagrad and Adadelta, and for any optimizer whose class
+    name or parameter groups look Adam-like (a ``betas`` entry, e.g. fused or 8-bit Adam, Lion, LAMB).
+    Multiplying a gradient by a slowly varying factor barely changes such an update.
+    """
+    if isinstance(optimizer, _ADAPTIVE) or _ADAPTIVE_NAME.search(type(optimizer).__name__):
+        return True
+    groups = getattr(optimizer, "param_groups", None) or []
+    return any(isinstance(g, dict) and "betas" in g for g in groups)
+
+
 class Balancer:
     """Base class of every balancer; on its own it is plain joint training (CE on fused logits).
 
@@ -127,14 +150,17 @@ class Balancer:
     set per instance), ``unused_parameters`` (some parameters get no gradient). One more is a
     documented property, not a requirement: ``micro_batch_statistics`` (its loss depends on statistics
     of each micro-batch, so with gradient accumulation each micro-batch decides for itself, as in PMR).
-    ``name`` is set by :func:`~equimodal.register_balancer`.
+    ``name`` is set by :func:`~equimodal.register_balancer`. ``scales_gradients`` (the method acts by
+    multiplying gradients, as OGM, AGM and MSLR do) makes :meth:`check_optimizer` warn under adaptive
+    optimizers, which cancel most of such a factor.
     """
 
     name: ClassVar[str] = "base"
     needs_batch: ClassVar[bool] = False
     micro_batch_statistics: ClassVar[bool] = False
+    scales_gradients: ClassVar[bool] = False
     heldout_fraction: float = 0.0
-    unused_parameters: ClassVar[bool] = False
+    unused_parameters: bool = False
 
     def __init__(
         self, model: nn.Module, *, start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0
@@ -157,6 +183,7 @@ class Balancer:
         self._pending_gen_state: Tensor | None = None
         self._epoch_set = False
         self._prepared_epoch: int | None = None
+        self._optimizer_warned = False
 
     # ------------------------------------------------------------------ what a driver must do
     @classmethod
@@ -254,6 +281,7 @@ class Balancer:
         wrapped) gradients are averaged over ranks before they are adjusted. Returns the mean loss.
         """
         self._check_driver("train_step()")
+        self.check_optimizer(optimizer)
         if not (isinstance(micro_batches, int) and micro_batches >= 1):
             raise ValueError(f"micro_batches must be a positive integer, found {micro_batches!r}.")
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -278,6 +306,28 @@ class Balancer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses).sum()
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Warn once (``RuntimeWarning``) when a gradient-scaling method meets an adaptive optimizer.
+
+        Adam-type optimizers divide each parameter's update by a running RMS of its own gradients, so a
+        factor that changes slowly between steps largely cancels (``benchmarks/adam_modulation.py``
+        measures how much). Returns whether the warning applies. :meth:`train_step` calls it; the
+        reference trainer and the Lightning callback call it once after the optimizer is built, and a
+        hand-written loop may too.
+        """
+        applies = self.scales_gradients and is_adaptive_optimizer(optimizer)
+        if applies and not self._optimizer_warned:
+            warnings.warn(
+                f"{self.name} works by multiplying gradients, but {type(optimizer).__name__} divides each "
+                "update by a running RMS of the gradients, which cancels most of a slowly varying factor "
+                "(see benchmarks/adam_modulation.py). Use SGD, the optimizer of the method's reference "
+                "runs, to get the method's effect.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._optimizer_warned = True
+        return applies
 
     # ------------------------------------------------------------------ schedule and state
     def set_epoch(self, epoch: int) -> None:

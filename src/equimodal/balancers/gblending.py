@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum, is_distributed
 from ..types import MultimodalOutput
 from .base import Balancer, Batch, EpochData, all_reduce_grads
-from .mmpareto import require_encoder_unimodal_logits
+from .heads import HeadsMode, UnimodalHeads, build_heads
 from .registry import register_balancer
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,21 @@ class GradientBlending(Balancer):
     The heads are the fused logits and each modality's unimodal logits. At the start of a
     recomputation epoch :meth:`prepare_epoch` measures every head's mean CE on train and on the
     held-out split (carved from train by the trainer, ``heldout_fraction``; never val/test), then for
-    each head k trains a deep copy of the model from the current state for ``super_epoch_len``
-    epochs on train with that head's CE only, measures again, and sets ``w_k`` by
+    each head k trains a deep copy of the model (and of the unimodal heads) from the current state for
+    ``super_epoch_len`` epochs on train with that head's CE only, measures again, and sets ``w_k`` by
     :func:`blend_weights`. ``mode="online"`` recomputes every ``super_epoch`` epochs of the window,
     ``"offline"`` once at its first epoch. Outside the window the loss is the fused CE.
+
+    Unimodal heads. ``heads="separate"`` (default): each modality's logits come from a linear head of
+    the balancer's own on ``out.features[m]`` (not detached), as in the paper's per-modality
+    classifiers and MultiBench's ``gradient_blend.py`` (``unimodal_classification_heads``); it works
+    with every fusion, FiLM/gated/attention included. The heads are :meth:`parameters` (put them in the
+    optimizer; a two-call loop whose optimizer never updates them raises
+    :class:`~equimodal.DriverError` after 25 steps), saved by :meth:`state_dict`, averaged over DDP
+    ranks in :meth:`before_step` (they are outside the DDP wrapper), and are what
+    :meth:`predict_unimodal` returns while the method is active. A unimodal copy trains its encoder
+    with its own head (as MultiBench's). ``heads="shared"``: the model's unimodal logits (concat column
+    blocks or sum heads, which share the fused head's weights); auxiliary-head fusions are refused.
 
     Cost per recomputation: ``(M + 1) * super_epoch_len`` training epochs of a model copy plus
     ``M + 2`` forward-only passes over train and held-out (one model copy in memory at a time);
@@ -69,12 +80,11 @@ class GradientBlending(Balancer):
     epoch) and in eval mode; unimodal copies train their own unimodal logits (the reference feeds
     zero-padded inputs to the fused head); held-out data comes from train (the reference uses the
     test set). The copies use their own optimizer (``copy_optimizer``/``copy_lr``), not the user's.
-    The unimodal logits of concat/sum fusions share the fused head's weights (the paper uses
-    separate heads). Under DDP the copies' gradients and the measured losses are reduced over ranks, so every
+    Under DDP the copies' gradients and the measured losses are reduced over ranks, so every
     rank trains the same copies and gets the weights one process gets at the same global batch.
 
     Args:
-        model: a model whose unimodal logits carry gradient to the encoders.
+        model: a contract model; with ``heads="separate"`` its output must carry ``features``.
         mode: ``"online"`` (recompute every ``super_epoch`` epochs) or ``"offline"`` (once).
         super_epoch: epochs between recomputations (10, BalanceBenchmark).
         super_epoch_len: epochs each copy trains; ``None`` uses ``super_epoch`` (BalanceBenchmark).
@@ -83,9 +93,13 @@ class GradientBlending(Balancer):
             (AdamW: BalanceBenchmark's default optimizer).
         copy_lr: learning rate of the copies (1e-3, BalanceBenchmark's default).
         max_batches: cap on batches per pass (copy training and loss measurement); ``None``: all.
+        heads: ``"separate"`` (per-modality heads of the balancer's own) or ``"shared"`` (the model's).
+        feature_dims: feature size per modality for the separate heads, for encoders without ``out_dim``.
+        num_classes: number of classes for the separate heads, for models without ``num_classes``.
         start_epoch: first epoch of the method.
         end_epoch: last epoch of the method (``None``: no end).
-        seed: seeds the random draws (e.g. dropout) of the copy training.
+        seed: seeds the separate heads' initialisation and the random draws (e.g. dropout) of the copy
+            training.
     """
 
     heldout_fraction = 0.1
@@ -101,12 +115,14 @@ class GradientBlending(Balancer):
         copy_optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
         copy_lr: float = 1e-3,
         max_batches: int | None = None,
+        heads: HeadsMode = "separate",
+        feature_dims: Mapping[str, int] | None = None,
+        num_classes: int | None = None,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
-        require_encoder_unimodal_logits(model, "G-Blending")
         choices = {"mode": (mode, ("online", "offline")), "estimator": (estimator, ("delta", "multibench"))}
         choices["copy_optimizer"] = (copy_optimizer, ("adamw", "adam", "sgd"))
         for key, (value, valid) in choices.items():
@@ -124,13 +140,29 @@ class GradientBlending(Balancer):
         self.mode, self.estimator, self.copy_optimizer = mode, estimator, copy_optimizer
         self.super_epoch, self.copy_lr, self.max_batches = super_epoch, float(copy_lr), max_batches
         self.super_epoch_len = super_epoch_len or super_epoch
-        self.heads = ["fused", *self.modalities]  # names for logging; index 0 is the fused head
+        self.head_names = ["fused", *self.modalities]  # names for logging; index 0 is the fused head
+        self.heads_mode = heads
+        self.heads = build_heads(
+            heads, model, self.modalities, method="G-Blending", feature_dims=feature_dims,
+            num_classes=num_classes, seed=seed,
+        )  # fmt: skip
         self.weights: Tensor | None = None
         self.weights_epoch: int | None = None
 
-    def _head(self, out: MultimodalOutput, k: int) -> Tensor:
-        """Logits of head k: 0 is the fused head, k >= 1 modality k - 1."""
-        return out.logits if k == 0 else out.unimodal_logits[self.modalities[k - 1]]
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The separate unimodal heads' parameters (none with ``heads="shared"``)."""
+        return self.heads.parameters() if self.heads is not None else iter(())
+
+    def unimodal_prediction(self, out: MultimodalOutput) -> dict[str, Tensor]:
+        """Each modality's logits: the separate heads' (``heads="separate"``) or the model's."""
+        return self.heads.logits(out) if self.heads is not None else out.unimodal_logits
+
+    def _head(self, out: MultimodalOutput, k: int, heads: UnimodalHeads | None) -> Tensor:
+        """Logits of head k: 0 is the fused head, k >= 1 modality k - 1 (through ``heads`` when separate)."""
+        if k == 0:
+            return out.logits
+        m = self.modalities[k - 1]
+        return heads.logit(out, m) if heads is not None else out.unimodal_logits[m]
 
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         """``sum_k w_k CE(o_k)`` over the fused and unimodal heads."""
@@ -140,7 +172,14 @@ class GradientBlending(Balancer):
                 "heldout=..., device=...)) after set_epoch(epoch)."
             )
         w = self.weights.to(out.logits.device)
-        return (w * torch.stack([F.cross_entropy(self._head(out, k), target) for k in range(len(w))])).sum()
+        ce = [F.cross_entropy(self._head(out, k, self.heads), target) for k in range(len(w))]
+        return (w * torch.stack(ce)).sum()
+
+    def adjust_gradients(self) -> None:
+        """Average the separate heads' gradients over DDP ranks (the heads are outside the DDP wrapper)."""
+        if self.heads is not None:
+            self.heads.check_stepped()
+            self.heads.all_reduce_grads()
 
     def _due(self) -> bool:
         if self.weights_epoch == self.epoch:
@@ -159,24 +198,33 @@ class GradientBlending(Balancer):
 
     @torch.no_grad()
     def _losses(
-        self, model: nn.Module, source: Callable[[], Iterable[tuple[Batch, Tensor]]], device: torch.device
+        self,
+        model: nn.Module,
+        heads: UnimodalHeads | None,
+        source: Callable[[], Iterable[tuple[Batch, Tensor]]],
+        device: torch.device,
     ) -> Tensor:
         """Mean CE of every head over a split, in eval mode (sums and counts reduced over DDP ranks)."""
         was_training = model.training
         model.eval()
-        total = torch.zeros(len(self.heads) + 1, device=device)  # per-head CE sums, then the count
+        n = len(self.head_names)
+        total = torch.zeros(n + 1, device=device)  # per-head CE sums, then the count
         for batch, y in self._batches(source, device):
             out = model(batch)
-            ce = [F.cross_entropy(self._head(out, k), y, reduction="sum") for k in range(len(self.heads))]
+            ce = [F.cross_entropy(self._head(out, k, heads), y, reduction="sum") for k in range(n)]
             total += torch.stack([*ce, ce[0].new_tensor(float(len(y)))]).float()
         model.train(was_training)
         total = all_reduce_sum(total)
         return total[:-1] / total[-1].clamp_min(1)
 
-    def _train_copy(self, k: int, data: EpochData) -> nn.Module:
-        """A deep copy of the model trained for ``super_epoch_len`` epochs on train with head k's CE."""
+    def _train_copy(self, k: int, data: EpochData) -> tuple[nn.Module, UnimodalHeads | None]:
+        """Deep copies of the model and the unimodal heads, trained for ``super_epoch_len`` epochs on
+        train with head k's CE."""
         clone = copy.deepcopy(self.model).train()
+        heads = self.heads.copy() if self.heads is not None else None
         params = [p for p in clone.parameters() if p.requires_grad]
+        if heads is not None:
+            params += list(heads.parameters())
         if self.copy_optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=self.copy_lr, momentum=0.9)
         else:
@@ -186,11 +234,11 @@ class GradientBlending(Balancer):
         for _ in range(self.super_epoch_len):
             for batch, y in self._batches(data.train, data.device):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(self._head(clone(batch), k), y).backward()
+                F.cross_entropy(self._head(clone(batch), k, heads), y).backward()
                 if is_distributed():  # the copy is not DDP-wrapped: average its gradients over ranks
                     all_reduce_grads(params)
                 opt.step()
-        return clone
+        return clone, heads
 
     def on_epoch_start(self, data: EpochData) -> None:
         """Recompute the head weights when due (see the class docstring for when and at what cost)."""
@@ -203,13 +251,13 @@ class GradientBlending(Balancer):
         devices = [data.device] if data.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1009 + self.epoch)
-            start = [self._losses(self.model, src, data.device) for src in (data.train, data.heldout)]
-            end = torch.zeros(2, len(self.heads), device=data.device)
-            for k in range(len(self.heads)):
-                clone = self._train_copy(k, data)
-                end[0, k] = self._losses(clone, data.train, data.device)[k]
-                end[1, k] = self._losses(clone, data.heldout, data.device)[k]
-                del clone
+            start = [self._losses(self.model, self.heads, s, data.device) for s in (data.train, data.heldout)]
+            end = torch.zeros(2, len(self.head_names), device=data.device)
+            for k in range(len(self.head_names)):
+                clone, heads = self._train_copy(k, data)
+                end[0, k] = self._losses(clone, heads, data.train, data.device)[k]
+                end[1, k] = self._losses(clone, heads, data.heldout, data.device)[k]
+                del clone, heads
         losses = torch.stack([*start, *end])  # already reduced over ranks by _losses
         self.weights = blend_weights(*losses, estimator=self.estimator).cpu()
         self.weights_epoch = self.epoch
@@ -217,17 +265,29 @@ class GradientBlending(Balancer):
         log.info("G-Blending weights at epoch %d: %s", self.epoch, self._stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, the current weights and the epoch they were computed in."""
+        """Counters, the current weights, the epoch they were computed in and the separate heads."""
         weights = None if self.weights is None else self.weights.clone()
-        return {**super().state_dict(), "weights": weights, "weights_epoch": self.weights_epoch}
+        state = {**super().state_dict(), "weights": weights, "weights_epoch": self.weights_epoch}
+        if self.heads is not None:
+            state["heads"] = self.heads.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (the heads are loaded in place: the optimizer keeps its parameters)."""
         super().load_state_dict(state)
         self.weights = None if state["weights"] is None else state["weights"].clone().float().cpu()
         self.weights_epoch = state["weights_epoch"]
+        if self.heads is not None:
+            if "heads" not in state:
+                raise ValueError(
+                    "This G-Blending state has no unimodal heads (saved with heads='shared' or by an older "
+                    "version); build the balancer with heads='shared' to load it."
+                )
+            self.heads.load_state_dict(state["heads"])
         self._set_stats()
 
     def _set_stats(self) -> None:
         if self.weights is not None:
-            self._stats = {f"weight/{h}": float(w) for h, w in zip(self.heads, self.weights, strict=True)}
+            self._stats = {
+                f"weight/{h}": float(w) for h, w in zip(self.head_names, self.weights, strict=True)
+            }

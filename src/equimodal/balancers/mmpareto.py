@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,37 +12,31 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_mean, is_distributed
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
+from .heads import HeadsMode, build_heads, require_encoder_unimodal_logits
 from .registry import register_balancer
 
-
-def require_encoder_unimodal_logits(model: nn.Module, method: str) -> None:
-    """Raise when the model's unimodal logits cannot carry gradient to the encoders.
-
-    Fusions that cannot be split (FiLM, gated, attention) compute unimodal logits with auxiliary
-    heads on *detached* features, so a unimodal loss never reaches its encoder.
-    """
-    if getattr(model, "auxiliary_heads", False):
-        fusion = type(getattr(model, "fusion", model)).__name__
-        raise ValueError(
-            f"{method} trains the encoders through the unimodal logits, but this model's fusion ({fusion}) "
-            "computes them with auxiliary heads on detached features (model.auxiliary_heads is True). "
-            "Use a splittable fusion: fusion='concat', 'sum' or 'weighted'."
-        )
+__all__ = ["MMPareto", "pareto_weights", "require_encoder_unimodal_logits"]
 
 
-def pareto_weights(g_mm: Tensor, g_uni: Tensor) -> Tensor:
-    """Weights ``(w_mm, w_uni)`` of MMPareto for one encoder's flattened gradients.
+def pareto_step(g_mm: Tensor, g_uni: Tensor) -> tuple[Tensor, Tensor]:
+    """MMPareto's weights ``(w_mm, w_uni)`` for one encoder's flattened gradients, and whether they conflict.
 
-    Non-conflicting gradients (``cos > 0``) get ``(1/2, 1/2)``; conflicting ones get the two-task
-    min-norm (MGDA) solution ``w_mm = <g_uni - g_mm, g_uni> / ||g_mm - g_uni||^2`` clipped to [0, 1].
-    A zero gradient is treated as non-conflicting, which is what the reference solver's 0.999/0.001
-    clipping amounts to after the norm rescale (it never leaves the update at zero).
+    Non-conflicting gradients (``cos > 0``) get ``(1/2, 1/2)``; conflicting ones (``cos <= 0``) get the
+    two-task min-norm (MGDA) solution ``w_mm = <g_uni - g_mm, g_uni> / ||g_mm - g_uni||^2`` clipped to
+    [0, 1]. A zero gradient is treated as non-conflicting, which is what the reference solver's
+    0.999/0.001 clipping amounts to after the norm rescale (it never leaves the update at zero).
+    Returns the weights and the conflict flag (a 0-d bool tensor: the min-norm branch ran).
     """
     v11, v12, v22 = g_mm.dot(g_mm), g_mm.dot(g_uni), g_uni.dot(g_uni)
     w_mm = ((v22 - v12) / (v11 + v22 - 2 * v12).clamp_min(torch.finfo(g_mm.dtype).tiny)).clamp(0.0, 1.0)
     conflict = (v12 <= 0) & (v11 > 0) & (v22 > 0)
     w_mm = torch.where(conflict, w_mm, torch.full_like(w_mm, 0.5))
-    return torch.stack([w_mm, 1 - w_mm])
+    return torch.stack([w_mm, 1 - w_mm]), conflict
+
+
+def pareto_weights(g_mm: Tensor, g_uni: Tensor) -> Tensor:
+    """Weights ``(w_mm, w_uni)`` of MMPareto for one encoder's flattened gradients (see :func:`pareto_step`)."""
+    return pareto_step(g_mm, g_uni)[0]
 
 
 @register_balancer("mmpareto")
@@ -58,24 +55,41 @@ class MMPareto(Balancer):
     combination is made once per optimizer step from the accumulated gradients, k micro-batches give
     the same update as one big batch. The two calls suffice: it does not need to own the step.
 
-    Deviations from the reference code (``MMPareto.py``): the unimodal logits are the fusion's exact
-    per-modality terms (concat column blocks or sum heads), so ``L_m`` also trains the shared head
-    weights (the reference has separate unimodal heads); any number of modalities; a zero gradient
-    is treated as non-conflicting instead of going through the 0.999/0.001 clip (same update after
-    rescaling); a zero combined gradient stays zero instead of becoming NaN. As in the reference the
-    weights are computed per encoder and the norm rescale is applied per parameter tensor. Other loss
-    terms added to the returned loss lose their encoder gradients (they are replaced). Under fp16
-    autocast the per-loss gradients are taken from unscaled losses and may underflow (bf16 is safe); a
-    step whose gradients are not finite is left untouched for GradScaler to skip. Under DDP the
-    accumulated per-loss gradients are all-reduced (two extra encoder-sized all-reduces per step).
+    Unimodal heads. ``heads="separate"`` (default, as the reference code's ``head_audio``/
+    ``head_video``): ``L_m`` is the CE of a linear head of the balancer's own on ``out.features[m]``
+    (not detached), so it works with every fusion, FiLM/gated/attention included. Those heads are
+    :meth:`parameters` (put them in the optimizer; a two-call loop whose optimizer never updates them
+    raises :class:`~equimodal.DriverError` after 25 steps), are saved by :meth:`state_dict`, and are
+    what :meth:`predict_unimodal` returns while the method is active (so reported per-modality
+    accuracy is theirs; outside the epoch window the model's unimodal logits are reported and the heads
+    do not train). ``heads="shared"``: ``L_m`` uses the model's unimodal logits (concat column blocks or
+    sum heads), as before; the unimodal and fused gradients then share the fused head's weights, stay
+    aligned and the min-norm branch rarely fires; auxiliary-head fusions are refused.
+
+    Deviations from the reference code (``MMPareto.py``): any number of modalities; heads initialised
+    as ``nn.Linear`` is but from a generator seeded by ``seed``; a zero gradient is treated as
+    non-conflicting instead of going through the 0.999/0.001 clip (same update after rescaling); a zero
+    combined gradient stays zero instead of becoming NaN. As in the reference the weights are computed
+    per encoder and the norm rescale is applied per parameter tensor. Other loss terms added to the
+    returned loss lose their encoder gradients (they are replaced). Under fp16 autocast the per-loss
+    gradients are taken from unscaled losses and may underflow (bf16 is safe); a step whose gradients
+    are not finite is left untouched for GradScaler to skip. Under DDP the accumulated per-loss
+    gradients and the separate heads' gradients (the heads are outside the DDP wrapper) are averaged
+    over ranks in one all-reduce per step.
+
+    ``stats()``: per modality ``cos/<m>`` (cosine of ``g_mm`` and ``g_m``), ``w_mm/<m>`` (the weight of
+    ``g_mm``) and ``conflict/<m>`` (1.0 when ``cos <= 0``, i.e. the min-norm branch ran, else 0.0; its
+    mean over an epoch is the rate at which the Pareto step acts), read in one device sync.
 
     Args:
-        model: a model whose unimodal logits carry gradient to the encoders (not an auxiliary-head
-            fusion).
+        model: a contract model; with ``heads="separate"`` its output must carry ``features``.
         gamma: final gradient scale (1.5 in the reference code and BalanceBenchmark).
+        heads: ``"separate"`` (the reference's layout) or ``"shared"`` (the model's unimodal logits).
+        feature_dims: feature size per modality for the separate heads, for encoders without ``out_dim``.
+        num_classes: number of classes for the separate heads, for models without ``num_classes``.
         start_epoch: first epoch of the method.
         end_epoch: last epoch of the method (``None``: no end).
-        seed: unused (the method is deterministic); kept for a uniform signature.
+        seed: seed of the separate heads' initialisation (the method is otherwise deterministic).
     """
 
     def __init__(
@@ -83,12 +97,14 @@ class MMPareto(Balancer):
         model: nn.Module,
         *,
         gamma: float = 1.5,
+        heads: HeadsMode = "separate",
+        feature_dims: Mapping[str, int] | None = None,
+        num_classes: int | None = None,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
-        require_encoder_unimodal_logits(model, "MMPareto")
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0, found {gamma}. The reference value is 1.5.")
         self.gamma = float(gamma)
@@ -99,8 +115,21 @@ class MMPareto(Balancer):
                 f"MMPareto found no trainable encoder parameters in modalities {self.modalities}; "
                 "unfreeze at least one encoder (requires_grad=True)."
             )
+        self.heads_mode = heads
+        self.heads = build_heads(
+            heads, model, self.modalities, method="MMPareto", feature_dims=feature_dims,
+            num_classes=num_classes, seed=seed,
+        )  # fmt: skip
         self._acc: dict[str, tuple[Tensor, Tensor]] = {}
         self._tensor_stats: dict[str, Tensor] = {}
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The separate unimodal heads' parameters (none with ``heads="shared"``)."""
+        return self.heads.parameters() if self.heads is not None else iter(())
+
+    def unimodal_prediction(self, out: MultimodalOutput) -> dict[str, Tensor]:
+        """Each modality's logits: the separate heads' (``heads="separate"``) or the model's."""
+        return self.heads.logits(out) if self.heads is not None else out.unimodal_logits
 
     @staticmethod
     def _flat(grads: tuple[Tensor | None, ...], params: list[nn.Parameter]) -> Tensor:
@@ -113,7 +142,8 @@ class MMPareto(Balancer):
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         """Return ``L_mm + sum_m L_m`` and record the per-loss encoder gradients."""
         l_mm = F.cross_entropy(out.logits, target)
-        l_uni = {m: F.cross_entropy(out.unimodal_logits[m], target) for m in self.modalities}
+        uni = self.unimodal_prediction(out)
+        l_uni = {m: F.cross_entropy(uni[m], target) for m in self.modalities}
         total = l_mm + sum(l_uni.values())
         if not (torch.is_grad_enabled() and total.requires_grad):
             return total
@@ -125,9 +155,10 @@ class MMPareto(Balancer):
             start += len(params)
             g_m = torch.autograd.grad(l_uni[m], params, retain_graph=True, allow_unused=True)
             if all(g is None for g in g_m):
+                source = f"out.features[{m!r}]" if self.heads is not None else f"the unimodal logits of {m!r}"
                 raise RuntimeError(
-                    f"The unimodal logits of {m!r} do not depend on its encoder, so MMPareto cannot combine "
-                    "gradients. Return unimodal logits computed from the (non-detached) encoder features."
+                    f"{source} do not depend on the encoder of {m!r}, so MMPareto cannot combine gradients. "
+                    "Return them computed from the (non-detached) encoder output."
                 )
             pending[m] = (g_mm, self._flat(g_m, params))
         total.register_hook(lambda c: self._accumulate(pending, c))
@@ -143,28 +174,34 @@ class MMPareto(Balancer):
             else:
                 self._acc[m] = (g_mm.float() * c, g_m.float() * c)
 
+    def _all_reduce(self, acc: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Average the per-loss gradients and the separate heads' gradients over ranks in one all-reduce."""
+        head_grads = [p.grad for p in self.parameters() if p.grad is not None]
+        parts = [g for m in acc for g in acc[m]] + [g.reshape(-1).float() for g in head_grads]
+        flat = all_reduce_mean(torch.cat(parts)).split([t.numel() for t in parts])
+        for g, part in zip(head_grads, flat[2 * len(acc) :], strict=True):
+            g.copy_(part.view_as(g))
+        return {m: (flat[2 * i], flat[2 * i + 1]) for i, m in enumerate(acc)}
+
     def adjust_gradients(self) -> None:
         """Replace each encoder's gradient by the rescaled Pareto combination (inf/NaN steps are skipped)."""
         acc, self._acc = self._acc, {}
-        every = [p for ps in self._params.values() for p in ps]
-        if not acc or not self.grads_finite(every):
+        if self.heads is not None:
+            self.heads.check_stepped()
+        if not acc:
             return
         if is_distributed():
-            flat = all_reduce_mean(torch.cat([g for m in acc for g in acc[m]]))
-            sizes = [g.numel() for m in acc for g in acc[m]]
-            parts = iter(flat.split(sizes))
-            acc = {m: (next(parts), next(parts)) for m in acc}
-        grads = {m: self._flat(tuple(p.grad for p in self._params[m]), self._params[m]) for m in acc}
+            acc = self._all_reduce(acc)
+        grads = torch.cat([self._flat(tuple(p.grad for p in self._params[m]), self._params[m]) for m in acc])
         b_sum = torch.cat([acc[m][0] + acc[m][1] for m in acc])
-        if not bool(torch.isfinite(b_sum).all()):
+        if not bool(torch.isfinite(grads).all() & torch.isfinite(b_sum).all()):  # the one sync
             return
-        f = torch.cat(list(grads.values())).float().dot(b_sum) / b_sum.dot(b_sum).clamp_min(
-            torch.finfo().tiny
-        )
+        f = grads.float().dot(b_sum) / b_sum.dot(b_sum).clamp_min(torch.finfo().tiny)
         for m, (g_mm, g_m) in acc.items():
-            w = pareto_weights(g_mm, g_m)
+            w, conflict = pareto_step(g_mm, g_m)
             self._tensor_stats[f"cos/{m}"] = F.cosine_similarity(g_mm, g_m, dim=0)
             self._tensor_stats[f"w_mm/{m}"] = w[0]
+            self._tensor_stats[f"conflict/{m}"] = conflict.float()
             new_flat = 2 * (w[0] * g_mm + w[1] * g_m)
             sizes = [p.numel() for p in self._params[m]]
             for p, new in zip(self._params[m], new_flat.split(sizes), strict=True):
@@ -176,5 +213,26 @@ class MMPareto(Balancer):
                 p.grad.copy_(new * (self.gamma * scale))
 
     def stats(self) -> dict[str, float]:
-        """Per-modality cosine of ``g_mm`` and ``g_m`` and the weight of ``g_mm`` at the last step."""
-        return {k: float(v) for k, v in self._tensor_stats.items()}
+        """Per modality at the last step: ``cos/<m>``, ``w_mm/<m>`` and ``conflict/<m>`` (one device sync)."""
+        if not self._tensor_stats:
+            return {}
+        values = torch.stack([v.detach().float().reshape(()) for v in self._tensor_stats.values()]).tolist()
+        return dict(zip(self._tensor_stats, values, strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and, with separate heads, the heads' weights."""
+        state = super().state_dict()
+        if self.heads is not None:
+            state["heads"] = self.heads.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the heads are loaded in place: the optimizer keeps its parameters)."""
+        super().load_state_dict(state)
+        if self.heads is not None:
+            if "heads" not in state:
+                raise ValueError(
+                    "This MMPareto state has no unimodal heads (saved with heads='shared' or by an older "
+                    "version); build the balancer with heads='shared' to load it."
+                )
+            self.heads.load_state_dict(state["heads"])

@@ -3,16 +3,19 @@ Effective Multimodal Additive Late-fusion", Findings of ACL 2022)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum
-from .agm import eval_mode
-from .base import Balancer, EpochData
+from ..types import MultimodalOutput
+from .agm import eval_mode, head_blocks, scale_modality_gradients
+from .base import Balancer, Batch, EpochData, Requirements
 from .registry import register_balancer
 
 
@@ -27,36 +30,59 @@ def accuracy_ratio(memory: Sequence[float], current: float) -> float:
 
 @register_balancer("mslr")
 class MSLR(Balancer):
-    """MSLR (Yao & Mihalcea, Findings-ACL'22): per-modality learning rates as per-modality gradient scales.
+    """MSLR (Yao & Mihalcea, Findings-ACL'22): a unimodal warm start, then per-modality learning rates.
 
-    ``before_step`` multiplies the gradients of modality m's encoder and of its block of the fusion
-    head (``fusion.modality_blocks()``; shared biases are left alone) by ``scale_m``. For plain SGD
-    that is exactly a learning rate ``lr * scale_m`` for that modality; with momentum or weight
-    decay it is close but not identical (decay is not scaled, and a changed scale does not rescale
-    the momentum buffer). It is *not* a learning rate for Adam-type optimizers, which divide the
-    scale out again; for those, build per-modality parameter groups instead.
+    The paper builds an additive late-fusion model *from fine-tuned unimodal models*, each modality
+    keeping a learning rate of its own, because the best unimodal models of different modalities
+    train at very different learning rates. Both parts are here:
+
+    1. Warm start (``warmup_epochs``, default 5): the loss is ``sum_m CE(o_m, y)``, so each encoder
+       and its part of the head train as that modality's own unimodal classifier (the fused
+       prediction is their sum). With an auxiliary-head fusion (FiLM, gated, attention) each
+       modality's auxiliary head is applied to the *undetached* feature, so the encoders train; the
+       fusion body waits for the next phase (``requirements.unused_parameters`` says so to DDP).
+    2. Late fusion: the fused CE, with modality m's learning rate multiplied by ``scale_m``.
+
+    ``before_step`` realises the learning rates by multiplying the gradients of modality m's
+    encoder, of its columns of the fusion head and of its bias share (``fusion.modality_blocks()``;
+    a shared concat bias gets the mean scale, an own ``sum`` head's bias its modality's; see
+    :func:`~equimodal.balancers.agm.head_blocks`) by ``scale_m``, in both phases. For plain SGD that
+    is exactly a learning rate ``lr * scale_m``; with momentum or weight decay it is close but not
+    identical (decay is not scaled, a changed scale does not rescale the momentum buffer). Adam-type
+    optimizers divide the scale out again (:meth:`check_optimizer` warns); for those, build
+    per-modality parameter groups instead. The warm start acts under any optimizer.
 
     ``mode="keep"`` keeps the initial ``scales`` (the paper's "keep": each modality at its best
-    unimodal learning rate, expressed relative to the optimizer's). ``mode="dynamic"``: at the start
-    of each epoch, :meth:`prepare_epoch` measures each modality's unimodal accuracy on
-    ``EpochData.heldout`` (carved from train, ``heldout_fraction`` = 0.1); once ``window`` past
-    accuracies are stored, ``scale_m = initial_m * acc_m / mean(last window accs_m)``.
+    unimodal learning rate, expressed relative to the optimizer's). ``mode="dynamic"`` (default):
+    at each epoch start :meth:`prepare_epoch` measures each modality's unimodal accuracy on
+    ``EpochData.heldout`` (carved from train, ``heldout_fraction`` = 0.1) and, once the warm start
+    is over, sets ``scale_m = initial_m * acc_m / mean(stored accs_m)`` over the last ``window``
+    stored accuracies (those of the warm start included), so it acts from the first fused epoch.
 
     Args:
         model: a model following the contract.
         scales: initial per-modality multipliers of the optimizer's learning rate (default 1.0
-            each; the reference reimplementation uses e.g. audio 1.3, visual 0.7 on AV-MNIST).
+            each: the paper's values are each modality's best unimodal learning rate, which depend
+            on the data and encoders; the AGM authors' reimplementation uses e.g. audio 0.9, visual
+            1.4, text 0.7 on UR-Funny, audio 1.3, visual 0.7 on AV-MNIST).
         mode: ``"dynamic"`` (default) or ``"keep"``.
         window: number of past held-out accuracies averaged (default 5, as in the reimplementation).
-        start_epoch, end_epoch: window in which scales are applied (default: always).
+        warmup_epochs: epochs of unimodal warm start at the start of the window (default 5, so that
+            the dynamic mode has a full window of accuracies when fusion starts); 0 starts with the
+            fused model, as the reimplementation does.
+        start_epoch, end_epoch: window in which the method acts (default: always).
         seed: unused.
 
-    Deviations from the reference: scales act on gradients, not on optimizer groups (see above);
-    accuracies come from a held-out part of train, never the test set (the reimplementation used
-    test accuracy); the untrained model (before the first optimizer step) is not measured; the
-    "smooth" variant of the paper is not implemented.
+    Deviations from the paper and the reimplementation: the warm start is a fixed number of epochs
+    inside one run (the paper fine-tunes each unimodal model separately first; ``warmup_epochs=0``
+    and your own fine-tuned encoders reproduce that); scales act on gradients, not on optimizer
+    groups (see above); accuracies come from a held-out part of train, never the test set (the
+    reimplementation used test accuracy); the untrained model (before the first optimizer step) is
+    not measured; the dynamic rule uses the accuracies stored so far, at least one, where the
+    reimplementation waits until ``window`` are stored; the "smooth" variant is not implemented.
     """
 
+    scales_gradients: ClassVar[bool] = True
     heldout_fraction = 0.1
 
     def __init__(
@@ -66,6 +92,7 @@ class MSLR(Balancer):
         scales: Mapping[str, float] | None = None,
         mode: Literal["keep", "dynamic"] = "dynamic",
         window: int = 5,
+        warmup_epochs: int = 5,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
@@ -75,6 +102,20 @@ class MSLR(Balancer):
             raise ValueError(f"mode must be 'keep' or 'dynamic', found {mode!r}.")
         if not (isinstance(window, int) and window >= 1):
             raise ValueError(f"window must be a positive integer, found {window!r}.")
+        if isinstance(warmup_epochs, bool) or not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be an integer >= 0, found {warmup_epochs!r}.")
+        self.mode = mode  # "keep" needs no epoch data, so no held-out part (see `uses_epoch_data`)
+        self.window = window
+        self.warmup_epochs = warmup_epochs
+        self.initial = self._check_scales(scales)
+        self.scales = dict(self.initial)
+        self.memory: dict[str, list[float]] = {m: [] for m in self.modalities}
+        self._heldout_acc: dict[str, float] = {}
+        self.head_blocks, self.head_biases = head_blocks(model, self.modalities)
+        self._aux_heads = self._find_aux_heads(model) if warmup_epochs else None
+        self.unused_parameters = bool(warmup_epochs) and self._warmup_leaves_parameters_unused(model)
+
+    def _check_scales(self, scales: Mapping[str, float] | None) -> dict[str, float]:
         scales = dict(scales or {})
         unknown = [m for m in scales if m not in self.modalities]
         if unknown:
@@ -86,45 +127,85 @@ class MSLR(Balancer):
         }
         if bad:
             raise ValueError(f"scales must be positive finite numbers, found {bad}.")
-        self.mode = mode  # "keep" needs no epoch data, so no held-out part (see `uses_epoch_data`)
-        self.window = window
-        self.initial = {m: float(scales.get(m, 1.0)) for m in self.modalities}
-        self.scales = dict(self.initial)
-        self.memory: dict[str, list[float]] = {m: [] for m in self.modalities}
-        self._heldout_acc: dict[str, float] = {}
+        return {m: float(scales.get(m, 1.0)) for m in self.modalities}
+
+    def _find_aux_heads(self, model: nn.Module) -> nn.ModuleDict | None:
+        """The auxiliary heads the warm start applies to undetached features (auxiliary fusions only)."""
+        if not getattr(model, "auxiliary_heads", False):
+            return None
+        heads = getattr(getattr(model, "fusion", None), "aux", None)
+        if not isinstance(heads, nn.ModuleDict) or any(m not in heads for m in self.modalities):
+            raise ValueError(
+                "MSLR's unimodal warm start trains each encoder through its unimodal logits, but this "
+                "fusion's come from auxiliary heads on detached features and no `model.fusion.aux[m]` "
+                "head was found for every modality. Use a splittable fusion (concat, sum, weighted), an "
+                "equimodal auxiliary-head fusion, or warmup_epochs=0."
+            )
+        return heads
+
+    def _warmup_leaves_parameters_unused(self, model: nn.Module) -> bool:
+        """Whether some fusion parameter gets no gradient from the warm-start loss (DDP must know)."""
         fusion = getattr(model, "fusion", None)
-        blocks = fusion.modality_blocks() if hasattr(fusion, "modality_blocks") else {}
-        self.head_blocks: dict[str, tuple[nn.Parameter, slice]] = {
-            m: blocks[m] for m in self.modalities if m in blocks
-        }
+        if not isinstance(fusion, nn.Module):
+            return False
+        used = {id(w) for blocks in self.head_blocks.values() for w, _ in blocks}
+        used |= {id(b) for b, _ in self.head_biases}
+        if self._aux_heads is not None:
+            used |= {id(p) for p in self._aux_heads.parameters()}
+        return any(p.requires_grad and id(p) not in used for p in fusion.parameters())
 
     @property
     def uses_epoch_data(self) -> bool:
         """Only the dynamic mode measures held-out accuracy at epoch starts."""
         return self.mode == "dynamic"
 
+    @property
+    def requirements(self) -> Requirements:
+        """As derived by the base class; the warm start also makes ``set_epoch`` necessary."""
+        req = super().requirements
+        return dataclasses.replace(req, set_epoch=True) if self.warmup_epochs else req
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the current epoch is in the unimodal warm start."""
+        return self.active and self.epoch < self.start_epoch + self.warmup_epochs
+
+    # ------------------------------------------------------------------ hooks
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """The sum of the unimodal CEs during the warm start, the fused CE after it."""
+        if not self.warming_up:
+            return F.cross_entropy(out.logits, target)
+        if self._aux_heads is None:
+            logits = out.unimodal_logits
+        elif out.features is None:
+            raise ValueError(
+                "MSLR's warm start with an auxiliary-head fusion needs MultimodalOutput.features; found None."
+            )
+        else:
+            logits = {m: self._aux_heads[m](out.features[m]) for m in self.modalities}
+        return torch.stack([F.cross_entropy(logits[m], target) for m in self.modalities]).sum()
+
+    def auxiliary_loss(self, out: MultimodalOutput, target: Tensor) -> Tensor:
+        """None during an auxiliary-head warm start (the objective trains those heads), else the base term."""
+        if self.warming_up and self._aux_heads is not None:
+            return out.logits.new_zeros(())
+        return super().auxiliary_loss(out, target)
+
     def adjust_gradients(self) -> None:
-        """Multiply each modality's encoder and head-block gradients by its scale."""
+        """Multiply each modality's encoder, head-block and bias-share gradients by its scale."""
         params = [p for m in self.modalities for p in self.encoder_params(m)]
-        if not self.grads_finite(params + [p for p, _ in self.head_blocks.values()]):
+        params += [w for blocks in self.head_blocks.values() for w, _ in blocks]
+        if not self.grads_finite(params + [b for b, _ in self.head_biases]):
             return  # AMP overflow step
-        for m in self.modalities:
-            k = self.scales[m]
-            if k == 1.0:
-                continue
-            for p in self.encoder_params(m):
-                if p.grad is not None:
-                    p.grad.mul_(k)
-            if m in self.head_blocks:
-                w, cols = self.head_blocks[m]
-                if w.grad is not None:
-                    w.grad[:, cols].mul_(k)
+        if any(s != 1.0 for s in self.scales.values()):
+            scale_modality_gradients(self, self.scales)
         self._stats = {f"scale/{m}": self.scales[m] for m in self.modalities}
         self._stats.update({f"heldout_acc/{m}": a for m, a in self._heldout_acc.items()})
+        self._stats["warmup"] = float(self.warming_up)
 
     @torch.no_grad()
     def on_epoch_start(self, data: EpochData) -> None:
-        """Dynamic mode: update the scales from each modality's held-out unimodal accuracy."""
+        """Dynamic mode: store each modality's held-out unimodal accuracy; after the warm start, rescale."""
         if self.num_steps == 0:
             return
         if data.heldout is None:  # prepare_epoch checks it unless heldout_fraction was set to 0
@@ -141,10 +222,9 @@ class MSLR(Balancer):
             raise ValueError("MSLR got an empty held-out split; EpochData.heldout() yielded no sample.")
         for i, m in enumerate(self.modalities):
             acc = counts[i] / counts[-1]
-            if len(self.memory[m]) >= self.window:
+            if self.memory[m] and not self.warming_up:
                 self.scales[m] = self.initial[m] * accuracy_ratio(self.memory[m], acc)
-                self.memory[m] = self.memory[m][1:]
-            self.memory[m].append(acc)
+            self.memory[m] = [*self.memory[m], acc][-self.window :]
             self._heldout_acc[m] = acc
 
     def state_dict(self) -> dict[str, Any]:

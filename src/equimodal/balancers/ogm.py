@@ -2,7 +2,8 @@
 On-the-fly Gradient Modulation", CVPR 2022).
 
 The pure math (:func:`true_class_scores`, :func:`score_ratios`, :func:`ogm_coefficients`) is kept in
-small functions; PMR reuses the first two.
+small functions; PMR reuses the first two. Like AGM and MSLR, OGM works by multiplying gradients
+(``scales_gradients``), so :meth:`~equimodal.Balancer.check_optimizer` warns under adaptive optimizers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .registry import register_balancer
 
 log = logging.getLogger(__name__)
 
-Reference = Literal["mean", "max", "min"]
-REFERENCES = ("mean", "max", "min")
+Reference = Literal["mean", "min", "sum", "max"]
+REFERENCES = ("mean", "min", "sum", "max")
 _MODULATE = ("weights", "conv", "all")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -33,9 +34,12 @@ def true_class_scores(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def score_ratios(scores: Tensor, reference: str = "mean") -> Tensor:
-    """Each modality's score over the ``reference`` (mean, max or min) of the other modalities' scores.
+    """Each modality's score over a reference built from the *other* modalities' scores.
 
-    For two modalities every reference gives ``rho_a = s_a / s_v`` and ``rho_v = s_v / s_a``.
+    ``"mean"``: their mean (ours); ``"min"``: their minimum (BalanceBenchmark's 3-modality OGM, whose
+    coefficients this reproduces); ``"sum"``: their sum (the 3-modality OGM of the official MLA code);
+    ``"max"``: their maximum (ours). For two modalities every reference gives ``rho_a = s_a / s_v`` and
+    ``rho_v = s_v / s_a``, the rule of the OGM reference code.
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, found {reference!r}.")
@@ -45,10 +49,12 @@ def score_ratios(scores: Tensor, reference: str = "mean") -> Tensor:
     )
     if reference == "mean":
         ref = others.mean(1)
-    elif reference == "max":
-        ref = others.amax(1)
-    else:
+    elif reference == "min":
         ref = others.amin(1)
+    elif reference == "sum":
+        ref = others.sum(1)
+    else:
+        ref = others.amax(1)
     return scores / ref.clamp_min(torch.finfo(scores.dtype).tiny)
 
 
@@ -70,16 +76,27 @@ class OGM(Balancer):
     has its selected encoder gradients multiplied by ``k_m`` (see :func:`ogm_coefficients`); the
     others keep ``k = 1``. ``"ogm_ge"`` adds Gaussian noise ``N(0, std(grad) + 1e-8)`` to the same
     tensors of every modality (std of the unscaled gradient, a fresh std per tensor), drawn from a
-    generator seeded identically on all ranks.
+    generator seeded identically on all ranks. Under an adaptive optimizer (Adam, ...) the scaling
+    mostly cancels; :meth:`check_optimizer` warns.
 
     Args:
         model: a model following the contract.
         alpha: modulation strength. Default 0.8, the CREMA-D value of the authors' README
             (0.1 for VGGSound; BalanceBenchmark uses 0.3).
-        reference: for ``M > 2``, what ``s_m`` is compared with: the ``"mean"`` (default) or ``"max"``
-            of the other modalities' scores (``"min"`` is also accepted). With ``"mean"`` every
-            modality stronger than the average of the others is slowed; ``"max"`` slows only a
-            modality that beats all others. Identical for ``M = 2``.
+        reference: for ``M >= 3``, what ``s_m`` is compared with (the OGM authors' code has two
+            modalities only; all choices give their rule for ``M = 2``):
+
+            - ``"mean"`` (default, ours): the mean of the other scores; every modality stronger than
+              the average of the others is slowed.
+            - ``"min"``: the minimum of the other scores, BalanceBenchmark's 3-modality OGM (it
+              divides by the minimum over all modalities, itself included, which gives the same
+              coefficients; its cosine-of-logits score for ``M = 3`` is not reproduced).
+            - ``"sum"``: the sum of the other scores, the 3-modality OGM of the official MLA code
+              (Zhang et al., CVPR'24); at most one modality can then have ``rho > 1``. That code
+              also slows the last modality when none exceeds 1 (a leftover of the 2-modality
+              if/else); here ``rho > 1`` is required, as for every other modality.
+            - ``"max"``: the maximum of the other scores (ours); only a modality that beats all
+              others is slowed.
         modulate: which encoder gradients are modulated. ``"weights"`` (default): every encoder
             parameter with two or more dimensions (conv kernels and linear weights, not biases or
             norm scales); ``"conv"``: only Conv1d/2d/3d weights, found by module type (the reference
@@ -90,9 +107,12 @@ class OGM(Balancer):
         seed: seed of the noise generator (OGM-GE).
 
     Deviations from the reference code: any ``M >= 2`` (``reference`` above); the modulated set
-    (``modulate`` above); scores summed over gradient-accumulation micro-batches and all-reduced
-    under DDP; a step with non-finite gradients (AMP overflow) is left untouched.
+    (``modulate``; ``"conv"`` is the reference's); scores summed over gradient-accumulation
+    micro-batches and all-reduced under DDP; a step with non-finite gradients (AMP overflow) is left
+    untouched.
     """
+
+    scales_gradients: ClassVar[bool] = True
 
     gradient_noise: ClassVar[bool] = False
 

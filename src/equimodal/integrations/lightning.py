@@ -104,6 +104,8 @@ class BalancerCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Check, before any step, that this trainer and module can drive the balancer."""
         balancer = self._balancer(pl_module)
+        for optimizer in getattr(trainer, "optimizers", None) or []:
+            balancer.check_optimizer(optimizer)  # warns when an adaptive optimizer cancels the method
         req = balancer.requirements
         name = balancer.name
         if req.own_step:
