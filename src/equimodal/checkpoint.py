@@ -29,6 +29,8 @@ class Progress:
         best: ``{"epoch", "val_acc", "val_loss"}`` of the epoch selected so far (``epoch = -1``: none).
         epoch_times: seconds of each finished epoch.
         next_epoch: the first epoch still to run.
+        steps: optimizer steps of the finished epochs.
+        step_rows: the balancer's statistics recorded every ``train.stats_every`` steps (``steps.csv``).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -37,6 +39,8 @@ class Progress:
     )
     epoch_times: list[float] = field(default_factory=list)
     next_epoch: int = 0
+    steps: int = 0
+    step_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def improves(self, val_acc: float, val_loss: float) -> bool:
         """Whether an epoch with these validation figures beats the best so far (accuracy, then loss)."""
@@ -115,6 +119,7 @@ class Checkpointer:
         )
         progress = Progress(
             rows=ckpt["rows"], best=ckpt["best"], epoch_times=list(ckpt.get("epoch_times", [])), next_epoch=next_epoch,
+            steps=int(ckpt.get("steps", 0)), step_rows=list(ckpt.get("step_rows", [])),
         )  # fmt: skip
         return progress, partial
 
@@ -130,6 +135,7 @@ class Checkpointer:
         state = {key: (obj.state_dict() if obj is not None else None) for key, obj in parts.items()}
         state.update(
             rows=progress.rows, epoch_times=progress.epoch_times, best=progress.best, epoch=epoch,
+            steps=progress.steps, step_rows=progress.step_rows,
             rng=torch.get_rng_state(), config=self.config,
             partial=None if partial is None else partial.to_dict(),
         )  # fmt: skip

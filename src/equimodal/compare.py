@@ -40,15 +40,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .io import atomic_write_text
-from .run_folder import RunFolderError, check_writable_folder, config_differences
+from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences
 
 log = logging.getLogger(__name__)
 
-# What a run writes into its folder (train's outputs, and report's curves.png).
-RUN_FILES = (
-    "config.yaml", "last.pt", "best.pt", "metrics.csv", "summary.json", "predictions.npz", "skipped.csv",
-    "curves.png",
-)  # fmt: skip
 ADAM_OVERRIDES = ("optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0")
 
 
@@ -66,7 +61,8 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
 
     ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
     with ``fresh`` (a run of another config, retrained under ``--overwrite``) the old run's files
-    (``RUN_FILES``) are deleted first, so the run starts from scratch; other files there are kept.
+    (:func:`~equimodal.run_folder.clear_run`) are deleted first, so the run starts from scratch; other
+    files there are kept.
     """
     config, overrides, out, threads = args[:4]
     fresh = bool(args[4]) if len(args) > 4 else False
@@ -79,8 +75,7 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     try:
         cfg = load_config(config, list(overrides) + ["train.progress=false"])
         if fresh:
-            for name in RUN_FILES:
-                (Path(out) / name).unlink(missing_ok=True)
+            clear_run(Path(out), config=True)
         train(cfg, out)
     except Exception as exc:  # noqa: BLE001 - reported per run, the comparison goes on
         log.exception("run %s failed", out)

@@ -90,6 +90,9 @@ class TrainConfig:
     ``log_every``: off a terminal, also log a line every N optimizer steps (0: one line per epoch).
     ``select_from``: the first epoch that model selection may choose (earlier epochs are validated and
     logged, never selected; the official NVGesture code evaluates from epoch 20).
+    ``stats_every``: record the balancer's per-step statistics every N optimizer steps in ``steps.csv``
+    (0: never). ``tensorboard``: also write every epoch row and recorded step to TensorBoard event
+    files in ``OUT/tensorboard`` (``pip install 'equimodal[tensorboard]'``; needs ``--out``).
     """
 
     epochs: int = 40
@@ -104,6 +107,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 0
     select_from: int = 0
+    stats_every: int = 1
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,7 @@ def validate_config(cfg: Config) -> None:
         t.checkpoint_every,
     )
     _check(t.log_every >= 0, "train.log_every", "0 (one line per epoch) or an integer >= 1", t.log_every)
+    _check(t.stats_every >= 0, "train.stats_every", "0 (no steps.csv) or an integer >= 1", t.stats_every)
     _check(
         0 <= t.select_from < t.epochs,
         "train.select_from",

@@ -68,11 +68,14 @@ class EpochState:
     seconds: float = 0.0
     correct: list[float] = field(default_factory=list)
     seen: int = 0
+    step_rows: list[dict[str, float]] = field(default_factory=list)
+    last_stats: dict[str, float] = field(default_factory=dict, repr=False)
     pending_loss: Tensor | float = field(default=0.0, repr=False)
     pending_correct: Tensor | None = field(default=None, repr=False)
 
     def add_stats(self, stats: dict[str, float]) -> None:
-        """Add one step's balancer statistics (non-finite values are left out)."""
+        """Add one step's balancer statistics (non-finite values are left out of the sums)."""
+        self.last_stats = stats
         for k, v in stats.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.stat_sums[k] = self.stat_sums.get(k, 0.0) + float(v)
@@ -123,7 +126,7 @@ class EpochState:
         return {
             "batches": self.batches, "steps": self.steps, "loss_sum": self.loss_sum, "skipped": self.skipped,
             "stat_sums": dict(self.stat_sums), "stat_counts": dict(self.stat_counts), "seconds": self.seconds,
-            "correct": list(self.correct), "seen": self.seen,
+            "correct": list(self.correct), "seen": self.seen, "step_rows": list(self.step_rows),
         }  # fmt: skip
 
 

@@ -16,6 +16,24 @@ from typing import Any
 
 import yaml
 
+RUN_OUTPUTS = (
+    "last.pt", "best.pt", "metrics.csv", "steps.csv", "summary.json", "predictions.npz", "skipped.csv",
+    "curves.png", "report.html",
+)  # fmt: skip
+"""What a run (and ``equimodal report`` on it) writes into its folder, besides ``config.yaml`` and
+``tensorboard/``."""
+
+
+def clear_run(out: Path, *, config: bool = False) -> None:
+    """Delete a previous run's outputs from ``out`` (and its ``config.yaml`` with ``config``); keeps
+    every other file."""
+    for name in (*RUN_OUTPUTS, *(("config.yaml",) if config else ())):
+        (out / name).unlink(missing_ok=True)
+    board = out / "tensorboard"
+    if board.is_dir():
+        for event in board.glob("events.out.tfevents.*"):
+            event.unlink()
+
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (another config's run, a file, unwritable)."""

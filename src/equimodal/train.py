@@ -13,8 +13,9 @@ Batches: ``data.batch_size`` is the *global* batch; under torchrun each of the W
 same updates as one process (up to float rounding; batch-norm statistics are per process).
 
 Outputs (all written atomically by rank 0) in the run folder: ``config.yaml``, ``metrics.csv`` (a row
-per epoch), ``best.pt``, ``last.pt`` (for resuming), ``predictions.npz``, ``summary.json`` and, when the
-dataset skipped bad rows, ``skipped.csv``.
+per epoch), ``steps.csv`` (the balancer's per-step statistics, :mod:`equimodal.run_log`), ``best.pt``,
+``last.pt`` (for resuming), ``predictions.npz``, ``summary.json``, ``skipped.csv`` when the dataset
+skipped bad rows, and ``tensorboard/`` with ``train.tensorboard``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from .interrupt import Interrupted, StopRequest, stop_signals
 from .io import atomic_savez, atomic_write_text
 from .models import MultimodalClassifier
 from .models.encoders import create_encoder
-from .run_folder import check_run_folder
+from .run_folder import check_run_folder, clear_run
+from .run_log import RunLog, write_rows
 from .types import check_batch
 
 log = logging.getLogger(__name__)
@@ -224,6 +226,7 @@ class Run:
     train_split: Split
     heldout: Split | None
     loaders: Loaders
+    log: RunLog
 
     @property
     def main(self) -> bool:
@@ -292,6 +295,8 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
             "data.options.seed is not allowed: the dataset split and pairing follow train.seed. "
             "Set train.seed instead."
         )
+    if t.tensorboard and out is None:
+        raise ValueError("train.tensorboard=true writes into the run folder: pass --out DIR.")
     ds = dataset or load_dataset(cfg.data.name, seed=t.seed, **cfg.data.options)
     model = build_model(cfg, ds).to(device)
     balancer = create_balancer(
@@ -330,6 +335,7 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
         train_model=train_model, balancer=balancer, optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer), scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
         use_amp=use_amp, train_split=train_split, heldout=heldout, loaders=loaders,
+        log=RunLog(out, every=t.stats_every, tensorboard=t.tensorboard, main=rank == 0),
     )  # fmt: skip
 
 
@@ -370,18 +376,6 @@ def epoch_row(
     row.update(val.as_dict("val"))
     row.update({f"bal_{k}": v for k, v in stats.items()})
     return row
-
-
-def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the metrics rows as CSV (columns: the union of every row's keys, in order of appearance)."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------- the summary
@@ -472,13 +466,9 @@ def prepare_run_folder(out: Path, cfg: Config, *, overwrite: bool, resume: bool,
     same = check_run_folder(out, config_to_dict(cfg), overwrite=overwrite)
     if rank == 0:
         if not same or not resume:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+            clear_run(out)
         save_config(cfg, out / "config.yaml")
     return same and resume
-
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "summary.json", "predictions.npz", "skipped.csv")
 
 
 def train(
@@ -538,6 +528,7 @@ def run_in_group(
     finally:
         if bar is not None:
             bar.stop()
+        run.log.close()
     ckpt.load_best(run.model, run.balancer, run.device)
     return final_summary(run, progress)
 
@@ -553,6 +544,7 @@ def fit_one_epoch(
 
     def after_step(state: EpochState, check: Callable[[], None]) -> None:
         state.seconds = done + time.perf_counter() - tic
+        run.log.step(state.step_rows, progress.steps + state.steps, epoch, state.last_stats)
         stopping = stop.requested(state.steps, run.world, run.device)
         if stopping or (t.checkpoint_every and state.steps % t.checkpoint_every == 0):
             check()  # never checkpoint past a non-finite step
@@ -578,8 +570,11 @@ def fit_one_epoch(
     if epoch >= t.select_from and progress.improves(val.accuracy, val.loss):
         progress.best = {"epoch": epoch, "val_acc": val.accuracy, "val_loss": val.loss}
         ckpt.save_best(run.model, run.balancer, epoch)
+    progress.steps += state.steps
+    progress.step_rows.extend(state.step_rows)
     if run.out is not None and run.main:
-        write_metrics(run.out / "metrics.csv", progress.rows)
+        write_rows(run.out / "metrics.csv", progress.rows)
+    run.log.epoch(row, progress.step_rows)
     ckpt.save_last(run.parts(), progress, epoch)
     if on_epoch is not None:
         on_epoch(row)

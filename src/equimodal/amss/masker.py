@@ -58,6 +58,8 @@ class _Layout:
     row_code_units: Tensor  # (R,) long, the code weight's R
     row_block: Tensor  # (R,) long, normalisation block for the code weight's q
     num_blocks: int
+    row_tensor: Tensor  # (R,) long, index of the row's unit tensor in ``GradientMasker.tensors``
+    units_per_tensor: Tensor  # (T,) float
     units_per_modality: Tensor  # (M,) float
     norms: Tensor  # (R, N) float32 buffer
     weight_norms: Tensor  # (R, N) float32 buffer (gn_wn only)
@@ -104,6 +106,17 @@ class GradientMasker:
         self.reweight, self.inclusion, self.score_floor = reweight, inclusion, float(score_floor)
         self.max_weight, self.code_bias, self.code_block_norm = max_weight, code_bias, code_block_norm
         self._layout: _Layout | None = None
+        self._keep: Tensor | None = None
+
+    def kept_fraction_per_tensor(self) -> Tensor | None:
+        """Per masked tensor (in ``tensors`` order), the fraction of its units the last :meth:`apply`
+        kept (``None`` before the first call); on the device, no host sync."""
+        if self._keep is None:
+            return None
+        lay = self.layout()
+        kept = self._keep.to(torch.float32).sum(1)
+        per_tensor = torch.zeros(len(self.tensors), device=lay.device).index_add_(0, lay.row_tensor, kept)
+        return per_tensor / lay.units_per_tensor
 
     @property
     def device(self) -> torch.device:
@@ -112,12 +125,13 @@ class GradientMasker:
 
     def _build_layout(self, device: torch.device) -> _Layout:
         width = max(u.units for u in self.tensors)
-        rows_mod, rows_units, rows_code, rows_block, starts = [], [], [], [], []
+        rows_mod, rows_units, rows_code, rows_block, rows_tensor, starts = [], [], [], [], [], []
         row = 0
         for block, u in enumerate(self.tensors):
             starts.append(row)
             m = self.modalities.index(u.modality)
             for g in range(u.groups):
+                rows_tensor.append(block)
                 rows_mod.append(m)
                 rows_units.append(u.units)
                 rows_code.append(u.code_units)
@@ -139,6 +153,8 @@ class GradientMasker:
             row_code_units=torch.tensor(rows_code, device=device),
             row_block=block_ids.to(device),
             num_blocks=int(block_ids.max()) + 1,
+            row_tensor=torch.tensor(rows_tensor, device=device),
+            units_per_tensor=torch.tensor([float(u.groups * u.units) for u in self.tensors], device=device),
             units_per_modality=per_mod.to(device),
             norms=norms,
             weight_norms=weight_norms,
@@ -211,6 +227,7 @@ class GradientMasker:
         targets, views = [t for t, _ in pairs], [v for _, v in pairs]
         if targets:
             torch._foreach_mul_(targets, views)
+        self._keep = keep
         keepf = keep.to(scores.dtype)
         per_row = torch.stack(
             [keepf.sum(1), sq.sum(1), (sq * keepf).sum(1), (mu * keepf).sum(1), (sq * mu * mu).sum(1)], 1

@@ -226,6 +226,7 @@ class AMSS(Balancer):
             [f"{s}/{x}" for s in ("rho", "mi", "k") for x in m]
             + [f"{s}/{x}" for s in MASK_STATS for x in m]
             + ["label_entropy", "fallback", "nonfinite"]
+            + [f"layer_kept/{u.modality}/{u.name}" for u in self.masker.tensors]
         )
 
     # ------------------------------------------------------------------ the two calls
@@ -270,8 +271,9 @@ class AMSS(Balancer):
         mask_stats, finite = self.masker.apply(k, self.generator(device))
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
         self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
+        layer_kept = self.masker.kept_fraction_per_tensor()
         self._last = torch.cat(
-            [sig["rho"], sig["mi"], k, mask_stats.flatten(), sig["label_entropy"].view(1), flags]
+            [sig["rho"], sig["mi"], k, mask_stats.flatten(), sig["label_entropy"].view(1), flags, layer_kept]
         )
 
     # ------------------------------------------------------------------ observability and state
@@ -283,7 +285,8 @@ class AMSS(Balancer):
         gradient / full norm, before reweighting), ``mean_weight/m`` (mean weight of kept units: 1 for
         AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted gradient / full norm); plus
         ``label_entropy``, ``fallback`` (1 if the fallback fired) and ``nonfinite`` (1 if the step was
-        left unmasked for inf/NaN gradients). Averaged over an epoch, the last two are rates.
+        left unmasked for inf/NaN gradients; averaged over an epoch, these two are rates); and per
+        masked tensor ``layer_kept/<modality>/<name>``, the fraction of its units kept.
         """
         if self._last is None or not self.active:
             return {}
