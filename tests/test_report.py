@@ -17,7 +17,7 @@ def test_report_writes_curves_png(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     overrides = ["data.options.views=fac,mor", "train.epochs=2", "train.progress=false", "train.probe=false"]
     train(load_config(None, [*overrides, "balancer.name=amss"]), run)
-    assert main(["report", str(run)]) == 0
+    assert main(["report", str(run), "--out", str(run / "curves.png")]) == 0
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in capsys.readouterr().out
@@ -25,6 +25,8 @@ def test_report_writes_curves_png(tmp_path, capsys) -> None:
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
+    assert "holds neither metrics.csv" in " ".join(capsys.readouterr().err.split())
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "No metrics.csv" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="equimodal train --out"):
         from equimodal.report import read_metrics

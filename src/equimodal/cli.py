@@ -121,11 +121,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from .report import plot_runs
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 
-    for path in plot_runs(args.runs, args.out):
-        print(path)
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """An HTML page of the folders (default), or with ``--out X.png|.pdf|.svg`` the learning curves alone."""
+    if args.out is not None and str(args.out).lower().endswith(IMAGE_SUFFIXES):
+        from .report import plot_runs
+
+        for path in plot_runs(args.runs, args.out):
+            print(path)
+        return 0
+    from .report_html import write_report
+
+    print(write_report(args.runs, args.out))
     return 0
 
 
@@ -215,11 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override, e.g. balancer.options.linear_rows=auto"
     )
     u.set_defaults(func=cmd_units)
-    r = sub.add_parser("report", help="plot learning curves of run folders (RUN/curves.png)")
-    r.add_argument("runs", nargs="+", help="run folders written by `equimodal train --out`")
+    r = sub.add_parser(
+        "report",
+        help="a self-contained HTML page of run or comparison folders (FOLDER/report.html)",
+        description="A self-contained HTML report (figures embedded) of run folders (equimodal train --out) "
+        "or comparison folders (equimodal compare --out). One folder: FOLDER/report.html; several: --out "
+        "PAGE.html. --out CURVES.png (or .pdf/.svg) draws the learning curves alone, a row per run.",
+    )
+    r.add_argument("runs", nargs="+", help="run folders or comparison folders")
     r.add_argument(
         "--out",
-        help="one image file (.png, .pdf, .svg) for every run, a row each (default: RUN/curves.png per run)",
+        help="the page (.html; default FOLDER/report.html), or an image (.png, .pdf, .svg) of the curves",
     )
     r.set_defaults(func=cmd_report)
     return p

@@ -1,0 +1,493 @@
+"""``equimodal report``: a self-contained HTML page of run folders or of a comparison.
+
+Every figure is a PNG embedded in the page (``data:`` URIs): the page needs no network and no other
+file, so it can be mailed or attached to a paper's supplement. What it shows:
+
+- for each **run folder** (written by ``equimodal train --out``): the selected epoch's figures (val and
+  test: fused accuracy and macro-F1, each modality's unimodal accuracy, linear probe and the fused
+  accuracy without it); fused and per-modality accuracy over epochs, training (running) and validation;
+  the imbalance (spread of the per-modality accuracies) and the training loss over epochs; the
+  balancer's own statistics over optimizer steps (``steps.csv``: one panel per statistic, a line per
+  modality; AMSS's kept fraction per layer as a heat map); the confusion matrix of the selected epoch on
+  test, with class names; the per-modality unimodal, probe and removal accuracies;
+- for a **comparison folder** (written by ``equimodal compare --out``): the method table
+  (``results.md``), the test accuracy per method with its spread over seeds, the paired difference to
+  joint training with its bootstrap 95 % interval, and each method's mean validation curves.
+
+Several folders give one page, a section each. The page carries a one-line script that, once loaded,
+counts the figures that decoded (``<body data-figures="loaded/total">``); the tests open it in headless
+Chromium and check that count.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import atomic_write_text
+from .report import _pyplot
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h3{font-size:1.05em;margin-top:1.5em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}
+th{background:#f4f4f4}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:.85em;color:#555}
+.path{font-family:monospace;font-size:.85em;color:#555}.note{font-size:.85em;color:#555}
+"""
+CHECK = (
+    "<script>window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
+    "var ok=i.filter(function(x){return x.complete&&x.naturalWidth>0}).length;"
+    "document.body.setAttribute('data-figures',ok+'/'+i.length);});</script>"
+)
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_csv_rows(path: Path) -> list[dict[str, float]]:
+    """A CSV of numbers as a list of dicts (empty cells left out; non-numbers kept as text)."""
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = []
+        for row in csv.DictReader(f):
+            parsed: dict[str, Any] = {}
+            for k, v in row.items():
+                if v in ("", None):
+                    continue
+                try:
+                    parsed[k] = float(v)
+                except ValueError:
+                    parsed[k] = v
+            rows.append(parsed)
+    return rows
+
+
+def folder_kind(path: Path) -> str:
+    """``"compare"`` (``results.json``), ``"run"`` (``metrics.csv``), or a ValueError saying what is expected."""
+    if (path / "results.json").is_file():
+        return "compare"
+    if (path / "metrics.csv").is_file():
+        return "run"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run folder or a comparison folder.")
+    raise ValueError(
+        f"{str(path)!r} holds neither metrics.csv (a run folder, from `equimodal train --out DIR`) nor "
+        "results.json (a comparison, from `equimodal compare --out DIR`)."
+    )
+
+
+# ------------------------------------------------------------------------------------------- figures
+def figure_html(fig: Any, caption: str) -> str:
+    """The figure as an embedded PNG with its caption (the figure is closed)."""
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    alt = html.escape(caption, quote=True)
+    return (
+        f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table (cells escaped)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
+
+
+def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[float]:
+    return [scale * r[key] if isinstance(r.get(key), float) else math.nan for r in rows]
+
+
+def accuracy_figure(rows: list[dict[str, Any]], modalities: list[str], chosen: int | None) -> Any:
+    """Fused and per-modality accuracy over epochs: validation solid, running training accuracy dashed."""
+    plt = _pyplot()
+    names = ["fused", *modalities]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 2.8), squeeze=False, sharey=True)
+    epochs = _series(rows, "epoch")
+    for ax, name in zip(axes[0], names, strict=True):
+        suffix = "" if name == "fused" else f"_{name}"
+        ax.plot(epochs, _series(rows, f"val_acc{suffix}", 100), label="val")
+        ax.plot(epochs, _series(rows, f"train_acc{suffix}", 100), ls="--", label="train (running)")
+        if chosen is not None:
+            ax.axvline(chosen, color="0.5", ls=":", lw=1)
+        ax.set(title=name, xlabel="epoch", ylim=(0, 100))
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def imbalance_figure(rows: list[dict[str, Any]], modalities: list[str]) -> Any:
+    """The spread of the per-modality accuracies (max - min) over epochs, and the training loss."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
+    epochs = _series(rows, "epoch")
+    for split in ("val", "train"):
+        per = np.array([_series(rows, f"{split}_acc_{m}", 100) for m in modalities])
+        spread = np.nanmax(per, 0) - np.nanmin(per, 0) if per.size and not np.all(np.isnan(per)) else []
+        if len(spread):
+            left.plot(epochs, spread, ls="-" if split == "val" else "--", label=split)
+    left.set(title="imbalance: max - min of the modalities' accuracies", xlabel="epoch", ylabel="pp")
+    left.title.set_fontsize(9)
+    left.legend(fontsize=7)
+    right.plot(epochs, _series(rows, "train_loss"), color="k")
+    right.set(title="training loss", xlabel="epoch")
+    fig.tight_layout()
+    return fig
+
+
+def _smooth(values: list[float], width: int) -> np.ndarray:
+    """A centred running mean (NaNs ignored), so that per-step noise does not hide the trend."""
+    a = np.asarray(values, dtype=float)
+    if width <= 1 or a.size < 3:
+        return a
+    kernel = np.ones(width)
+    ok = np.isfinite(a)
+    num = np.convolve(np.where(ok, a, 0.0), kernel, mode="same")
+    den = np.convolve(ok.astype(float), kernel, mode="same")
+    return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def stat_groups(keys: Sequence[str], modalities: Sequence[str]) -> dict[str, list[str]]:
+    """Per-modality statistics grouped by name: ``{"k": ["k/audio", "k/visual"], ...}`` (layers apart)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        name, _, rest = key.partition("/")
+        if name == "layer_kept" or rest not in modalities:
+            continue
+        groups.setdefault(name, []).append(key)
+    return groups
+
+
+def steps_figure(steps: list[dict[str, Any]], modalities: list[str]) -> Any | None:
+    """The balancer's per-modality statistics over optimizer steps (one panel each), or ``None``."""
+    keys = list(dict.fromkeys(k for r in steps for k in r))
+    groups = stat_groups(keys, modalities)
+    if not groups:
+        return None
+    plt = _pyplot()
+    cols = min(4, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.5 * nrows), squeeze=False)
+    x = _series(steps, "step")
+    width = max(1, len(steps) // 50)
+    for ax, (name, members) in zip(axes.flat, groups.items(), strict=False):
+        for key in members:
+            ax.plot(x, _smooth(_series(steps, key), width), lw=1, label=key.split("/", 1)[1])
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_axis_off()
+    axes[0][0].legend(fontsize=7)
+    fig.supxlabel("optimizer step", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layers_figure(steps: list[dict[str, Any]]) -> Any | None:
+    """AMSS's kept fraction per masked layer over steps, as a heat map (``layer_kept/...``), or ``None``."""
+    keys = [k for k in dict.fromkeys(k for r in steps for k in r) if k.startswith("layer_kept/")]
+    if not keys:
+        return None
+    plt = _pyplot()
+    grid = np.array([_series(steps, k) for k in keys])
+    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.22 * len(keys)))
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis")
+    ax.set_yticks(range(len(keys)), [k[len("layer_kept/") :] for k in keys], fontsize=6)
+    ax.set_xlabel("recorded step (steps.csv row)", fontsize=8)
+    fig.colorbar(image, ax=ax, label="kept fraction")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(labels: np.ndarray, logits: np.ndarray, names: Sequence[str]) -> Any:
+    """Row-normalised confusion matrix (true class by row) with the counts written in each cell."""
+    plt = _pyplot()
+    k = len(names)
+    counts = np.zeros((k, k), dtype=int)
+    np.add.at(counts, (labels.astype(int), logits.argmax(1)), 1)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = min(12, 2 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true")
+    if k <= 25:
+        for i in range(k):
+            for j in range(k):
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6, color=color)
+    fig.tight_layout()
+    return fig
+
+
+def modalities_figure(test: dict[str, Any], modalities: list[str]) -> Any:
+    """Per modality on test: its unimodal accuracy, its linear probe, and the fused accuracy without it."""
+    plt = _pyplot()
+    kinds = [("unimodal head", "test_acc_{}"), ("linear probe", "test_probe_{}"),
+             ("fused without it", "test_removed_{}")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(modalities) + 1.5), 2.8))
+    width = 0.8 / len(kinds)
+    for i, (label, key) in enumerate(kinds):
+        values = [100 * test.get(key.format(m), math.nan) for m in modalities]
+        ax.bar(np.arange(len(modalities)) + (i - 1) * width, values, width, label=label)
+    if isinstance(test.get("test_acc"), float):
+        ax.axhline(100 * test["test_acc"], color="k", ls="--", lw=1, label="fused")
+    ax.set_xticks(range(len(modalities)), modalities)
+    ax.set(ylim=(0, 100), ylabel="test accuracy (%)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ sections
+def summary_table(summary: dict[str, Any], modalities: list[str]) -> str:
+    """The selected epoch's val and test figures (the CLI's table, as HTML)."""
+    val, test = summary.get("val", {}), summary.get("test", {})
+    rows = [
+        ["fused accuracy", _pct(val.get("val_acc")), _pct(test.get("test_acc"))],
+        ["fused macro-F1", _pct(val.get("val_f1")), _pct(test.get("test_f1"))],
+    ]
+    for m in modalities:
+        rows.append(
+            [f"{m}: unimodal accuracy", _pct(val.get(f"val_acc_{m}")), _pct(test.get(f"test_acc_{m}"))]
+        )
+        rows.append(
+            [f"{m}: linear probe", _pct(val.get(f"val_probe_{m}")), _pct(test.get(f"test_probe_{m}"))]
+        )
+        rows.append([f"fused without {m}", "", _pct(test.get(f"test_removed_{m}"))])
+    rows.append(["imbalance (spread)", _pct(val.get("val_imbalance")), _pct(test.get("test_imbalance"))])
+    return table_html(["metric (%)", "val", "test"], [r for r in rows if r[1] or r[2]])
+
+
+def run_section(run: Path) -> str:
+    """The HTML of one run folder (see the module docstring)."""
+    rows = read_csv_rows(run / "metrics.csv")
+    if not rows:
+        raise ValueError(f"{run / 'metrics.csv'} has no epoch rows yet: let the run finish an epoch first.")
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    config = summary.get("config", {})
+    modalities = summary.get("modalities") or sorted(
+        {k[len("val_acc_") :] for k in rows[0] if k.startswith("val_acc_")}
+    )
+    chosen = summary.get("selected_epoch")
+    title = (
+        f"{summary.get('dataset', '?')} / {summary.get('balancer', '?')} / seed {summary.get('seed', '?')}"
+    )
+    parts = [f"<h2>{html.escape(title)}</h2><p class=path>{html.escape(str(run))}</p>"]
+    if summary:
+        parts.append(f"<p>Epoch {chosen} selected on validation accuracy, then evaluated once on test.</p>")
+        parts.append(summary_table(summary, modalities))
+    else:
+        parts.append("<p class=note>No summary.json: the run has not finished; curves so far.</p>")
+    parts.append(
+        figure_html(
+            accuracy_figure(rows, modalities, chosen),
+            "Accuracy over epochs, fused and per modality: validation (solid) and running training accuracy (dashed); dotted: the selected epoch.",
+        )
+    )  # noqa: E501
+    parts.append(
+        figure_html(
+            imbalance_figure(rows, modalities),
+            "Imbalance over epochs (spread of the per-modality accuracies) and the training loss.",
+        )
+    )  # noqa: E501
+    steps = read_csv_rows(run / "steps.csv")
+    name = config.get("balancer", {}).get("name", summary.get("balancer", "the balancer"))
+    for fig, caption in (
+        (
+            steps_figure(steps, modalities),
+            f"The statistics {name} reports at each optimizer step (steps.csv; running mean).",
+        ),  # noqa: E501
+        (layers_figure(steps), "Kept fraction of each masked layer over the recorded steps (AMSS)."),
+    ):
+        if fig is not None:
+            parts.append(figure_html(fig, caption))
+    if not steps:
+        parts.append(f"<p class=note>No per-step statistics ({name} reports none, or steps.csv is off).</p>")
+    parts += _test_figures(run, summary, modalities)
+    return "\n".join(parts)
+
+
+def _test_figures(run: Path, summary: dict[str, Any], modalities: list[str]) -> list[str]:
+    """The confusion matrix and the per-modality bars of a finished run."""
+    parts = []
+    preds = run / "predictions.npz"
+    if preds.is_file():
+        with np.load(preds) as data:
+            labels, logits = data["test_labels"], data["test_logits"]
+            names = [str(c) for c in data["class_names"]] if "class_names" in data.files else None
+        names = names or [str(i) for i in range(logits.shape[1])]
+        parts.append(
+            figure_html(
+                confusion_figure(labels, logits, names),
+                "Confusion matrix of the selected epoch on test (counts; colour: the row's share).",
+            )
+        )  # noqa: E501
+    if summary.get("test"):
+        parts.append(
+            figure_html(
+                modalities_figure(summary["test"], modalities),
+                "Per modality on test: the model's unimodal head, a linear probe on the frozen encoder (encoder quality), and the fused accuracy with the modality removed.",
+            )
+        )  # noqa: E501
+    return parts
+
+
+def paired_differences(raw: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, float, float, float]]:
+    """Per method, the mean paired (same seed) test-accuracy difference to ``none`` in pp, with a 95 %
+    bootstrap interval over seeds (NaN with one seed)."""
+    from .compare import bootstrap_ci
+
+    joint = raw.get("none", {})
+    out = []
+    for label, runs in raw.items():
+        seeds = [s for s in runs if s in joint and label != "none"]
+        if not seeds:
+            continue
+        d = np.array([100 * (runs[s]["test_acc"] - joint[s]["test_acc"]) for s in seeds])
+        lo, hi = bootstrap_ci(d[:, None], lambda r: float(r.mean()))
+        out.append((label, float(d.mean()), lo, hi))
+    return out
+
+
+def differences_figure(diffs: list[tuple[str, float, float, float]]) -> Any:
+    """Paired differences to joint training with their intervals (horizontal bars)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.3 * len(diffs)))
+    y = np.arange(len(diffs))
+    means = [d[1] for d in diffs]
+    lows = [d[1] - d[2] if math.isfinite(d[2]) else 0 for d in diffs]
+    highs = [d[3] - d[1] if math.isfinite(d[3]) else 0 for d in diffs]
+    colors = ["#4477aa" if d[2] > 0 else "#cc6677" if d[3] < 0 else "0.6" for d in diffs]
+    ax.barh(y, means, xerr=[lows, highs], color=colors, capsize=3)
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(y, [d[0] for d in diffs], fontsize=8)
+    ax.set_xlabel("test accuracy minus joint training's, same seed (pp)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def method_curves_figure(folder: Path, labels: Sequence[str]) -> Any | None:
+    """Each method's validation accuracy over epochs, the mean over its seeds' run folders."""
+    curves = {}
+    for label in labels:
+        runs = [read_csv_rows(p / "metrics.csv") for p in sorted((folder / label).glob("seed*"))]
+        runs = [r for r in runs if r]
+        if runs and not label.startswith(("unimodal_", "ensemble_")):
+            length = min(len(r) for r in runs)
+            curves[label] = np.nanmean([_series(r[:length], "val_acc", 100) for r in runs], 0)
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for label, curve in curves.items():
+        ax.plot(range(len(curve)), curve, lw=1.5 if label == "none" else 1, ls="--" if label == "none" else "-",
+                label=label)  # fmt: skip
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", ylim=(0, 100))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def compare_section(folder: Path) -> str:
+    """The HTML of a comparison folder: its table, accuracy per method, paired differences, curves."""
+    from .compare import results_figure
+
+    raw = json.loads((folder / "results.json").read_text())
+    parts = [f"<h2>Comparison</h2><p class=path>{html.escape(str(folder))}</p>"]
+    table = folder / "results.csv"
+    if table.is_file():
+        with table.open() as f:
+            rows = list(csv.reader(f))
+        parts.append(table_html(rows[0], rows[1:]))
+    notes = (
+        (folder / "results.md").read_text().split("\n\n", 1)[1:] if (folder / "results.md").is_file() else []
+    )
+    parts += [f"<p class=note>{html.escape(n.strip())}</p>" for n in notes if n.strip()]
+    parts.append(
+        figure_html(
+            results_figure(raw),
+            "Test accuracy per method, mean and standard deviation over seeds; dashed: joint training.",
+        )
+    )  # noqa: E501
+    diffs = paired_differences(raw)
+    if diffs:
+        parts.append(
+            figure_html(
+                differences_figure(diffs),
+                "Paired difference to joint training (same seed), mean and bootstrap 95 % interval over seeds; blue: above zero, red: below, grey: the interval contains zero.",
+            )
+        )  # noqa: E501
+    curves = method_curves_figure(folder, list(raw))
+    if curves is not None:
+        parts.append(figure_html(curves, "Validation accuracy over epochs, mean over each method's seeds."))
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ page
+def build_page(folders: Sequence[Path]) -> str:
+    """The whole HTML page for ``folders`` (run or comparison folders, checked first)."""
+    kinds = [(Path(f), folder_kind(Path(f))) for f in folders]
+    sections = [compare_section(p) if kind == "compare" else run_section(p) for p, kind in kinds]
+    title = "equimodal report: " + ", ".join(p.name or str(p) for p, _ in kinds)
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        + "\n".join(sections)
+        + f"\n{CHECK}</body></html>\n"
+    )
+
+
+def write_report(folders: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Write the HTML report of ``folders`` and return its path.
+
+    Without ``out``, a single folder's page is ``FOLDER/report.html``; several folders need ``out``.
+
+    Raises:
+        ValueError: no folder, several without ``out``, ``out`` a folder or not ``.html``, or a folder that
+            is neither a run nor a comparison. FileNotFoundError: a missing folder. ImportError: no matplotlib.
+    """
+    paths = [Path(f) for f in folders]
+    if not paths:
+        raise ValueError("report needs at least one run or comparison folder.")
+    if out is None:
+        if len(paths) > 1:
+            raise ValueError(
+                f"{len(paths)} folders go into one page: pass --out PAGE.html (e.g. --out report.html)."
+            )
+        target = paths[0] / "report.html"
+    else:
+        target = Path(out)
+        if target.is_dir():
+            raise ValueError(f"--out {str(target)!r} is a folder; pass a file path ending in .html.")
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(
+            f"--out {str(target)!r}: expected a page ending in .html (or an image path .png/.pdf/.svg for "
+            "the learning-curve figure alone)."
+        )
+    page = build_page(paths)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, page)
+    return target
