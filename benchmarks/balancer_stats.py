@@ -2,7 +2,8 @@
 
 For each label (a sub-folder of a ``compare`` output holding ``seed*/metrics.csv``) it prints every
 ``bal_*`` column averaged over epochs, then over seeds, plus the mean over the first ``--early``
-epochs, and the fraction of epochs whose training loss was not finite. These are the AMSS figures
+epochs, the fraction of epochs whose training loss was not finite and the mean number of steps per
+epoch dropped for non-finite values (runs with ``train.on_nonfinite=skip``). These are the AMSS figures
 quoted in docs/results.md, e.g.:
 
     python benchmarks/balancer_stats.py runs/avdh amss amss_plus uniform_mask --keys k/,kept_grad_norm/,fallback
@@ -33,6 +34,8 @@ def label_stats(folder: Path, early: int) -> dict[str, float]:
         out["nonfinite_loss_epochs"] = float(
             np.mean([not math.isfinite(float(r["train_loss"])) for r in rows])
         )
+        # with train.on_nonfinite=skip the non-finite steps are dropped and counted instead
+        out["skipped_steps_per_epoch"] = float(np.mean([float(r.get("skipped_steps") or 0) for r in rows]))
         per_seed.append(out)
     if not per_seed:
         raise FileNotFoundError(

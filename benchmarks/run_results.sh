@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands behind docs/results.md (resumable: rerunning skips finished runs).
-# About 1.5 hours on 2 CPU cores in all. Run from the repository root with the venv active.
+# About 2.5 hours on 2 CPU cores in all. Run from the repository root with the venv active.
 set -euo pipefail
 ALL=none,ogm,ogm_ge,agm,pmr,mmpareto,gblending,mslr,mla,amss,amss_plus,uniform_mask
 JOBS=${JOBS:-2}
@@ -9,12 +9,16 @@ JOBS=${JOBS:-2}
 python benchmarks/tune_on_val.py avdigits_hard --balancers none,amss,amss_plus,uniform_mask \
   --grid balancer.options.temperature=0.05,0.2,1.0 --grid optim.lr=0.01,0.02 --seeds 3 --out runs/tune_avdh --jobs "$JOBS"
 
-# 2. AVD-hard, 10 seeds, every balancer, the official AMSS settings and the val-tuned ones.
+# 2. AVD-hard, 10 seeds, every balancer, the official AMSS settings and the val-tuned ones (best of step 1
+#    per method), MMPareto with its former shared head, and AMSS+ with its former weights (no score floor,
+#    cap 10).
 equimodal compare avdigits_hard --balancers "$ALL" --seeds 10 --out runs/avdh --jobs "$JOBS" \
   --variant "amss_T1_lr0.02:balancer.name=amss,balancer.options.temperature=1.0,optim.lr=0.02" \
-  --variant "amss_plus_T0.05:balancer.name=amss_plus,balancer.options.temperature=0.05" \
+  --variant "amss_plus_T0.05_lr0.02:balancer.name=amss_plus,balancer.options.temperature=0.05,optim.lr=0.02" \
   --variant "uniform_mask_T0.05_lr0.02:balancer.name=uniform_mask,balancer.options.temperature=0.05,optim.lr=0.02" \
-  --variant "none_lr0.02:balancer.name=none,optim.lr=0.02"
+  --variant "none_lr0.02:balancer.name=none,optim.lr=0.02" \
+  --variant "mmpareto_shared:balancer.name=mmpareto,balancer.options.heads=shared" \
+  --variant "amss_plus_former:balancer.name=amss_plus,balancer.options.score_floor=0,balancer.options.max_weight=10"
 
 # 3. mfeat (three view sets) and AV-Digits, 5 seeds, every balancer with its defaults.
 equimodal compare --dataset mfeat --balancers "$ALL" --seeds 5 --out runs/mfeat_pixfou --jobs "$JOBS"
@@ -22,11 +26,15 @@ equimodal compare --dataset mfeat --set data.options.views=fac,mor --balancers "
 equimodal compare --dataset avdigits --balancers "$ALL" --seeds 5 --out runs/avdigits --jobs "$JOBS"
 equimodal compare --dataset mfeat --set data.options.views=all --balancers "$ALL" --seeds 5 --out runs/mfeat_all --jobs "$JOBS"
 
-# 4. The official AMSS+ weights against our default (docs/amss.md), and the logged AMSS statistics
-#    quoted in docs/results.md.
+# 4. The official AMSS+ weights and our former ones against our default (docs/amss.md), and the logged
+#    AMSS and MMPareto statistics quoted in docs/results.md.
 equimodal compare --dataset mfeat --set data.options.views=fac,mor --balancers amss_plus --no-references \
-  --variant "amss_plus_code:balancer.name=amss_plus,balancer.options.reweight=code" --seeds 3 --out runs/code_weights --jobs "$JOBS"
-python benchmarks/balancer_stats.py runs/code_weights amss_plus amss_plus_code --keys mean_weight/,grad_norm_ratio/,nonfinite
+  --variant "amss_plus_code:balancer.name=amss_plus,balancer.options.reweight=code,train.on_nonfinite=skip" \
+  --variant "amss_plus_former:balancer.name=amss_plus,balancer.options.score_floor=0,balancer.options.max_weight=10" \
+  --seeds 3 --out runs/code_weights --jobs "$JOBS"
+python benchmarks/balancer_stats.py runs/code_weights amss_plus amss_plus_code amss_plus_former --keys mean_weight/,grad_norm_ratio/,nonfinite
 for run in avdh mfeat_pixfou mfeat_facmor avdigits mfeat_all; do
   python benchmarks/balancer_stats.py "runs/$run" amss amss_plus uniform_mask --keys k/,kept_grad_norm/,fallback
+  python benchmarks/balancer_stats.py "runs/$run" mmpareto --keys conflict/
 done
+python benchmarks/balancer_stats.py runs/avdh mmpareto_shared --keys conflict/
