@@ -69,6 +69,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .data import list_datasets
     from .models import list_fusions
     from .models.encoders import list_encoders
+    from .study import list_studies
 
     what = {
         "balancers": list_balancers,
@@ -76,6 +77,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         "models": list_encoders,
         "fusions": list_fusions,
         "presets": list_presets,
+        "studies": list_studies,
     }
     for name in what[args.what]():
         print(name)
@@ -119,6 +121,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
     return run_compare(args)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    return run_study(args)
 
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -186,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     ls = sub.add_parser("list", help="list registered names")
-    ls.add_argument("what", choices=["balancers", "datasets", "models", "fusions", "presets"])
+    ls.add_argument("what", choices=["balancers", "datasets", "models", "fusions", "presets", "studies"])
     ls.set_defaults(func=cmd_list)
 
     c = sub.add_parser("compare", help="run several balancers x seeds and tabulate mean +/- std")
@@ -207,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
     c.add_argument("--threads", type=int, default=1, help="torch threads per run")
     c.set_defaults(func=cmd_compare)
+
+    st = sub.add_parser(
+        "study",
+        help="run a documented grid that checks one claim (see `equimodal list studies`)",
+        description="Run a study preset: its parts' rows x columns x seeds (resumable, paired by seed), then "
+        "write NAME.md, NAME.csv, NAME.png and study.json. Quick by default (minutes on 2 cores); --full runs "
+        "the full grid.",
+    )
+    st.add_argument(
+        "name",
+        help="a shipped study (fusions, backbones, update_ratio, mask_units, modalities) or a YAML file",
+    )
+    st.add_argument("--full", action="store_true", help="the full grid (more seeds and epochs)")
+    st.add_argument("--out", help="folder of the runs and tables (default runs/studies/NAME[_full])")
+    st.add_argument("--docs", help="also copy NAME.md, .png and .csv into this folder (e.g. docs/studies)")
+    st.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    st.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    st.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
+    st.set_defaults(func=cmd_study)
     pr = sub.add_parser("prepare", help="turn a dataset's raw download into the layout its loader reads")
     pr.add_argument("dataset", help="cremad, kinetics_sounds, sarcasm, twitter15 or nvgesture")
     pr.add_argument("--raw", required=True, help="the folder holding the raw download (see README)")

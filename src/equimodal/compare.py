@@ -54,6 +54,7 @@ class RunSpec:
     label: str
     overrides: tuple[str, ...]
     seed: int
+    config: str | None = None  # a preset or YAML file of its own (a study's part); None: the comparison's
 
 
 def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
@@ -292,7 +293,8 @@ def run_config(config: str | None, spec: RunSpec) -> dict[str, Any]:
     """The resolved config a run of ``spec`` is trained with (as stored in its ``summary.json``)."""
     from .config import config_to_dict, load_config
 
-    return config_to_dict(load_config(config, [*spec.overrides, "train.progress=false"]))
+    source = spec.config if spec.config is not None else config
+    return config_to_dict(load_config(source, [*spec.overrides, "train.progress=false"]))
 
 
 def finished_summary(
@@ -501,6 +503,63 @@ def _plot(out: Path, raw: dict[str, dict[str, dict[str, float]]]) -> None:
     tmp.replace(out / "results.png")
 
 
+def execute_runs(
+    out: Path,
+    specs: Sequence[RunSpec],
+    config: str | None,
+    *,
+    jobs: int,
+    threads: int,
+    overwrite: bool,
+    console: Console,
+) -> tuple[dict[RunSpec, dict[str, Any]], list[tuple[str, str]]]:
+    """Train every run of ``specs`` that has not finished (in parallel with ``jobs``), resumably.
+
+    Before any training every run folder is checked against the config its run asks for; one holding a
+    run of another config stops everything (a :class:`RunFolderError` naming the folders and keys)
+    unless ``overwrite``, which retrains those runs from scratch. Returns each spec's resolved config and
+    the ``(folder, error)`` of the runs that failed (the others go on).
+    """
+    expected = {s: run_config(config, s) for s in specs}
+    check_writable_folder(out)
+    other = other_config_runs(out, specs, expected)
+    if other and not overwrite:
+        raise other_config_error(out, other)
+    todo = [s for s in specs if s in other or finished_summary(out, s, expected[s]) is None]
+    again = f" ({len(other)} of another config, retrained from scratch: --overwrite)" if other else ""
+    console.print(
+        f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run{again} in {out}",
+        highlight=False,
+        markup=False,
+    )
+    work = [(s.config or config, s.overrides, str(run_dir(out, s)), threads, s in other) for s in todo]
+    failures: list[tuple[str, str]] = []
+
+    def report(i: int, done: str, error: str | None) -> None:
+        console.print(f"[{i}/{len(work)}] {done}" + (f" [red]FAILED[/]: {error}" if error else ""))
+        if error:
+            failures.append((done, error))
+
+    if jobs > 1 and work:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for i, (done, error) in enumerate(pool.imap_unordered(_run_one, work), 1):
+                report(i, done, error)
+    else:
+        for i, job in enumerate(work, 1):
+            report(i, *_run_one(job))
+    return expected, failures
+
+
+def print_failures(console: Console, failures: Sequence[tuple[str, str]]) -> int:
+    """Print the failed runs (and how to retry them); returns the exit code (1 if any failed)."""
+    if not failures:
+        return 0
+    console.print(f"[bold red]{len(failures)} run(s) failed[/] (rerun the same command to retry them):")
+    for done, error in failures:
+        console.print(f"  {done}: {error}")
+    return 1
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """CLI entry: run missing runs (in parallel with ``--jobs``), then print and write the tables.
 
@@ -533,41 +592,12 @@ def run_compare(args: argparse.Namespace) -> int:
     variants = [parse_variant(v) for v in args.variant or []]
     specs = run_specs(base, balancers, modalities, seeds, refs, variants)
     out = Path(args.out)
-    expected = {s: run_config(args.config, s) for s in specs}
-    check_writable_folder(out)
-    other = other_config_runs(out, specs, expected)
-    if other and not overwrite:
-        raise other_config_error(out, other)
-    todo = [s for s in specs if s in other or finished_summary(out, s, expected[s]) is None]
     console = Console()
-    again = f" ({len(other)} of another config, retrained from scratch: --overwrite)" if other else ""
-    console.print(
-        f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run{again} in {out}",
-        highlight=False,
-        markup=False,
+    expected, failures = execute_runs(
+        out, specs, args.config, jobs=n_jobs, threads=threads, overwrite=overwrite, console=console
     )
-    jobs = [(args.config, s.overrides, str(run_dir(out, s)), threads, s in other) for s in todo]
-    failures: list[tuple[str, str]] = []
-
-    def report(i: int, done: str, error: str | None) -> None:
-        console.print(f"[{i}/{len(jobs)}] {done}" + (f" [red]FAILED[/]: {error}" if error else ""))
-        if error:
-            failures.append((done, error))
-
-    if n_jobs > 1 and jobs:
-        with mp.get_context("spawn").Pool(n_jobs) as pool:
-            for i, (done, error) in enumerate(pool.imap_unordered(_run_one, jobs), 1):
-                report(i, done, error)
-    else:
-        for i, job in enumerate(jobs, 1):
-            report(i, *_run_one(job))
     _, rows = summarise(out, specs, modalities, refs, expected)
     spread = "1 seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
     title = f"{cfg.data.name}: test metrics, {spread} (epoch chosen on val)"
     print_results(console, title, rows, out, seeds)
-    if failures:
-        console.print(f"[bold red]{len(failures)} run(s) failed[/] (rerun the same command to retry them):")
-        for done, error in failures:
-            console.print(f"  {done}: {error}")
-        return 1
-    return 0
+    return print_failures(console, failures)

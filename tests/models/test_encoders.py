@@ -260,3 +260,22 @@ def test_encoders_build_a_multimodal_classifier() -> None:
     out = model({"image": torch.randn(B, 1, 8, 8), "audio": torch.randn(B, 13, 32)})
     assert out.logits.shape == (B, 10)
     assert {m: f.shape for m, f in out.features.items()} == {"image": (B, 64), "audio": (B, 64)}
+
+
+def test_transformer_layouts_turn_images_and_channel_first_sequences_into_tokens() -> None:
+    image = torch.randn(2, 1, 8, 8)
+    rows = create_encoder("transformer", in_dim=8, layout="image_rows")
+    tokens = create_encoder("transformer", in_dim=8)
+    tokens.load_state_dict(rows.state_dict())
+    rows.eval(), tokens.eval()
+    torch.testing.assert_close(rows(image), tokens(image[:, 0]))  # each image row is a token
+    seq = torch.randn(2, 13, 32)
+    first = create_encoder("transformer", in_dim=13, layout="channels_first")
+    plain = create_encoder("transformer", in_dim=13)
+    plain.load_state_dict(first.state_dict())
+    first.eval(), plain.eval()
+    torch.testing.assert_close(first(seq), plain(seq.transpose(1, 2)))
+    with pytest.raises(
+        ValueError, match="option 'layout' must be one of 'tokens', 'channels_first', 'image_rows'"
+    ):
+        create_encoder("transformer", in_dim=8, layout="columns")

@@ -256,6 +256,10 @@ class TransformerEncoder(nn.Module):
         dropout: dropout inside the layers.
         pool: ``"cls"`` (a learned class token) or ``"mean"`` (mean over tokens).
         max_len: longest sequence accepted (size of the position embedding).
+        layout: how the input becomes tokens: ``"tokens"`` (default: ``(B, T, D)`` as is),
+            ``"channels_first"`` (a ``(B, D, T)`` sequence, e.g. MFCC frames stored for a Conv1d, is
+            transposed) or ``"image_rows"`` (a ``(B, C, H, W)`` image: each of the H rows is a token of
+            ``C * W`` values, so ``in_dim = C * W``).
     """
 
     def __init__(
@@ -268,8 +272,12 @@ class TransformerEncoder(nn.Module):
         dropout: float = 0.1,
         pool: Literal["cls", "mean"] = "cls",
         max_len: int = 512,
+        layout: Literal["tokens", "channels_first", "image_rows"] = "tokens",
     ) -> None:
         super().__init__()
+        if layout not in ("tokens", "channels_first", "image_rows"):
+            raise ValueError(f"layout must be 'tokens', 'channels_first' or 'image_rows', found {layout!r}.")
+        self.layout = layout
         if d_model % num_heads:
             raise ValueError(
                 f"d_model ({d_model}) must be divisible by num_heads ({num_heads}); change one of them."
@@ -288,6 +296,12 @@ class TransformerEncoder(nn.Module):
         self.out_dim = d_model
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "image_rows":
+            _check_input(x, (4,), f"(B, C, H, W) with C * W = {self.in_dim}", self)
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        elif self.layout == "channels_first":
+            _check_input(x, (3,), f"(B, {self.in_dim}, T)", self)
+            x = x.transpose(1, 2)
         _check_input(x, (3,), f"(B, T, {self.in_dim})", self)
         if x.shape[1] > self.max_len:
             raise ValueError(
