@@ -129,6 +129,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run_study(args)
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import run_diagnose
+
+    return run_diagnose(args)
+
+
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
@@ -234,6 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--threads", type=int, default=1, help="torch threads per run")
     st.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
     st.set_defaults(func=cmd_study)
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="is there modality imbalance, which encoder is under-trained, how much is at stake",
+        description="Train the joint model and each modality's branch alone under the same budget (or read "
+        "them from a compare folder with --runs), then report per modality the accuracy alone, the head and "
+        "probe inside joint training, the probe deficit, the learning speed and the gradient share, the "
+        "headroom (product-rule ensemble minus joint) and a verdict with what to try.",
+    )
+    dg.add_argument("config", nargs="?", help="a YAML file or preset (default: the built-in mfeat)")
+    dg.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
+    )
+    dg.add_argument("--seeds", type=int, default=3, help="seeds per run (the headroom's interval needs >= 2)")
+    dg.add_argument(
+        "--out", default="runs/diagnose", help="folder of the runs and of diagnosis.md/.json/.png"
+    )
+    dg.add_argument("--runs", help="read a compare folder (none/, unimodal_<m>/) instead of training")
+    dg.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    dg.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    dg.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
+    dg.set_defaults(func=cmd_diagnose)
     pr = sub.add_parser("prepare", help="turn a dataset's raw download into the layout its loader reads")
     pr.add_argument("dataset", help="cremad, kinetics_sounds, sarcasm, twitter15 or nvgesture")
     pr.add_argument("--raw", required=True, help="the folder holding the raw download (see README)")

@@ -74,7 +74,10 @@ def read_csv_rows(path: Path) -> list[dict[str, float]]:
 
 
 def folder_kind(path: Path) -> str:
-    """``"compare"`` (``results.json``), ``"run"`` (``metrics.csv``), or a ValueError saying what is expected."""
+    """``"diagnosis"`` (``diagnosis.json``), ``"compare"`` (``results.json``), ``"run"`` (``metrics.csv``),
+    or a ValueError saying what is expected."""
+    if (path / "diagnosis.json").is_file():
+        return "diagnosis"
     if (path / "results.json").is_file():
         return "compare"
     if (path / "metrics.csv").is_file():
@@ -83,7 +86,8 @@ def folder_kind(path: Path) -> str:
         raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run folder or a comparison folder.")
     raise ValueError(
         f"{str(path)!r} holds neither metrics.csv (a run folder, from `equimodal train --out DIR`) nor "
-        "results.json (a comparison, from `equimodal compare --out DIR`)."
+        "results.json (a comparison, from `equimodal compare --out DIR`) nor diagnosis.json (from "
+        "`equimodal diagnose --out DIR`)."
     )
 
 
@@ -446,11 +450,39 @@ def compare_section(folder: Path) -> str:
     return "\n".join(parts)
 
 
+def diagnosis_section(folder: Path) -> str:
+    """The HTML of a diagnosis folder: verdict, what to try, the per-modality table and the curves."""
+    from .diagnose import Diagnosis, Interval, ModalityFigures, diagnosis_figure
+
+    raw = json.loads((folder / "diagnosis.json").read_text())
+    mods = {
+        m: ModalityFigures(**{**f, "probe_deficit": Interval(**f["probe_deficit"])})
+        for m, f in raw.pop("modalities").items()
+    }
+    diag = Diagnosis(**{**raw, "headroom": Interval(**raw["headroom"]), "modalities": mods})
+    header = ["modality", "alone", "head in joint", "probe in joint", "probe deficit (pp)",
+              "epochs to 90 % alone", "in joint", "grad share, first 5 epochs", "grad share, all"]  # fmt: skip
+    rows = [[m, f"{f.alone:.1f}", f"{f.head:.1f}", f"{f.probe:.1f}", str(f.probe_deficit), f"{f.speed_alone:.1f}",
+             f"{f.speed_joint:.1f}", f"{f.grad_share_early:.2f}", f"{f.grad_share:.2f}"] for m, f in mods.items()]  # fmt: skip
+    return "\n".join([
+        f"<h2>Diagnosis: {html.escape(diag.dataset)} ({diag.seeds} seeds)</h2>",
+        f"<p class=path>{html.escape(str(folder))}</p>",
+        f"<p><b>Verdict.</b> {html.escape(diag.verdict)}</p>",
+        f"<p><b>What to try.</b> {html.escape(diag.recommendation)}</p>",
+        f"<p>Joint training {diag.joint:.1f} %, product-rule ensemble {diag.ensemble:.1f} %, headroom "
+        f"{html.escape(str(diag.headroom))} pp.</p>",
+        table_html(header, rows),
+        figure_html(diagnosis_figure(diag), "Validation accuracy per modality: the branch trained alone and "
+                    "its head inside joint training; last panel: the joint model."),
+    ])  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ page
 def build_page(folders: Sequence[Path]) -> str:
     """The whole HTML page for ``folders`` (run or comparison folders, checked first)."""
     kinds = [(Path(f), folder_kind(Path(f))) for f in folders]
-    sections = [compare_section(p) if kind == "compare" else run_section(p) for p, kind in kinds]
+    make = {"compare": compare_section, "run": run_section, "diagnosis": diagnosis_section}
+    sections = [make[kind](p) for p, kind in kinds]
     title = "equimodal report: " + ", ".join(p.name or str(p) for p, _ in kinds)
     return (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
