@@ -61,7 +61,9 @@ class RunLog:
 
     def __init__(self, out: Path | None, *, every: int, tensorboard: bool, main: bool) -> None:
         self.out, self.every, self.main = out, every, main
-        self.writer = open_tensorboard(out / "tensorboard") if tensorboard and out is not None and main else None
+        self.writer = (
+            open_tensorboard(out / "tensorboard") if tensorboard and out is not None and main else None
+        )
 
     def step(self, rows: list[dict[str, Any]], global_step: int, epoch: int, stats: dict[str, float]) -> None:
         """Record this optimizer step's statistics into ``rows`` when it is due."""

@@ -21,13 +21,22 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .amss.units import EncoderScan, ModelScan, UnitTensor, scan_units
+from .amss.units import LAYER_KINDS, EncoderScan, ModelScan, UnitTensor, scan_units
 from .types import modality_names
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-UNIT_OPTIONS: tuple[str, ...] = ("include", "exclude", "heads", "linear_rows", "mask_encoders", "mask_fusion")
+UNIT_OPTIONS: tuple[str, ...] = (
+    "include",
+    "exclude",
+    "heads",
+    "linear_rows",
+    "mask_encoders",
+    "mask_fusion",
+    "conv_units",
+    "layer_kinds",
+)
 """The balancer options that decide what is masked."""
 
 BIAS = "bias: not masked (official code: weights only)"
@@ -78,7 +87,8 @@ class UnitsReport:
         other: trained parameters outside the encoders and the modality blocks (fusion bias, FiLM
             layers, auxiliary heads, ...), all unmasked, with the reason.
         units: modality -> the masked tensors, exactly what the balancer masks (``balancer.units``).
-        options: the selection options used (defaults filled in).
+        options: the selection options used (defaults filled in; ``layer_kinds`` as the tuple of kinds
+            selected).
         frozen: parameters not listed because they do not require grad.
     """
 
@@ -112,7 +122,8 @@ class UnitsReport:
         return out
 
     def __str__(self) -> str:
-        lines = [f"AMSS units ({', '.join(f'{k}={v!r}' for k, v in self.options.items() if k in _SHOWN)})"]
+        shown = {k: v for k, v in self.options.items() if k in _SHOWN and _NOT_SHOWN_WHEN.get(k, _NEVER) != v}
+        lines = [f"AMSS units ({', '.join(f'{k}={v!r}' for k, v in shown.items())})"]
         sections = [(m, rows) for m, rows in self.modalities.items()] + [("other", self.other)]
         for title, rows in sections:
             lines.append(f"{title}:")
@@ -126,7 +137,9 @@ class UnitsReport:
         return "\n".join(lines)
 
 
-_SHOWN = ("linear_rows", "mask_encoders", "mask_fusion")
+_SHOWN = ("linear_rows", "mask_encoders", "mask_fusion", "conv_units", "layer_kinds")
+_NEVER = object()
+_NOT_SHOWN_WHEN: dict[str, Any] = {"conv_units": "filters", "layer_kinds": LAYER_KINDS}  # the defaults
 
 
 def _count(row: ParamRow) -> str:
@@ -183,6 +196,10 @@ def _unit_note(u: UnitTensor, i: int) -> str:
         return "heads: output columns"
     if u.kind == "gate_rows":
         return f"hidden units, {u.gates} gate rows each"
+    if u.kind == "input_channels":
+        return "input channels" + (f" ({u.conv_groups} conv groups)" if u.conv_groups > 1 else "")
+    if u.kind == "filter_elements":
+        return "single weights, per output filter"
     cols = u.columns or slice(None)
     return f"concat columns {cols.start}:{cols.stop}, per class"
 
@@ -330,6 +347,7 @@ def describe_units(model: nn.Module, balancer: str = "amss", **options: Any) -> 
     opts = unit_options(balancer, **options)
     modalities = modality_names(model)
     scan = scan_units(model, modalities, **opts)
+    opts["layer_kinds"] = scan.options["layer_kinds"]  # the kinds selected, as a tuple in a fixed order
     masked = {k: v for m in modalities for k, v in _masked_rows(scan.units[m]).items()}
     rows: dict[str, list[ParamRow]] = {}
     frozen = 0

@@ -13,6 +13,10 @@ Deviations from the official code, all behind options (corrected behaviour is th
   softmax weight (the dominant modality gets the larger ratio).
 - ``form="softmax_neg"`` (``softmax(-rho / T)``, not in the code) equals the default for M = 2 and sums to
   one for M > 2.
+
+A fixed ratio (the paper's fixed-ratio ablation, ``k`` in {0.1, 0.3, 0.5, 0.7, 0.9}) replaces all of this:
+:func:`fixed_ratios` gives every modality the same ``k`` at every step (checked by
+:func:`check_fixed_ratio`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ def check_ratio_options(
         )
     if form is not None and form not in RATIO_FORMS:
         raise ValueError(f"ratio form must be one of {', '.join(map(repr, RATIO_FORMS))}, found {form!r}.")
+
+
+def check_fixed_ratio(ratio: object) -> float | None:
+    """Return a fixed update ratio as a float (``None`` stays ``None``); ``ValueError`` outside (0, 1]."""
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+        raise ValueError(
+            f"ratio must lie in (0, 1] (the fixed update ratio of every modality) or be None (the adaptive, "
+            f"significance-based ratios), found {ratio!r}. The paper's fixed-ratio ablation uses 0.1, 0.3, "
+            "0.5, 0.7 and 0.9."
+        )
+    return float(ratio)
+
+
+def fixed_ratios(ratio: float, like: Tensor) -> Tensor:
+    """Every modality's update ratio set to the fixed ``ratio`` (shape, dtype and device of ``like``)."""
+    value = check_fixed_ratio(ratio)
+    if value is None:
+        raise ValueError("fixed_ratios needs a ratio in (0, 1], found None.")
+    return torch.full_like(like, value)
 
 
 def update_ratios(

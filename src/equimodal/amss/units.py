@@ -6,8 +6,15 @@ substrings, and every layer type is masked by default:
 ============================== ========================================== ===========================
 module                          unit                                       sampling groups
 ============================== ========================================== ===========================
-``Conv1d`` / ``Conv2d`` /       one output filter ``W[o]``                 the whole tensor
-``Conv3d``
+``Conv1d`` / ``Conv2d`` /       ``conv_units="filters"`` (default): one    the whole tensor
+``Conv3d``                      output filter ``W[o]``
+                                ``conv_units="input_channels"``: one       the whole tensor
+                                input channel ``c``: every weight that
+                                reads it (``W[:, c]``; grouped convs: the
+                                filters of ``c``'s group, see below)
+                                ``conv_units="weights"``: one single       each output filter ``o``
+                                weight ``W[o, i, *k]``                     (its ``in/groups * prod(k)``
+                                                                           weights)
 ``nn.MultiheadAttention``       a head: ``E/H`` consecutive rows of each   q, k and v each one group;
                                 of q, k, v (``in_proj_weight`` or the       ``out_proj`` one group
                                 separate ``q/k/v_proj_weight``); ``E/H``
@@ -39,6 +46,30 @@ layers only in encoders without conv, attention or RNN units: no BERT FFN or Res
 ``linear_rows=False`` never masks plain Linear rows. The first convolution of an encoder is *not*
 skipped implicitly: mark it ``amss_skip`` or pass it in ``exclude``.
 
+Conv units (``conv_units``): ``"filters"`` (default, the official code) keeps or drops whole output
+filters. ``"input_channels"`` keeps or drops input channels: unit ``c`` is every weight reading input
+channel ``c``, i.e. the slice ``W[:, c]`` along weight dim 1; in a grouped conv (``groups = G``) input
+channel ``c = g * in/G + j`` is read only by the filters of its group ``g``, so the unit is
+``W[g*out/G:(g+1)*out/G, j]`` (a depthwise conv's input channel is then exactly its filters); there are
+``in_channels`` units in one group. ``"weights"`` makes every single weight a unit, scored by its own
+squared gradient; the units of one output filter (its ``in/groups * prod(kernel)`` weights) form one
+sampling group, as the official fusion-head elements are sampled per output row, so ``ceil(k * n)``
+weights of every filter are kept (``n`` = weights per filter) and the masker's padded matrix is
+``sum(out_channels) x max(weights per filter)`` instead of ``tensors x max(numel)``: for two ResNet18
+encoders and a 6-class concat head, 7 692 x 4 608 = 35.4 M entries for 22.0 M weights (1.6x), against
+44 x 2.36 M = 104 M (4.7x) with one group per tensor. A step still needs about 60 bytes of temporaries
+per entry (scores, keys, a sort): about 1 GB per ResNet18 encoder, against about 1 MB for filters.
+
+Layer kinds (``layer_kinds``): every unit has a layer kind, ``"conv"`` (Conv1d/2d/3d), ``"attention"``
+(``nn.MultiheadAttention``, transformers attention q/k/v/output projections, BERT's sibling
+``output.dense``, Linear layers declared as head projections), ``"linear"`` (every other Linear's rows:
+FFN neurons, MLPs, projections) or ``"rnn"`` (RNN hidden units and LSTM projections). ``layer_kinds``
+(default ``None``: all four) masks only the units of the kinds it names; the others are left unmasked
+and listed with the reason by :func:`~equimodal.units_report.describe_units`. It applies after
+``include`` / ``exclude`` and ``linear_rows`` (a Linear is masked only when both allow it), and never to
+the fusion head (``mask_fusion`` decides that). A modality with no unit of the selected kinds is masked
+through its fusion-head block only (with a warning), or refused when it has none.
+
 Shared parameters: a Parameter reachable twice in one modality (tied weights, a module used twice) is
 masked exactly once, with the units of its first occurrence in module order; a Parameter masked in the
 encoders of two modalities is refused (each modality is masked with its own ratio): exclude it from one.
@@ -48,7 +79,7 @@ Reparametrized weights: ``torch.nn.utils.parametrizations.weight_norm`` (and the
 (``original1`` / ``weight_v``) is partitioned like the weight and ``g`` (``original0`` / ``weight_g``,
 one entry per output row) joins the unit of its row. Any other reparametrization (``spectral_norm``,
 ``orthogonal``, ``weight_norm`` with another ``dim``, weight norm on an output projection whose units
-are columns) raises a ``ValueError`` naming the parameter, rather than being skipped silently.
+are columns or on a conv whose units are input channels or single weights) raises a ``ValueError`` naming the parameter, rather than being skipped silently.
 
 Fusion heads (``mask_fusion``): ``True`` / ``"concat"`` (default, the official code) masks only column
 blocks of a weight shared by the modalities (the concat head); ``"all"`` also masks heads that give each
@@ -65,13 +96,14 @@ fused ``Conv1D`` projection is not recognised: declare it with ``heads`` if need
 Selection API for a user's own model: ``include`` / ``exclude`` (a callable ``(name, module) -> bool``
 or a collection of modules), ``heads`` (``{linear_module: (num_heads, "rows" | "cols")}``, or the
 attribute ``amss_heads = (num_heads, "rows" | "cols")`` on the module), ``linear_rows``,
-``mask_encoders`` and ``mask_fusion``. :func:`equimodal.units_report.describe_units` lists what is
+``conv_units``, ``layer_kinds``, ``mask_encoders`` and ``mask_fusion``. :func:`equimodal.units_report.describe_units` lists what is
 masked and why everything else is not.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +116,16 @@ from torch.nn.utils import parametrize
 
 log = logging.getLogger(__name__)
 
-UnitKind = Literal["filters", "rows", "head_rows", "head_cols", "gate_rows", "row_elements"]
+UnitKind = Literal[
+    "filters",
+    "rows",
+    "head_rows",
+    "head_cols",
+    "gate_rows",
+    "row_elements",
+    "input_channels",
+    "filter_elements",
+]
 HeadLayout = Literal["rows", "cols"]
 ModuleSelector = Union[Callable[[str, nn.Module], bool], Collection[nn.Module]]  # noqa: UP007
 LinearRows = Literal[True, False, "auto"]
@@ -93,6 +134,13 @@ conv, attention or RNN units (the previous default, code-faithful for ResNet/BER
 MaskFusion = Literal[True, False, "concat", "all"]
 """``True`` / ``"concat"``: column blocks of a shared (concat) head; ``"all"``: also own per-modality
 heads (sum, weighted); ``False``: no fusion head."""
+ConvUnits = Literal["filters", "input_channels", "weights"]
+"""What one unit of a conv weight is: an output filter (default), an input channel, or a single weight."""
+LayerKind = Literal["conv", "attention", "linear", "rnn"]
+LayerKinds = Union[str, Collection[str], None]  # noqa: UP007
+"""``None`` (every kind), one kind, a comma-separated string of kinds, or a collection of kinds."""
+CONV_UNITS: tuple[str, ...] = ("filters", "input_channels", "weights")
+LAYER_KINDS: tuple[str, ...] = ("conv", "attention", "linear", "rnn")
 LINEAR_ROWS: tuple[object, ...] = (True, False, "auto")
 MASK_FUSION: tuple[object, ...] = (True, False, "concat", "all")
 ROW_KINDS: tuple[str, ...] = ("filters", "rows", "head_rows", "gate_rows")
@@ -110,7 +158,9 @@ class UnitTensor:
         kind: ``"filters"`` / ``"rows"`` (dim 0 slices), ``"head_rows"`` (blocks of rows, ``groups``
             blocks of ``units`` heads), ``"head_cols"`` (blocks of columns), ``"gate_rows"`` (rows
             ``j, H+j, ..`` of ``gates`` stacked gates: RNN hidden units), ``"row_elements"`` (single
-            elements of a column slice, one group per row).
+            elements of a column slice, one group per row), ``"input_channels"`` (conv input channels:
+            slices along weight dim 1, within each of ``conv_groups`` filter groups), ``"filter_elements"``
+            (single conv weights, one group per output filter).
         groups: number of independent sampling groups.
         units: units per group.
         columns: the column slice of a fusion block (``"row_elements"`` only).
@@ -120,6 +170,8 @@ class UnitTensor:
             ``v``): a unit's score sums over all of them and its mask applies to all of them.
         gates: stacked gates of a ``"gate_rows"`` tensor (4 LSTM, 3 GRU, 1 RNN).
         param_names: qualified names of ``param`` and ``members`` (for reports).
+        conv_groups: the conv's ``groups`` (``"input_channels"`` only): input channel ``g * in/G + j`` is
+            the slice ``[g * out/G : (g+1) * out/G, j]``.
     """
 
     param: nn.Parameter
@@ -133,8 +185,23 @@ class UnitTensor:
     members: tuple[nn.Parameter, ...] = ()
     gates: int = 1
     param_names: tuple[str, ...] = ()
+    conv_groups: int = 1
 
     def __post_init__(self) -> None:
+        shape = tuple(self.param.shape)
+        if self.kind == "input_channels" and (
+            shape[0] % self.conv_groups or self.units != self.conv_groups * shape[1] or self.groups != 1
+        ):
+            raise ValueError(
+                f"{self.name}: {self.units} input channels in {self.conv_groups} conv groups do not fit a "
+                f"weight of shape {shape}."
+            )
+        if self.kind == "filter_elements" and (
+            self.groups != shape[0] or self.groups * self.units != self.param.numel()
+        ):
+            raise ValueError(
+                f"{self.name}: {self.groups} x {self.units} single weights do not fit a weight of shape {shape}."
+            )
         for t in self.members:
             if self.kind not in ROW_KINDS or t.dim() != self.param.dim() or t.shape[0] != self.param.shape[0]:
                 raise ValueError(
@@ -155,7 +222,7 @@ class UnitTensor:
     @property
     def grid_shape(self) -> tuple[int, ...]:
         """Shape of this tensor's per-unit values (norms, masks): ``(units,)``, or ``(groups, units)``."""
-        if self.kind in ("head_rows", "row_elements"):
+        if self.kind in ("head_rows", "row_elements", "filter_elements"):
             return (self.groups, self.units)
         return (self.units,)
 
@@ -168,6 +235,8 @@ class UnitTensor:
             return (0, *range(2, ndim + 1))
         if self.kind == "head_cols":
             return (0, 2)
+        if self.kind == "input_channels":
+            return (1, *range(3, ndim + 1))
         return ()
 
     @property
@@ -180,7 +249,8 @@ class UnitTensor:
 
         ``(N, ...)`` for filters and rows, ``(groups, heads, rows_per_head, ...)`` for head rows,
         ``(gates, units, ...)`` for gate rows, ``(out, heads, cols_per_head)`` for head columns,
-        ``(C, width)`` for fusion-block elements. Splitting one dimension is always a view.
+        ``(C, width)`` for fusion-block elements, ``(conv_groups, out/G, in/G, *kernel)`` for input
+        channels, ``t`` itself for single conv weights. Splitting one dimension is always a view.
         """
         if self.kind in ("filters", "rows"):
             return t
@@ -190,6 +260,10 @@ class UnitTensor:
             return t.unflatten(0, (self.gates, self.units))
         if self.kind == "head_cols":
             return t.unflatten(1, (self.units, -1))
+        if self.kind == "input_channels":
+            return t.unflatten(0, (self.conv_groups, -1))
+        if self.kind == "filter_elements":
+            return t
         return t[:, self.columns]
 
     def grid(self, padded: Tensor, row: int) -> Tensor:
@@ -200,11 +274,14 @@ class UnitTensor:
     def write_norms_(self, t: Tensor, out: Tensor) -> None:
         """Write the L2 norm of each unit of one tensor ``t`` into ``out`` (shaped :attr:`grid_shape`).
 
-        No full-size temporary is made: the norm reduces a view of ``t`` directly (fusion elements are
-        single weights, so their absolute value is written instead).
+        No full-size temporary is made: the norm reduces a view of ``t`` directly (fusion elements and
+        single conv weights are single weights, so their absolute value is written instead). ``out`` is
+        viewed in the reduced shape of :meth:`unit_view` (``(G, in/G)`` for input channels, the weight's
+        shape for single conv weights), which splits one of its dimensions: always a view.
         """
         view = self.unit_view(t.detach())
         dims = self._reduce_dims(t.dim())
+        out = out.view([size for d, size in enumerate(view.shape) if d not in dims])
         if not dims:
             out.copy_(view.abs())
         elif view.dtype == out.dtype or view.dtype in (torch.float16, torch.bfloat16):
@@ -235,6 +312,10 @@ class UnitTensor:
             return grid.view((1, self.units) + (1,) * (ndim - 1))
         if self.kind == "head_cols":
             return grid.view(1, self.units, 1)
+        if self.kind == "input_channels":
+            return grid.view((self.conv_groups, 1, -1) + (1,) * (ndim - 2))
+        if self.kind == "filter_elements":
+            return grid.view(self.param.shape)
         return grid
 
     def sq_norms(self, t: Tensor) -> Tensor:
@@ -349,7 +430,9 @@ def _trained_behind(module: nn.Module, attr: str) -> bool:
     return any(p.requires_grad for n, p in module.named_parameters(recurse=False) if n.startswith(attr))
 
 
-def _weight(module: nn.Module, attr: str, where: str, *, rows: bool = True) -> _Weight | None:
+def _weight(
+    module: nn.Module, attr: str, where: str, *, rows: bool = True, units: str = "columns"
+) -> _Weight | None:
     """The trainable tensors of ``module.attr``, or ``None`` (absent, or not a trained tensor).
 
     Args:
@@ -357,6 +440,7 @@ def _weight(module: nn.Module, attr: str, where: str, *, rows: bool = True) -> _
         attr: its weight attribute.
         where: the qualified module name, for errors.
         rows: whether the units split dim 0 (weight norm's ``g`` can then join them).
+        units: what the units are when they do not (for errors).
 
     Raises:
         ValueError: the weight is reparametrized in a way whose units cannot be mapped.
@@ -374,7 +458,7 @@ def _weight(module: nn.Module, attr: str, where: str, *, rows: bool = True) -> _
         if dim != 0:
             raise _refuse(full, f"{what} with dim={dim}: its g does not follow the output rows", attr)
         if not rows:
-            raise _refuse(full, f"{what}: its g is per output row, but these units are columns", attr)
+            raise _refuse(full, f"{what}: its g is per output row, but these units are {units}", attr)
         if what == "torch.nn.utils.weight_norm":
             g, v = getattr(module, f"{attr}_g"), getattr(module, f"{attr}_v")
             names = (f"{attr}_v", f"{attr}_g")
@@ -407,16 +491,30 @@ def _unit(
     *,
     label: str | None = None,
     groups: int = 1,
+    conv_groups: int = 1,
 ) -> UnitTensor | None:
     """A :class:`UnitTensor` for ``module.attr`` when it is trained, else ``None``."""
-    w = _weight(module, attr, where, rows=kind in ROW_KINDS)
+    desc = {"input_channels": "input channels", "filter_elements": "single weights"}.get(kind, "columns")
+    w = _weight(module, attr, where, rows=kind in ROW_KINDS, units=desc)
     if w is None or not _trainable(w.param):
         return None
     names = tuple(_join(where, n) for n in w.names)
     return UnitTensor(
         w.param, modality, label or where, kind, groups, units, code_units=units, members=w.members,
-        param_names=names,
+        param_names=names, conv_groups=conv_groups,
     )  # fmt: skip
+
+
+def _conv_unit(name: str, conv: _ConvNd, modality: str, conv_units: str) -> UnitTensor | None:
+    """The units of a (non-transposed) conv weight for ``conv_units`` (see the module docstring)."""
+    if conv_units == "input_channels":
+        return _unit(
+            name, conv, "weight", modality, "input_channels", conv.in_channels, conv_groups=conv.groups
+        )
+    if conv_units == "weights":
+        per_filter = (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+        return _unit(name, conv, "weight", modality, "filter_elements", per_filter, groups=conv.out_channels)
+    return _unit(name, conv, "weight", modality, "filters", conv.out_channels)
 
 
 # ------------------------------------------------------------------------------ unit builders
@@ -707,28 +805,33 @@ def _module_units(
     exclude: Callable[[str, nn.Module], bool] | None,
     outputs: dict[int, int],
     scan: EncoderScan,
-) -> tuple[list[UnitTensor], bool]:
-    """The units of one visited module, and whether they are plain Linear rows (``linear_rows`` applies)."""
+    conv_units: str = "filters",
+) -> tuple[list[UnitTensor], str]:
+    """The units of one visited module and their layer kind (see :data:`LAYER_KINDS`; ``""``: no unit).
+
+    Plain Linear rows are kind ``"linear"`` (``linear_rows`` applies to them); Linear layers declared or
+    found as head projections (BERT's sibling ``output.dense``) are ``"attention"``.
+    """
     head = _head_spec(module, heads)
     if head is not None:
         unit = _heads_of_linear(name, module, head[0], head[1], modality)
-        return ([unit] if unit is not None else []), False
+        return ([unit] if unit is not None else []), "attention"
     if isinstance(module, nn.MultiheadAttention):
-        return _mha_units(name, module, modality), False
+        return _mha_units(name, module, modality), "attention"
     spec = attention_spec(module)
     if spec is not None:
-        return _attention_units(name, spec, modality, heads, exclude, scan), False
+        return _attention_units(name, spec, modality, heads, exclude, scan), "attention"
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return _rnn_units(name, module, modality), False
-    unit = None
-    linear = False
+        return _rnn_units(name, module, modality), "rnn"
+    unit, layer = None, ""
     if isinstance(module, nn.Linear) and id(module) in outputs:
-        unit = _unit(name, module, "weight", modality, "head_cols", module.in_features // outputs[id(module)])
+        width = module.in_features // outputs[id(module)]
+        unit, layer = _unit(name, module, "weight", modality, "head_cols", width), "attention"
     elif isinstance(module, _ConvNd) and not module.transposed:
-        unit = _unit(name, module, "weight", modality, "filters", module.out_channels)
+        unit, layer = _conv_unit(name, module, modality, conv_units), "conv"
     elif isinstance(module, nn.Linear):
-        unit, linear = _unit(name, module, "weight", modality, "rows", module.out_features), True
-    return ([unit] if unit is not None else []), linear
+        unit, layer = _unit(name, module, "weight", modality, "rows", module.out_features), "linear"
+    return ([unit] if unit is not None else []), layer
 
 
 def _untie(units: list[UnitTensor], tied: dict[str, str]) -> list[UnitTensor]:
@@ -745,6 +848,60 @@ def _untie(units: list[UnitTensor], tied: dict[str, str]) -> list[UnitTensor]:
     return kept
 
 
+def check_conv_units(conv_units: object) -> str:
+    """Return ``conv_units`` if it is one of :data:`CONV_UNITS`, else raise a ``ValueError``."""
+    if not isinstance(conv_units, str) or conv_units not in CONV_UNITS:
+        raise ValueError(
+            f"conv_units must be one of {', '.join(map(repr, CONV_UNITS))}, found {conv_units!r}: 'filters' "
+            "(an output filter per unit, the official code), 'input_channels' (the weights reading one input "
+            "channel) or 'weights' (single weights, sampled per output filter)."
+        )
+    return conv_units
+
+
+def check_layer_kinds(layer_kinds: LayerKinds) -> tuple[str, ...]:
+    """The layer kinds selected by ``layer_kinds`` (``None``: all of :data:`LAYER_KINDS`), in that order.
+
+    Accepts one kind (``"attention"``), a comma-separated string (``"conv,linear"``, as a command line
+    gives it) or a collection of kinds.
+
+    Raises:
+        ValueError: an unknown kind, or no kind at all.
+    """
+    if layer_kinds is None:
+        return LAYER_KINDS
+    if isinstance(layer_kinds, str):
+        given = [k.strip() for k in layer_kinds.split(",") if k.strip()]
+    elif isinstance(layer_kinds, Collection) and all(isinstance(k, str) for k in layer_kinds):
+        given = list(layer_kinds)
+    else:
+        raise ValueError(
+            f"layer_kinds must be None (every kind) or a collection of {', '.join(map(repr, LAYER_KINDS))}, "
+            f"found {layer_kinds!r}."
+        )
+    unknown = [k for k in given if k not in LAYER_KINDS]
+    if unknown:
+        raise ValueError(
+            f"layer_kinds: unknown layer kind(s) {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(map(repr, LAYER_KINDS))} (FFN neurons and other Linear rows are 'linear', q/k/v/output "
+            "projections are 'attention')."
+        )
+    if not given:
+        raise ValueError(
+            f"layer_kinds must name at least one of {', '.join(map(repr, LAYER_KINDS))}, found {layer_kinds!r} "
+            "(None masks every kind; to mask only the fusion head pass mask_encoders=False)."
+        )
+    return tuple(k for k in LAYER_KINDS if k in given)
+
+
+def _module_path(param_name: str) -> str:
+    """The qualified name of the module owning a parameter (a parametrization's originals: their layer)."""
+    head, sep, _ = param_name.partition("parametrizations.")
+    if sep and (not head or head.endswith(".")):
+        return head[:-1]
+    return param_name.rpartition(".")[0]
+
+
 def scan_encoder(
     encoder: nn.Module,
     modality: str,
@@ -754,23 +911,27 @@ def scan_encoder(
     exclude: ModuleSelector | None = None,
     heads: Mapping[nn.Module, tuple[int, str]] | None = None,
     linear_rows: LinearRows = True,
+    conv_units: ConvUnits = "filters",
+    layer_kinds: LayerKinds = None,
 ) -> EncoderScan:
     """Find one encoder's AMSS units and record why other modules were left out (see :func:`encoder_units`)."""
     if linear_rows not in LINEAR_ROWS or not isinstance(linear_rows, (bool, str)):
         raise ValueError(f"linear_rows must be True, False or 'auto', found {linear_rows!r}.")
+    check_conv_units(conv_units)
+    kinds = check_layer_kinds(layer_kinds)
     inc = _as_selector(include, "include")
     exc = _as_selector(exclude, "exclude")
     scan = EncoderScan()
     visited = list(_walk(encoder, prefix, exc, scan, set()))
     outputs = _sibling_outputs(visited)
-    found: list[tuple[str, UnitTensor, bool]] = []
+    found: list[tuple[str, UnitTensor, str]] = []
     for name, module in visited:
         if inc is not None and not inc(name, module):
             scan.declined[name] = "not selected by include"
             continue
-        units, linear = _module_units(name, module, modality, heads, exc, outputs, scan)
-        found += [(name, u, linear) for u in units]
-    structured = any(not linear for _, _, linear in found)
+        units, layer = _module_units(name, module, modality, heads, exc, outputs, scan, conv_units)
+        found += [(name, u, layer) for u in units]
+    structured = any(layer != "linear" for _, _, layer in found)
     rows_off = inc is None and (linear_rows is False or (linear_rows == "auto" and structured))
     if rows_off:
         why = (
@@ -778,8 +939,14 @@ def scan_encoder(
             if linear_rows is False
             else "Linear rows off (linear_rows='auto': the encoder has conv/attention/RNN units)"
         )
-        scan.declined.update((name, why) for name, _, linear in found if linear)
-    scan.units = _untie([u for _, u, linear in found if not (rows_off and linear)], scan.tied)
+        scan.declined.update((name, why) for name, _, layer in found if layer == "linear")
+    for name, u, layer in found:
+        if layer not in kinds:
+            why = f"layer kind {layer!r} not selected (layer_kinds={', '.join(kinds)})"
+            for path in {name, *map(_module_path, u.param_names)}:
+                scan.declined.setdefault(path, why)
+    kept = [u for _, u, layer in found if layer in kinds and not (rows_off and layer == "linear")]
+    scan.units = _untie(kept, scan.tied)
     return scan
 
 
@@ -792,6 +959,8 @@ def encoder_units(
     exclude: ModuleSelector | None = None,
     heads: Mapping[nn.Module, tuple[int, str]] | None = None,
     linear_rows: LinearRows = True,
+    conv_units: ConvUnits = "filters",
+    layer_kinds: LayerKinds = None,
 ) -> list[UnitTensor]:
     """Find the AMSS mask units of one modality's encoder by module type (see the module docstring).
 
@@ -807,14 +976,20 @@ def encoder_units(
         linear_rows: mask plain ``Linear`` output rows: ``True`` (default, every layer type), ``False``,
             or ``"auto"`` (only if the encoder has no conv, attention or RNN units). Ignored when
             ``include`` is given.
+        conv_units: a conv weight's unit: ``"filters"`` (default), ``"input_channels"`` or ``"weights"``
+            (single weights, one sampling group per output filter).
+        layer_kinds: the layer kinds masked (``None``: all of ``"conv"``, ``"attention"``, ``"linear"``,
+            ``"rnn"``); units of other kinds are left unmasked. Applies after ``include``/``exclude``
+            and ``linear_rows``.
 
     A transformers attention module (see :func:`attention_spec`) is selected as one module: ``include``
     and ``exclude`` see it (and may also exclude one of its q/k/v children, or ``amss_skip`` it); a
     BERT-style ``output.dense`` is a unit of its own, found only next to a visited attention module.
 
     Raises:
-        ValueError: a head count does not divide its projection, or a weight is reparametrized in a way
-            whose units cannot be mapped (see the module docstring).
+        ValueError: a head count does not divide its projection, a weight is reparametrized in a way
+            whose units cannot be mapped (see the module docstring), or ``conv_units`` / ``layer_kinds``
+            is not one of the choices.
     """
     return scan_encoder(
         encoder,
@@ -824,6 +999,8 @@ def encoder_units(
         exclude=exclude,
         heads=heads,
         linear_rows=linear_rows,
+        conv_units=conv_units,
+        layer_kinds=layer_kinds,
     ).units
 
 
@@ -930,8 +1107,12 @@ def scan_units(
     linear_rows: LinearRows = True,
     mask_encoders: bool = True,
     mask_fusion: MaskFusion = True,
+    conv_units: ConvUnits = "filters",
+    layer_kinds: LayerKinds = None,
 ) -> ModelScan:
     """Like :func:`discover_units`, also returning why modules were left out (for reports)."""
+    check_conv_units(conv_units)
+    kinds = check_layer_kinds(layer_kinds)
     encoders = model.encoders
     fusion, fusion_reason = scan_fusion(model, modalities, mask_fusion)
     scans: dict[str, EncoderScan] = {}
@@ -941,7 +1122,7 @@ def scan_units(
         scan = (
             scan_encoder(
                 encoders[m], m, prefix=f"encoders.{m}", include=include, exclude=exclude, heads=heads,
-                linear_rows=linear_rows,
+                linear_rows=linear_rows, conv_units=conv_units, layer_kinds=kinds,
             )
             if mask_encoders
             else EncoderScan()
@@ -965,11 +1146,15 @@ def scan_units(
             raise ValueError(
                 f"AMSS found no maskable units for modality {m!r} (expected Conv1d/2d/3d, attention, RNN or "
                 f"Linear weights in model.encoders[{m!r}] or a fusion-head block; found none after amss_skip "
-                "markers, include/exclude, linear_rows and mask_encoders/mask_fusion). Remove amss_skip/exclude "
-                "from some module, pass include=... or heads=..., or enable mask_fusion with a concat fusion "
-                "head (see equimodal.units_report.describe_units for what was found)."
+                f"markers, include/exclude, linear_rows, layer_kinds={', '.join(kinds)} and mask_encoders/"
+                "mask_fusion). Remove amss_skip/exclude from some module, pass include=... or heads=..., select "
+                "more layer_kinds, or enable mask_fusion with a concat fusion head (see equimodal.units_report."
+                "describe_units for what was found)."
             )
-    options = dict(linear_rows=linear_rows, mask_encoders=mask_encoders, mask_fusion=mask_fusion)
+    options = dict(
+        linear_rows=linear_rows, mask_encoders=mask_encoders, mask_fusion=mask_fusion, conv_units=conv_units,
+        layer_kinds=kinds,
+    )  # fmt: skip
     return ModelScan(result, scans, fusion_reason, options)
 
 
@@ -983,15 +1168,20 @@ def discover_units(
     linear_rows: LinearRows = True,
     mask_encoders: bool = True,
     mask_fusion: MaskFusion = True,
+    conv_units: ConvUnits = "filters",
+    layer_kinds: LayerKinds = None,
 ) -> dict[str, list[UnitTensor]]:
     """Return every modality's AMSS-masked tensors: its encoder's units plus its fusion-head block.
 
+    ``conv_units`` and ``layer_kinds`` are described in the module docstring and :func:`encoder_units`.
+
     Raises:
         ValueError: a modality has no maskable units, a head count does not divide its projection, a
-            parameter is masked in the encoders of two modalities, or a weight is reparametrized in a
-            way whose units cannot be mapped.
+            parameter is masked in the encoders of two modalities, a weight is reparametrized in a
+            way whose units cannot be mapped, or ``conv_units`` / ``layer_kinds`` is not one of the
+            choices.
     """
     return scan_units(
         model, modalities, include=include, exclude=exclude, heads=heads, linear_rows=linear_rows,
-        mask_encoders=mask_encoders, mask_fusion=mask_fusion,
+        mask_encoders=mask_encoders, mask_fusion=mask_fusion, conv_units=conv_units, layer_kinds=layer_kinds,
     ).units  # fmt: skip

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from ..amss.masker import MASK_STATS, GradientMasker
-from ..amss.ratios import RatioForm, check_ratio_options, update_ratios
+from ..amss.ratios import RatioForm, check_fixed_ratio, check_ratio_options, fixed_ratios, update_ratios
 from ..amss.sampling import (
     INCLUSION_MODES,
     REWEIGHT_MODES,
@@ -43,7 +43,16 @@ from ..amss.significance import (
     SignificanceSums,
     significance_from_sums,
 )
-from ..amss.units import LinearRows, MaskFusion, ModuleSelector, discover_units
+from ..amss.units import (
+    ConvUnits,
+    LayerKinds,
+    LinearRows,
+    MaskFusion,
+    ModuleSelector,
+    check_conv_units,
+    check_layer_kinds,
+    discover_units,
+)
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
@@ -74,6 +83,13 @@ class AMSS(Balancer):
         ratio_bias: ``beta`` added to the ratios before clamping.
         k_min: lower bound of the ratios, in (0, 1].
         k_max: upper bound of the ratios, in (0, 1].
+        ratio: a fixed update ratio ``k`` in (0, 1] used for every modality at every step instead of the
+            significance-based ratios (the paper's fixed-ratio ablation, ``k`` in {0.1, 0.3, 0.5, 0.7,
+            0.9}); ``None`` (default): adaptive ratios. ``temperature``, ``ratio_form``, ``ratio_bias``,
+            ``k_min``/``k_max`` and ``fallback_ratio`` then do not act; the significance is still computed
+            and logged (``rho/m``, ``mi/m``, ``fallback``) and ``k/m`` reports ``ratio``. Works with every
+            sampler (``adaptive``, ``uniform`` and ``topk`` keep ``ceil(ratio * N)`` units per group;
+            ``poisson`` keeps that many on average; ``bernoulli`` ignores ratios).
         label_entropy: ``"exact"`` (nats, default), ``"exact_bits"`` or ``"av_code"`` (the AV quirk).
         feature_entropy: ``"mean"`` (default), ``"nv_code"`` or ``"none"``.
         offset: offset ``c`` of ``rho_m = (I_m + c) / H_m``.
@@ -105,6 +121,17 @@ class AMSS(Balancer):
             per-modality heads of sum/weighted/channel fusion; ``False`` none (the AV code, bug B2).
         linear_rows: plain ``Linear`` output rows: ``True`` (default: every Linear of an encoder, wherever
             it sits), ``False`` (none) or ``"auto"`` (the official rule: only in encoders without convs).
+        conv_units: the unit of a conv weight: ``"filters"`` (default, the official code: an output filter
+            ``W[o]``), ``"input_channels"`` (every weight reading one input channel, ``W[:, c]``; in a
+            grouped conv only the filters of the channel's group read it), or ``"weights"`` (every single
+            weight is a unit, scored by its squared gradient; one sampling group per output filter, so
+            ``ceil(k n)`` of each filter's ``n = in/groups * prod(kernel)`` weights are kept).
+        layer_kinds: the kinds of layers whose units are masked, any of ``"conv"``, ``"attention"`` (q/k/v
+            and output projections of any attention), ``"linear"`` (every other Linear's rows: FFN
+            neurons, MLPs, projections) and ``"rnn"``, as a collection or a comma-separated string;
+            ``None`` (default): all. Units of other kinds are left unmasked (``describe_units`` says so).
+            Applies on top of ``include``/``exclude``/``linear_rows``; the fusion head follows
+            ``mask_fusion`` only.
         include: callable ``(name, module) -> bool`` or modules; replaces the default unit selection.
         exclude: callable or modules never masked (with their submodules).
         heads: ``{linear: (num_heads, "rows" | "cols")}`` for separate q/k/v/o projections.
@@ -115,7 +142,8 @@ class AMSS(Balancer):
     Attributes:
         units: what is masked (public API): modality -> list of :class:`~equimodal.amss.units.UnitTensor`,
             one per masked parameter, with its ``modality``, ``name`` (qualified module name), ``kind`` (``"filters"``,
-            ``"rows"``, ``"head_rows"``, ``"head_cols"``, ``"row_elements"``), ``groups`` and ``units``.
+            ``"rows"``, ``"head_rows"``, ``"head_cols"``, ``"gate_rows"``, ``"row_elements"``, ``"input_channels"``,
+            ``"filter_elements"``), ``groups`` and ``units``.
     """
 
     default_sampler: ClassVar[SamplerName] = "adaptive"
@@ -131,6 +159,7 @@ class AMSS(Balancer):
         ratio_bias: float = 0.0,
         k_min: float = 0.1,
         k_max: float = 0.9,
+        ratio: float | None = None,
         label_entropy: LabelEntropyMode = "exact",
         feature_entropy: FeatureEntropyMode = "mean",
         offset: float = 0.5,
@@ -150,6 +179,8 @@ class AMSS(Balancer):
         mask_encoders: bool = True,
         mask_fusion: MaskFusion = True,
         linear_rows: LinearRows = True,
+        conv_units: ConvUnits = "filters",
+        layer_kinds: LayerKinds = None,
         include: ModuleSelector | None = None,
         exclude: ModuleSelector | None = None,
         heads: Mapping[nn.Module, tuple[int, str]] | None = None,
@@ -180,6 +211,9 @@ class AMSS(Balancer):
             )
         for value in fb.values():
             check_ratio_options(temperature, k_min, k_max, float(value), ratio_form)
+        self.ratio = check_fixed_ratio(ratio)
+        check_conv_units(conv_units)
+        check_layer_kinds(layer_kinds)
         if not 0.0 <= rho_momentum < 1.0:
             raise ValueError(f"rho_momentum must lie in [0, 1), found {rho_momentum!r} (0 disables the EMA).")
         if max_weight is not None and not max_weight >= 1.0:
@@ -209,7 +243,7 @@ class AMSS(Balancer):
         )
         self.units = discover_units(
             model, self.modalities, include=include, exclude=exclude, heads=heads, linear_rows=linear_rows,
-            mask_encoders=mask_encoders, mask_fusion=mask_fusion,
+            mask_encoders=mask_encoders, mask_fusion=mask_fusion, conv_units=conv_units, layer_kinds=layer_kinds,
         )  # fmt: skip
         self.masker = GradientMasker(
             self.units, score=score, sampler=sampler, rounding=rounding, reweight=reweight, inclusion=inclusion,
@@ -268,6 +302,8 @@ class AMSS(Balancer):
             rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,
             fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
         )  # fmt: skip
+        if self.ratio is not None:
+            k = fixed_ratios(self.ratio, k)
         mask_stats, finite = self.masker.apply(k, self.generator(device))
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
         self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
@@ -280,13 +316,14 @@ class AMSS(Balancer):
     def stats(self) -> dict[str, float]:
         """Last step's figures, for logging every step (one host sync; ``{}`` when inactive).
 
-        Per modality ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio),
-        ``kept_fraction/m`` (kept units / units), ``kept_grad_norm/m`` (norm of the kept part of the
-        gradient / full norm, before reweighting), ``mean_weight/m`` (mean weight of kept units: 1 for
-        AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted gradient / full norm); plus
-        ``label_entropy``, ``fallback`` (1 if the fallback fired) and ``nonfinite`` (1 if the step was
-        left unmasked for inf/NaN gradients; averaged over an epoch, these two are rates); and per
-        masked tensor ``layer_kept/<modality>/<name>``, the fraction of its units kept.
+        Per modality ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio used: the
+        fixed ``ratio`` when one is set), ``kept_fraction/m`` (kept units / units), ``kept_grad_norm/m``
+        (norm of the kept part of the gradient / full norm, before reweighting), ``mean_weight/m`` (mean
+        weight of kept units: 1 for AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted
+        gradient / full norm); plus ``label_entropy``, ``fallback`` (1 if the fallback fired) and
+        ``nonfinite`` (1 if the step was left unmasked for inf/NaN gradients; averaged over an epoch,
+        these two are rates); and per masked tensor ``layer_kept/<modality>/<name>``, the fraction of
+        its units kept.
         """
         if self._last is None or not self.active:
             return {}
