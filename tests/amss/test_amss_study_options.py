@@ -407,3 +407,40 @@ def test_contract_suite_passes_with_study_options(options: dict) -> None:
 
 def test_contract_suite_passes_for_amss_plus_with_single_weights() -> None:
     check_balancer("amss_plus", options={"ratio": 0.5, "conv_units": "weights"}, modalities=(2,))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"head_weight": 1.0}, {"significance": "speed"}, {"significance": "speed", "head_weight": 0.5}],
+)
+def test_own_heads_and_speed_significance_pass_the_contract(options: dict) -> None:
+    """AMSS with unimodal heads of its own, or with learning-speed significance, is a full balancer."""
+    import equimodal as em
+    from equimodal import testing
+
+    assert testing.check_balancer("amss", options=options, modalities=(2, 3))  # raises on a broken promise
+    model = testing.toy_model(2)
+    bal = em.create_balancer("amss", model, **options)
+    assert bal.requirements.parameters and len(list(bal.parameters())) == 4  # a Linear per modality
+
+
+def test_speed_significance_masks_the_faster_learner_more() -> None:
+    """After the warm-up, the modality whose own head's loss falls faster gets the smaller ratio."""
+    import torch
+
+    import equimodal as em
+    from equimodal.testing import drive_step, toy_batch, toy_model
+
+    model = toy_model(2)
+    bal = em.create_balancer("amss", model, significance="speed", temperature=0.2, seed=0)
+    bal.set_epoch(0)
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.2)
+    for step in range(40):
+        x, y = toy_batch(2, 32, seed=step % 4)
+        x["m0"] = torch.randn_like(x["m0"])  # m0 carries no label information: its head cannot learn
+        drive_step(bal, model, x, y, opt)
+    stats = bal.stats()
+    assert stats["fallback"] == 0.0
+    assert stats["rho/m1"] > stats["rho/m0"] and stats["k/m1"] < stats["k/m0"]
+    with pytest.raises(ValueError, match="option 'significance' must be one of 'confidence', 'speed'"):
+        em.create_balancer("amss", model, significance="probe")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as dist
@@ -55,6 +56,7 @@ from ..amss.units import (
 )
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
+from .heads import UnimodalHeads
 from .registry import register_balancer
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,14 @@ class AMSS(Balancer):
         include: callable ``(name, module) -> bool`` or modules; replaces the default unit selection.
         exclude: callable or modules never masked (with their submodules).
         heads: ``{linear: (num_heads, "rows" | "cols")}`` for separate q/k/v/o projections.
+        significance: ``"confidence"`` (the paper's mutual-information rate of each modality's unimodal
+            logits) or ``"speed"`` (equimodal's: how fast each modality's own head's loss is falling,
+            relative; the faster-learning modality counts as dominant and is masked more, which protects
+            the slow learner). ``"speed"`` uses heads of AMSS's own (below), trained on detached features
+            when ``head_weight`` is 0.
+        head_weight: weight of a unimodal loss per encoder through a linear head of AMSS's own on its
+            features (0: none, the paper's AMSS). With own heads, put ``balancer.parameters()`` in the
+            optimizer (the reference trainer does).
         start_epoch: first epoch in which the method acts.
         end_epoch: last epoch in which it acts (``None``: no end).
         seed: seed of the sampling generator (identical on every DDP rank).
@@ -184,11 +194,15 @@ class AMSS(Balancer):
         include: ModuleSelector | None = None,
         exclude: ModuleSelector | None = None,
         heads: Mapping[nn.Module, tuple[int, str]] | None = None,
+        significance: Literal["confidence", "speed"] = "confidence",
+        head_weight: float = 0.0,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        self.significance, self.head_weight = significance, float(head_weight)
+        self.own_heads = self._own_heads(model, significance, head_weight, seed)
         sampler = self.default_sampler if sampler is None else sampler
         reweight = self.default_reweight if reweight is None else reweight
         given = dict(
@@ -250,6 +264,10 @@ class AMSS(Balancer):
             max_weight=max_weight, code_bias=code_bias, code_block_norm=code_block_norm, score_floor=score_floor,
         )  # fmt: skip
         self._fallback_ratio = torch.tensor([float(fb[m]) for m in self.modalities])
+        self._uni_sum: Tensor | None = None  # the own heads' losses summed over this step's micro-batches
+        self._loss_ema: Tensor | None = (
+            None  # (2, M): fast and slow EMAs of those losses (significance="speed")
+        )
         self._sums = SignificanceSums(self.modalities, need_features=feature_entropy != "none")
         self._rho_ema: Tensor | None = None
         self._counters = torch.zeros(3)  # fallback steps, non-finite steps, active steps
@@ -261,7 +279,59 @@ class AMSS(Balancer):
             + [f"{s}/{x}" for s in MASK_STATS for x in m]
             + ["label_entropy", "fallback", "nonfinite"]
             + [f"layer_kept/{u.modality}/{u.name}" for u in self.masker.tensors]
+            + ([f"uni_loss/{x}" for x in m] if self.own_heads is not None else [])
         )
+
+    def _own_heads(
+        self, model: nn.Module, significance: str, head_weight: float, seed: int
+    ) -> UnimodalHeads | None:
+        """Unimodal heads of AMSS's own: for ``head_weight > 0`` (a unimodal loss per encoder) and for
+        ``significance="speed"`` (the heads' learning speed is the significance); else ``None``."""
+        if significance not in ("confidence", "speed"):
+            raise ValueError(f"significance must be 'confidence' or 'speed', found {significance!r}.")
+        if not (math.isfinite(head_weight) and head_weight >= 0):
+            raise ValueError(
+                f"head_weight must be a finite number >= 0, found {head_weight!r} (0: no own heads)."
+            )
+        if head_weight == 0 and significance == "confidence":
+            return None
+        return UnimodalHeads(model, self.modalities, seed=seed, method=f"{self.name} (own heads)")
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The own unimodal heads' parameters (with ``head_weight > 0`` or ``significance="speed"``)."""
+        return self.own_heads.parameters() if self.own_heads is not None else iter(())
+
+    def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
+        """The fused CE, plus the own heads' CEs: weighted by ``head_weight`` on the encoders' features, or
+        (``head_weight=0``, ``significance="speed"``) on detached features, so that they train the heads only."""
+        fused = F.cross_entropy(out.logits, target)
+        if self.own_heads is None:
+            return fused
+        source = (
+            out
+            if self.head_weight > 0 or out.features is None
+            else out._replace(features={m: z.detach() for m, z in out.features.items()})
+        )
+        uni = torch.stack([F.cross_entropy(self.own_heads.logit(source, m), target) for m in self.modalities])
+        self._uni_sum = uni.detach() if self._uni_sum is None else self._uni_sum + uni.detach()
+        return fused + (self.head_weight or 1.0) * uni.sum()
+
+    def _speed(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """``significance="speed"``: per modality, how fast its own head's loss is falling, relative
+        (slow EMA - fast EMA) / slow EMA, normalised by the modalities' total; and whether it is ready."""
+        if self._uni_sum is None:
+            return None
+        loss = dist.all_reduce_mean(self._uni_sum.to(device).float())
+        self._uni_sum = None
+        if self._loss_ema is None:
+            self._loss_ema = torch.stack([loss, loss])
+        ema = self._loss_ema.to(device)
+        ema = torch.stack([0.9 * ema[0] + 0.1 * loss, 0.99 * ema[1] + 0.01 * loss])
+        self._loss_ema = ema
+        speed = (ema[1] - ema[0]) / ema[1].clamp_min(1e-8)
+        rho = speed / speed.abs().sum().clamp_min(1e-8)
+        ready = torch.as_tensor(self.num_steps > 20, device=device)
+        return rho, ready
 
     # ------------------------------------------------------------------ the two calls
     def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
@@ -289,6 +359,15 @@ class AMSS(Balancer):
                 dist.all_reduce_sum(sums.to(device)), len(self.modalities), label_entropy_mode=self.label_entropy,
                 feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
             )  # fmt: skip
+        if self.own_heads is not None:
+            self.own_heads.all_reduce_grads()
+            self.own_heads.check_stepped()
+        uni_loss = self._uni_sum
+        if self.significance == "speed":
+            speed = self._speed(device)
+            if speed is not None:
+                sig["rho"], ready = speed
+                sig["fallback"] = ~ready
         rho = sig["rho"]
         self._fallback_ratio = self._fallback_ratio.to(device)  # moved once, kept on the device
         if self.rho_momentum > 0:
@@ -308,8 +387,27 @@ class AMSS(Balancer):
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
         self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
         layer_kept = self.masker.kept_fraction_per_tensor()
+        extra = []
+        if self.own_heads is not None:
+            if uni_loss is None and self._loss_ema is not None:
+                uni_loss = self._loss_ema[0]
+            extra = [
+                (uni_loss if uni_loss is not None else torch.full((len(self.modalities),), float("nan")))
+                .to(device)
+                .float()
+            ]
+            self._uni_sum = None
         self._last = torch.cat(
-            [sig["rho"], sig["mi"], k, mask_stats.flatten(), sig["label_entropy"].view(1), flags, layer_kept]
+            [
+                sig["rho"],
+                sig["mi"],
+                k,
+                mask_stats.flatten(),
+                sig["label_entropy"].view(1),
+                flags,
+                layer_kept,
+                *extra,
+            ]
         )
 
     # ------------------------------------------------------------------ observability and state
@@ -342,6 +440,12 @@ class AMSS(Balancer):
             rho_ema=None if self._rho_ema is None else self._rho_ema.detach().cpu(),
             significance=self._sums.state_dict(),
         )
+        if self.own_heads is not None:
+            state.update(
+                own_heads=self.own_heads.state_dict(),
+                loss_ema=None if self._loss_ema is None else self._loss_ema.detach().cpu(),
+                uni_sum=None if self._uni_sum is None else self._uni_sum.detach().cpu(),
+            )
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -350,6 +454,9 @@ class AMSS(Balancer):
         self._counters = torch.tensor(state.get("counters", [0.0, 0.0, 0.0]), dtype=torch.float32)
         self._rho_ema = state.get("rho_ema")
         self._sums.load_state_dict(state.get("significance", {}), self.masker.device)
+        if self.own_heads is not None:
+            self.own_heads.load_state_dict(state["own_heads"])
+            self._loss_ema, self._uni_sum = state.get("loss_ema"), state.get("uni_sum")
         self._last = None
 
 
