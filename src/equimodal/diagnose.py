@@ -217,6 +217,12 @@ def modality_figures(
 
 def verdict(diag: Diagnosis) -> tuple[str, str]:
     """A plain-language verdict and what to try (see ``docs/diagnose.md`` for the evidence behind it)."""
+    if not np.isfinite(diag.headroom.low):
+        return (
+            f"Cannot tell from one seed: the ensemble of separately trained branches is {diag.headroom.mean:+.2f} "
+            "pp from joint training, with no interval to judge it by.",
+            "Run again with --seeds 3 or more (finished runs are reused).",
+        )
     if not diag.headroom.significant:
         few = f" ({diag.seeds} seeds: more seeds narrow the interval)" if diag.seeds < 5 else ""
         return (
