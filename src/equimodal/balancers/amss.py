@@ -340,34 +340,52 @@ class AMSS(Balancer):
 
     def adjust_gradients(self) -> None:
         """Compute the ratios from the accumulated statistics, then sample and mask the gradients in place."""
-        sums = self._sums.pop()
         device = self.masker.device
-        if sums is None:
-            if not self._warned_no_loss:
-                log.warning(
-                    "AMSS: before_step() without a loss() call since the last step; using fallback ratios."
-                )
-                self._warned_no_loss = True
-            num_m = len(self.modalities)
-            sig = {"rho": torch.zeros(num_m, device=device), "mi": torch.zeros(num_m, device=device)}
-            sig |= {
-                "label_entropy": torch.zeros((), device=device),
-                "fallback": torch.ones((), dtype=torch.bool, device=device),
-            }
-        else:
-            sig = significance_from_sums(
-                dist.all_reduce_sum(sums.to(device)), len(self.modalities), label_entropy_mode=self.label_entropy,
-                feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
-            )  # fmt: skip
+        sig = self._significance(device)
+        uni_loss = None
         if self.own_heads is not None:
             self.own_heads.all_reduce_grads()
             self.own_heads.check_stepped()
-        uni_loss = self._uni_sum
-        if self.significance == "speed":
-            speed = self._speed(device)
-            if speed is not None:
-                sig["rho"], ready = speed
-                sig["fallback"] = ~ready
+            uni_loss = self._uni_sum
+            if self.significance == "speed":
+                speed = self._speed(device)
+                if speed is not None:
+                    sig["rho"], ready = speed
+                    sig["fallback"] = ~ready
+            self._uni_sum = None
+        k = self._ratios(sig, device)
+        mask_stats, finite = self.masker.apply(k, self.generator(device))
+        flags = torch.stack([sig["fallback"].float(), (~finite).float()])
+        self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
+        parts = [sig["rho"], sig["mi"], k, mask_stats.flatten(), sig["label_entropy"].view(1), flags]
+        parts.append(self.masker.kept_fraction_per_tensor())
+        if self.own_heads is not None:
+            loss = uni_loss if uni_loss is not None else torch.full((len(self.modalities),), float("nan"))
+            parts.append(loss.to(device).float())
+        self._last = torch.cat(parts)
+
+    def _significance(self, device: torch.device) -> dict[str, Tensor]:
+        """The significance of this step's accumulated statistics (fallback values when there are none)."""
+        sums = self._sums.pop()
+        if sums is not None:
+            return significance_from_sums(
+                dist.all_reduce_sum(sums.to(device)), len(self.modalities), label_entropy_mode=self.label_entropy,
+                feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
+            )  # fmt: skip
+        if not self._warned_no_loss:
+            log.warning(
+                "AMSS: before_step() without a loss() call since the last step; using fallback ratios."
+            )
+            self._warned_no_loss = True
+        num_m = len(self.modalities)
+        return {
+            "rho": torch.zeros(num_m, device=device), "mi": torch.zeros(num_m, device=device),
+            "label_entropy": torch.zeros((), device=device),
+            "fallback": torch.ones((), dtype=torch.bool, device=device),
+        }  # fmt: skip
+
+    def _ratios(self, sig: dict[str, Tensor], device: torch.device) -> Tensor:
+        """The update ratios ``k_m`` from the significance (its EMA with ``rho_momentum``; ``ratio`` if fixed)."""
         rho = sig["rho"]
         self._fallback_ratio = self._fallback_ratio.to(device)  # moved once, kept on the device
         if self.rho_momentum > 0:
@@ -381,34 +399,7 @@ class AMSS(Balancer):
             rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,
             fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
         )  # fmt: skip
-        if self.ratio is not None:
-            k = fixed_ratios(self.ratio, k)
-        mask_stats, finite = self.masker.apply(k, self.generator(device))
-        flags = torch.stack([sig["fallback"].float(), (~finite).float()])
-        self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
-        layer_kept = self.masker.kept_fraction_per_tensor()
-        extra = []
-        if self.own_heads is not None:
-            if uni_loss is None and self._loss_ema is not None:
-                uni_loss = self._loss_ema[0]
-            extra = [
-                (uni_loss if uni_loss is not None else torch.full((len(self.modalities),), float("nan")))
-                .to(device)
-                .float()
-            ]
-            self._uni_sum = None
-        self._last = torch.cat(
-            [
-                sig["rho"],
-                sig["mi"],
-                k,
-                mask_stats.flatten(),
-                sig["label_entropy"].view(1),
-                flags,
-                layer_kept,
-                *extra,
-            ]
-        )
+        return fixed_ratios(self.ratio, k) if self.ratio is not None else k
 
     # ------------------------------------------------------------------ observability and state
     def stats(self) -> dict[str, float]:
