@@ -182,32 +182,34 @@ def cmd_units(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    p = argparse.ArgumentParser(
-        prog="equimodal",
-        description="Balanced multimodal learning: train, compare, report, prepare, units, list.",
-    )
-    p.add_argument("--version", action="version", version=f"equimodal {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = p.add_subparsers(dest="command", required=True)
+_SET_HELP = "override, e.g. optim.lr=0.01 (repeatable)"
+_CONFIG_HELP = "a YAML file or a shipped preset name (see `equimodal list presets`)"
 
+
+def _add_execution(p: argparse.ArgumentParser, jobs: int) -> None:
+    """The options shared by the commands that train many runs (compare, study, diagnose)."""
+    p.add_argument("--jobs", type=int, default=jobs, help="runs in parallel (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
+
+
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train one run (default: the built-in mfeat dataset)")
-    t.add_argument(
-        "config", nargs="?", help="a YAML file or a shipped preset name (see `equimodal list presets`)"
-    )
-    t.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.lr=0.01 (repeatable)"
-    )
+    t.add_argument("config", nargs="?", help=_CONFIG_HELP)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help=_SET_HELP)
     t.add_argument("--out", help="run folder for config.yaml, metrics.csv, best.pt, summary.json")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
     t.add_argument("--overwrite", action="store_true", help="replace a run of another config in OUT")
     t.set_defaults(func=cmd_train)
 
+
+def _add_list(sub: Any) -> None:
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("what", choices=["balancers", "datasets", "models", "fusions", "presets", "studies"])
     ls.set_defaults(func=cmd_list)
 
+
+def _add_compare(sub: Any) -> None:
     c = sub.add_parser("compare", help="run several balancers x seeds and tabulate mean +/- std")
     c.add_argument("config", nargs="?", help="base YAML file or preset")
     c.add_argument("--dataset", help="dataset name (overrides data.name)")
@@ -222,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL:KEY=VALUE,...",
         help="an extra row with its own overrides, e.g. amss_T1:balancer.name=amss,balancer.options.temperature=1",
     )
-    c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    c.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
-    c.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    _add_execution(c, jobs=1)
     c.set_defaults(func=cmd_compare)
 
+
+def _add_study(sub: Any) -> None:
     st = sub.add_parser(
         "study",
         help="run a documented grid that checks one claim (see `equimodal list studies`)",
@@ -241,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--full", action="store_true", help="the full grid (more seeds and epochs)")
     st.add_argument("--out", help="folder of the runs and tables (default runs/studies/NAME[_full])")
     st.add_argument("--docs", help="also copy NAME.md, .png and .csv into this folder (e.g. docs/studies)")
-    st.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    st.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    st.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
+    _add_execution(st, jobs=2)
     st.set_defaults(func=cmd_study)
 
+
+def _add_diagnose(sub: Any) -> None:
     dg = sub.add_parser(
         "diagnose",
         help="is there modality imbalance, which encoder is under-trained, how much is at stake",
@@ -263,10 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs/diagnose", help="folder of the runs and of diagnosis.md/.json/.png"
     )
     dg.add_argument("--runs", help="read a compare folder (none/, unimodal_<m>/) instead of training")
-    dg.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    dg.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    dg.add_argument("--overwrite", action="store_true", help="retrain runs in OUT that hold another config")
+    _add_execution(dg, jobs=1)
     dg.set_defaults(func=cmd_diagnose)
+
+
+def _add_prepare(sub: Any) -> None:
     pr = sub.add_parser("prepare", help="turn a dataset's raw download into the layout its loader reads")
     pr.add_argument("dataset", help="cremad, kinetics_sounds, sarcasm, twitter15 or nvgesture")
     pr.add_argument("--raw", required=True, help="the folder holding the raw download (see README)")
@@ -274,16 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, help="worker processes (default: the CPUs available)")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="a preparer option (repeatable)")
     pr.set_defaults(func=cmd_prepare)
+
+
+def _add_units(sub: Any) -> None:
     u = sub.add_parser(
         "units", help="list what AMSS masks in a config's model (units per parameter) and why not"
     )
-    u.add_argument(
-        "config", nargs="?", help="a YAML file or a shipped preset name (see `equimodal list presets`)"
-    )
+    u.add_argument("config", nargs="?", help=_CONFIG_HELP)
     u.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override, e.g. balancer.options.linear_rows=auto"
     )
     u.set_defaults(func=cmd_units)
+
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser(
         "report",
         help="a self-contained HTML page of run or comparison folders (FOLDER/report.html)",
@@ -297,6 +304,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the page (.html; default FOLDER/report.html), or an image (.png, .pdf, .svg) of the curves",
     )
     r.set_defaults(func=cmd_report)
+
+
+_COMMANDS = (
+    _add_train,
+    _add_compare,
+    _add_study,
+    _add_diagnose,
+    _add_report,
+    _add_prepare,
+    _add_units,
+    _add_list,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs); each command adds its own sub-parser."""
+    p = argparse.ArgumentParser(
+        prog="equimodal",
+        description="Balanced multimodal learning: train, compare, study, diagnose, report, prepare, units, "
+        "list.",
+    )
+    p.add_argument("--version", action="version", version=f"equimodal {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
     return p
 
 
