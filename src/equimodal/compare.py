@@ -310,6 +310,86 @@ def finished_summary(
     return summary
 
 
+def _ensembles(out: Path, seeds: Sequence[int], modalities: Sequence[str]) -> dict[str, dict[int, float]]:
+    """Per seed, the product-rule and mean-rule ensembles of the unimodal runs (where all finished)."""
+    ens: dict[str, dict[int, float]] = {"ensemble_product": {}, "ensemble_mean": {}}
+    for seed in seeds:
+        paths = [out / f"unimodal_{m}" / f"seed{seed}" for m in modalities]
+        if all((p / "predictions.npz").exists() for p in paths):
+            ens["ensemble_product"][seed] = ensemble_accuracy(paths, "product")
+            ens["ensemble_mean"][seed] = ensemble_accuracy(paths, "mean")
+    return ens
+
+
+def _gap_cell(runs: dict[int, dict[str, Any]], joint: dict[int, dict[str, Any]], ep: dict[int, float]) -> str:
+    """The fraction of the joint-to-ensemble gap a method closes, with its interval ('' when unpaired)."""
+    paired = [s for s in sorted(runs) if s in joint and s in ep]
+    if len(paired) == 1:
+        return ONE_SEED  # whether there is a gap at all needs seeds to tell
+    if len(paired) < 2:
+        return ""
+    j = np.array([joint[s]["test"]["test_acc"] for s in paired])
+    e = np.array([ep[s] for s in paired])
+    gap_lo, _ = bootstrap_ci((e - j)[:, None], lambda r: float(r.mean()))
+    if gap_lo <= 0:
+        # No significant gap between joint training and the ensemble: a fraction of it is noise.
+        return "n/a (no gap)"
+    f, lo, hi = gap_closed(np.array([runs[s]["test"]["test_acc"] for s in paired]), j, e)
+    return f"{f:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _method_row(
+    label: str,
+    runs: dict[int, dict[str, Any]],
+    joint: dict[int, dict[str, Any]],
+    ep: dict[int, float],
+    modalities: Sequence[str],
+    base_time: float,
+) -> dict[str, Any]:
+    """One table row: a label's seeds summarised, paired by seed with the joint ('none') runs."""
+    ss = sorted(runs)
+    t = [runs[s]["test"] for s in ss]
+    row: dict[str, Any] = {
+        "method": label,
+        "n": len(ss),
+        "train data": _train_share([runs[s].get("train_fraction") for s in ss]),
+        "test acc": _mean_std([x["test_acc"] for x in t]),
+        "test macro-F1": _mean_std([x["test_f1"] for x in t]),
+    }
+    for m in modalities:
+        row[f"{m} unimodal"] = _mean_std([x.get(f"test_acc_{m}", math.nan) for x in t])
+        row[f"{m} probe"] = _mean_std([x.get(f"test_probe_{m}", math.nan) for x in t])
+    row["imbalance"] = _mean_std([x["test_imbalance"] for x in t])
+    row["time/epoch vs none"] = f"{np.median([runs[s]['time_per_epoch'] for s in ss]) / base_time:.2f}"
+    if label == "none":
+        return row
+    paired = [s for s in ss if s in joint]
+    if paired:
+        d = 100 * np.array([runs[s]["test"]["test_acc"] - joint[s]["test"]["test_acc"] for s in paired])
+        row["Δacc vs none (pp)"] = _mean_ci(d)
+    if not label.startswith("unimodal_"):
+        row["gap closed [95% CI]"] = _gap_cell(runs, joint, ep)
+    return row
+
+
+def _write_tables(out: Path, columns: list[str], rows: list[dict[str, Any]], raw: dict[str, Any]) -> None:
+    """results.md (with its notes), results.csv, results.json and the accuracy plot, each written atomically."""
+    for r in rows:
+        for c in columns:
+            r.setdefault(c, "")
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    md += ["", *table_notes(rows)]
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(out / "results.json", json.dumps(raw, indent=2))
+    _plot(out, raw)
+
+
 def summarise(
     out: Path,
     specs: Sequence[RunSpec],
@@ -327,55 +407,18 @@ def summarise(
         summary = finished_summary(out, s, None if expected is None else expected[s])
         if summary is not None:
             by_label.setdefault(s.label, {})[s.seed] = summary
-    seeds = sorted({s.seed for s in specs})
     joint = by_label.get("none", {})
     base_time = np.median([r["time_per_epoch"] for r in joint.values()]) if joint else float("nan")
-    ens: dict[str, dict[int, float]] = {"ensemble_product": {}, "ensemble_mean": {}}
-    if refs:
-        for seed in seeds:
-            paths = [out / f"unimodal_{m}" / f"seed{seed}" for m in modalities]
-            if all((p / "predictions.npz").exists() for p in paths):
-                ens["ensemble_product"][seed] = ensemble_accuracy(paths, "product")
-                ens["ensemble_mean"][seed] = ensemble_accuracy(paths, "mean")
+    seeds = sorted({s.seed for s in specs})
+    ens = _ensembles(out, seeds, modalities) if refs else {"ensemble_product": {}, "ensemble_mean": {}}
 
     columns = ["method", "n", "train data", "test acc", "test macro-F1"]
     columns += [f"{m} unimodal" for m in modalities] + [f"{m} probe" for m in modalities]
     columns += ["imbalance", "time/epoch vs none", "gap closed [95% CI]", "Δacc vs none (pp)"]
-    rows: list[dict[str, Any]] = []
-    for label, runs in by_label.items():
-        ss = sorted(runs)
-        t = [runs[s]["test"] for s in ss]
-        row: dict[str, Any] = {
-            "method": label,
-            "n": len(ss),
-            "train data": _train_share([runs[s].get("train_fraction") for s in ss]),
-            "test acc": _mean_std([x["test_acc"] for x in t]),
-        }
-        row["test macro-F1"] = _mean_std([x["test_f1"] for x in t])
-        for m in modalities:
-            row[f"{m} unimodal"] = _mean_std([x.get(f"test_acc_{m}", math.nan) for x in t])
-            row[f"{m} probe"] = _mean_std([x.get(f"test_probe_{m}", math.nan) for x in t])
-        row["imbalance"] = _mean_std([x["test_imbalance"] for x in t])
-        row["time/epoch vs none"] = f"{np.median([runs[s]['time_per_epoch'] for s in ss]) / base_time:.2f}"
-        paired = [s for s in ss if s in joint]
-        if paired and label != "none":
-            d = 100 * np.array([runs[s]["test"]["test_acc"] - joint[s]["test"]["test_acc"] for s in paired])
-            row["Δacc vs none (pp)"] = _mean_ci(d)
-        ep = ens["ensemble_product"]
-        paired = [s for s in ss if s in joint and s in ep]
-        if len(paired) == 1 and label != "none" and not label.startswith("unimodal_"):
-            row["gap closed [95% CI]"] = ONE_SEED  # whether there is a gap at all needs seeds to tell
-        if len(paired) >= 2 and label != "none" and not label.startswith("unimodal_"):
-            j = np.array([joint[s]["test"]["test_acc"] for s in paired])
-            e = np.array([ep[s] for s in paired])
-            gap_lo, _ = bootstrap_ci((e - j)[:, None], lambda r: float(r.mean()))
-            if gap_lo <= 0:
-                # No significant gap between joint training and the ensemble: a fraction of it is noise.
-                row["gap closed [95% CI]"] = "n/a (no gap)"
-            else:
-                f, lo, hi = gap_closed(np.array([runs[s]["test"]["test_acc"] for s in paired]), j, e)
-                row["gap closed [95% CI]"] = f"{f:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-        rows.append(row)
+    rows = [
+        _method_row(label, runs, joint, ens["ensemble_product"], modalities, base_time)
+        for label, runs in by_label.items()
+    ]
     for label, accs in ens.items():
         if accs:
             ss = sorted(accs)
@@ -385,22 +428,9 @@ def summarise(
                 d = 100 * np.array([accs[s] - joint[s]["test"]["test_acc"] for s in paired])
                 row["Δacc vs none (pp)"] = _mean_ci(d)
             rows.append(row)
-    for r in rows:
-        for c in columns:
-            r.setdefault(c, "")
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    md += ["", *table_notes(rows)]
-    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
     raw = {lab: {str(s): r["test"] for s, r in runs.items()} for lab, runs in by_label.items()}
     raw.update({lab: {str(s): {"test_acc": a} for s, a in accs.items()} for lab, accs in ens.items() if accs})
-    atomic_write_text(out / "results.json", json.dumps(raw, indent=2))
-    _plot(out, raw)
+    _write_tables(out, columns, rows, raw)
     return columns, rows
 
 
