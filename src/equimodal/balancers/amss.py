@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
@@ -72,6 +72,45 @@ _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "inclusion": INCLUSION_MODES,
     }
 )
+
+
+def _check_options(
+    given: Mapping[str, Any],
+    modalities: Sequence[str],
+    fallback_ratio: float | Mapping[str, float],
+    *,
+    temperature: float,
+    k_min: float,
+    k_max: float,
+    ratio_form: RatioForm,
+    conv_units: ConvUnits,
+    layer_kinds: LayerKinds,
+    rho_momentum: float,
+    max_weight: float | None,
+    code_bias: float,
+) -> Mapping[str, float]:
+    """Check AMSS's options (each error names what was expected); returns the fallback ratio per modality."""
+    for key, value in given.items():
+        if value not in _CHOICES[key]:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, _CHOICES[key]))}, found {value!r}.")
+    fb = fallback_ratio if isinstance(fallback_ratio, Mapping) else dict.fromkeys(modalities, fallback_ratio)
+    if set(fb) != set(modalities):
+        raise ValueError(
+            f"fallback_ratio must map every modality {list(modalities)}, found keys {sorted(fb)}."
+        )
+    for value in fb.values():
+        check_ratio_options(temperature, k_min, k_max, float(value), ratio_form)
+    check_conv_units(conv_units)
+    check_layer_kinds(layer_kinds)
+    if not 0.0 <= rho_momentum < 1.0:
+        raise ValueError(f"rho_momentum must lie in [0, 1), found {rho_momentum!r} (0 disables the EMA).")
+    if max_weight is not None and not max_weight >= 1.0:
+        raise ValueError(
+            f"max_weight must be >= 1 or None (no cap), found {max_weight!r}; 100 is the default."
+        )
+    if code_bias < 0:
+        raise ValueError(f"code_bias must be >= 0, found {code_bias!r} (0 audio-visual, 0.2 text-image).")
+    return fb
 
 
 @register_balancer("amss")
@@ -209,39 +248,18 @@ class AMSS(Balancer):
             label_entropy=label_entropy, feature_entropy=feature_entropy, score=score, sampler=sampler,
             rounding=rounding, reweight=reweight, inclusion=inclusion,
         )  # fmt: skip
-        for key, value in given.items():
-            if value not in _CHOICES[key]:
-                raise ValueError(
-                    f"{key} must be one of {', '.join(map(repr, _CHOICES[key]))}, found {value!r}."
-                )
-        fb = (
-            dict.fromkeys(self.modalities, fallback_ratio)
-            if not isinstance(fallback_ratio, Mapping)
-            else fallback_ratio
-        )
-        if set(fb) != set(self.modalities):
-            raise ValueError(
-                f"fallback_ratio must map every modality {self.modalities}, found keys {sorted(fb)}."
-            )
-        for value in fb.values():
-            check_ratio_options(temperature, k_min, k_max, float(value), ratio_form)
+        fb = _check_options(
+            given, self.modalities, fallback_ratio, temperature=temperature, k_min=k_min, k_max=k_max,
+            ratio_form=ratio_form, conv_units=conv_units, layer_kinds=layer_kinds, rho_momentum=rho_momentum,
+            max_weight=max_weight, code_bias=code_bias,
+        )  # fmt: skip
         self.ratio = check_fixed_ratio(ratio)
-        check_conv_units(conv_units)
-        check_layer_kinds(layer_kinds)
-        if not 0.0 <= rho_momentum < 1.0:
-            raise ValueError(f"rho_momentum must lie in [0, 1), found {rho_momentum!r} (0 disables the EMA).")
-        if max_weight is not None and not max_weight >= 1.0:
-            raise ValueError(
-                f"max_weight must be >= 1 or None (no cap), found {max_weight!r}; 100 is the default."
-            )
         if score_floor is None:
             score_floor = self.default_score_floor if reweight == "inverse_inclusion" else 0.0
         if not (math.isfinite(score_floor) and score_floor >= 0):
             raise ValueError(
                 f"score_floor must be a finite number >= 0, found {score_floor!r} (0: no floor)."
             )
-        if code_bias < 0:
-            raise ValueError(f"code_bias must be >= 0, found {code_bias!r} (0 audio-visual, 0.2 text-image).")
         if reweight == "code":
             log.warning(
                 "AMSS+: reweight='code' reproduces the official weights 1/(q + 1/N + b), which are not unbiased and "
