@@ -34,7 +34,7 @@ before it), median over rounds, its ratio to ``none``'s, and the same for the pe
 allocated at the step's start (the step's own gradients, activations and temporaries). On CPU, for each balancer a fresh
 subprocess builds the workload, does the epoch-level work and one plain step on a throw-away copy of the
 model (so that every process has loaded the same kernels), resets the peak resident set size (Linux
-``/proc/self/clear_refs``, after ``malloc_trim``), reads ``resource.getrusage().ru_maxrss``, takes
+``/proc/self/clear_refs``, after ``malloc_trim``), reads the peak (``VmHWM`` in ``/proc/self/status``), takes
 ``--memory-steps`` steps and reads it again: the increase is the process RSS growth of the steps
 (gradients, momentum buffers, activations, the balancer's own state), printed in MiB and relative to
 ``none``'s. It is process RSS, so allocator caching blurs it by a few MiB.
@@ -57,6 +57,7 @@ import copy
 import ctypes
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -189,6 +190,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak RSS in KiB: ``VmHWM`` (which ``clear_refs`` resets), else ``ru_maxrss``.
+
+    ``getrusage().ru_maxrss`` cannot be used after a reset: at ``exec`` the kernel carries the forking
+    parent's peak RSS into it, so a child forked from a large parent reads the parent's peak.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _warm_up(work: Workload) -> None:
     """One plain step on a throw-away copy of the model, so that every process has touched the same code
     pages and one-off state (libtorch's kernels, the autograd engine) before its peak is reset."""
@@ -209,11 +223,11 @@ def rss_worker(args: argparse.Namespace) -> None:
     start_epoch(bal, 0, epoch_data(work, 1, device))
     _warm_up(work)
     reset = _reset_peak_rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_kib()
     for i in range(args.memory_steps):
         x, y = work.batches[i % len(work.batches)]
         drive_step(bal, _Forward(work.model), x, y, opt)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _peak_rss_kib()
     print(json.dumps({"increase_kib": after - before, "before_kib": before, "reset": reset}))
 
 
@@ -225,7 +239,11 @@ def rss_increases(names: list[str], workload: str, args: argparse.Namespace) -> 
         cmd += ["--batch", str(args.batch), "--threads", str(args.threads)]
         cmd += ["--memory-steps", str(args.memory_steps)]
         cmd += ["--small"] * args.small + ["--smoke"] * args.smoke
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # A fixed mmap threshold (glibc) stops the threshold from growing after frees, so every buffer of
+        # 64 KiB or more is mapped on allocation and unmapped on free: RSS then follows live memory, and a
+        # small model's step no longer hides inside heap pages that the warm-up left behind.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"memory subprocess for {name} on {workload} failed:\n{proc.stderr}")
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -326,7 +344,7 @@ def measure(workload: str, names: list[str], args: argparse.Namespace, device: t
     if memory:
         reset = all(m["reset"] for m in memory.values())
         print(
-            "Memory is process RSS (Linux ru_maxrss, in a fresh process per balancer); peak reset before the "
+            "Memory is process RSS (Linux VmHWM, in a fresh process per balancer); peak reset before the "
             f"steps: {'yes' if reset else 'no (clear_refs unavailable: the figure includes setup)'}."
         )
 
