@@ -48,7 +48,7 @@ EARLY_EPOCHS = 5
 
 @dataclass
 class Interval:
-    """A mean (pp or %) with its bootstrap 95 % interval over seeds (NaN bounds with one seed)."""
+    """A mean (pp or %) with its Student-t 95 % interval over seeds (NaN bounds with one seed)."""
 
     mean: float
     low: float

@@ -58,7 +58,7 @@ def test_normalize_equalises_the_encoders_gradient_norms() -> None:
     batch, y = make_toy_batch(3)
     spread = {}
     for normalize in (0.0, 1.0):
-        bal = _fixed(weight=1.0, normalize=normalize, momentum=0.0)
+        bal = _fixed(weight=1.0, normalize=normalize, momentum=0.0, max_scale=100.0)
         bal.model.zero_grad()
         bal.loss(bal.model(batch), y).backward()
         before = norms(bal)
@@ -73,12 +73,24 @@ def test_normalize_equalises_the_encoders_gradient_norms() -> None:
     assert spread[1.0] == pytest.approx(1.0, abs=1e-4) and spread[0.0] > 1.05
 
 
+def test_equalisation_factors_are_bounded() -> None:
+    bal = _fixed(weight=1.0, normalize=1.0, momentum=0.0, max_scale=2.0)
+    batch, y = make_toy_batch(3)
+    bal.loss(bal.model(batch), y).backward()
+    for p in bal.encoder_params("m0"):
+        p.grad.mul_(1e4)  # one encoder's gradients far larger than the others'
+    bal.before_step()
+    scales = [bal.stats()[f"scale/{m}"] for m in bal.modalities]
+    assert min(scales) == pytest.approx(0.5) and max(scales) == pytest.approx(2.0)
+
+
 def test_refuses_bad_options() -> None:
     for options, words in (
         ({"weight": -1.0}, "weight must be"),
         ({"adapt": "always"}, "adapt"),
         ({"normalize": 2.0}, "normalize must lie in [0, 1]"),
         ({"max_weight": 0.5}, "max_weight must be"),
+        ({"max_scale": 0.5}, "max_scale must be"),
     ):
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
             _fixed(**options)
