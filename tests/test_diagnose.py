@@ -45,7 +45,18 @@ def test_verdicts_follow_the_headroom_and_the_deficits() -> None:
     assert (
         "'image' encoder is under-trained" in text and "the stronger modality alone and learns slower" in text
     )
-    assert "mmpareto" in todo
+    assert "own_signal" in todo and "mmpareto" in todo
+    # the weaker modality under-trained (the CREMA-D-like case)
+    diag.modalities = {
+        "image": _figures(78, 64, Interval(14, 13, 15), 17),
+        "audio": _figures(95, 91, none_, 7),
+    }
+    text, _ = verdict(diag)
+    assert "'image' encoder" in text and "the weaker modality alone and learns slower" in text
+    assert text.startswith(
+        "Imbalance: the ensemble of separately trained branches beats joint training by +3.00"
+    )
+    diag.modalities = mods
     diag.headroom = none_
     text, todo = verdict(diag)
     assert text.startswith("No imbalance worth fixing") and "Keep joint training" in todo

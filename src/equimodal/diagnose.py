@@ -234,33 +234,39 @@ def verdict(diag: Diagnosis) -> tuple[str, str]:
     strongest = max(diag.modalities, key=lambda m: diag.modalities[m].alone)
     if not under:
         return (
-            f"Joint training loses {diag.headroom} pp against the ensemble of its branches, but no encoder's "
-            "probe is significantly below its branch alone: the loss is in how the head combines them.",
+            f"The ensemble of separately trained branches beats joint training by {diag.headroom} pp, but no "
+            "encoder's probe is significantly below its branch alone: the loss is in how the head combines them.",
             "Try a late-fusion ensemble of separately trained branches, or a fusion head trained on frozen "
             "encoders; balancers that act on encoders have little to fix.",
         )
     worst = max(under, key=lambda m: under[m].probe_deficit.mean)
     f = under[worst]
-    role = "the stronger modality alone" if worst == strongest else "a weaker modality"
+    if worst == strongest:
+        role = "the stronger modality alone"
+    else:
+        role = (
+            "the weaker modality alone" if len(diag.modalities) == 2 else "not the strongest modality alone"
+        )
     slower = (
         " and learns slower alone"
         if f.speed_alone > min(x.speed_alone for x in diag.modalities.values())
         else ""
     )
     return (
-        f"Imbalance: joint training loses {diag.headroom} pp against the ensemble of its branches. The "
-        f"{worst!r} encoder is under-trained inside joint training (probe {f.probe:.1f} % against "
+        f"Imbalance: the ensemble of separately trained branches beats joint training by {diag.headroom} pp. "
+        f"The {worst!r} encoder is under-trained inside joint training (probe {f.probe:.1f} % against "
         f"{f.alone:.1f} % alone, deficit {f.probe_deficit} pp); it is {role}{slower}.",
         RECOMMENDATION,
     )
 
 
 RECOMMENDATION = (
-    "Give every encoder a training signal of its own: try balancer `mmpareto` (unimodal losses through "
-    "heads of its own), `mla` (alternating unimodal steps), or joint training with Adam. Confidence-based "
-    "methods (`ogm_ge`, `amss`) judge the stronger modality dominant and slow it further when it is the "
-    "under-trained one. Compare them on validation data: `equimodal compare CONFIG --balancers none,"
-    "mmpareto,mla`."
+    "Give every encoder a training signal of its own: try balancer `own_signal` (a unimodal loss per "
+    "encoder through a head of its own; about the cost of joint training), then `mmpareto` (the same "
+    "losses with a Pareto step, about twice the cost) or `mla` (alternating unimodal steps). "
+    "Confidence-based methods (`ogm_ge`, `amss`) slow the modality they judge dominant, which does not "
+    "train the under-trained encoder and, when that is the stronger modality, slows it further. Compare "
+    "them on validation data: `equimodal compare CONFIG --balancers none,own_signal,mmpareto,mla`."
 )
 
 
