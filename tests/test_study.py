@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from equimodal.cli import main
-from equimodal.study import list_studies, load_study, paired_delta, study_specs
+from equimodal.study import file_stem, list_studies, load_study, paired_delta, study_specs
 
 TINY = """
 title: "A tiny study"
@@ -41,6 +41,7 @@ def test_every_shipped_study_loads_in_both_settings() -> None:
         assert full.seeds > quick.seeds >= 1 and study_specs(quick)
         labels = {s.label for s in study_specs(quick)}
         assert len(labels) * quick.seeds == len(study_specs(quick))  # every cell, every seed
+        assert (file_stem(quick), file_stem(full)) == (name, f"{name}_full")  # both fit in docs/studies
 
 
 def test_a_study_runs_resumes_and_writes_its_tables(tmp_path: Path, capsys) -> None:
@@ -57,8 +58,11 @@ def test_a_study_runs_resumes_and_writes_its_tables(tmp_path: Path, capsys) -> N
     raw = json.loads((out / "study.json").read_text())
     assert set(raw["accuracy"]["mfeat/sum/amss"]) == {"0", "1"} and raw["mode"] == "quick"
     assert (out / "mfeat" / "concat" / "amss" / "seed1" / "summary.json").is_file()
+    took = raw["took"]
+    assert took.endswith("min of wall time with --jobs 1")
     assert main(["study", str(preset), "--out", str(out), "--jobs", "1"]) == 0
     assert "10 runs, 10 already finished, 0 to run" in capsys.readouterr().out
+    assert json.loads((out / "study.json").read_text())["took"] == took  # a rerun keeps the first timing
 
 
 def test_bad_presets_say_what_is_wrong(tmp_path: Path) -> None:

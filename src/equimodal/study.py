@@ -8,7 +8,8 @@ the runs live in ``OUT/<part>/<column>/<row>/seed<k>`` and, as in ``compare``, f
 skipped and a folder of another config is refused unless ``--overwrite``. Then, per part: the test
 accuracy of every cell (mean ± std over seeds), its paired difference (same seed) to the part's
 ``reference`` row in the same column (or to a baseline) with a bootstrap 95 % interval, and a figure.
-``OUT/NAME.md``, ``NAME.csv``, ``NAME.png`` and ``study.json`` hold them, with how long the study took.
+``OUT/NAME.md``, ``NAME.csv``, ``NAME.png`` (``NAME_full.*`` for ``--full``) and ``study.json`` hold them,
+with how long the study took (a rerun that trains nothing keeps the earlier timing).
 
 By default a study runs its ``quick`` setting (fewer seeds and epochs, minutes on 2 CPU cores);
 ``--full`` runs its ``full`` setting. A part may also ask for a side-by-side ``step_cost``
@@ -37,7 +38,15 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from .compare import RunSpec, bootstrap_ci, check_count, execute_runs, finished_summary, print_failures
+from .compare import (
+    RunSpec,
+    bootstrap_ci,
+    check_count,
+    execute_runs,
+    finished_summary,
+    print_failures,
+    run_dir,
+)
 from .config import PRESET_DIR
 from .io import atomic_write_text
 
@@ -315,10 +324,16 @@ def cost_table(part: Part, costs: dict[str, dict[str, float]]) -> tuple[list[str
 
 
 # --------------------------------------------------------------------------------------------- writing
+def file_stem(study: Study) -> str:
+    """``NAME`` for the quick setting, ``NAME_full`` for the full grid (both can sit in docs/studies)."""
+    return study.name + ("_full" if study.mode == "full" else "")
+
+
 def write_study(study: Study, out: Path, acc: dict[str, dict[int, float]], extra: dict[str, Any]) -> str:
-    """Write ``NAME.md``, ``NAME.csv``, ``NAME.png`` and ``study.json`` into ``out``; returns the markdown."""
+    """Write ``NAME.md``, ``.csv``, ``.png`` (``NAME_full.*`` for the full grid) and ``study.json``; returns the md."""
     from .report import _pyplot
 
+    stem = file_stem(study)
     md = [f"# {study.title}", ""]
     if study.claim:
         md += [study.claim, ""]
@@ -339,19 +354,29 @@ def write_study(study: Study, out: Path, acc: dict[str, dict[int, float]], extra
                    markdown_table(c_header, c_rows), ""]  # fmt: skip
         for row in accuracy:
             writer.writerow([part.name, *row])
-    md += [f"![{study.title}]({study.name}.png)", ""]
+    md += [f"![{study.title}]({stem}.png)", ""]
     text = "\n".join(md)
-    atomic_write_text(out / f"{study.name}.md", text)
-    atomic_write_text(out / f"{study.name}.csv", buf.getvalue())
+    atomic_write_text(out / f"{stem}.md", text)
+    atomic_write_text(out / f"{stem}.csv", buf.getvalue())
     raw = {"study": study.name, "mode": study.mode, "seeds": study.seeds, **extra,
            "accuracy": {k: {str(s): a for s, a in v.items()} for k, v in acc.items()}}  # fmt: skip
     atomic_write_text(out / "study.json", json.dumps(raw, indent=2))
     fig = study_figure(study, acc)
-    tmp = out / f".{study.name}.png.tmp"
+    tmp = out / f".{stem}.png.tmp"
     fig.savefig(tmp, format="png", dpi=110)
     _pyplot().close(fig)
-    tmp.replace(out / f"{study.name}.png")
+    tmp.replace(out / f"{stem}.png")
     return text
+
+
+def took(out: Path, trained: int, total: int, minutes: float, jobs: int) -> str:
+    """How long the study took: this call's wall time, or the earlier call's when this one trained nothing."""
+    if trained == 0 and (out / "study.json").is_file():
+        earlier = json.loads((out / "study.json").read_text()).get("took")
+        if earlier:
+            return str(earlier)
+    part = "" if trained == total else f" ({trained} of its {total} runs; the rest had finished before)"
+    return f"{minutes:.1f} min of wall time with --jobs {jobs}{part}"
 
 
 def run_study(args: argparse.Namespace) -> int:
@@ -363,6 +388,7 @@ def run_study(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"Study {study.name} ({study.mode}): {study.title}", highlight=False, markup=False)
     specs = study_specs(study)
+    before = sum((run_dir(out, s) / "summary.json").is_file() for s in specs)
     tic = time.perf_counter()
     expected, failures = execute_runs(
         out, specs, None, jobs=jobs, threads=threads, overwrite=args.overwrite, console=console
@@ -371,15 +397,12 @@ def run_study(args: argparse.Namespace) -> int:
     costs = {p.name: step_cost(p) for p in study.parts if p.step_cost}
     if costs:
         extra["costs"] = costs
-    minutes = (time.perf_counter() - tic) / 60
-    extra["took"] = (
-        f"{minutes:.1f} min of wall time for the runs that were not already finished, on this machine"
-    )
+    extra["took"] = took(out, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, jobs)
     text = write_study(study, out, cell_accuracies(out, specs, expected), extra)
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for name in (f"{study.name}.md", f"{study.name}.png", f"{study.name}.csv"):
+        for name in (f"{file_stem(study)}.md", f"{file_stem(study)}.png", f"{file_stem(study)}.csv"):
             (docs / name).write_bytes((out / name).read_bytes())
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     return print_failures(console, failures)
