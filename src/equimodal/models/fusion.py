@@ -351,9 +351,13 @@ class ChannelFusion(Fusion):
 class MultiLayerLSTMFusion(_AuxHeads):
     """A multi-layer LSTM over one token per modality (Hochreiter & Schmidhuber 1997; AMSS's ML-LSTM).
 
-    Each modality's features are projected to a common ``width`` (its own linear layer); the ``M``
-    tokens, in modality order, go through an ``nn.LSTM`` with ``layers`` layers of ``hidden`` units,
-    and the readout goes to a linear classifier. ``readout="last"`` (default) takes the top layer's
+    Each modality's features are projected to a common ``width`` (its own linear layer) and layer-normed;
+    the ``M`` tokens, in modality order, go through ``layers`` stacked LSTM layers of ``hidden`` units,
+    each layer after the first adding its input back (residual), and the readout goes to a linear
+    classifier. Input weights are Xavier-initialised, recurrent weights orthogonal, the forget gate's
+    bias starts at 1. Without the norm, the residuals and that initialisation, a plain 2-layer
+    ``nn.LSTM`` sat on its initial plateau under the SGD recipes: 15.8 % on AVD-hard and 52 % on mfeat
+    pix+fou after 20 / 15 epochs, against 84-88 % and 97.8 % with them (one seed each). ``readout="last"`` (default) takes the top layer's
     hidden state after the last token (the usual LSTM classifier; later modalities are nearer to it),
     ``"mean"`` averages the top layer's outputs over the tokens. It follows the multi-layer LSTM
     fusion in the AMSS paper's experiments (Yang et al., TPAMI 2025). It cannot be split into
@@ -391,12 +395,28 @@ class MultiLayerLSTMFusion(_AuxHeads):
             )
         self.readout = readout
         self.proj = nn.ModuleDict({m: nn.Linear(d, width) for m, d in dims.items()})
-        self.lstm = nn.LSTM(width, hidden, num_layers=layers, batch_first=True)
+        # tokens at unit scale, so the gates start away from their flat middle (see the class notes)
+        self.norm = nn.LayerNorm(width)
+        self.lstms = nn.ModuleList(
+            nn.LSTM(width if i == 0 else hidden, hidden, batch_first=True) for i in range(layers)
+        )
+        for lstm in self.lstms:
+            for name, p in lstm.named_parameters():
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(p)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(p)
+                else:  # biases: zero, the forget gate's (second quarter) +1 once
+                    nn.init.zeros_(p)
+                    if name.startswith("bias_ih"):
+                        nn.init.ones_(p[hidden : 2 * hidden])
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, features: dict[str, Tensor]) -> FusionOutput:
-        tokens = torch.stack([self.proj[m](features[m]) for m in self.modalities], 1)
-        out, _ = self.lstm(tokens)  # (B, M, hidden), top layer
+        out = self.norm(torch.stack([self.proj[m](features[m]) for m in self.modalities], 1))
+        for i, lstm in enumerate(self.lstms):
+            step, _ = lstm(out)  # (B, M, hidden)
+            out = step if i == 0 else out + step  # residual from the second layer on
         h = out[:, -1] if self.readout == "last" else out.mean(1)
         return self.fc(h), self.aux_logits(features)
 
