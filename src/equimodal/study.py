@@ -252,10 +252,12 @@ def study_figure(study: Study, acc: dict[str, dict[int, float]]) -> Any:
                 )
             else:
                 ax.errorbar(pos, mean, yerr=err, marker="o", capsize=2, label=r)
-        for b in part.baselines:
+        styles = [("0.25", "--"), ("0.55", ":"), ("0.4", "-.")]  # baselines told apart in grey print too
+        for j, b in enumerate(part.baselines):
             vals = list(acc.get(f"{part.name}/baseline/{b}", {}).values())
             if vals:
-                ax.axhline(100 * np.mean(vals), color="0.4", ls="--", lw=1, label=f"{b} (baseline)")
+                color, ls = styles[j % len(styles)]
+                ax.axhline(100 * np.mean(vals), color=color, ls=ls, lw=1.2, label=f"{b} (baseline)")
         if xs is None:
             ax.set_xticks(pos, columns, rotation=30, ha="right", fontsize=8)
         ax.set(title=part.name, ylabel="test accuracy (%)")
