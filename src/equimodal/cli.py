@@ -293,12 +293,13 @@ def _add_units(sub: Any) -> None:
 def _add_report(sub: Any) -> None:
     r = sub.add_parser(
         "report",
-        help="a self-contained HTML page of run or comparison folders (FOLDER/report.html)",
-        description="A self-contained HTML report (figures embedded) of run folders (equimodal train --out) "
-        "or comparison folders (equimodal compare --out). One folder: FOLDER/report.html; several: --out "
-        "PAGE.html. --out CURVES.png (or .pdf/.svg) draws the learning curves alone, a row per run.",
+        help="a self-contained HTML page of run, comparison, study or diagnosis folders",
+        description="A self-contained HTML report (figures embedded) of run folders (equimodal train --out), "
+        "comparison folders (equimodal compare --out), study folders (equimodal study) or diagnosis "
+        "folders (equimodal diagnose). One folder: FOLDER/report.html; several: --out PAGE.html. --out "
+        "CURVES.png (or .pdf/.svg) draws the learning curves of run folders alone, a row per run.",
     )
-    r.add_argument("runs", nargs="+", help="run folders or comparison folders")
+    r.add_argument("runs", nargs="+", help="run, comparison, study or diagnosis folders")
     r.add_argument(
         "--out",
         help="the page (.html; default FOLDER/report.html), or an image (.png, .pdf, .svg) of the curves",

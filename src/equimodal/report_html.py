@@ -1,4 +1,4 @@
-"""``equimodal report``: a self-contained HTML page of run folders or of a comparison.
+"""``equimodal report``: a self-contained HTML page of run, comparison, study or diagnosis folders.
 
 Every figure is a PNG embedded in the page (``data:`` URIs): the page needs no network and no other
 file, so it can be mailed or attached to a paper's supplement. What it shows:
@@ -12,7 +12,10 @@ file, so it can be mailed or attached to a paper's supplement. What it shows:
   test, with class names; the per-modality unimodal, probe and removal accuracies;
 - for a **comparison folder** (written by ``equimodal compare --out``): the method table
   (``results.md``), the test accuracy per method with its spread over seeds, the paired difference to
-  joint training with its bootstrap 95 % interval, and each method's mean validation curves.
+  joint training with its bootstrap 95 % interval, and each method's mean validation curves;
+- for a **study folder** (``equimodal study``): its claim, setting, tables per part and figure;
+- for a **diagnosis folder** (``equimodal diagnose``): the verdict, what to try, the per-modality table
+  and the per-modality curves.
 
 Several folders give one page, a section each. The page carries a one-line script that, once loaded,
 counts the figures that decoded (``<body data-figures="loaded/total">``); the tests open it in headless
@@ -74,12 +77,15 @@ def read_csv_rows(path: Path) -> list[dict[str, float]]:
 
 
 def folder_kind(path: Path) -> str:
-    """``"diagnosis"`` (``diagnosis.json``), ``"compare"`` (``results.json``), ``"run"`` (``metrics.csv``),
+    """``"diagnosis"`` (``diagnosis.json``), ``"compare"`` (``results.json``), ``"study"`` (``study.json``),
+    ``"run"`` (``metrics.csv``),
     or a ValueError saying what is expected."""
     if (path / "diagnosis.json").is_file():
         return "diagnosis"
     if (path / "results.json").is_file():
         return "compare"
+    if (path / "study.json").is_file():
+        return "study"
     if (path / "metrics.csv").is_file():
         return "run"
     if not path.exists():
@@ -87,7 +93,7 @@ def folder_kind(path: Path) -> str:
     raise ValueError(
         f"{str(path)!r} holds neither metrics.csv (a run folder, from `equimodal train --out DIR`) nor "
         "results.json (a comparison, from `equimodal compare --out DIR`) nor diagnosis.json (from "
-        "`equimodal diagnose --out DIR`)."
+        "`equimodal diagnose --out DIR`) nor study.json (from `equimodal study NAME --out DIR`)."
     )
 
 
@@ -477,11 +483,51 @@ def diagnosis_section(folder: Path) -> str:
     ])  # fmt: skip
 
 
+def study_section(folder: Path) -> str:
+    """The HTML of a study folder: its markdown (claim, setting, tables per part) and its figure."""
+    raw = json.loads((folder / "study.json").read_text())
+    stem = raw["study"] + ("_full" if raw.get("mode") == "full" else "")
+    md_path, png = folder / f"{stem}.md", folder / f"{stem}.png"
+    if not md_path.is_file():
+        raise FileNotFoundError(f"{str(md_path)!r} is missing: rerun `equimodal study` to write it.")
+    out: list[str] = [f"<p class=path>{html.escape(str(folder))}</p>"]
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            out.append(table_html(table[0], table[2:] if len(table) > 1 else []))
+            table.clear()
+
+    for line in md_path.read_text().splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h3>{html.escape(line[3:])}</h3>")
+        elif line.startswith("# "):
+            out.insert(0, f"<h2>Study: {html.escape(line[2:])}</h2>")
+        elif line.startswith("![") and png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            out.append(f'<figure><img alt="{html.escape(raw["study"], quote=True)}" '
+                       f'src="data:image/png;base64,{data}"><figcaption>Test accuracy per cell, mean and '
+                       "spread over seeds.</figcaption></figure>")  # fmt: skip
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------------ page
 def build_page(folders: Sequence[Path]) -> str:
-    """The whole HTML page for ``folders`` (run or comparison folders, checked first)."""
+    """The whole HTML page for ``folders`` (run, comparison, study or diagnosis folders, checked first)."""
     kinds = [(Path(f), folder_kind(Path(f))) for f in folders]
-    make = {"compare": compare_section, "run": run_section, "diagnosis": diagnosis_section}
+    make = {
+        "compare": compare_section,
+        "run": run_section,
+        "diagnosis": diagnosis_section,
+        "study": study_section,
+    }
     sections = [make[kind](p) for p, kind in kinds]
     title = "equimodal report: " + ", ".join(p.name or str(p) for p, _ in kinds)
     return (
@@ -503,7 +549,7 @@ def write_report(folders: Sequence[str | Path], out: str | Path | None = None) -
     """
     paths = [Path(f) for f in folders]
     if not paths:
-        raise ValueError("report needs at least one run or comparison folder.")
+        raise ValueError("report needs at least one run, comparison, study or diagnosis folder.")
     if out is None:
         if len(paths) > 1:
             raise ValueError(
