@@ -62,7 +62,8 @@ def test_a_study_runs_resumes_and_writes_its_tables(tmp_path: Path, capsys) -> N
     assert took.endswith("min of wall time with --jobs 1")
     assert main(["study", str(preset), "--out", str(out), "--jobs", "1"]) == 0
     assert "10 runs, 10 already finished, 0 to run" in capsys.readouterr().out
-    assert json.loads((out / "study.json").read_text())["took"] == took  # a rerun keeps the first timing
+    again = json.loads((out / "study.json").read_text())
+    assert again["took"] == took and again["costs"] == raw["costs"]  # a rerun keeps the first timings
 
 
 def test_bad_presets_say_what_is_wrong(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ with how long the study took (a rerun that trains nothing keeps the earlier timi
 By default a study runs its ``quick`` setting (fewer seeds and epochs, minutes on 2 CPU cores);
 ``--full`` runs its ``full`` setting. A part may also ask for a side-by-side ``step_cost``
 measurement: each row's optimizer-step time relative to the reference on the part's model, per column
-(interleaved rounds, so machine noise hits all rows alike).
+(interleaved rounds, so machine noise hits all rows alike; a rerun that trains nothing keeps the
+stored timings).
 
 Preset keys: ``title``, ``claim``, ``quick`` / ``full`` (``seeds``, ``set``: overrides of that mode),
 ``parts`` (each: ``name``, ``config``, ``set``, ``quick_set``, ``full_set``, ``columns``, ``rows``,
@@ -396,7 +397,16 @@ def run_study(args: argparse.Namespace) -> int:
         out, specs, None, jobs=jobs, threads=threads, overwrite=args.overwrite, console=console
     )
     extra: dict[str, Any] = {}
-    costs = {p.name: step_cost(p) for p in study.parts if p.step_cost}
+    earlier = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    costs = {
+        # a rerun that trains nothing keeps the stored timings (a table redrawn on a busy machine would
+        # otherwise change); a new or resumed study measures again
+        p.name: earlier["costs"][p.name]
+        if before == len(specs) and p.name in earlier.get("costs", {})
+        else step_cost(p)
+        for p in study.parts
+        if p.step_cost
+    }
     if costs:
         extra["costs"] = costs
     extra["took"] = took(out, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, jobs)
