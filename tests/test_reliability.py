@@ -50,6 +50,17 @@ def test_a_run_folder_of_another_config_is_refused_and_kept(tmp_path: Path, caps
     assert json.loads((out / "summary.json").read_text())["config"]["optim"]["lr"] == 0.02
 
 
+def test_a_run_that_failed_on_a_bad_option_can_be_retried_with_a_fixed_one(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, text = cli(
+        ["train", *sets("balancer.name=own_signal", "balancer.options.weight=-1"), "--out", str(out)], capsys
+    )
+    assert code == 2 and "weight" in text and not (out / "metrics.csv").exists()
+    assert (
+        cli(["train", *sets("balancer.name=own_signal"), "--out", str(out)], capsys)[0] == 0
+    )  # no --overwrite
+
+
 def test_a_non_finite_loss_stops_the_run_naming_where(tmp_path: Path, capsys) -> None:
     code, text = cli(["train", *sets("optim.lr=1e6"), "--out", str(tmp_path / "r")], capsys)
     assert code == 3

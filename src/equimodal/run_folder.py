@@ -4,7 +4,8 @@
 work. It reads the folder's ``config.yaml`` (written when a run starts); when that config differs from
 the one asked for, it raises :class:`RunFolderError` naming every differing key (old and new value) and
 the two ways out: another ``--out``, or ``--overwrite``. The same config resumes (``last.pt``) or, for a
-finished run, is reported as is.
+finished run, is reported as is. A folder whose run wrote nothing but its config (it failed before its
+first output, e.g. on a bad balancer option) takes the new config: there is nothing to lose.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def check_run_folder(
     diffs = config_differences(old, config)
     if not diffs:
         return True
-    if overwrite:
-        return False
+    if overwrite or not any((out / name).exists() for name in RUN_OUTPUTS):
+        return False  # replaced on request, or a run that failed before it wrote anything (a bad option)
     shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(diffs.items())[:8])
     more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
     raise RunFolderError(

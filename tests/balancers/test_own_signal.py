@@ -86,11 +86,11 @@ def test_equalisation_factors_are_bounded() -> None:
 
 def test_refuses_bad_options() -> None:
     for options, words in (
-        ({"weight": -1.0}, "weight must be"),
+        ({"weight": -1.0}, "option 'weight' must be a finite number >= 0, found -1.0"),
         ({"adapt": "always"}, "adapt"),
-        ({"normalize": 2.0}, "normalize must lie in [0, 1]"),
-        ({"max_weight": 0.5}, "max_weight must be"),
-        ({"max_scale": 0.5}, "max_scale must be"),
+        ({"normalize": 2.0}, "'normalize' must lie in [0, 1]"),
+        ({"max_weight": 0.5}, "option 'max_weight' must be a finite number >= 1"),
+        ({"max_scale": 0.5}, "option 'max_scale' must be"),
     ):
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
             _fixed(**options)

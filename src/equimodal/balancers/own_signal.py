@@ -80,12 +80,17 @@ class OwnSignal(Balancer):
             ("max_scale", max_scale, 1.0),
         ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
-                raise ValueError(f"{key} must be a finite number >= {low}, found {value!r}.")
+                raise ValueError(
+                    f"Balancer 'own_signal' option {key!r} must be a finite number >= {low:g}, found {value!r}."
+                )
         if adapt not in ("none", "starved"):
-            raise ValueError(f"adapt must be 'none' or 'starved', found {adapt!r}.")
+            raise ValueError(
+                f"Balancer 'own_signal' option 'adapt' must be 'none' or 'starved', found {adapt!r}."
+            )
         if not 0.0 <= normalize <= 1.0 or not 0.0 <= momentum < 1.0:
             raise ValueError(
-                f"normalize must lie in [0, 1] and momentum in [0, 1), found {normalize!r}, {momentum!r}."
+                f"Balancer 'own_signal' options 'normalize' must lie in [0, 1] and 'momentum' in [0, 1), "
+                f"found {normalize!r}, {momentum!r}."
             )
         self.weight, self.adapt, self.power, self.max_weight = (
             float(weight),
