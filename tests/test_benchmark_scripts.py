@@ -66,3 +66,30 @@ def test_before_step_smoke() -> None:
     assert len(verdicts) == 3 and set(verdicts) <= {"PASS", "FAIL"}
     assert "naive per-parameter loop" in out
     assert "GB/s" in out
+
+
+def test_paired_table_merges_folders_and_pairs_by_seed(tmp_path: Path) -> None:
+    """Two compare folders; the variant's seed 2 never finished (a non-finite run leaves no summary)."""
+    import json
+
+    def write(folder: str, label: str, seed: int, test: float, val: float) -> None:
+        run = tmp_path / folder / label / f"seed{seed}"
+        run.mkdir(parents=True)
+        summary = {"modalities": ["a", "b"], "test": {"test_acc": test, "test_probe_a": 0.5, "test_probe_b": 0.7},
+                   "val": {"val_acc": val}}  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+
+    for seed, (t, v) in enumerate([(0.80, 0.70), (0.82, 0.72)]):
+        write("first", "none", seed, t, v)
+        write("second", "own", seed, t + 0.01 * (seed + 1), v + 0.02)  # +1 and +2 pp on test, +2 on val
+    (tmp_path / "second" / "own" / "seed2").mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paired_table.py"), str(tmp_path / "first"),
+         str(tmp_path / "second"), "--labels", "none,own,gone"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    own = table_rows(proc.stdout, "own (1 seed(s) unfinished)")[0]
+    assert own[1] == "82.5 ± 2.1" and own[2].startswith("+1.50 [+1.00, +2.00]") and own[3] == "+2.00"
+    assert own[4:] == ["50.0", "70.0"] and table_rows(proc.stdout, "none")[0][1] == "81.0 ± 1.4"
+    assert table_rows(proc.stdout, "gone")[0][1] == "no finished run"
