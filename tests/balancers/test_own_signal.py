@@ -3,6 +3,8 @@ per-encoder gradient-norm equalisation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,21 @@ def test_equalisation_factors_are_bounded() -> None:
     bal.before_step()
     scales = [bal.stats()[f"scale/{m}"] for m in bal.modalities]
     assert min(scales) == pytest.approx(0.5) and max(scales) == pytest.approx(2.0)
+
+
+def test_an_overflow_step_keeps_the_running_norms() -> None:
+    bal = _fixed(weight=1.0, normalize=1.0, momentum=0.5)
+    batch, y = make_toy_batch(3)
+    bal.loss(bal.model(batch), y).backward()
+    bal.before_step()
+    kept = bal._norms.clone()
+    bal.model.zero_grad()
+    bal.loss(bal.model(batch), y).backward()
+    next(iter(bal.encoder_params("m1"))).grad.fill_(float("nan"))  # what a GradScaler would skip
+    bal.before_step()
+    assert torch.equal(bal._norms, kept) and all(
+        math.isfinite(bal.stats()[f"scale/{m}"]) for m in bal.modalities
+    )
 
 
 def test_refuses_bad_options() -> None:

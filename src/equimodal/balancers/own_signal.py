@@ -135,17 +135,17 @@ class OwnSignal(Balancer):
         if not all(grads.values()):
             return
         norms = torch.stack([torch.stack(torch._foreach_norm(g)).norm() for g in grads.values()]).float()
-        if not bool(torch.isfinite(norms).all()):
-            return  # an overflow step: leave it to the GradScaler, keep the running norms
-        self._norms = (
-            norms if self._norms is None else self.momentum * self._norms + (1 - self.momentum) * norms
-        )
+        # on the device, no host sync: an overflow step (left to the GradScaler) keeps the running norms
+        finite = torch.isfinite(norms).all()
+        previous = torch.ones_like(norms) if self._norms is None else self._norms
+        updated = norms if self._norms is None else self.momentum * previous + (1 - self.momentum) * norms
+        self._norms = torch.where(finite, updated, previous)
         scale = (self._norms.mean() / self._norms.clamp_min(1e-12)).pow(self.normalize)
         # bounded: unbounded, a diverging encoder raises the mean norm and so every other encoder's scale
         # (on mfeat fac+mor at weight 2, starved, normalize 0.5 the scales reached 10^2 and the loss inf)
         scale = scale.clamp(1.0 / self.max_scale, self.max_scale)
-        for m, s in zip(self.modalities, scale.tolist(), strict=True):
-            torch._foreach_mul_(grads[m], s)
+        for i, m in enumerate(self.modalities):
+            torch._foreach_mul_(grads[m], scale[i].to(grads[m][0].dtype))
         self._last["scale"] = scale
 
     def unimodal_prediction(self, out: MultimodalOutput) -> dict[str, Tensor]:
