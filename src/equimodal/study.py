@@ -372,12 +372,11 @@ def write_study(study: Study, out: Path, acc: dict[str, dict[int, float]], extra
     return text
 
 
-def took(out: Path, trained: int, total: int, minutes: float, jobs: int) -> str:
-    """How long the study took: this call's wall time, or the earlier call's when this one trained nothing."""
-    if trained == 0 and (out / "study.json").is_file():
-        earlier = json.loads((out / "study.json").read_text()).get("took")
-        if earlier:
-            return str(earlier)
+def took(earlier: dict[str, Any], trained: int, total: int, minutes: float, jobs: int) -> str:
+    """How long the study took: this call's wall time, or the earlier call's (``earlier``: the previous
+    study.json) when this one trained nothing."""
+    if trained == 0 and earlier.get("took"):
+        return str(earlier["took"])
     part = "" if trained == total else f" ({trained} of its {total} runs; the rest had finished before)"
     return f"{minutes:.1f} min of wall time with --jobs {jobs}{part}"
 
@@ -409,7 +408,7 @@ def run_study(args: argparse.Namespace) -> int:
     }
     if costs:
         extra["costs"] = costs
-    extra["took"] = took(out, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, jobs)
+    extra["took"] = took(earlier, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, jobs)
     text = write_study(study, out, cell_accuracies(out, specs, expected), extra)
     if args.docs:
         docs = Path(args.docs)
