@@ -202,6 +202,17 @@ def test_a_folder_of_another_config_is_refused_before_any_training(tmp_path, cap
     assert json.loads((run / "summary.json").read_text())["marker"] == "old run"
 
 
+def test_a_run_that_wrote_only_its_config_is_retrained_under_the_new_one(tmp_path) -> None:
+    """A run that failed on a bad option leaves config.yaml alone: rerunning with a fixed config trains."""
+    spec = run_specs(BASE, ["none"], ["fac", "mor"], 1, False)[0]
+    run = tmp_path / "none" / "seed0"
+    run.mkdir(parents=True)
+    old = run_config(None, RunSpec(spec.label, (*spec.overrides, "optim.lr=0.3"), 0))
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert run_compare(_args(tmp_path)) == 0
+    assert json.loads((run / "summary.json").read_text())["config"]["optim"]["lr"] != 0.3
+
+
 def test_overwrite_retrains_a_folder_of_another_config_from_scratch(tmp_path) -> None:
     spec = run_specs(BASE, ["none"], ["fac", "mor"], 1, False)[0]
     old = run_config(None, RunSpec(spec.label, (*spec.overrides, "optim.lr=0.3"), 0))

@@ -40,7 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .io import atomic_write_text
-from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences
+from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences, has_outputs
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,11 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 def _recorded_config(folder: Path) -> dict[str, Any] | None:
     """The config a run folder was trained with (``config.yaml``, else ``summary.json``), or None if it
-    holds no run; a run whose config cannot be read reads as a one-key placeholder (a difference)."""
+    holds no run (:func:`~equimodal.run_folder.has_outputs`); a run whose config cannot be read reads as a
+    one-key placeholder (a difference)."""
     saved, summary = folder / "config.yaml", folder / "summary.json"
+    if not has_outputs(folder):
+        return None  # a run that failed before writing anything holds nothing to keep
     try:
         if saved.is_file():
             loaded = yaml.safe_load(saved.read_text())

@@ -36,6 +36,12 @@ def clear_run(out: Path, *, config: bool = False) -> None:
             event.unlink()
 
 
+def has_outputs(out: Path) -> bool:
+    """Whether a run in ``out`` wrote anything besides its config (one that failed before its first
+    output, e.g. on a bad option, did not: a new config may take its folder, there is nothing to lose)."""
+    return any((out / name).exists() for name in RUN_OUTPUTS)
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (another config's run, a file, unwritable)."""
 
@@ -94,8 +100,8 @@ def check_run_folder(
     diffs = config_differences(old, config)
     if not diffs:
         return True
-    if overwrite or not any((out / name).exists() for name in RUN_OUTPUTS):
-        return False  # replaced on request, or a run that failed before it wrote anything (a bad option)
+    if overwrite or not has_outputs(out):
+        return False
     shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(diffs.items())[:8])
     more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
     raise RunFolderError(
