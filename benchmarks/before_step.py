@@ -36,6 +36,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -118,7 +119,7 @@ def fmt(xs: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{med:.{digits}f} [{q1:.{digits}f}, {q3:.{digits}f}]"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -132,19 +133,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.warmup, args.batch = 3, 1, 2
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return args
+
+
+def timed_rounds(args, model, batches, balancers, opt, units, device) -> dict[str, Any]:
+    """Step every method (and the naive masking loop) once per round, in rotating order; returns the
+    whole-step times and ratios to the plain step per method, and the masking times."""
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    model, batches, label = build(args, device)
-    balancers = {name: em.create_balancer(name, model, seed=0) for name in METHODS}
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    units = [u for us in balancers["amss"].units.values() for u in us]
-    weights = sum(
-        t[:, u.columns].numel() if u.columns is not None else t.numel() for u in units for t in u.tensors
-    )
     naive_gen = torch.Generator(device=device).manual_seed(0)
-
     step: dict[str, list[float]] = {m: [] for m in METHODS}
     ratio: dict[str, list[float]] = {m: [] for m in METHODS}
     mask: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -180,15 +176,12 @@ def main() -> None:
                 step[name].append(this[name])
                 ratio[name].append(this[name] / this["none"])
     opt.zero_grad(set_to_none=True)
+    return {"step": step, "ratio": ratio, "mask": mask, "naive": naive}
 
-    print(
-        f"# before_step of AMSS / AMSS+ on the audio-visual ResNet18 pair: torch {torch.__version__}, "
-        f"device {device}, {args.threads} thread(s), {label}, {args.rounds} rounds after {args.warmup} "
-        f"warm-up{', SMOKE' if args.smoke else ''}\n"
-    )
-    print(
-        f"{len(units)} masked tensors, {weights / 1e6:.2f} M masked weights; plain step {fmt(step['none'], 1e3, 1)} ms\n"
-    )
+
+def print_table(times: dict[str, Any], weights: int) -> None:
+    """The markdown table: before_step against its goal, step ratios, shares, the naive loop, bandwidth."""
+    step, ratio, mask, naive = times["step"], times["ratio"], times["mask"], times["naive"]
     print("| what | median [quartiles] | goal | result |")
     print("|---|---|---|---|")
     for name in ("amss", "amss_plus"):
@@ -216,6 +209,30 @@ def main() -> None:
             f"| `{name}` gradient bytes read + written (masked weights x 4 B x 2) | {gbytes * 1e3:.0f} MB "
             f"= {rate:.1f} GB/s over before_step | - | - |"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, batches, label = build(args, device)
+    balancers = {name: em.create_balancer(name, model, seed=0) for name in METHODS}
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    units = [u for us in balancers["amss"].units.values() for u in us]
+    weights = sum(
+        t[:, u.columns].numel() if u.columns is not None else t.numel() for u in units for t in u.tensors
+    )
+    times = timed_rounds(args, model, batches, balancers, opt, units, device)
+    print(
+        f"# before_step of AMSS / AMSS+ on the audio-visual ResNet18 pair: torch {torch.__version__}, "
+        f"device {device}, {args.threads} thread(s), {label}, {args.rounds} rounds after {args.warmup} "
+        f"warm-up{', SMOKE' if args.smoke else ''}\n"
+    )
+    print(
+        f"{len(units)} masked tensors, {weights / 1e6:.2f} M masked weights; plain step "
+        f"{fmt(times['step']['none'], 1e3, 1)} ms\n"
+    )
+    print_table(times, weights)
 
 
 if __name__ == "__main__":
