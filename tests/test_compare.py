@@ -315,3 +315,37 @@ def test_the_result_plot_starts_the_accuracy_axis_at_zero() -> None:
     ax = fig.axes[0]
     assert ax.get_ylim() == (0.0, 100.0)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "amss"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("config", "dataset", "source", "data_name"),
+    [
+        (None, "avdigits_hard", "avdigits_hard", "avdigits_hard"),  # a preset: the recipe `train X` runs
+        (None, "mfeat", None, "mfeat"),  # no preset: the default config on that dataset
+        ("avdigits_hard", "avdigits", "avdigits_hard", "avdigits"),  # a config given: only data.name changes
+    ],
+)
+def test_dataset_runs_the_recipe_train_runs(monkeypatch, tmp_path, capsys, config, dataset, source, data_name):
+    """``compare --dataset X`` trains X's preset (as ``train X``, ``diagnose X`` and run_results.sh do),
+    not the default config's lr, batch and epochs with data.name swapped; it says which recipe it runs."""
+    import equimodal.compare as compare
+    from equimodal.config import config_to_dict, load_config
+
+    seen: dict[str, object] = {}
+
+    def fake_execute(out, specs, cfg_source, **kwargs):
+        seen["configs"] = [run_config(cfg_source, s) for s in specs]
+        raise _Stop
+
+    monkeypatch.setattr(compare, "execute_runs", fake_execute)
+    args = _args(tmp_path, dataset=dataset, config=config, set=[])
+    with pytest.raises(_Stop):
+        run_compare(args)
+    want = load_config(source, [f"data.name={data_name}", "balancer.name=none", "train.seed=0", "train.progress=0"])
+    assert seen["configs"][0] == config_to_dict(want)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"data {data_name!r}" in printed and f"{want.train.epochs} epochs" in printed

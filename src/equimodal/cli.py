@@ -11,10 +11,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 
@@ -47,19 +49,43 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def default_run_folder(cfg: Any) -> Path:
+    """``runs/train/<dataset>-<balancer>-<8 hex digits of the config>``: a config's own folder, so that
+    rerunning the same command resumes it (every process of a torchrun agrees on it) and another config
+    gets another folder."""
+    import hashlib
+    import json
+
+    from .config import config_to_dict
+
+    digest = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / "train" / f"{cfg.data.name}-{cfg.balancer.name}-{digest}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
     cfg = load_config(args.config, args.set or [])
-    summary = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process reports
-        console = Console(width=min(Console().width, 100))
+    if args.no_save and args.out:
+        raise ValueError("--no-save keeps nothing, --out names where to keep the run: pass one of them.")
+    out = None if args.no_save else Path(args.out) if args.out else default_run_folder(cfg)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first process reports
+    console = Console(width=min(Console().width, 100))
+
+    def announce() -> None:
+        if main_process and out is not None and not args.out:
+            console.print(f"Run folder: {out} (rerun the same command to resume it)", highlight=False)
+
+    summary = train(cfg, out, resume=not args.no_resume, overwrite=args.overwrite, on_start=announce)
+    if main_process:
         console.print(_summary_table(summary))
-        if args.out:
-            console.print(f"Run folder: {args.out}")
+        if out is not None:
+            console.print(f"Run folder: {out}", highlight=False)
         else:
-            console.print("No --out given: nothing was saved. Pass --out DIR to keep the run folder.")
+            console.print(
+                "--no-save: nothing was kept. Pass --out DIR (or leave it out) to keep the run folder."
+            )
     return 0
 
 
@@ -197,7 +223,12 @@ def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train one run (default: the built-in mfeat dataset)")
     t.add_argument("config", nargs="?", help=_CONFIG_HELP)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help=_SET_HELP)
-    t.add_argument("--out", help="run folder for config.yaml, metrics.csv, best.pt, summary.json")
+    t.add_argument(
+        "--out",
+        help="run folder for config.yaml, metrics.csv, best.pt, summary.json (default: "
+        "runs/train/DATASET-BALANCER-HASH, one per config, so a rerun resumes)",
+    )
+    t.add_argument("--no-save", action="store_true", help="keep nothing on disk (no run folder, no resume)")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
     t.add_argument("--overwrite", action="store_true", help="replace a run of another config in OUT")
     t.set_defaults(func=cmd_train)
@@ -212,7 +243,11 @@ def _add_list(sub: Any) -> None:
 def _add_compare(sub: Any) -> None:
     c = sub.add_parser("compare", help="run several balancers x seeds and tabulate mean +/- std")
     c.add_argument("config", nargs="?", help="base YAML file or preset")
-    c.add_argument("--dataset", help="dataset name (overrides data.name)")
+    c.add_argument(
+        "--dataset",
+        help="dataset name: alone, its shipped preset (the recipe `equimodal train NAME` runs) when there is "
+        "one, else the default config with data.name=NAME; with CONFIG, CONFIG with data.name=NAME",
+    )
     c.add_argument("--balancers", default="none,amss,amss_plus", help="comma-separated balancer names")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
@@ -366,16 +401,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:
-        err.print(f"[bold yellow]stopped:[/] {exc}", highlight=False)
+        err.print(_labelled("stopped: ", "bold yellow", str(exc)))
         return 128 + int(exc.signum)
     except NonFiniteError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(_labelled("error: ", "bold red", str(exc)))
         return 3
     except (ValueError, TypeError, OSError, ImportError) as exc:
         if args.verbose:
             raise
-        err.print(f"[bold red]error:[/] {_describe(exc)}", highlight=False)
+        err.print(_labelled("error: ", "bold red", _describe(exc)))
         return 2
+
+
+def _labelled(label: str, style: str, message: str) -> Text:
+    """A styled label and a message printed literally: ``[plots]`` in an install hint is text, not markup."""
+    return Text.assemble((label, style), message)
 
 
 def _describe(exc: BaseException) -> str:

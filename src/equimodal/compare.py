@@ -40,6 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .io import atomic_write_text
+from .preflight import PLOTS_INSTALL, check_runs, figures_missing
 from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences, has_outputs
 
 log = logging.getLogger(__name__)
@@ -484,9 +485,11 @@ def print_results(
     console.print(results_table(rows, title, seeds))
     for note in table_notes(rows):
         console.print(note, highlight=False, markup=False)
+    plot = out / "results.png"
     console.print(
         "Full table (macro-F1, per-modality unimodal and probe accuracy, imbalance, time/epoch): "
-        f"{out / 'results.md'}, {out / 'results.csv'}; plot: {out / 'results.png'}",
+        f"{out / 'results.md'}, {out / 'results.csv'}"
+        + (f"; plot: {plot}" if plot.is_file() else f"; no plot ({PLOTS_INSTALL} to draw it)"),
         highlight=False,
         markup=False,
     )
@@ -523,10 +526,11 @@ def results_figure(raw: dict[str, dict[str, dict[str, float]]]) -> Any:
 
 
 def _plot(out: Path, raw: dict[str, dict[str, dict[str, float]]]) -> None:
+    """``results.png``; without matplotlib none (an earlier one is removed: it would not match the tables)."""
     try:
         fig = results_figure(raw)
     except ImportError:
-        log.warning("matplotlib is not installed: skipping results.png (pip install 'equimodal[plots]')")
+        (out / "results.png").unlink(missing_ok=True)
         return
     import matplotlib.pyplot as plt
 
@@ -559,6 +563,10 @@ def execute_runs(
     if other and not overwrite:
         raise other_config_error(out, other)
     todo = [s for s in specs if s in other or finished_summary(out, s, expected[s]) is None]
+    check_runs({f"{s.label}/seed{s.seed}": expected[s] for s in todo})
+    missing = figures_missing()
+    if missing:
+        console.print(missing, highlight=False, markup=False)
     again = f" ({len(other)} of another config, retrained from scratch: --overwrite)" if other else ""
     console.print(
         f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run{again} in {out}",
@@ -600,17 +608,16 @@ def run_compare(args: argparse.Namespace) -> int:
     a run of another config stops the comparison (a :class:`RunFolderError` naming the folders and
     keys) unless ``args.overwrite``, which retrains those runs from scratch.
     """
-    from .config import load_config
+    from .config import describe_recipe, load_config, resolve_recipe
     from .data import load_dataset
 
     seeds = check_count(args.seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
     n_jobs = check_count(getattr(args, "jobs", 1), "jobs", "runs in parallel", "1")
     threads = check_count(getattr(args, "threads", 1), "threads", "torch threads per run", "1")
     overwrite = bool(getattr(args, "overwrite", False))
-    base = list(args.set or [])
-    if args.dataset:
-        base.insert(0, f"data.name={args.dataset}")
-    cfg = load_config(args.config, base)
+    config, base = resolve_recipe(args.config, args.dataset)
+    base += list(args.set or [])
+    cfg = load_config(config, base)
     from .balancers import list_balancers
 
     balancers = [b.strip() for b in args.balancers.split(",") if b.strip()]
@@ -626,8 +633,9 @@ def run_compare(args: argparse.Namespace) -> int:
     specs = run_specs(base, balancers, modalities, seeds, refs, variants)
     out = Path(args.out)
     console = Console()
+    console.print(f"Recipe: {describe_recipe(config, cfg)}", highlight=False, markup=False)
     expected, failures = execute_runs(
-        out, specs, args.config, jobs=n_jobs, threads=threads, overwrite=overwrite, console=console
+        out, specs, config, jobs=n_jobs, threads=threads, overwrite=overwrite, console=console
     )
     _, rows = summarise(out, specs, modalities, refs, expected)
     spread = "1 seed" if seeds == 1 else f"mean ± std over {seeds} seeds"

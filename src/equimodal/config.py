@@ -122,6 +122,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -271,6 +272,13 @@ def validate_config(cfg: Config) -> None:
     _check(math.isfinite(o.gamma) and o.gamma > 0, "optim.gamma", "a finite number > 0", o.gamma)
     _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
+    _check(
+        bool(_DEVICE.fullmatch(t.device)),
+        "train.device",
+        "auto, cpu, cuda, cuda:N (a GPU's index) or mps",
+        t.device,
+        "Set e.g. train.device=auto (a GPU when present, else the CPU).",
+    )
     _check(t.grad_accum >= 1, "train.grad_accum", "an integer >= 1", t.grad_accum)
     _check(t.num_threads >= 0, "train.num_threads", "0 (torch's default) or an integer >= 1", t.num_threads)
     _choice("train.on_nonfinite value", t.on_nonfinite, ("stop", "skip"))
@@ -380,6 +388,35 @@ def load_config(source: str | Path | None = None, overrides: Iterable[str] = ())
     for item in overrides:
         _set_path(data, item)
     return config_from_dict(data)
+
+
+def resolve_recipe(config: str | None, dataset: str | None) -> tuple[str | None, list[str]]:
+    """The config source and leading overrides for a command given ``--dataset`` and/or a ``CONFIG``.
+
+    ``--dataset X`` alone runs X's shipped preset when there is one (the recipe ``equimodal train X``
+    runs), else the default config with ``data.name=X``; with a ``CONFIG`` it runs that config with
+    ``data.name=X``. Without ``--dataset`` it is ``CONFIG`` (or the default config) as given.
+    """
+    if dataset is None:
+        return config, []
+    if config is None and (PRESET_DIR / f"{dataset}.yaml").is_file():
+        return dataset, []
+    return config, [f"data.name={dataset}"]
+
+
+def describe_recipe(source: str | None, cfg: Config) -> str:
+    """One line naming where a run's recipe comes from and its main figures (optimizer, batch, epochs)."""
+    if source is None:
+        origin = "the default config"
+    elif (PRESET_DIR / f"{source}.yaml").is_file() and not Path(source).exists():
+        origin = f"preset {source!r}"
+    else:
+        origin = repr(str(source))
+    o = cfg.optim
+    return (
+        f"{origin}, data {cfg.data.name!r}: {o.name} lr {o.lr:g}, batch {cfg.data.batch_size}, "
+        f"{cfg.train.epochs} epochs, {cfg.model.fusion} fusion"
+    )
 
 
 def _set_path(data: dict[str, Any], item: str) -> None:

@@ -41,6 +41,7 @@ from .compare import (
     print_failures,
 )
 from .io import atomic_write_text
+from .preflight import figures_missing
 
 SPEED_FRACTION = 0.9
 EARLY_EPOCHS = 5
@@ -301,7 +302,7 @@ def diagnosis_figure(diag: Diagnosis) -> Any:
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.4 * (len(names) + 1), 2.8), squeeze=False)
     for ax, name in zip(axes[0], [*names, "fused"], strict=True):
         for label, curve in diag.curves.get(name, {}).items():
-            ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], label=label)
+            ax.plot(range(len(curve)), [100 * v for v in curve], label=label)  # epochs from 0, as metrics.csv
         ax.set(title=name, xlabel="epoch", ylim=(0, 100))
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("validation accuracy (%)")
@@ -313,9 +314,15 @@ def write_diagnosis(diag: Diagnosis, out: Path) -> str:
     """Write ``diagnosis.md``, ``diagnosis.json`` and ``diagnosis.png`` into ``out``; returns the markdown."""
     from .report import _pyplot
 
+    drawn = figures_missing() is None
     text = diagnosis_markdown(diag)
+    if not drawn:
+        text = text.replace("![curves](diagnosis.png)\n", "")
     atomic_write_text(out / "diagnosis.md", text)
     atomic_write_text(out / "diagnosis.json", json.dumps(asdict(diag), indent=2, default=float))
+    if not drawn:
+        (out / "diagnosis.png").unlink(missing_ok=True)  # an earlier figure would not match the tables
+        return text
     fig = diagnosis_figure(diag)
     tmp = out / ".diagnosis.png.tmp"
     fig.savefig(tmp, format="png", dpi=110)

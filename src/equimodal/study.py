@@ -50,6 +50,7 @@ from .compare import (
 )
 from .config import PRESET_DIR
 from .io import atomic_write_text
+from .preflight import figures_missing
 
 STUDY_DIR = PRESET_DIR / "studies"
 
@@ -357,13 +358,17 @@ def write_study(study: Study, out: Path, acc: dict[str, dict[int, float]], extra
                    markdown_table(c_header, c_rows), ""]  # fmt: skip
         for row in accuracy:
             writer.writerow([part.name, *row])
-    md += [f"![{study.title}]({stem}.png)", ""]
+    drawn = figures_missing() is None
+    md += [f"![{study.title}]({stem}.png)", ""] if drawn else []
     text = "\n".join(md)
     atomic_write_text(out / f"{stem}.md", text)
     atomic_write_text(out / f"{stem}.csv", buf.getvalue())
     raw = {"study": study.name, "mode": study.mode, "seeds": study.seeds, **extra,
            "accuracy": {k: {str(s): a for s, a in v.items()} for k, v in acc.items()}}  # fmt: skip
     atomic_write_text(out / "study.json", json.dumps(raw, indent=2))
+    if not drawn:
+        (out / f"{stem}.png").unlink(missing_ok=True)  # an earlier figure would not match the tables
+        return text
     fig = study_figure(study, acc)
     tmp = out / f".{stem}.png.tmp"
     fig.savefig(tmp, format="png", dpi=110)
@@ -414,6 +419,7 @@ def run_study(args: argparse.Namespace) -> int:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         for name in (f"{file_stem(study)}.md", f"{file_stem(study)}.png", f"{file_stem(study)}.csv"):
-            (docs / name).write_bytes((out / name).read_bytes())
+            if (out / name).is_file():
+                (docs / name).write_bytes((out / name).read_bytes())
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     return print_failures(console, failures)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import importlib.util
 import io
 import json
 import logging
@@ -57,7 +58,7 @@ from .io import atomic_savez, atomic_write_text
 from .models import MultimodalClassifier
 from .models.encoders import create_encoder
 from .run_folder import check_run_folder, clear_run
-from .run_log import RunLog, write_rows
+from .run_log import TENSORBOARD_INSTALL, RunLog, write_rows
 from .types import check_batch
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,59 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- parts
 def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; any other value is passed to ``torch.device``."""
+    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are checked
+    against what this machine has, before any work.
+
+    Raises:
+        ValueError: ``name`` is not a device, or names one this machine lacks (the message says which
+            value works instead).
+    """
     local = int(os.environ.get("LOCAL_RANK", 0))
     if name == "auto":
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    device = parse_device(name)
     if device.type == "cuda" and device.index is None:  # "cuda" means this process's GPU under torchrun
         device = torch.device("cuda", local)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"train.device={name!r} asks for a CUDA GPU, but torch finds none here (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Set train.device=auto "
+                "(a GPU when present, else the CPU) or train.device=cpu."
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"train.device={name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}. "
+                "Pick one of them, or train.device=auto."
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"train.device={name!r} asks for Apple's MPS, which torch cannot use here. Set "
+            "train.device=auto or cpu."
+        )
+    return device
+
+
+DEVICES = "auto, cpu, cuda, cuda:N (a GPU's index) or mps"
+
+
+def parse_device(name: str) -> torch.device:
+    """``name`` as a ``torch.device`` of a type the trainer supports (cpu, cuda, mps).
+
+    Raises:
+        ValueError: anything else, naming the valid values.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if (
+        device is None
+        or device.type not in ("cpu", "cuda", "mps")
+        or (device.type != "cuda" and device.index)
+    ):
+        raise ValueError(f"train.device: expected {DEVICES}, found {name!r}. Set e.g. train.device=auto.")
     return device
 
 
@@ -283,6 +330,54 @@ def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDa
     )  # fmt: skip
 
 
+def check_run_options(cfg: Config, out: Path | None) -> None:
+    """The run-level choices that need no data: no ``data.options.seed``; TensorBoard needs a folder and
+    its package.
+
+    Raises:
+        ValueError: a choice that cannot work (names the fix). ImportError: tensorboard is not installed.
+    """
+    if "seed" in cfg.data.options:
+        raise ValueError(
+            "data.options.seed is not allowed: the dataset split and pairing follow train.seed. "
+            "Set train.seed instead."
+        )
+    if cfg.train.tensorboard and out is None:
+        raise ValueError("train.tensorboard=true writes into the run folder: pass --out DIR.")
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(f"train.tensorboard=true needs the tensorboard package: {TENSORBOARD_INSTALL}")
+
+
+def check_balancer_fits(cfg: Config, balancer: Balancer, use_amp: bool) -> None:
+    """The run's switches that a balancer which owns its step cannot honour (skipping steps, AMP)."""
+    if not balancer.requirements.own_step:
+        return
+    if cfg.train.on_nonfinite == "skip":
+        raise ValueError(
+            f"train.on_nonfinite=skip cannot be used with balancer {cfg.balancer.name!r}: it runs its own "
+            "optimisation step, which has updated the parameters before its loss can be checked. Use "
+            "train.on_nonfinite=stop (the default)."
+        )
+    if use_amp:
+        raise ValueError(
+            f"Balancer {cfg.balancer.name!r} runs its own optimisation step, which has no AMP loss scaling; "
+            "set train.amp=false."
+        )
+
+
+def build_parts(
+    cfg: Config, dataset: MultimodalDataset, device: torch.device
+) -> tuple[nn.Module, Balancer, bool]:
+    """The model on ``device``, its balancer, and whether AMP is used; checks that they fit the config."""
+    model = build_model(cfg, dataset).to(device)
+    balancer = create_balancer(
+        cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, cfg.train.seed)
+    )
+    use_amp = cfg.train.amp and device.type == "cuda"
+    check_balancer_fits(cfg, balancer, use_amp)
+    return model, balancer, use_amp
+
+
 def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, rank: int, world: int) -> Run:
     """Data, model, balancer, optimizer, scheduler, scaler and loaders for one run."""
     t = cfg.train
@@ -290,18 +385,9 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed_everything(t.seed)
-    if "seed" in cfg.data.options:
-        raise ValueError(
-            "data.options.seed is not allowed: the dataset split and pairing follow train.seed. "
-            "Set train.seed instead."
-        )
-    if t.tensorboard and out is None:
-        raise ValueError("train.tensorboard=true writes into the run folder: pass --out DIR.")
+    check_run_options(cfg, out)
     ds = dataset or load_dataset(cfg.data.name, seed=t.seed, **cfg.data.options)
-    model = build_model(cfg, ds).to(device)
-    balancer = create_balancer(
-        cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, t.seed)
-    )
+    model, balancer, use_amp = build_parts(cfg, ds, device)
     req = balancer.requirements  # the one place the trainer learns what this balancer needs
     optimizer = build_optimizer(cfg, [*model.parameters(), *balancer.parameters()])
     balancer.check_optimizer(optimizer)  # warns when an adaptive optimizer would cancel the method
@@ -311,18 +397,6 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=req.unused_parameters,
-        )
-    if req.own_step and t.on_nonfinite == "skip":
-        raise ValueError(
-            f"train.on_nonfinite=skip cannot be used with balancer {cfg.balancer.name!r}: it runs its own "
-            "optimisation step, which has updated the parameters before its loss can be checked. Use "
-            "train.on_nonfinite=stop (the default)."
-        )
-    use_amp = t.amp and device.type == "cuda"
-    if use_amp and req.own_step:
-        raise ValueError(
-            f"Balancer {cfg.balancer.name!r} runs its own optimisation step, which has no AMP loss scaling; "
-            "set train.amp=false."
         )
     train_split, heldout = ds.train, None
     if req.heldout_fraction > 0:
@@ -451,7 +525,7 @@ def _progress_bar(enabled: bool, total: int, done: int) -> Any:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"), transient=True,
     )  # fmt: skip
-    bar.add_task("train", total=total, info="", completed=done)
+    bar.add_task("epochs done", total=total, info="", completed=done)  # a count; epochs are numbered from 0
     bar.start()
     return bar
 
@@ -479,6 +553,7 @@ def train(
     resume: bool = True,
     overwrite: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns the summary (also written to ``out_dir/summary.json``).
 
@@ -489,6 +564,8 @@ def train(
         resume: continue from ``out_dir/last.pt`` when it exists (``False``: start afresh in the folder).
         overwrite: replace a run of another config in ``out_dir`` (otherwise that is an error).
         on_epoch: called with each epoch's metrics row.
+        on_start: called once the run is built (data, model, balancer; resumed if it was), before its first
+            epoch.
 
     Raises:
         RunFolderError: ``out_dir`` holds another config's run, is a file or cannot be written, or its
@@ -501,20 +578,23 @@ def train(
     with process_group(select_device(cfg.train.device).type) as (rank, world), stop_signals() as stop:
         # The run lives in run_in_group's frame only, so that it (and its DDP wrapper) is gone before
         # the process group is destroyed, on success and on failure (see process_group).
-        return run_in_group(cfg, out, dataset, (resume, overwrite), on_epoch, (rank, world, stop))
+        return run_in_group(cfg, out, dataset, (resume, overwrite), (on_start, on_epoch), (rank, world, stop))
 
 
 def run_in_group(
     cfg: Config, out: Path | None, dataset: MultimodalDataset | None, flags: tuple[bool, bool],
-    on_epoch: Callable[[dict[str, Any]], None] | None, where: tuple[int, int, StopRequest],
+    hooks: tuple[Callable[[], None] | None, Callable[[dict[str, Any]], None] | None],
+    where: tuple[int, int, StopRequest],
 ) -> dict[str, Any]:  # fmt: skip
     """The body of :func:`train` inside its process group: folder, run, resume, epochs, summary."""
-    (resume, overwrite), (rank, world, stop) = flags, where
+    (resume, overwrite), (on_start, on_epoch), (rank, world, stop) = flags, hooks, where
     if out is not None:
         resume = prepare_run_folder(out, cfg, overwrite=overwrite, resume=resume, rank=rank)
     run = build_run(cfg, out, dataset, rank, world)
     ckpt = Checkpointer(out, config_to_dict(cfg), run.main)
     progress, partial = ckpt.resume(run.parts(), run.device) if resume else (Progress(), None)
+    if on_start is not None:
+        on_start()
     fitter = EpochFitter(
         StepContext(run.train_model, run.balancer, run.optimizer, run.scaler, cfg.train.grad_accum,
                     run.use_amp, run.device, cfg.train.on_nonfinite)
@@ -553,7 +633,7 @@ def fit_one_epoch(
         if stopping:
             raise Interrupted(stop.signum or signal.SIGTERM, interrupted_message(run, epoch, state, stop))
         if t.log_every and state.steps % t.log_every == 0 and run.main:
-            log.info("epoch %d, step %d: train loss %.4f", epoch + 1, state.steps, state.mean_loss)
+            log.info("epoch %d, step %d: train loss %.4f", epoch, state.steps, state.mean_loss)
 
     state = fitter.fit(run.loaders.train, resumed, epoch=epoch, after_step=after_step)
     check_params_finite(run, epoch)
@@ -637,7 +717,7 @@ def report_epoch(
         note = f", {skipped} skipped step(s)" if skipped else ""
         log.info(
             "epoch %d/%d: train loss %.4f, val acc %.4f, val loss %.4f, %.1f s%s",
-            epoch + 1, run.cfg.train.epochs, loss, val.accuracy, val.loss, seconds, note,
+            epoch, run.cfg.train.epochs - 1, loss, val.accuracy, val.loss, seconds, note,
         )  # fmt: skip
 
 
