@@ -19,6 +19,13 @@ make_toy_batch = toy_batch
 __all__ = ["ToyEncoder", "make_toy_batch", "make_toy_model", "toy_epoch_data"]
 
 
+@pytest.fixture(autouse=True)
+def _in_a_fresh_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in an empty working folder: a command's default output (``runs/...``) never lands in
+    the repository, nor meets another test's."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(params=[2, 3, 4], ids=lambda m: f"M{m}")
 def num_modalities(request: pytest.FixtureRequest) -> int:
     return int(request.param)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from equimodal.cli import main
 
@@ -44,3 +45,23 @@ def test_errors_are_reported_with_exit_code_2(capsys) -> None:
     assert "Unknown balancer 'ogmge'" in err and "ogm_ge" in err
     assert main(["train", "--set", "optim.lr=fast"]) == 2
     assert "optim.lr: expected float" in capsys.readouterr().err
+
+
+def test_train_keeps_its_run_by_default_and_a_rerun_resumes_it(tmp_path, capsys) -> None:
+    """Without --out a run is kept in a folder of its own config (study and diagnose save by default too);
+    the same command again finds it finished instead of training 40 epochs again; --no-save keeps nothing."""
+    argv = ["train", "--set", "train.epochs=1", "--set", "data.options.views=fac,mor", "--set", "train.probe=false"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    folders = list(Path("runs/train").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("mfeat-none-")
+    assert first.index(f"Run folder: {folders[0]}") < first.index("fused accuracy")  # said before training
+    summary = json.loads((folders[0] / "summary.json").read_text())
+    assert main(argv) == 0
+    assert json.loads((folders[0] / "summary.json").read_text()) == summary
+    assert main([*argv, "--set", "optim.lr=0.01"]) == 0  # another config: another folder, nothing refused
+    assert len(list(Path("runs/train").iterdir())) == 2
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.seed=5", "--no-save"]) == 0
+    assert "nothing was kept" in capsys.readouterr().out and len(list(Path("runs/train").iterdir())) == 2
+    assert main([*argv, "--no-save", "--out", str(tmp_path / "x")]) == 2

@@ -6,6 +6,7 @@ broken checkpoints and paths, signals, SIGKILL mid-epoch, and output off a termi
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -153,9 +154,9 @@ def test_outputs_follow_the_umask_and_save_the_class_names(tmp_path: Path) -> No
     assert np.load(tmp_path / "r" / "predictions.npz")["class_names"].tolist() == summary["class_names"]
 
 
-def test_without_out_the_cli_says_nothing_was_saved(capsys) -> None:
-    code, text = cli(["train", *sets("train.epochs=1")], capsys)
-    assert code == 0 and "No --out given: nothing was saved" in text
+def test_with_no_save_the_cli_says_nothing_was_kept(capsys) -> None:
+    code, text = cli(["train", *sets("train.epochs=1"), "--no-save"], capsys)
+    assert code == 0 and "--no-save: nothing was kept" in text and not Path("runs").exists()
 
 
 # ------------------------------------------------------------------ subprocess runs: logs, signals, kill -9
@@ -187,8 +188,8 @@ def _wait_for_partial(proc: subprocess.Popen, timeout: float = 120) -> None:
     while time.time() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(f"the run ended before its step-10 checkpoint of epoch 2 (rc {proc.poll()})")
-        if line.startswith("epoch 2, step 10:"):
+            raise AssertionError(f"the run ended before its step-10 checkpoint of epoch 1 (rc {proc.poll()})")
+        if line.startswith("epoch 1, step 10:"):
             return
     raise AssertionError("no mid-epoch checkpoint appeared")
 
@@ -203,10 +204,15 @@ def uninterrupted(tmp_path_factory) -> dict:
     proc = _equimodal(["train", *LONG, "--out", str(out)])
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    epochs = [ln.split(":")[0] for ln in stdout.splitlines() if "/3:" in ln]
-    assert epochs == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], stdout
-    assert "epoch 1, step 10: train loss" in stdout  # train.log_every
-    return json.loads((out / "summary.json").read_text())
+    epochs = [ln.split(":")[0] for ln in stdout.splitlines() if "/2:" in ln]
+    # one numbering everywhere, from 0 (as Lightning): the log lines, metrics.csv and summary.json
+    assert epochs == ["epoch 0/2", "epoch 1/2", "epoch 2/2"], stdout
+    assert "epoch 0, step 10: train loss" in stdout  # train.log_every
+    with open(out / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selected_epoch"] in (0, 1, 2) and summary["epochs"] == 3
+    return summary
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
