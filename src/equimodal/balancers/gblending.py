@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum, is_distributed
 from ..types import MultimodalOutput
 from .base import Balancer, Batch, EpochData, all_reduce_grads
+from .epoch_data import Split
 from .heads import HeadsMode, UnimodalHeads, build_heads
 from .registry import register_balancer
 
@@ -188,28 +189,27 @@ class GradientBlending(Balancer):
             return True
         return self.mode == "online" and (self.epoch - self.start_epoch) % self.super_epoch == 0
 
-    def _batches(
-        self, source: Callable[[], Iterable[tuple[Batch, Tensor]]], device: torch.device
-    ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        for i, (batch, y) in enumerate(source()):
+    def _batches(self, data: EpochData, split: Split) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        """One pass over ``split`` (at most ``max_batches`` batches), on ``data.device``."""
+        for i, pair in enumerate(data.batches(split)):
             if self.max_batches is not None and i >= self.max_batches:
                 return
-            yield {k: v.to(device) for k, v in batch.items()}, y.to(device)
+            yield pair
 
     @torch.no_grad()
     def _losses(
         self,
         model: nn.Module,
         heads: UnimodalHeads | None,
-        source: Callable[[], Iterable[tuple[Batch, Tensor]]],
-        device: torch.device,
+        data: EpochData,
+        split: Split,
     ) -> Tensor:
         """Mean CE of every head over a split, in eval mode (sums and counts reduced over DDP ranks)."""
         was_training = model.training
         model.eval()
         n = len(self.head_names)
-        total = torch.zeros(n + 1, device=device)  # per-head CE sums, then the count
-        for batch, y in self._batches(source, device):
+        total = torch.zeros(n + 1, device=data.device)  # per-head CE sums, then the count
+        for batch, y in self._batches(data, split):
             out = model(batch)
             ce = [F.cross_entropy(self._head(out, k, heads), y, reduction="sum") for k in range(n)]
             total += torch.stack([*ce, ce[0].new_tensor(float(len(y)))]).float()
@@ -232,7 +232,7 @@ class GradientBlending(Balancer):
                 params, lr=self.copy_lr
             )
         for _ in range(self.super_epoch_len):
-            for batch, y in self._batches(data.train, data.device):
+            for batch, y in self._batches(data, "train"):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self._head(clone(batch), k, heads), y).backward()
                 if is_distributed():  # the copy is not DDP-wrapped: average its gradients over ranks
@@ -251,12 +251,12 @@ class GradientBlending(Balancer):
         devices = [data.device] if data.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1009 + self.epoch)
-            start = [self._losses(self.model, self.heads, s, data.device) for s in (data.train, data.heldout)]
+            start = [self._losses(self.model, self.heads, data, s) for s in ("train", "heldout")]
             end = torch.zeros(2, len(self.head_names), device=data.device)
             for k in range(len(self.head_names)):
                 clone, heads = self._train_copy(k, data)
-                end[0, k] = self._losses(clone, heads, data.train, data.device)[k]
-                end[1, k] = self._losses(clone, heads, data.heldout, data.device)[k]
+                end[0, k] = self._losses(clone, heads, data, "train")[k]
+                end[1, k] = self._losses(clone, heads, data, "heldout")[k]
                 del clone, heads
         losses = torch.stack([*start, *end])  # already reduced over ranks by _losses
         self.weights = blend_weights(*losses, estimator=self.estimator).cpu()
