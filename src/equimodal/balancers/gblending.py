@@ -63,8 +63,8 @@ class GradientBlending(Balancer):
     the balancer's own on ``out.features[m]`` (not detached), as in the paper's per-modality
     classifiers and MultiBench's ``gradient_blend.py`` (``unimodal_classification_heads``); it works
     with every fusion, FiLM/gated/attention included. The heads are :meth:`parameters` (put them in the
-    optimizer; a two-call loop whose optimizer never updates them raises
-    :class:`~equimodal.DriverError` after 25 steps), saved by :meth:`state_dict`, averaged over DDP
+    optimizer; a two-call loop whose optimizer steps the model but not them raises
+    :class:`~equimodal.DriverError` at its second step), saved by :meth:`state_dict`, averaged over DDP
     ranks in :meth:`before_step` (they are outside the DDP wrapper), and are what
     :meth:`predict_unimodal` returns while the method is active. A unimodal copy trains its encoder
     with its own head (as MultiBench's). ``heads="shared"``: the model's unimodal logits (concat column
@@ -144,7 +144,7 @@ class GradientBlending(Balancer):
         self.head_names = ["fused", *self.modalities]  # names for logging; index 0 is the fused head
         self.heads_mode = heads
         self.heads = build_heads(
-            heads, model, self.modalities, method="G-Blending", feature_dims=feature_dims,
+            heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
             num_classes=num_classes, seed=seed,
         )  # fmt: skip
         self.weights: Tensor | None = None
@@ -179,8 +179,8 @@ class GradientBlending(Balancer):
     def adjust_gradients(self) -> None:
         """Average the separate heads' gradients over DDP ranks (the heads are outside the DDP wrapper)."""
         if self.heads is not None:
-            self.heads.check_stepped()
             self.heads.all_reduce_grads()
+            self.heads.check_stepped(self.model)
 
     def _due(self) -> bool:
         if self.weights_epoch == self.epoch:
