@@ -20,7 +20,7 @@ import equimodal
 class TwoTowerNet(nn.Module):
     """Audio (Conv1d over MFCC-like frames) and image (Conv2d) towers, sum of per-tower heads."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, declare_sizes: bool = True) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(
             {
@@ -33,10 +33,13 @@ class TwoTowerNet(nn.Module):
             }
         )
         self.heads = nn.ModuleDict({"audio": nn.Linear(32, num_classes), "image": nn.Linear(16, num_classes)})
-        # Sizes read by the balancers that build heads of their own (mla, mmpareto, gblending); without
-        # them those balancers ask for feature_dims= / num_classes= options instead.
-        self.encoders["audio"].out_dim, self.encoders["image"].out_dim = 32, 16
-        self.num_classes = num_classes
+        # Sizes read by the balancers that build heads of their own (mmpareto, gblending, own_signal: one
+        # head per modality; mla: one shared head). Without them those balancers ask for options instead:
+        # feature_dims={"audio": 32, "image": 16} (one size per modality) or, for mla, feature_dim=32 (the
+        # shared head's width), and num_classes=10.
+        if declare_sizes:
+            self.encoders["audio"].out_dim, self.encoders["image"].out_dim = 32, 16
+            self.num_classes = num_classes
 
     def forward(self, batch: dict[str, Tensor]) -> equimodal.MultimodalOutput:
         feats = {m: enc(batch[m]) for m, enc in self.encoders.items()}
@@ -56,20 +59,19 @@ def synthetic_loader(steps: int, batch_size: int = 32, seed: int = 0) -> list[di
     return batches
 
 
-def main(name: str = "amss_plus", steps: int = 60, epochs: int = 3, **options: object) -> list[float]:
+def main(
+    name: str = "amss_plus", steps: int = 60, epochs: int = 3, declare_sizes: bool = True, **options: object
+) -> list[float]:
     torch.manual_seed(0)
-    model = TwoTowerNet()
+    model = TwoTowerNet(declare_sizes=declare_sizes)
     balancer = equimodal.create_balancer(name, model, **options)  # added line
     # Most balancers need only the lines marked "added"; `requirements` says what else one needs.
     req = balancer.requirements
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05, momentum=0.9)
     train = synthetic_loader(steps // epochs)
     heldout = synthetic_loader(2, seed=1)  # a part of train kept out of training (never val/test)
-    epoch_data = equimodal.EpochData(
-        train=lambda: ((b, b["label"]) for b in train),
-        heldout=lambda: ((b, b["label"]) for b in heldout),
-        device=torch.device("cpu"),
-    )
+    # a DataLoader, a list or a callable; batches as (inputs, labels) or, as here, dicts with a "label" key
+    epoch_data = equimodal.EpochData(train=train, heldout=heldout, device=torch.device("cpu"))
     losses = []
     for epoch in range(epochs):
         balancer.set_epoch(epoch)  # added line

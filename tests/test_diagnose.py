@@ -70,7 +70,8 @@ def test_diagnose_trains_writes_and_reports(tmp_path: Path, capsys) -> None:
     code = main(["diagnose", *[x for s in SETS for x in ("--set", s)], "--seeds", "3", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "9 runs, 0 already finished, 9 to run" in printed and "**Verdict.**" in printed
+    assert "9 runs, 0 already finished, 9 to run" in printed and "Verdict." in printed
+    assert "**" not in printed and max(len(line) for line in printed.splitlines()) <= 80
     raw = json.loads((out / "diagnosis.json").read_text())
     assert set(raw["modalities"]) == {"fac", "mor"} and raw["seeds"] == 3
     fac = raw["modalities"]["fac"]
@@ -91,3 +92,70 @@ def test_reading_a_compare_folder_and_missing_runs(tmp_path: Path) -> None:
         FileNotFoundError, match=r"lacks finished runs of \['unimodal_fac', 'unimodal_mor', 'joint'\]"
     ):
         analyse(tmp_path / "empty", ["fac", "mor"])
+
+
+HEADROOM_SIDES = {"below zero": Interval(-3.43, -5.66, -1.20), "across zero": Interval(-2.0, -4.5, 0.5),
+                  "above zero": Interval(3.0, 1.0, 5.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("side", list(HEADROOM_SIDES))
+def test_the_headroom_verdict_follows_the_side_of_zero(side: str) -> None:
+    """An interval entirely below zero is joint training winning, not "an interval that reaches zero"."""
+    mods = {
+        "image": _figures(78, 67, Interval(11, 9, 13), 12),
+        "audio": _figures(65, 62, Interval(0, -1, 1), 4),
+    }
+    text, todo = verdict(Diagnosis("avd", 5, 87.6, 84.2, HEADROOM_SIDES[side], mods))
+    if side == "below zero":
+        assert text.startswith("No imbalance to fix: joint training beats the ensemble") and "3.43 pp" in text
+        assert "[-5.66, -1.20]" in text and "zero" in text and "includes zero" not in text
+        assert "Keep joint training" in todo
+    elif side == "across zero":
+        assert text.startswith("No imbalance worth fixing") and "an interval that includes zero" in text
+        assert "Keep joint training" in todo
+    else:
+        assert text.startswith("Imbalance:") and "'image' encoder is under-trained" in text
+
+
+DEFICITS = {"below zero": Interval(-4.0, -6.0, -2.0), "across zero": Interval(1.0, -1.0, 3.0),
+            "above zero": Interval(5.0, 3.0, 7.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("side", list(DEFICITS))
+def test_only_a_deficit_above_zero_names_an_under_trained_encoder(side: str) -> None:
+    """Every imbalance branch: a deficit below zero (the probe in joint training beats the branch alone) or
+    across zero names no encoder; above zero names it, as the stronger or the weaker modality alone."""
+    for audio_alone, role in ((60, "the weaker modality alone"), (90, "the stronger modality alone")):
+        mods = {"image": _figures(80, 70, Interval(0.5, -2.0, 3.0), 5),
+                "audio": _figures(audio_alone, 55, DEFICITS[side], 9)}  # fmt: skip
+        text, todo = verdict(Diagnosis("avd", 5, 87.6, 91.1, Interval(3.0, 1.0, 5.0), mods))
+        if side == "above zero":
+            assert "'audio' encoder is under-trained" in text and f"it is {role} and learns slower" in text
+            assert "own_signal" in todo
+        else:
+            assert "no encoder's probe is significantly below its branch alone" in text
+            assert "late-fusion ensemble" in todo
+
+
+def test_one_seed_cannot_tell() -> None:
+    text, todo = verdict(Diagnosis("avd", 1, 87.6, 91.1, Interval(2.0, float("nan"), float("nan")), {}))
+    assert text.startswith("Cannot tell from one seed") and "--seeds 3" in todo
+
+
+def test_the_printed_diagnosis_fits_80_columns(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The terminal gets wrapped paragraphs and a table; diagnosis.md keeps its Markdown."""
+    monkeypatch.setenv("COLUMNS", "80")
+    mods = {"image": _figures(78.04, 67.1, Interval(11.52, 9.01, 13.25), 12),
+            "audio_mfcc_long_name": _figures(65, 62, Interval(0.2, float("nan"), float("nan")), 4)}  # fmt: skip
+    diag = Diagnosis("avdigits_hard", 10, 87.6, 91.1, Interval(3.0, 1.0, 5.0), mods)
+    diag.verdict, diag.recommendation = verdict(diag)
+    diag.curves = {name: {"alone": [0.5, 0.7]} for name in [*mods, "fused"]}
+    monkeypatch.setattr("equimodal.diagnose.analyse", lambda root, modalities, joint_label: diag)
+    code = main(["diagnose", *[x for s in SETS for x in ("--set", s)], "--runs", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "Verdict. Imbalance:" in " ".join(printed.split())
+    assert max(len(line) for line in printed.splitlines()) <= 80 and "…" not in printed
+    for cell in ("78.0", "+11.52", "[+9.01,", "+13.25]", "audio_mfcc", "diagnosis.md", "own_signal"):
+        assert cell in printed, cell
+    markdown = (tmp_path / "diagnosis.md").read_text()
+    assert "**Verdict.** Imbalance:" in markdown and "| image | 78.0 | 62.1 | 67.1 |" in markdown

@@ -51,7 +51,7 @@ def loader(steps: int) -> list[tuple[dict[str, Tensor], Tensor]]:
 def fit(model: nn.Module, mode: str, steps: int, balancer: str = "none", grad_accum: int = 1) -> EpochState:
     bal = em.create_balancer(balancer, model)
     bal.set_epoch(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)  # mmpareto's heads too
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ctx = StepContext(model, bal, opt, scaler, grad_accum, False, torch.device("cpu"), mode)
     return EpochFitter(ctx).fit(loader(steps), epoch=4)

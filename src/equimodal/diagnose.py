@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from .compare import (
     RunSpec,
@@ -224,11 +227,18 @@ def verdict(diag: Diagnosis) -> tuple[str, str]:
             "pp from joint training, with no interval to judge it by.",
             "Run again with --seeds 3 or more (finished runs are reused).",
         )
+    if diag.headroom.high < 0:
+        return (
+            f"No imbalance to fix: joint training beats the ensemble of separately trained branches by "
+            f"{-diag.headroom.mean:.2f} pp (ensemble minus joint {diag.headroom} pp, an interval below zero): "
+            "the modalities gain from being trained together.",
+            "Keep joint training (balancer none); the branches trained alone do worse than the joint model.",
+        )
     if not diag.headroom.significant:
         few = f" ({diag.seeds} seeds: more seeds narrow the interval)" if diag.seeds < 5 else ""
         return (
             f"No imbalance worth fixing: the ensemble of separately trained branches is {diag.headroom} pp "
-            f"from joint training, an interval that reaches zero{few}.",
+            f"from joint training, an interval that includes zero{few}.",
             "Keep joint training (balancer none); rebalancing has nothing measurable to win back here.",
         )
     under = {m: f for m, f in diag.modalities.items() if f.probe_deficit.significant}
@@ -291,6 +301,60 @@ def diagnosis_markdown(diag: Diagnosis) -> str:
         f"{diag.ensemble:.1f} %, headroom {diag.headroom} pp (paired by seed, Student-t 95 % interval). "
         "Test accuracies in %, means over seeds.", "", *rows, "", "![curves](diagnosis.png)", "",
     ])  # fmt: skip
+
+
+TERMINAL_COLUMNS = (
+    "modality", "alone", "head", "probe", "probe deficit\n(pp)", "speed\nalone", "speed\njoint", "grad\nearly",
+    "grad\nall",
+)  # fmt: skip
+TERMINAL_LEGEND = (
+    "alone: test accuracy (%) of the branch trained alone; head, probe: the joint model's unimodal head and "
+    "a linear probe on its frozen encoder; probe deficit: alone minus probe, paired by seed (95 % "
+    "interval); speed: epochs to 90 % of the best validation accuracy; grad: the encoder's share of the "
+    "gradient norm in joint training, first 5 epochs and all."
+)
+
+
+def diagnosis_table(diag: Diagnosis) -> Table:
+    """The per-modality figures as a rich table that fits 80 columns (long cells wrap, none is cut)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for name in TERMINAL_COLUMNS:
+        table.add_column(
+            Text(name),
+            justify="left" if name == "modality" else "right",
+            overflow="fold",
+            min_width=15 if name.startswith("probe deficit") else None,  # "+11.50 [+9.00," on one line
+        )
+    for m, f in diag.modalities.items():
+        cells = [
+            m, f"{f.alone:.1f}", f"{f.head:.1f}", f"{f.probe:.1f}", str(f.probe_deficit), f"{f.speed_alone:.1f}",
+            f"{f.speed_joint:.1f}", f"{f.grad_share_early:.2f}", f"{f.grad_share:.2f}",
+        ]  # fmt: skip
+        table.add_row(*[Text(c) for c in cells])  # Text, not markup: "[+1.00, +2.00]" is no style tag
+    return table
+
+
+def print_diagnosis(console: Console, diag: Diagnosis, folder: Path) -> None:
+    """The diagnosis on the terminal: wrapped paragraphs and a table within the console's width.
+
+    ``diagnosis.md`` holds the same as Markdown, with its wide table on one line per modality.
+    """
+    seeds = f"{diag.seeds} seed{'s' if diag.seeds != 1 else ''}"
+    paragraphs = [
+        Text(f"Diagnosis: {diag.dataset} ({seeds})", style="bold"),
+        Text.assemble(("Verdict. ", "bold"), diag.verdict),
+        Text.assemble(("What to try. ", "bold"), diag.recommendation),
+        Text(
+            f"Joint training {diag.joint:.1f} %, product-rule ensemble of the branches trained alone "
+            f"{diag.ensemble:.1f} %, headroom {diag.headroom} pp (paired by seed, Student-t 95 % interval)."
+        ),
+    ]
+    for text in paragraphs:
+        console.print(text, overflow="fold")
+        console.print()
+    console.print(diagnosis_table(diag))
+    console.print(Text(TERMINAL_LEGEND), overflow="fold")
+    console.print(Text(f"Written: {folder / 'diagnosis.md'}, .json and .png"), overflow="fold")
 
 
 def diagnosis_figure(diag: Diagnosis) -> Any:
@@ -381,8 +445,8 @@ def diagnose(
                 f"{len(unfinished)} run(s) did not finish; rerun the same command to retry them."
             )
         diag = analyse(root, modalities)
-    text = write_diagnosis(diag, root)
-    console.print(text, highlight=False, markup=False, soft_wrap=True)
+    write_diagnosis(diag, root)
+    print_diagnosis(console, diag, root)
     return diag
 
 

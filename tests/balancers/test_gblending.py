@@ -52,7 +52,7 @@ def test_weights_are_measured_with_the_separate_heads() -> None:
     model = make_toy_model(2)
     bal = em.create_balancer("gblending", model, super_epoch_len=1)
     data = toy_epoch_data(2)
-    held = bal._losses(model, bal.heads, data.heldout, data.device)
+    held = bal._losses(model, bal.heads, data, "heldout")
     batch, y = next(iter(data.heldout()))
     out = model.eval()(batch)
     model.train()

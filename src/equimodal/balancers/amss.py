@@ -184,6 +184,8 @@ class AMSS(Balancer):
         head_weight: weight of a unimodal loss per encoder through a linear head of AMSS's own on its
             features (0: none, the paper's AMSS). With own heads, put ``balancer.parameters()`` in the
             optimizer (the reference trainer does).
+        feature_dims: feature size per modality for the own heads, for encoders without ``out_dim``.
+        num_classes: number of classes for the own heads, for models without ``num_classes``.
         start_epoch: first epoch in which the method acts.
         end_epoch: last epoch in which it acts (``None``: no end).
         seed: seed of the sampling generator (identical on every DDP rank).
@@ -235,13 +237,15 @@ class AMSS(Balancer):
         heads: Mapping[nn.Module, tuple[int, str]] | None = None,
         significance: Literal["confidence", "speed"] = "confidence",
         head_weight: float = 0.0,
+        feature_dims: Mapping[str, int] | None = None,
+        num_classes: int | None = None,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
         self.significance, self.head_weight = significance, float(head_weight)
-        self.own_heads = self._own_heads(model, significance, head_weight, seed)
+        self.own_heads = self._own_heads(model, significance, head_weight, seed, feature_dims, num_classes)
         sampler = self.default_sampler if sampler is None else sampler
         reweight = self.default_reweight if reweight is None else reweight
         given = dict(
@@ -301,7 +305,13 @@ class AMSS(Balancer):
         )
 
     def _own_heads(
-        self, model: nn.Module, significance: str, head_weight: float, seed: int
+        self,
+        model: nn.Module,
+        significance: str,
+        head_weight: float,
+        seed: int,
+        feature_dims: Mapping[str, int] | None,
+        num_classes: int | None,
     ) -> UnimodalHeads | None:
         """Unimodal heads of AMSS's own: for ``head_weight > 0`` (a unimodal loss per encoder) and for
         ``significance="speed"`` (the heads' learning speed is the significance); else ``None``."""
@@ -313,7 +323,10 @@ class AMSS(Balancer):
             )
         if head_weight == 0 and significance == "confidence":
             return None
-        return UnimodalHeads(model, self.modalities, seed=seed, method=f"{self.name} (own heads)")
+        return UnimodalHeads(
+            model, self.modalities, feature_dims=feature_dims, num_classes=num_classes, seed=seed,
+            method=self.name,
+        )  # fmt: skip
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The own unimodal heads' parameters (with ``head_weight > 0`` or ``significance="speed"``)."""
@@ -363,7 +376,7 @@ class AMSS(Balancer):
         uni_loss = None
         if self.own_heads is not None:
             self.own_heads.all_reduce_grads()
-            self.own_heads.check_stepped()
+            self.own_heads.check_stepped(self.model)
             uni_loss = self._uni_sum
             if self.significance == "speed":
                 speed = self._speed(device)

@@ -41,7 +41,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean, is_distributed, make_generator
 from ..types import MultimodalOutput, check_output, modality_names
+from .epoch_data import EpochData
 
 Batch = Mapping[str, Tensor]
 log = logging.getLogger(__name__)
@@ -58,21 +59,6 @@ log = logging.getLogger(__name__)
 
 class DriverError(RuntimeError):
     """A balancer was driven without a call it needs (the message names the call)."""
-
-
-@dataclass(frozen=True)
-class EpochData:
-    """What a driver hands to :meth:`Balancer.prepare_epoch`.
-
-    Attributes:
-        train: a callable returning a fresh iterable of ``(batch, labels)`` over the training split.
-        heldout: the same over a held-out split carved from train (never the test set), or ``None``.
-        device: the device the model lives on.
-    """
-
-    train: Callable[[], Iterable[tuple[Batch, Tensor]]]
-    heldout: Callable[[], Iterable[tuple[Batch, Tensor]]] | None
-    device: torch.device
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum, is_distributed
 from ..types import MultimodalOutput
 from .base import Balancer, Batch, EpochData, all_reduce_grads
+from .epoch_data import Split
 from .heads import HeadsMode, UnimodalHeads, build_heads
 from .registry import register_balancer
 
@@ -62,8 +63,8 @@ class GradientBlending(Balancer):
     the balancer's own on ``out.features[m]`` (not detached), as in the paper's per-modality
     classifiers and MultiBench's ``gradient_blend.py`` (``unimodal_classification_heads``); it works
     with every fusion, FiLM/gated/attention included. The heads are :meth:`parameters` (put them in the
-    optimizer; a two-call loop whose optimizer never updates them raises
-    :class:`~equimodal.DriverError` after 25 steps), saved by :meth:`state_dict`, averaged over DDP
+    optimizer; a two-call loop whose optimizer steps the model but not them raises
+    :class:`~equimodal.DriverError` at its second step), saved by :meth:`state_dict`, averaged over DDP
     ranks in :meth:`before_step` (they are outside the DDP wrapper), and are what
     :meth:`predict_unimodal` returns while the method is active. A unimodal copy trains its encoder
     with its own head (as MultiBench's). ``heads="shared"``: the model's unimodal logits (concat column
@@ -143,7 +144,7 @@ class GradientBlending(Balancer):
         self.head_names = ["fused", *self.modalities]  # names for logging; index 0 is the fused head
         self.heads_mode = heads
         self.heads = build_heads(
-            heads, model, self.modalities, method="G-Blending", feature_dims=feature_dims,
+            heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
             num_classes=num_classes, seed=seed,
         )  # fmt: skip
         self.weights: Tensor | None = None
@@ -178,8 +179,8 @@ class GradientBlending(Balancer):
     def adjust_gradients(self) -> None:
         """Average the separate heads' gradients over DDP ranks (the heads are outside the DDP wrapper)."""
         if self.heads is not None:
-            self.heads.check_stepped()
             self.heads.all_reduce_grads()
+            self.heads.check_stepped(self.model)
 
     def _due(self) -> bool:
         if self.weights_epoch == self.epoch:
@@ -188,28 +189,27 @@ class GradientBlending(Balancer):
             return True
         return self.mode == "online" and (self.epoch - self.start_epoch) % self.super_epoch == 0
 
-    def _batches(
-        self, source: Callable[[], Iterable[tuple[Batch, Tensor]]], device: torch.device
-    ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        for i, (batch, y) in enumerate(source()):
+    def _batches(self, data: EpochData, split: Split) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        """One pass over ``split`` (at most ``max_batches`` batches), on ``data.device``."""
+        for i, pair in enumerate(data.batches(split)):
             if self.max_batches is not None and i >= self.max_batches:
                 return
-            yield {k: v.to(device) for k, v in batch.items()}, y.to(device)
+            yield pair
 
     @torch.no_grad()
     def _losses(
         self,
         model: nn.Module,
         heads: UnimodalHeads | None,
-        source: Callable[[], Iterable[tuple[Batch, Tensor]]],
-        device: torch.device,
+        data: EpochData,
+        split: Split,
     ) -> Tensor:
         """Mean CE of every head over a split, in eval mode (sums and counts reduced over DDP ranks)."""
         was_training = model.training
         model.eval()
         n = len(self.head_names)
-        total = torch.zeros(n + 1, device=device)  # per-head CE sums, then the count
-        for batch, y in self._batches(source, device):
+        total = torch.zeros(n + 1, device=data.device)  # per-head CE sums, then the count
+        for batch, y in self._batches(data, split):
             out = model(batch)
             ce = [F.cross_entropy(self._head(out, k, heads), y, reduction="sum") for k in range(n)]
             total += torch.stack([*ce, ce[0].new_tensor(float(len(y)))]).float()
@@ -232,7 +232,7 @@ class GradientBlending(Balancer):
                 params, lr=self.copy_lr
             )
         for _ in range(self.super_epoch_len):
-            for batch, y in self._batches(data.train, data.device):
+            for batch, y in self._batches(data, "train"):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self._head(clone(batch), k, heads), y).backward()
                 if is_distributed():  # the copy is not DDP-wrapped: average its gradients over ranks
@@ -251,12 +251,12 @@ class GradientBlending(Balancer):
         devices = [data.device] if data.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1009 + self.epoch)
-            start = [self._losses(self.model, self.heads, s, data.device) for s in (data.train, data.heldout)]
+            start = [self._losses(self.model, self.heads, data, s) for s in ("train", "heldout")]
             end = torch.zeros(2, len(self.head_names), device=data.device)
             for k in range(len(self.head_names)):
                 clone, heads = self._train_copy(k, data)
-                end[0, k] = self._losses(clone, heads, data.train, data.device)[k]
-                end[1, k] = self._losses(clone, heads, data.heldout, data.device)[k]
+                end[0, k] = self._losses(clone, heads, data, "train")[k]
+                end[1, k] = self._losses(clone, heads, data, "heldout")[k]
                 del clone, heads
         losses = torch.stack([*start, *end])  # already reduced over ranks by _losses
         self.weights = blend_weights(*losses, estimator=self.estimator).cpu()

@@ -23,14 +23,12 @@ from torch import Tensor, nn
 
 from ..distributed import is_distributed
 from ..types import MultimodalOutput
-from .base import DriverError, all_reduce_grads
+from .base import all_reduce_grads
+from .step_check import StepCheck
 
 HeadsMode = Literal["separate", "shared"]
 HEADS_MODES: tuple[str, ...] = ("separate", "shared")
-
-# Optimizer steps (before_step calls) in a row in which the heads may stay unchanged before the balancer
-# concludes that the optimizer does not hold them. Far above any run of GradScaler overflow skips.
-IDLE_STEPS = 25
+SHARED_OK = ("mmpareto", "gblending")  # the balancers with a heads="shared" option
 
 
 def require_encoder_unimodal_logits(model: nn.Module, method: str) -> None:
@@ -59,6 +57,10 @@ def check_heads_mode(heads: str, model: nn.Module, method: str) -> bool:
     return heads == "separate"
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def head_sizes(
     model: nn.Module,
     modalities: list[str],
@@ -66,36 +68,44 @@ def head_sizes(
     num_classes: int | None,
     method: str,
 ) -> tuple[dict[str, int], int]:
-    """Each modality's feature size and the number of classes, for building the heads.
+    """Each modality's feature size and the number of classes, for building one head per modality.
 
     Feature sizes come from ``feature_dims`` when given, else from each encoder's ``out_dim``, else from
     the fusion's ``dims`` (a ``MultimodalClassifier`` built with ``feature_dims=``); the number of classes
-    from ``num_classes``, else ``model.num_classes`` or ``model.fusion.num_classes``.
+    from ``num_classes``, else ``model.num_classes`` or ``model.fusion.num_classes``. ``feature_dims``
+    holds one size per modality (each head is sized to its own encoder); MLA's ``feature_dim`` is a
+    different option, the single input size of its one shared head.
+
+    Raises:
+        ValueError: a size is found nowhere (naming the balancer, the attributes read and the option).
     """
     given = dict(feature_dims or {})
     unknown = sorted(set(given) - set(modalities))
     if unknown:
         raise ValueError(f"feature_dims names unknown modalities {unknown}; the modalities are {modalities}.")
-    fusion_dims = getattr(getattr(model, "fusion", None), "dims", None) or {}
+    fusion = getattr(model, "fusion", None)
+    fusion_dims = getattr(fusion, "dims", None) or {}
     dims: dict[str, Any] = {
         m: given.get(m) or getattr(model.encoders[m], "out_dim", None) or fusion_dims.get(m)
         for m in modalities
     }
-    bad = {m: d for m, d in dims.items() if not (isinstance(d, int) and not isinstance(d, bool) and d > 0)}
+    bad = {m: d for m, d in dims.items() if not _positive_int(d)}
     if bad:
         example = ", ".join(f"{m!r}: <size>" for m in bad)
+        looked = ", ".join(f"model.encoders[{m!r}].out_dim" for m in bad)
         raise ValueError(
-            f"{method} builds a linear head per modality on its encoder features (heads='separate') and needs "
-            f"each feature size; found none for {sorted(bad)} (no `out_dim` on the encoder). Set "
-            f"`encoder.out_dim = <size>` on those encoders, pass feature_dims={{{example}}}, or use "
-            "heads='shared' (the model's own unimodal logits)."
+            f"Balancer {method!r} builds a linear head per modality on its encoder features and needs each "
+            f"feature size; it looked for {looked} (and model.fusion.dims) and found {bad}. Set `out_dim = "
+            f"<size>` on those encoders, or pass feature_dims={{{example}}} (one size per modality; "
+            "mla's feature_dim is another option, the one width of its shared head)"
+            + (", or heads='shared' (the model's own unimodal logits)." if method in SHARED_OK else ".")
         )
-    fusion = getattr(model, "fusion", None)
     classes = num_classes or getattr(model, "num_classes", None) or getattr(fusion, "num_classes", None)
-    if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 2):
+    if not (_positive_int(classes) and classes >= 2):
         raise ValueError(
-            f"{method} builds a linear head per modality (heads='separate') and needs the number of classes, "
-            f"found {classes!r}: set `model.num_classes` or pass num_classes=<int>."
+            f"Balancer {method!r} builds a linear head per modality and needs the number of classes; it "
+            f"looked for model.num_classes and model.fusion.num_classes and found {classes!r}. Set "
+            "`model.num_classes = <int>` (2 or more) or pass num_classes=<int>."
         )
     return dims, classes
 
@@ -143,9 +153,7 @@ class UnimodalHeads:
         self.linears = nn.ModuleDict(linears)
         if ref is not None:
             self.linears.to(ref.device, ref.dtype)
-        self._last: Tensor | None = None  # the heads at the previous before_step, until they first change
-        self._confirmed = False
-        self._idle = 0
+        self._check = StepCheck(method)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The heads' parameters (the optimizer must hold them)."""
@@ -182,34 +190,22 @@ class UnimodalHeads:
         if is_distributed():
             all_reduce_grads(list(self.parameters()))
 
-    def check_stepped(self) -> None:
-        """Raise :class:`DriverError` when the optimizer has left the heads unchanged for ``IDLE_STEPS``
-        optimizer steps in a row (it does not hold them, so they would never train).
+    def check_stepped(self, model: nn.Module) -> None:
+        """Raise :class:`DriverError` at the second optimizer step when the optimizer stepped ``model`` but
+        not the heads (see :mod:`~equimodal.balancers.step_check`: no host sync but at the comparisons,
+        none once the heads were seen to move; frozen heads are not checked).
 
-        Called once per ``before_step``, before the step. It compares the heads with their copy from the
-        previous call (one device sync) only until it first sees them change; after that it costs nothing.
+        Called once per ``before_step``, before the step, with the gradients already averaged over ranks.
         """
-        if self._confirmed:
-            return
-        now = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
-        if self._last is not None and self._last.device != now.device:  # moved: start over
-            self._last = None
-        if self._last is not None and not torch.equal(now, self._last):
-            self._confirmed, self._last = True, None
-            return
-        self._idle = 0 if self._last is None else self._idle + 1
-        self._last = now
-        if self._idle >= IDLE_STEPS:
-            raise DriverError(
-                f"{self.method} trains unimodal heads of its own (heads='separate'), but the optimizer has not "
-                f"updated them in {IDLE_STEPS} steps: build it with "
-                "`torch.optim.SGD([*model.parameters(), *balancer.parameters()], ...)` (or, if every one of "
-                "those steps was skipped for inf/NaN gradients, fix the divergence)."
-            )
+        self._check(list(self.parameters()), model)
 
     def copy(self) -> UnimodalHeads:
-        """An independent deep copy (for G-Blending's model copies)."""
-        return copy.deepcopy(self)
+        """An independent deep copy of the heads (for G-Blending's model copies), with a fresh step check."""
+        check, self._check = self._check, StepCheck(self.method)
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self._check = check
 
     def state_dict(self) -> dict[str, Tensor]:
         """The heads' weights (``"<modality>.weight"``, ``"<modality>.bias"``)."""

@@ -42,28 +42,36 @@ def entropy_weights(logits: Tensor) -> Tensor:
 
 
 def _sizes(model: nn.Module, pad: bool, feature_dim: int | None, num_classes: int | None) -> tuple[int, int]:
-    """The shared feature size d (the largest when ``pad``) and the number of classes C.
+    """The shared head's input size d (the largest feature size when ``pad``) and the number of classes C.
 
     Read from the options when given, else from the model (``fusion.dims`` or each encoder's ``out_dim``;
-    ``model.num_classes``).
+    ``model.num_classes`` or ``model.fusion.num_classes``). ``feature_dim`` is one width, that of the one
+    shared head, unlike the ``feature_dims`` of ``mmpareto``, ``gblending`` and ``own_signal`` (one size
+    per modality, one head each).
+
+    Raises:
+        ValueError: a size is found nowhere, or is inconsistent (naming the attributes read and the option).
     """
     fusion = getattr(model, "fusion", None)
     dims = getattr(fusion, "dims", None) or {
         m: getattr(e, "out_dim", None) for m, e in model.encoders.items()
     }
-    known = {m: d for m, d in dims.items() if isinstance(d, int) and d > 0}
+    known = {m: d for m, d in dims.items() if isinstance(d, int) and not isinstance(d, bool) and d > 0}
     classes = num_classes or getattr(model, "num_classes", None) or getattr(fusion, "num_classes", None)
     if feature_dim is not None and not (
         isinstance(feature_dim, int) and feature_dim >= max(known.values(), default=1)
     ):
         raise ValueError(
-            f"feature_dim must be a positive integer no smaller than any encoder's feature size {known}, "
-            f"found {feature_dim!r}."
+            "Balancer 'mla' option feature_dim (the input size of its one shared head) must be a positive "
+            f"integer no smaller than any encoder's feature size {known}, found {feature_dim!r}."
         )
     if feature_dim is None and len(known) != len(dims):
+        looked = ", ".join(f"model.encoders[{m!r}].out_dim" for m in dims if m not in known)
         raise ValueError(
-            f"MLA needs each encoder's feature size to build its shared head, found {dims}: set `encoder.out_dim`"
-            " on the encoders or pass feature_dim=<the largest feature size>."
+            f"Balancer 'mla' builds one linear head shared by every modality and needs its input size; it "
+            f"looked for {looked} (and model.fusion.dims) and found {dims}. Set `out_dim = <size>` on the "
+            "encoders, or pass feature_dim=<the largest feature size> (one int: the shared head's width; "
+            "mmpareto, gblending and own_signal take feature_dims, one size per modality)."
         )
     if len(set(known.values())) > 1 and not pad:
         raise ValueError(
@@ -71,10 +79,11 @@ def _sizes(model: nn.Module, pad: bool, feature_dim: int | None, num_classes: in
             f"size; found {dims}. Give the encoders a common `out_dim`, or pass pad_features=True to "
             "zero-pad the smaller features (a deviation from the paper)."
         )
-    if not isinstance(classes, int):
+    if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 2):
         raise ValueError(
-            f"MLA needs the number of classes to build its shared head, found {classes!r}: set "
-            "`model.num_classes` or pass num_classes=<int>."
+            "Balancer 'mla' needs the number of classes to build its shared head; it looked for "
+            f"model.num_classes and model.fusion.num_classes and found {classes!r}. Set "
+            "`model.num_classes = <int>` (2 or more) or pass num_classes=<int>."
         )
     return feature_dim or max(known.values()), classes
 
@@ -124,8 +133,9 @@ class MLA(Balancer):
             columns are used only by the larger modalities; not in the paper, a no-op for equal
             sizes; default on so that MLA runs on any encoders; set False to insist on equal sizes).
         steps_per_epoch: batches per epoch for ``alpha_t``; ``None`` learns it from the previous epoch.
-        feature_dim: input size of the shared head, for models whose encoders declare no ``out_dim``
-            (features are zero-padded to it when ``pad_features``).
+        feature_dim: input size of the one shared head, for models whose encoders declare no ``out_dim``
+            (features are zero-padded to it when ``pad_features``). One int, unlike the ``feature_dims``
+            of ``mmpareto``, ``gblending`` and ``own_signal``, which size one head per modality.
         num_classes: number of classes, for models without ``num_classes``.
         start_epoch: first epoch of the method.
         end_epoch: last epoch of the method (``None``: no end).
@@ -162,6 +172,7 @@ class MLA(Balancer):
         self.inference = inference
         self.fusion_weights = [w / sum(weights) for w in weights]
         self.projection = bool(projection)
+        self.pad_features = bool(pad_features)
         self.steps_per_epoch = steps_per_epoch
         d, classes = _sizes(model, pad_features, feature_dim, num_classes)
         ref = next(model.parameters())
@@ -192,8 +203,14 @@ class MLA(Balancer):
         """Modality m's feature, zero-padded to the head's input size (a no-op for equal sizes)."""
         if out.features is None:
             raise ValueError("MLA needs encoder features: return MultimodalOutput(..., features={m: z_m}).")
-        z = out.features[m]
-        return F.pad(z, (0, self.head.in_features - z.shape[-1]))
+        z, width = out.features[m], self.head.in_features
+        if z.dim() != 2 or z.shape[1] > width or (z.shape[1] < width and not self.pad_features):
+            raise ValueError(
+                f"Balancer 'mla': its shared head takes features of size {width}"
+                f"{' or less (zero-padded)' if self.pad_features else ''}, found out.features[{m!r}] of shape "
+                f"{tuple(z.shape)}. Pass feature_dim=<the largest feature size> (pooled (B, d) features)."
+            )
+        return F.pad(z, (0, width - z.shape[1]))
 
     def fused_prediction(self, out: MultimodalOutput) -> Tensor:
         """Entropy-weighted (dynamic) or fixed combination of ``head(z_m)``."""

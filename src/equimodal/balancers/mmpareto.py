@@ -58,11 +58,11 @@ class MMPareto(Balancer):
     Unimodal heads. ``heads="separate"`` (default, as the reference code's ``head_audio``/
     ``head_video``): ``L_m`` is the CE of a linear head of the balancer's own on ``out.features[m]``
     (not detached), so it works with every fusion, FiLM/gated/attention included. Those heads are
-    :meth:`parameters` (put them in the optimizer; a two-call loop whose optimizer never updates them
-    raises :class:`~equimodal.DriverError` after 25 steps), are saved by :meth:`state_dict`, and are
-    what :meth:`predict_unimodal` returns while the method is active (so reported per-modality
-    accuracy is theirs; outside the epoch window the model's unimodal logits are reported and the heads
-    do not train). ``heads="shared"``: ``L_m`` uses the model's unimodal logits (concat column blocks or
+    :meth:`parameters` (put them in the optimizer; a two-call loop whose optimizer steps the model but
+    not them raises :class:`~equimodal.DriverError` at its second step), are saved by
+    :meth:`state_dict`, and are what :meth:`predict_unimodal` returns while the method is active (so
+    reported per-modality accuracy is theirs; outside the epoch window the model's unimodal logits are
+    reported and the heads do not train). ``heads="shared"``: ``L_m`` uses the model's unimodal logits (concat column blocks or
     sum heads), as before; the unimodal and fused gradients then share the fused head's weights, stay
     aligned and the min-norm branch rarely fires; auxiliary-head fusions are refused.
 
@@ -117,7 +117,7 @@ class MMPareto(Balancer):
             )
         self.heads_mode = heads
         self.heads = build_heads(
-            heads, model, self.modalities, method="MMPareto", feature_dims=feature_dims,
+            heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
             num_classes=num_classes, seed=seed,
         )  # fmt: skip
         self._acc: dict[str, tuple[Tensor, Tensor]] = {}
@@ -186,12 +186,12 @@ class MMPareto(Balancer):
     def adjust_gradients(self) -> None:
         """Replace each encoder's gradient by the rescaled Pareto combination (inf/NaN steps are skipped)."""
         acc, self._acc = self._acc, {}
-        if self.heads is not None:
-            self.heads.check_stepped()
+        if acc and is_distributed():
+            acc = self._all_reduce(acc)
+        if self.heads is not None:  # after the all-reduce, so every rank reaches the same verdict
+            self.heads.check_stepped(self.model)
         if not acc:
             return
-        if is_distributed():
-            acc = self._all_reduce(acc)
         grads = torch.cat([self._flat(tuple(p.grad for p in self._params[m]), self._params[m]) for m in acc])
         b_sum = torch.cat([acc[m][0] + acc[m][1] for m in acc])
         if not bool(torch.isfinite(grads).all() & torch.isfinite(b_sum).all()):  # the one sync

@@ -212,14 +212,13 @@ class MSLR(Balancer):
             raise ValueError("MSLR mode='dynamic' needs EpochData.heldout (a part of train); found None.")
         counts = torch.zeros(len(self.modalities) + 1, dtype=torch.long, device=data.device)
         with eval_mode(self.model):
-            for batch, target in data.heldout():
-                out = self.model({k: v.to(data.device) for k, v in batch.items()})
-                target = target.to(data.device)
+            for batch, target in data.batches("heldout"):
+                out = self.model(batch)
                 hits = [(out.unimodal_logits[m].argmax(1) == target).sum() for m in self.modalities]
                 counts += torch.stack([*hits, hits[0].new_tensor(target.shape[0])])
         counts = all_reduce_sum(counts).tolist()
         if counts[-1] == 0:
-            raise ValueError("MSLR got an empty held-out split; EpochData.heldout() yielded no sample.")
+            raise ValueError("MSLR got an empty held-out split: EpochData.heldout yielded no sample.")
         for i, m in enumerate(self.modalities):
             acc = counts[i] / counts[-1]
             if self.memory[m] and not self.warming_up:

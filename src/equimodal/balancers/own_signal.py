@@ -105,7 +105,7 @@ class OwnSignal(Balancer):
             feature_dims=feature_dims,
             num_classes=num_classes,
             seed=seed,
-            method="own_signal",
+            method=self.name,
         )
         self._norms: Tensor | None = None  # running encoder gradient norms (normalize > 0)
         self._last: dict[str, Tensor] = {}
@@ -128,7 +128,7 @@ class OwnSignal(Balancer):
     def adjust_gradients(self) -> None:
         """Average the heads' gradients over ranks, check the optimizer holds them, equalise the encoders."""
         self.heads.all_reduce_grads()
-        self.heads.check_stepped()
+        self.heads.check_stepped(self.model)
         if self.normalize <= 0:
             return
         grads = {m: [p.grad for p in self.encoder_params(m) if p.grad is not None] for m in self.modalities}

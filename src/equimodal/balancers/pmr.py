@@ -111,9 +111,7 @@ class PMR(Balancer):
         sums: dict[str, Tensor] = {}
         counts: Tensor | None = None
         with eval_mode(self.model):
-            for batch, target in data.train():
-                batch = {k: v.to(data.device) for k, v in batch.items()}
-                target = target.to(data.device)
+            for batch, target in data.batches("train"):
                 out = self.model(batch)
                 feats = self._features(out)
                 onehot = F.one_hot(target, out.logits.shape[1]).float()
@@ -123,7 +121,7 @@ class PMR(Balancer):
                     sums[m] = sums[m] + s if m in sums else s
         if counts is None:
             raise ValueError(
-                "PMR.prepare_epoch got an empty training split; EpochData.train() yielded no batch."
+                "PMR.prepare_epoch got an empty training split: EpochData.train yielded no batch."
             )
         counts = all_reduce_sum(counts)
         old = self.prototypes
