@@ -29,3 +29,11 @@ def _in_a_fresh_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
 @pytest.fixture(params=[2, 3, 4], ids=lambda m: f"M{m}")
 def num_modalities(request: pytest.FixtureRequest) -> int:
     return int(request.param)
+
+
+RUN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "unimodal": ("balancer.options.modality=fac",),  # some parameters get no gradient
+    "gblending": ("balancer.options.super_epoch_len=1",),
+    "mla": ("balancer.options.start_epoch=1",),  # epoch 0 outside its window: both of its paths run
+}
+"""``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""

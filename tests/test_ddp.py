@@ -2,12 +2,17 @@
 
 For every registered balancer: both ranks end with the same parameters, and those equal (to float
 rounding) the parameters of a single process trained on the same data with the same global batch. The
-encoders are MLPs (mfeat fac+mor), so there are no batch-norm statistics, which are per process.
+encoders are MLPs (mfeat fac+mor), so there are no batch-norm statistics, which each process updates
+with its own shard. With them (the CNN of mfeat's ``pix`` view), a run evaluates and saves rank 0's
+statistics, so a rerun on a finished folder and a run resumed after its best epoch give the figures of
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,18 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import RUN_OPTIONS
 
 import equimodal as em
 
-EXTRA = {
-    "unimodal": ("balancer.options.modality=fac",),  # some parameters get no gradient
-    "gblending": ("balancer.options.super_epoch_len=1",),
-    "mla": ("balancer.options.start_epoch=1",),  # epoch 0 outside its window: both of its paths run
-}
 BASE = (
     "data.options.views=fac,mor", "train.epochs=2", "train.progress=false", "train.probe=false",
     "data.batch_size=64", "train.num_threads=1",
 )  # fmt: skip
+
+BATCH_NORM = ("train.epochs=2", "train.progress=false", "train.probe=false", "train.num_threads=1")
+"""mfeat's default views, pix (a CNN with batch norm) and fou."""
 
 
 def _free_port() -> int:
@@ -59,7 +63,7 @@ def _train_all(out: Path, tag: str) -> None:
     trainer.final_summary = capture
     try:
         for name in em.list_balancers():
-            cfg = load_config(None, [*BASE, f"balancer.name={name}", *EXTRA.get(name, ())])
+            cfg = load_config(None, [*BASE, f"balancer.name={name}", *RUN_OPTIONS.get(name, ())])
             trainer.train(cfg)
     finally:
         trainer.final_summary = original
@@ -138,7 +142,12 @@ def test_a_failed_run_tears_down_the_process_group_it_created(tmp_path: Path) ->
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
            str(_free_port()), "-m", "equimodal", "train", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    source = str(Path(em.__file__).resolve().parents[1])  # this equimodal, also from another cwd
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
 
 
@@ -155,3 +164,58 @@ def test_torchrun_exits_with_the_runs_own_code(tmp_path: Path) -> None:
     assert failed.returncode != 0
     assert "Non-finite values at epoch 0" in failed.stderr
     assert "exitcode  : 3" in failed.stderr or "exit code: 3" in failed.stderr, failed.stderr[-2000:]
+
+
+def _figures(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    return {"val": summary["val"], "test": summary["test"], "epoch": summary["selected_epoch"]}
+
+
+@pytest.mark.ddp
+def test_torchrun_rerun_on_a_finished_folder_keeps_its_summary(tmp_path: Path) -> None:
+    """The rerun loads best.pt (rank 0's batch-norm statistics); the first run must have evaluated those."""
+    sets = [x for o in (*BATCH_NORM, "train.epochs=1") for x in ("--set", o)]
+    summaries = []
+    for _ in range(2):
+        done = _torchrun([*sets, "--out", "run"], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summaries.append((tmp_path / "run" / "summary.json").read_text())
+    assert summaries[1] == summaries[0]
+
+
+def _batch_norm_worker(rank: int, port: int, out: str, kill_after: int) -> None:
+    """Train the batch-norm run into ``out``; SIGKILL both processes after epoch ``kill_after`` (-1: never)."""
+    import torch.distributed as dist
+
+    from equimodal.config import load_config
+    from equimodal.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def die_after(row: dict) -> None:
+        if row["epoch"] == kill_after:
+            dist.barrier()  # rank 0 has written last.pt
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        train(load_config(None, list(BATCH_NORM)), out, on_epoch=die_after)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_two_process_run_killed_after_its_best_epoch_resumes_to_the_same_summary(tmp_path: Path) -> None:
+    """The resumed run restores the selected epoch from best.pt; the uninterrupted one kept it in memory."""
+    mp.spawn(_batch_norm_worker, args=(_free_port(), str(tmp_path / "ref"), -1), nprocs=2, join=True)
+    reference = _figures(tmp_path / "ref")
+    cut = tmp_path / "cut"
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        mp.spawn(_batch_norm_worker, args=(_free_port(), str(cut), reference["epoch"]), nprocs=2, join=True)
+    assert not (cut / "summary.json").exists()
+    mp.spawn(_batch_norm_worker, args=(_free_port(), str(cut), -1), nprocs=2, join=True)
+    resumed = _figures(cut)
+    assert resumed["epoch"] == reference["epoch"]
+    for split in ("val", "test"):
+        assert resumed[split] == pytest.approx(reference[split], rel=1e-6, abs=1e-9), split

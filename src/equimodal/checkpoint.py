@@ -1,23 +1,76 @@
 """Checkpoints of a run: ``last.pt`` (to resume) and ``best.pt`` (the epoch selected on validation).
 
 Everything is written atomically by the main process; every process reads the same files to resume.
+
+A checkpoint holds plain data only: tensors, Python numbers, strings, lists, tuples, dicts and ``None``
+(:func:`plain_data` checks every saved part and turns numpy numbers into Python numbers). It is read with
+``torch.load(weights_only=True)``, which builds no other object, so a run folder received from someone
+else never runs code when it is resumed; a file holding anything else is refused (:class:`RunFolderError`).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from .fitting import EpochState
 from .io import atomic_torch_save
 from .run_folder import RunFolderError
 
 log = logging.getLogger(__name__)
+
+_LEAVES = (bool, int, float, complex, str, type(None), torch.dtype, torch.device, torch.Size)
+_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
+
+
+def plain_data(obj: Any, where: str) -> Any:
+    """``obj`` as data that ``torch.load(weights_only=True)`` reads back: numpy numbers become Python numbers.
+
+    Tensors, Python numbers, strings, ``None``, lists, tuples and dicts (also ``OrderedDict`` and
+    ``Counter``, as torch's state dicts use them) are kept as they are; a container is copied only when
+    something inside it was converted (a model state dict keeps its ``_metadata``).
+
+    Args:
+        obj: what is about to be saved (e.g. a balancer's ``state_dict()``).
+        where: its name in the checkpoint, for the error (e.g. ``"balancer"``).
+
+    Raises:
+        TypeError: ``obj`` holds anything else (a numpy array, a dataclass, an enum, a generator...),
+            naming where it is and what to return instead.
+    """
+    if type(obj) in _LEAVES or (isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, nn.Parameter)):
+        return obj
+    if isinstance(obj, (np.number, np.bool_)):
+        return obj.item()
+    if type(obj) in _MAPPINGS:
+        items = [
+            (plain_data(k, f"{where} (a key)"), plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items()
+        ]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items(), strict=True)):
+            return obj
+        copy = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            copy._metadata = obj._metadata  # type: ignore[attr-defined]
+        return copy
+    if type(obj) in (list, tuple):
+        values = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return obj if all(v is v0 for v, v0 in zip(values, obj, strict=True)) else type(obj)(values)
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise TypeError(
+        f"Cannot save {where} in a checkpoint: expected tensors, Python numbers, strings, None, lists, tuples "
+        f"or dicts (what torch.load(weights_only=True) reads back without running code), found a {kind}. "
+        "Return it as a tensor (torch.as_tensor) or as plain Python values from state_dict()."
+    )
 
 
 @dataclass
@@ -60,7 +113,7 @@ class Checkpointer:
 
     def __init__(self, out: Path | None, config: dict[str, Any], main: bool) -> None:
         self.out = out
-        self.config = config
+        self.config = plain_data(config, "config")
         self.main = main
         self._best_in_memory: dict[str, Any] | None = None
 
@@ -73,20 +126,27 @@ class Checkpointer:
         return None if self.out is None else self.out / "best.pt"
 
     def _load(self, path: Path, device: torch.device) -> dict[str, Any]:
-        """``torch.load`` a checkpoint; a truncated or foreign file is an error naming it and the fix."""
+        """Read a checkpoint as data only (``weights_only=True``); a bad file is an error naming it and the fix.
+
+        Refused: a file holding objects other than plain data (loading it could run code), a truncated or
+        non-torch file, and a torch file that is not an equimodal checkpoint.
+        """
+        fix = "Pass --no-resume to start the run afresh (the folder's run is replaced), or --out another folder."
         try:
-            ckpt = torch.load(path, map_location=device, weights_only=False)
-        except Exception as err:  # zipfile / pickle / EOF errors of a truncated or foreign file
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights only load failed" not in str(err).lower():
+                raise RunFolderError(_unreadable(path, err, fix)) from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
             raise RunFolderError(
-                f"The checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:120]}); it may "
-                "have been cut off. Pass --no-resume to start the run afresh (the folder's run is replaced), "
-                "or --out another folder."
+                f"The checkpoint {str(path)!r} holds objects other than equimodal's"
+                f"{f' (it refers to {found.group(1)})' if found else ''}; it is not loaded, as loading it could run code. "
+                f"Equimodal's checkpoints hold only tensors, numbers, strings, lists and dicts. {fix}"
             ) from None
+        except Exception as err:  # zipfile / EOF errors of a truncated or foreign file
+            raise RunFolderError(_unreadable(path, err, fix)) from None
         if not isinstance(ckpt, dict) or "config" not in ckpt:
-            raise RunFolderError(
-                f"{str(path)!r} is not an equimodal checkpoint. Pass --no-resume to start afresh, or --out "
-                "another folder."
-            )
+            raise RunFolderError(f"{str(path)!r} is not an equimodal checkpoint. {fix}")
         return ckpt
 
     def resume(self, parts: dict[str, Any], device: torch.device) -> tuple[Progress, EpochState | None]:
@@ -111,7 +171,7 @@ class Checkpointer:
                 f"The checkpoint {str(path)!r} does not fit this run ({type(err).__name__}: {str(err)[:160]}). "
                 "Pass --no-resume to start afresh, or --out another folder."
             ) from None
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())  # loaded onto the run's device with everything else
         partial = EpochState(**ckpt["partial"]) if ckpt.get("partial") else None
         next_epoch = ckpt["epoch"] if partial is not None else ckpt["epoch"] + 1
         log.info(
@@ -139,15 +199,15 @@ class Checkpointer:
             rng=torch.get_rng_state(), config=self.config,
             partial=None if partial is None else partial.to_dict(),
         )  # fmt: skip
-        atomic_torch_save(state, self.last_path)
+        atomic_torch_save({k: plain_data(v, k) for k, v in state.items()}, self.last_path)
 
     def save_best(self, model: torch.nn.Module, balancer: Any, epoch: int) -> None:
         """Keep the selected epoch's model and balancer state (in memory, and in ``best.pt``)."""
         self._best_in_memory = {
             "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "balancer": balancer.state_dict(),
+            "balancer": plain_data(balancer.state_dict(), "balancer"),
             "epoch": epoch,
-        }
+        }  # what best.pt holds, so a resumed run restores the same selected epoch as this one
         if self.best_path is not None and self.main:
             atomic_torch_save({**self._best_in_memory, "config": self.config}, self.best_path)
 
@@ -159,3 +219,11 @@ class Checkpointer:
         if best is not None:
             model.load_state_dict(best["model"])
             balancer.load_state_dict(best["balancer"])
+
+
+def _unreadable(path: Path, err: BaseException, fix: str) -> str:
+    """The message for a checkpoint that cannot be read at all (truncated, or not a torch file)."""
+    return (
+        f"The checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:120]}); it may have "
+        f"been cut off. {fix}"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
@@ -25,6 +25,17 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers of ``module`` (e.g. batch-norm running statistics) to every rank.
+
+    DDP broadcasts rank 0's buffers at the start of each training forward, after which every rank updates
+    them with its own shard; this makes them equal again (a no-op on a single process).
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
 
 
 def rank() -> int:

@@ -10,7 +10,8 @@ user's own loop would (``set_epoch``, ``prepare_epoch`` when needed, ``loss``/``
 
 Batches: ``data.batch_size`` is the *global* batch; under torchrun each of the W processes takes
 ``batch_size / W`` samples of every batch (the shards of one permutation), so W processes give the
-same updates as one process (up to float rounding; batch-norm statistics are per process).
+same updates as one process (up to float rounding; the batch-norm running statistics that every process
+evaluates and saves are rank 0's, see :func:`validate_epoch`).
 
 Outputs (all written atomically by rank 0) in the run folder: ``config.yaml``, ``metrics.csv`` (a row
 per epoch), ``steps.csv`` (the balancer's per-step statistics, :mod:`equimodal.run_log`), ``best.pt``,
@@ -50,6 +51,7 @@ from .checkpoint import Checkpointer, Progress
 from .config import Config, config_to_dict, save_config
 from .data import load_dataset
 from .data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
+from .distributed import broadcast_buffers
 from .distributed import rank as dist_rank
 from .evaluation import EvalResult, evaluate, linear_probes, removal_accuracy
 from .fitting import EpochFitter, EpochState, NonFiniteError, StepContext, params_finite
@@ -437,8 +439,15 @@ def start_epoch(run: Run, epoch: int, resumed: EpochState | None = None) -> None
 
 
 def validate_epoch(run: Run) -> EvalResult:
-    """The validation figures of the current model (every sample once, gathered over ranks)."""
+    """The validation figures of the current model (every sample once, gathered over ranks).
+
+    Under DDP, rank 0's buffers are first copied to every rank (:func:`broadcast_buffers`): each rank has
+    updated its batch-norm running statistics with its own shard since DDP last broadcast them, so every
+    rank would otherwise evaluate its part of the split with a different model. Every rank then
+    evaluates, and keeps as the best epoch, the model that rank 0 saves in ``best.pt`` and ``last.pt``.
+    """
     ds = run.dataset
+    broadcast_buffers(run.model)
     return evaluate(run.model, run.balancer, run.loaders.val, len(ds.val), run.device, ds.num_classes)
 
 

@@ -19,7 +19,8 @@ What the callback does for each kind of balancer (read from ``balancer.requireme
 
 - every balancer: ``set_epoch`` at each epoch start, ``before_step`` at ``on_before_optimizer_step``
   (so ``accumulate_grad_batches`` works: one ``before_step`` per optimizer step), ``balancer.stats()``
-  logged after every batch, the balancer's state in Lightning checkpoints;
+  logged after every batch, the balancer's state in Lightning checkpoints (as plain data, checked by
+  :func:`~equimodal.checkpoint.plain_data`, so they load with ``torch.load(weights_only=True)``);
 - balancers that need epoch data (``pmr``, ``gblending``, ``mslr``): ``prepare_epoch`` at each epoch
   start with ``EpochData(train=<the trainer's train dataloader>, heldout=<the callback's heldout>)``;
   those that need a held-out part of train (``gblending``, ``mslr``) need ``BalancerCallback(heldout=...)``,
@@ -50,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from torch import Tensor
 
 from ..balancers import Balancer, EpochData
+from ..checkpoint import plain_data
 from ..types import LABEL_KEY
 
 Unpack = Callable[[Any], tuple[Mapping[str, Tensor], Tensor]]
@@ -159,7 +161,8 @@ class BalancerCallback(Callback):
                 pl_module.log_dict({f"balancer/{k}": v for k, v in stats.items()}, on_step=True)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint["equimodal_balancer"] = self._balancer(pl_module).state_dict()
+        state = self._balancer(pl_module).state_dict()
+        checkpoint["equimodal_balancer"] = plain_data(state, "the balancer's state_dict()")
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if "equimodal_balancer" in checkpoint:
