@@ -5,7 +5,9 @@ work. It reads the folder's ``config.yaml`` (written when a run starts); when th
 the one asked for, it raises :class:`RunFolderError` naming every differing key (old and new value) and
 the two ways out: another ``--out``, or ``--overwrite``. The same config resumes (``last.pt``) or, for a
 finished run, is reported as is. A folder whose run wrote nothing but its config (it failed before its
-first output, e.g. on a bad balancer option) takes the new config: there is nothing to lose.
+first output, e.g. on a bad balancer option) takes the new config: there is nothing to lose. ``train``
+runs these checks under the folder's claim (:mod:`equimodal.claim`), so a run still starting in the
+folder (it has written only its config so far) is refused by its claim, not mistaken for a failed one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ RUN_OUTPUTS = (
 
 def clear_run(out: Path, *, config: bool = False) -> None:
     """Delete a previous run's outputs from ``out`` (and its ``config.yaml`` with ``config``); keeps
-    every other file."""
+    every other file (the folder's claim, :mod:`equimodal.claim`, among them)."""
     for name in (*RUN_OUTPUTS, *(("config.yaml",) if config else ())):
         (out / name).unlink(missing_ok=True)
     board = out / "tensorboard"
@@ -38,7 +40,10 @@ def clear_run(out: Path, *, config: bool = False) -> None:
 
 def has_outputs(out: Path) -> bool:
     """Whether a run in ``out`` wrote anything besides its config (one that failed before its first
-    output, e.g. on a bad option, did not: a new config may take its folder, there is nothing to lose)."""
+    output, e.g. on a bad option, did not: a new config may take its folder, there is nothing to lose).
+
+    The folder's claim file is no output: a run still writing is told apart by its claim instead.
+    """
     return any((out / name).exists() for name in RUN_OUTPUTS)
 
 

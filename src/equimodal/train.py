@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from .balancers import Balancer, EpochData, create_balancer
 from .balancers.registry import BALANCERS
 from .checkpoint import Checkpointer, Progress
+from .claim import claim_folder
 from .config import Config, config_to_dict, save_config
 from .data import load_dataset
 from .data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
@@ -59,7 +60,7 @@ from .interrupt import Interrupted, StopRequest, stop_signals
 from .io import atomic_savez, atomic_write_text
 from .models import MultimodalClassifier
 from .models.encoders import create_encoder
-from .run_folder import check_run_folder, clear_run
+from .run_folder import RunFolderError, check_run_folder, clear_run
 from .run_log import TENSORBOARD_INSTALL, RunLog, write_rows
 from .types import check_batch
 
@@ -540,18 +541,65 @@ def _progress_bar(enabled: bool, total: int, done: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def prepare_run_folder(out: Path, cfg: Config, *, overwrite: bool, resume: bool, rank: int) -> bool:
+def prepare_run_folder(out: Path, cfg: Config, *, overwrite: bool, resume: bool) -> bool:
     """Refuse a folder holding another config's run (unless ``overwrite``); returns whether to resume.
 
     With ``overwrite`` (or ``resume=False``) the folder's previous run files are removed first, so nothing
-    of the old run is mixed into the new one.
+    of the old run is mixed into the new one. Called by the process that holds the folder's claim.
     """
     same = check_run_folder(out, config_to_dict(cfg), overwrite=overwrite)
-    if rank == 0:
-        if not same or not resume:
-            clear_run(out)
-        save_config(cfg, out / "config.yaml")
+    if not same or not resume:
+        clear_run(out)
+    save_config(cfg, out / "config.yaml")
     return same and resume
+
+
+@contextlib.contextmanager
+def claimed_run_folder(
+    out: Path | None, cfg: Config, *, overwrite: bool, resume: bool, where: tuple[int, int]
+) -> Iterator[bool]:
+    """Claim ``out`` for the whole run and prepare it (:func:`prepare_run_folder`); yields whether to resume.
+
+    Under torchrun only rank 0 (``where = (rank, world)``) claims and prepares the folder; one broadcast
+    tells the other ranks the outcome, so they raise the same error instead of waiting in a later
+    collective. The claim is released when the run ends, however it ends. Without ``out`` it only
+    yields ``resume``.
+
+    Raises:
+        RunFolderError: another process holds the folder (see :func:`~equimodal.claim.claim_folder`), or
+            :func:`~equimodal.run_folder.check_run_folder` refused it.
+    """
+    (rank, world), failure = where, None
+    if out is None:  # nothing is saved: nothing to claim
+        yield resume
+        return
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            try:
+                stack.enter_context(claim_folder(out))
+                resume = prepare_run_folder(out, cfg, overwrite=overwrite, resume=resume)
+            except Exception as err:  # shared with the other ranks, then raised here
+                failure = err
+        yield share_folder_outcome(failure, resume, world, select_device(cfg.train.device))
+
+
+def share_folder_outcome(failure: Exception | None, resume: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's outcome on every rank: ``resume``, or its error (a RunFolderError with its message elsewhere)."""
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        message = (str(failure) or type(failure).__name__).encode() if failure is not None else b""
+        head = torch.tensor([failure is not None, resume, len(message)], dtype=torch.int64, device=device)
+        dist.broadcast(head, src=0)
+        failed, resume, size = (int(v) for v in head.tolist())
+        if failed:
+            body = torch.tensor(list(message) or [0] * size, dtype=torch.uint8, device=device)
+            dist.broadcast(body, src=0)
+            if failure is None:
+                raise RunFolderError(bytes(body.tolist()).decode(errors="replace"))
+    if failure is not None:
+        raise failure
+    return bool(resume)
 
 
 def train(
@@ -577,14 +625,19 @@ def train(
             epoch.
 
     Raises:
-        RunFolderError: ``out_dir`` holds another config's run, is a file or cannot be written, or its
-            checkpoint cannot be read. NonFiniteError: a non-finite loss or gradient (with
+        RunFolderError: ``out_dir`` is in use by another process (its claim, :mod:`equimodal.claim`),
+            holds another config's run, is a file or cannot be written, or its checkpoint cannot be
+            read. NonFiniteError: a non-finite loss or gradient (with
             ``train.on_nonfinite="stop"``). Interrupted: SIGINT/SIGTERM (after writing a checkpoint).
     """
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     out = Path(out_dir) if out_dir is not None else None
-    with process_group(select_device(cfg.train.device).type) as (rank, world), stop_signals() as stop:
+    with (
+        process_group(select_device(cfg.train.device).type) as (rank, world),
+        stop_signals() as stop,
+        claimed_run_folder(out, cfg, overwrite=overwrite, resume=resume, where=(rank, world)) as resume,
+    ):
         # The run lives in run_in_group's frame only, so that it (and its DDP wrapper) is gone before
         # the process group is destroyed, on success and on failure (see process_group).
         return run_in_group(cfg, out, dataset, (resume, overwrite), (on_start, on_epoch), (rank, world, stop))
@@ -595,10 +648,8 @@ def run_in_group(
     hooks: tuple[Callable[[], None] | None, Callable[[dict[str, Any]], None] | None],
     where: tuple[int, int, StopRequest],
 ) -> dict[str, Any]:  # fmt: skip
-    """The body of :func:`train` inside its process group: folder, run, resume, epochs, summary."""
-    (resume, overwrite), (on_start, on_epoch), (rank, world, stop) = flags, hooks, where
-    if out is not None:
-        resume = prepare_run_folder(out, cfg, overwrite=overwrite, resume=resume, rank=rank)
+    """The body of :func:`train` inside its process group and folder claim: run, resume, epochs, summary."""
+    resume, (on_start, on_epoch), (rank, world, stop) = flags[0], hooks, where
     run = build_run(cfg, out, dataset, rank, world)
     ckpt = Checkpointer(out, config_to_dict(cfg), run.main)
     progress, partial = ckpt.resume(run.parts(), run.device) if resume else (Progress(), None)
