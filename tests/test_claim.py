@@ -2,11 +2,13 @@
 
 The reported race (a second ``train`` into the folder of a running one took it over and both exited 0),
 stale claims (a dead pid, a reused pid, another host's old claim) taken over with a warning and race-free,
-the claim released however a run ends, and a claimed folder refused on every rank under torchrun.
+the claim released however a run ends, two ``prepare cremad`` into one folder, private temporary frame
+folders, and a claimed folder refused on every rank under torchrun.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import multiprocessing as mp
@@ -18,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from equimodal.claim import CLAIM_FILE, FOREIGN_STALE_SECONDS, Owner, _look, _take_over, claim_folder
 from equimodal.cli import main
+from equimodal.prepare.base import save_frame_folder
 from equimodal.run_folder import RunFolderError, clear_run, has_outputs
 
 FAST = ["train.progress=false", "train.probe=false", "data.options.views=fac,mor", "train.num_threads=1"]
@@ -220,6 +224,61 @@ def test_the_claim_is_released_after_sigterm(tmp_path: Path) -> None:
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "log").read_text()[-3000:]
     assert not (out / CLAIM_FILE).exists()
     assert (out / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ prepare
+def _cremad_fixture():
+    """The raw CREMA-D tree generator of tests/prepare/test_cremad.py."""
+    spec = importlib.util.spec_from_file_location(
+        "cremad_fixture", Path(__file__).parent / "prepare" / "test_cremad.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_second_prepare_into_the_same_out_is_refused_and_the_first_completes(
+    tmp_path: Path, capsys
+) -> None:
+    cremad = _cremad_fixture()
+    raw, out = cremad.make_raw(tmp_path / "raw"), tmp_path / "prepared"
+    args = ["prepare", "cremad", "--raw", str(raw), "--out", str(out), "--workers", "1", *cremad.SMALL]
+    first = equimodal(args, tmp_path / "first.log")
+    try:
+        wait_for(out / ".prepare-settings.json", first)
+        first.send_signal(signal.SIGSTOP)
+        code, text = cli(args, capsys)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert code == 2 and f"is in use by another process: pid {first.pid} on host" in text, text
+    info = json.loads((out / "prepare.json").read_text())
+    assert sum(info["counts"].values()) == len(cremad.GOOD) and len(info["skipped"]) == 6
+    for key in cremad.GOOD:
+        assert (
+            len(list((out / "visual" / key).glob("*.jpg"))) >= 1 and (out / "audio" / f"{key}.npy").is_file()
+        )
+    assert not list((out / "visual").glob(".*")) and not (out / CLAIM_FILE).exists()
+
+
+def test_save_frame_folder_removes_only_temporary_folders_of_writers_that_are_gone(tmp_path: Path) -> None:
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        gone = dead_pid()
+        busy = tmp_path / f".clip.{live.pid}.0a1b2c3d.tmp"
+        busy.mkdir()
+        (busy / "00001.jpg").write_bytes(b"a live writer's frame")
+        left = [tmp_path / f".clip.{gone}.deadbeef.tmp", tmp_path / f".clip.{gone}.tmp"]
+        other = tmp_path / f".clip.x.{gone}.deadbeef.tmp"  # clip "clip.x"'s, not clip's
+        for folder in (*left, other):
+            folder.mkdir()
+        save_frame_folder(tmp_path / "clip", [np.zeros((8, 8, 3), np.uint8)] * 2)
+        assert (busy / "00001.jpg").read_bytes() == b"a live writer's frame"
+        assert not any(p.exists() for p in left) and other.exists()
+        assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["00001.jpg", "00002.jpg"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 # ------------------------------------------------------------------------------------------ torchrun

@@ -45,8 +45,11 @@ def prepare(
 ) -> dict[str, Any]:
     """Prepare dataset ``name`` from its raw download ``raw`` into ``out``; returns what ``prepare.json`` holds.
 
-    Unknown names and options fail with close matches; options given as strings are converted.
+    Unknown names and options fail with close matches; options given as strings are converted. ``out`` is
+    claimed for the whole preparation (:func:`~equimodal.claim.claim_folder`): a second preparation into
+    it is refused while this one runs.
     """
+    from ..claim import claim_folder
     from .base import default_workers
 
     _load_all()
@@ -58,4 +61,5 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {str(out)!r} is a file, not a folder; pass a folder path.")
     checked = PREPARERS.check(name, {**options, "workers": workers or default_workers()})
-    return PREPARERS.get(name)(raw, out, **checked)
+    with claim_folder(out):
+        return PREPARERS.get(name)(raw, out, **checked)

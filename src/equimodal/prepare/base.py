@@ -249,16 +249,18 @@ def save_jpeg(path: Path, image: np.ndarray, quality: int = 90) -> None:
 def save_frame_folder(folder: Path, frames: Sequence[np.ndarray], digits: int = 5) -> None:
     """Write ``frames`` as ``00001.jpg, 00002.jpg, ...`` (``digits`` wide) into ``folder``, atomically.
 
-    The folder is built under a hidden temporary name next to it and renamed at the end, so a reader
-    never sees half a clip; temporary folders an interrupted run left for it are removed first.
+    The folder is built under a hidden temporary name next to it, private to this writer (its pid and a
+    random token: ``.<name>.<pid>.<token>.tmp``), and renamed at the end, so a reader never sees half a
+    clip. Temporary folders of ``folder`` left by a writer that is gone (its pid no longer runs on this
+    host) are removed first; a live writer's are never touched.
     """
-    import glob
+    import secrets
     import shutil
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(str(folder.parent / f".{glob.escape(folder.name)}.*.tmp")):
+    for stale in _abandoned_temporaries(folder):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         tmp.mkdir()
         for i, image in enumerate(frames, 1):
@@ -269,6 +271,22 @@ def save_frame_folder(folder: Path, frames: Sequence[np.ndarray], digits: int = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _abandoned_temporaries(folder: Path) -> list[Path]:
+    """The temporary folders of ``folder`` (``.<name>.<pid>[.<token>].tmp``) whose writer's pid is gone."""
+    import glob
+    import re
+
+    from ..claim import pid_alive
+
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(\d+)(\.[0-9a-f]+)?\.tmp")
+    found = []
+    for path in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not pid_alive(int(match.group(1))):
+            found.append(path)
+    return found
 
 
 def save_text(path: Path, text: str) -> None:
