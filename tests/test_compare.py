@@ -329,7 +329,9 @@ class _Stop(Exception):
         ("avdigits_hard", "avdigits", "avdigits_hard", "avdigits"),  # a config given: only data.name changes
     ],
 )
-def test_dataset_runs_the_recipe_train_runs(monkeypatch, tmp_path, capsys, config, dataset, source, data_name):
+def test_dataset_runs_the_recipe_train_runs(
+    monkeypatch, tmp_path, capsys, config, dataset, source, data_name
+):
     """``compare --dataset X`` trains X's preset (as ``train X``, ``diagnose X`` and run_results.sh do),
     not the default config's lr, batch and epochs with data.name swapped; it says which recipe it runs."""
     import equimodal.compare as compare
@@ -345,7 +347,9 @@ def test_dataset_runs_the_recipe_train_runs(monkeypatch, tmp_path, capsys, confi
     args = _args(tmp_path, dataset=dataset, config=config, set=[])
     with pytest.raises(_Stop):
         run_compare(args)
-    want = load_config(source, [f"data.name={data_name}", "balancer.name=none", "train.seed=0", "train.progress=0"])
+    want = load_config(
+        source, [f"data.name={data_name}", "balancer.name=none", "train.seed=0", "train.progress=0"]
+    )
     assert seen["configs"][0] == config_to_dict(want)
     printed = " ".join(capsys.readouterr().out.split())
     assert f"data {data_name!r}" in printed and f"{want.train.epochs} epochs" in printed

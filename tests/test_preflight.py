@@ -69,7 +69,8 @@ def test_study_without_scikit_learn_stops_before_its_first_run(tmp_path) -> None
     fail the AV-Digits ones one by one, and stop at the end; now nothing trains and the install line is
     printed literally."""
     preset = tmp_path / "mini.yaml"
-    preset.write_text(textwrap.dedent("""
+    preset.write_text(
+        textwrap.dedent("""
         title: mini
         quick: {seeds: 1, set: [train.epochs=1, train.probe=false]}
         parts:
@@ -79,7 +80,8 @@ def test_study_without_scikit_learn_stops_before_its_first_run(tmp_path) -> None
           - name: av
             columns: {av: [data.name=avdigits]}
             rows: {none: [balancer.name=none]}
-    """))
+    """)
+    )
     out = tmp_path / "study"
     done = _run_without(["sklearn", "sklearn.datasets"], ["study", str(preset), "--out", str(out)], tmp_path)
     assert done.returncode == 2, done.stderr
@@ -91,7 +93,17 @@ def test_study_without_scikit_learn_stops_before_its_first_run(tmp_path) -> None
 
 def test_compare_without_matplotlib_says_so_first_and_claims_no_plot(tmp_path) -> None:
     out = tmp_path / "cmp"
-    argv = ["compare", "--out", str(out), "--balancers", "none", "--seeds", "1", "--no-references", *_sets(TINY)]
+    argv = [
+        "compare",
+        "--out",
+        str(out),
+        "--balancers",
+        "none",
+        "--seeds",
+        "1",
+        "--no-references",
+        *_sets(TINY),
+    ]
     done = _run_without(["matplotlib"], argv, tmp_path)
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
