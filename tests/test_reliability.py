@@ -228,7 +228,7 @@ def test_a_stopped_run_resumes_to_the_same_summary(sig: int, tmp_path: Path, uni
         assert proc.returncode == 128 + sig, stderr
         assert f"{signal.Signals(sig).name} stopped the run in epoch 1" in " ".join(stderr.split())
         assert "Rerun the same command to resume" in " ".join(stderr.split())
-    partial = torch.load(out / "last.pt", weights_only=False)
+    partial = torch.load(out / "last.pt", weights_only=True)
     assert partial["partial"] is not None and partial["epoch"] == 1
     again = _equimodal(["train", *LONG, "--out", str(out)])
     _, stderr = again.communicate(timeout=600)

@@ -45,8 +45,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.ddp
 def test_ranks_draw_identical_masks(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for a, b in zip(r0, r1, strict=True):
         assert a["stats"] == b["stats"]
         assert all(torch.equal(x, y) for x, y in zip(a["masks"], b["masks"], strict=True))
