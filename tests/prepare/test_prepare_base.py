@@ -18,7 +18,6 @@ from equimodal.prepare.base import (
     run_items,
     save_npy,
     write_layout,
-    write_split_lists,
 )
 
 
@@ -56,11 +55,11 @@ def test_run_items_reports_failures_and_resumes(tmp_path: Path, workers: int) ->
 def test_layout_round_trip_and_errors(tmp_path: Path) -> None:
     rows = [
         {"key": "a", "label": "x", "split": "train", "m": "m/a.npy"},
+        {"key": "c", "label": "x", "split": "val", "m": "m/c.npy"},
         {"key": "b", "label": "y", "split": "test", "m": "m/b.npy"},
     ]
     info = write_layout(tmp_path, "toy", rows, ["m"], options={"seed": 0, "path": tmp_path}, report=Report())
-    write_split_lists(tmp_path, {"train": ["a"], "test": ["b"]})
-    assert info["counts"] == {"train": 1, "val": 0, "test": 1} and info["classes"] == ["x", "y"]
+    assert info["counts"] == {"train": 1, "val": 1, "test": 1} and info["classes"] == ["x", "y"]
     manifest, read = read_layout(tmp_path, "toy")
     assert manifest.read_text().splitlines()[0] == "key,label,split,m" and read == json.loads(
         json.dumps(info)
@@ -81,8 +80,11 @@ def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureF
 
         @register_preparer("toy_prepare")
         def toy(raw: Path, out: Path, *, workers: int, level: int = 1) -> dict:
-            report = run_items(_items([level, -1]), _square, out, workers=workers)
-            rows = [{"key": k, "label": "a", "split": "train", "m": f"sq/{k}.npy"} for k in report.ok]
+            report = run_items(_items([level, level + 1, level + 2, -1]), _square, out, workers=workers)
+            rows = [
+                {"key": k, "label": "a", "split": s, "m": f"sq/{k}.npy"}
+                for k, s in zip(report.ok, ("train", "val", "test"), strict=True)
+            ]
             return write_layout(out, "toy_prepare", rows, ["m"], options={"level": level}, report=report)
 
         assert (
@@ -133,6 +135,36 @@ def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureF
         )
         with pytest.raises(ValueError, match="Unknown preparer 'toy_prepar'. Did you mean 'toy_prepare'"):
             prepare("toy_prepar", tmp_path, tmp_path / "o")
+    finally:
+        registry.clear()
+        registry.update(saved)
+
+
+def test_a_split_left_empty_fails_naming_what_was_found_and_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every train input is corrupt: exit 2 naming the split, the counts and the skipped inputs; no layout."""
+    registry = PREPARERS._items
+    saved = dict(registry)
+    try:
+
+        @register_preparer("toy_empty")
+        def toy(raw: Path, out: Path, *, workers: int) -> dict:
+            report = run_items(_items([-1, -2, 3, 4]), _square, out, workers=workers)
+            split = {"c-1": "train", "c-2": "train", "c3": "val", "c4": "test"}
+            rows = [{"key": k, "label": "a", "split": split[k], "m": f"sq/{k}.npy"} for k in report.ok]
+            return write_layout(out, "toy_empty", rows, ["m"], options={}, report=report)
+
+        out = tmp_path / "o"
+        assert (
+            main(["prepare", "toy_empty", "--raw", str(tmp_path), "--out", str(out), "--workers", "1"]) == 2
+        )
+        err = " ".join(capsys.readouterr().err.split())
+        assert "toy_empty: the train split(s) would be empty" in err
+        assert "(prepared: 0 train, 1 val, 1 test)" in err and "no manifest was written" in err
+        assert "2 input(s) were skipped" in err and "c-1: input raw/c-1.wav is corrupt" in err
+        assert [f["clip"] for f in json.loads((out / "skipped.json").read_text())] == ["c-1", "c-2"]
+        assert not (out / "manifest.csv").exists() and not (out / "splits").exists()
     finally:
         registry.clear()
         registry.update(saved)

@@ -39,6 +39,8 @@ from ..io import atomic_write_text
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
+SPLITS = ("train", "val", "test")
+"""The splits of a prepared layout; each must hold clips (every loader reads all three)."""
 
 
 class PrepareError(ValueError):
@@ -289,12 +291,41 @@ def empty_after_skipping(out: Path, report: Report, err: ValueError) -> ValueErr
     Returned (the caller raises it), so that the report of what was skipped is never lost with the run.
     """
     atomic_write_text(out / "skipped.json", json.dumps(report.failed, indent=2))
+    if not report.failed:
+        return ValueError(
+            f"{err} No input was skipped: the raw download lists no clip for it. Check --raw and the split "
+            "options."
+        )
     shown = "; ".join(f"{f['clip']}: {f['reason']}" for f in report.failed[:5])
     more = f" (and {len(report.failed) - 5} more)" if len(report.failed) > 5 else ""
     return ValueError(
         f"{err} {len(report.failed)} input(s) were skipped, all listed in {str(out / 'skipped.json')!r}: "
-        f"{shown}{more}."
+        f"{shown}{more}. Replace or repair them (or list more clips of that split), then rerun the same "
+        "command: finished clips are kept."
     )
+
+
+def check_splits(
+    out: Path, dataset: str, counts: dict[str, int], report: Report, options: dict[str, Any]
+) -> None:
+    """Refuse a prepared layout with an empty split: every loader needs clips in train, val and test.
+
+    Raises:
+        ValueError: naming the empty split(s), the counts found and every skipped input (also written to
+            ``OUT/skipped.json``, see :func:`empty_after_skipping`).
+    """
+    empty = [s for s in SPLITS if not counts.get(s)]
+    if not empty:
+        return
+    found = ", ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS)
+    hint = ""
+    if "val" in empty and "val_fraction" in options:
+        hint = f" val is carved from train by val_fraction={options['val_fraction']}: pass e.g. --set val_fraction=0.1."
+    err = ValueError(
+        f"{dataset}: the {' and '.join(empty)} split(s) would be empty after skipping unusable inputs "
+        f"(prepared: {found}); its loader needs clips in train, val and test, so no manifest was written.{hint}"
+    )
+    raise empty_after_skipping(out, report, err)
 
 
 def write_layout(
@@ -307,7 +338,8 @@ def write_layout(
     report: Report,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.csv`` (``label``, ``split`` and ``columns``) and ``prepare.json``; returns the info.
+    """Write ``splits/``, ``manifest.csv`` (``label``, ``split`` and ``columns``) and ``prepare.json``;
+    returns the info. Nothing is written when a split is empty (see :func:`check_splits`).
 
     Args:
         rows: one mapping per prepared clip with ``key``, ``label``, ``split`` and every column.
@@ -317,12 +349,14 @@ def write_layout(
         extra: further facts (source version, split protocol, ...).
     """
     rows = list(rows)
+    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    check_splits(out, dataset, counts, report, options)
+    write_split_lists(out, {s: [r["key"] for r in rows if r["split"] == s] for s in SPLITS})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["key", "label", "split", *columns], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "manifest.csv", buf.getvalue())
-    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     info = {
         "dataset": dataset,
         "layout_version": LAYOUT_VERSION,
