@@ -12,10 +12,13 @@ with ``out`` one figure is written there whatever the number of runs, one row of
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .io import atomic_write_bytes
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
@@ -120,10 +123,9 @@ def _check_target(out: Path, fig: Any) -> str:
 
 
 def _save(fig: Any, target: Path, fmt: str) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fig.savefig(tmp, format=fmt, dpi=110)
-    tmp.replace(target)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
+    atomic_write_bytes(target, buf.getvalue())  # a full disk names the file
     return target
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +222,9 @@ def check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------- atomic outputs
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A private temporary file, then a rename; no ``fsync`` (a rerun redoes a clip); a full disk or a
+    file size limit is an ``OSError`` naming the file and the fix."""
+    atomic_write_bytes(path, data, sync=False)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
