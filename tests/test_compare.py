@@ -315,3 +315,18 @@ def test_the_result_plot_starts_the_accuracy_axis_at_zero() -> None:
     ax = fig.axes[0]
     assert ax.get_ylim() == (0.0, 100.0)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "amss"]
+
+
+def test_a_damaged_recorded_config_is_a_difference_naming_the_file(tmp_path) -> None:
+    from equimodal.compare import _recorded_config
+
+    folder = tmp_path / "none" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch\n0\n")
+    (folder / "config.yaml").write_text("optim: {lr: 0.1\n")
+    assert list(_recorded_config(folder) or {}) == [
+        "(config.yaml is damaged: expected ',' or '}', but got '<stream end>')"
+    ]
+    (folder / "config.yaml").unlink()
+    (folder / "summary.json").write_text('{"config": {"optim"')
+    assert list(_recorded_config(folder) or {}) == ["(summary.json is damaged: truncated or not JSON)"]

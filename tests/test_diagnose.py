@@ -91,3 +91,14 @@ def test_reading_a_compare_folder_and_missing_runs(tmp_path: Path) -> None:
         FileNotFoundError, match=r"lacks finished runs of \['unimodal_fac', 'unimodal_mor', 'joint'\]"
     ):
         analyse(tmp_path / "empty", ["fac", "mor"])
+
+
+def test_a_damaged_summary_is_named_with_the_fix(tmp_path: Path) -> None:
+    for label in ("joint", "unimodal_a", "unimodal_b"):
+        (tmp_path / label / "seed0").mkdir(parents=True)
+        (tmp_path / label / "seed0" / "summary.json").write_text(json.dumps({"test": {"test_acc": 0.5}}))
+    (tmp_path / "joint" / "seed0" / "summary.json").write_text('{"test": {"test_')
+    with pytest.raises(
+        ValueError, match=r"joint/seed0/summary.json' is not valid JSON .*Rerun `equimodal train`"
+    ):
+        analyse(tmp_path, ["a", "b"])
