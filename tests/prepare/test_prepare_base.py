@@ -168,3 +168,12 @@ def test_a_split_left_empty_fails_naming_what_was_found_and_skipped(
     finally:
         registry.clear()
         registry.update(saved)
+
+
+def test_a_damaged_prepare_json_is_named_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text("key,label,split,m\n")
+    (tmp_path / "prepare.json").write_text('{"dataset": "toy", "layout_')
+    with pytest.raises(
+        ValueError, match=r"prepare.json' is not valid JSON .*Rerun `equimodal prepare toy --raw"
+    ):
+        read_layout(tmp_path, "toy")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
     """
     path = out / SETTINGS_FILE
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = read_json(path, "Delete it and rerun the same command: the settings are recorded again.")
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             shown = ", ".join(f"{k}={old!r} before, {new!r} now" for k, (old, new) in changed.items())
@@ -380,7 +380,11 @@ def read_layout(root: Path, dataset: str) -> tuple[Path, dict[str, Any]]:
             f"`equimodal prepare {dataset} --raw <download folder> --out {root}` first, then pass "
             f"--set data.options.root={root}."
         )
-    info = json.loads(info_path.read_text())
+    info = read_json(
+        info_path,
+        f"Rerun `equimodal prepare {dataset} --raw <download folder> --out {root}`: finished clips are kept "
+        "and prepare.json is written again.",
+    )
     if info.get("dataset") != dataset:
         raise ValueError(
             f"{str(root)!r} holds a prepared {info.get('dataset')!r} dataset, not {dataset!r}; point "
