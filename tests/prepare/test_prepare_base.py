@@ -177,3 +177,38 @@ def test_a_damaged_prepare_json_is_named_with_the_fix(tmp_path: Path) -> None:
         ValueError, match=r"prepare.json' is not valid JSON .*Rerun `equimodal prepare toy --raw"
     ):
         read_layout(tmp_path, "toy")
+
+
+def test_progress_lines_go_to_stdout_at_info_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Off a terminal the CLI prints prepare's progress to stdout as plain lines; they are INFO, not WARNING."""
+    registry = PREPARERS._items
+    saved = dict(registry)
+    try:
+
+        @register_preparer("toy_progress")
+        def toy(raw: Path, out: Path, *, workers: int) -> dict:
+            report = run_items(_items([1, 2, 3]), _square, out, workers=workers, desc="toy clips")
+            rows = [{"key": k, "label": "a", "split": s, "m": f"sq/{k}.npy"}
+                    for k, s in zip(report.ok, ("train", "val", "test"), strict=True)]  # fmt: skip
+            return write_layout(out, "toy_progress", rows, ["m"], options={}, report=report)
+
+        with caplog.at_level("INFO", logger="equimodal.prepare"):
+            run_items(_items([1, 2]), _square, tmp_path / "direct", desc="toy clips")
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            ("INFO", "toy clips: 1 / 2"),
+            ("INFO", "toy clips: 2 / 2"),
+        ]
+        capsys.readouterr()  # (after an earlier CLI call in this process, those went to stdout too)
+        out_dir = tmp_path / "o"
+        assert (
+            main(["prepare", "toy_progress", "--raw", str(tmp_path), "--out", str(out_dir), "--workers", "1"])
+            == 0
+        )
+        out, err = capsys.readouterr()
+        assert out.splitlines()[:3] == ["toy clips: 1 / 3", "toy clips: 2 / 3", "toy clips: 3 / 3"]
+        assert "toy clips" not in err and "WARNING" not in out + err
+    finally:
+        registry.clear()
+        registry.update(saved)

@@ -104,7 +104,8 @@ def _run_one(work: Callable[[Item, Path], None], item: Item, out: Path) -> tuple
 
 
 class _Progress:
-    """A rich progress bar on a terminal; otherwise a log line about every 5 % (one line per N items)."""
+    """A rich progress bar on a terminal; otherwise an INFO log line about every 5 % (the CLI prints them
+    to stdout off a terminal)."""
 
     def __init__(self, total: int, desc: str) -> None:
         self.total, self.desc, self.count = total, desc, 0
@@ -122,7 +123,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1)
         elif self.count % self.every == 0 or self.count == self.total:
-            log.warning("%s: %d / %d", self.desc, self.count, self.total)
+            log.info("%s: %d / %d", self.desc, self.count, self.total)
 
     def close(self) -> None:
         if self.bar is not None:

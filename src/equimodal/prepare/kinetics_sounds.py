@@ -306,7 +306,7 @@ def prepare_kinetics_sounds(
         "skipped": len(report.failed),
     }
     report.failed = sorted(bad, key=lambda f: f["clip"]) + report.failed
-    log.warning("%s: %s; %d list line(s) unusable", DATASET, report.summary(), len(bad))
+    log.info("%s: %s; %d list line(s) unusable", DATASET, report.summary(), len(bad))
     return _write(out, every, split_of, options, report, lists, listed, last_run)
 
 

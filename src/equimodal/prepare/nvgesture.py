@@ -331,7 +331,7 @@ def prepare_nvgesture(
     items = [_item(raw, e, args) for e in entries]
     report = run_items(items, _prepare_clip, out, workers=workers, desc="nvgesture clips")
     report.failed = sorted(bad_train + bad_test, key=lambda f: f["clip"]) + report.failed
-    log.warning("nvgesture: %s", report.summary())
+    log.info("nvgesture: %s", report.summary())
     return _write(out, entries, split_of, options, report, lists)
 
 
