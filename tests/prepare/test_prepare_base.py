@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -140,34 +141,39 @@ def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureF
         registry.update(saved)
 
 
+@pytest.fixture
+def toy_preparer() -> Iterator[Callable[..., None]]:
+    """``add(name, {value: split}, desc)`` registers a preparer of :func:`_square` items (a negative value
+    is a corrupt input); the registry is restored afterwards."""
+    saved = dict(PREPARERS._items)
+
+    def add(name: str, splits: dict[int, str], desc: str = "") -> None:
+        @register_preparer(name)
+        def toy(raw: Path, out: Path, *, workers: int) -> dict:
+            report = run_items(_items(list(splits)), _square, out, workers=workers, desc=desc)
+            ok = set(report.ok)
+            rows = [{"key": f"c{v}", "label": "a", "split": s, "m": f"sq/c{v}.npy"}
+                    for v, s in splits.items() if f"c{v}" in ok]  # fmt: skip
+            return write_layout(out, name, rows, ["m"], options={}, report=report)
+
+    yield add
+    PREPARERS._items.clear()
+    PREPARERS._items.update(saved)
+
+
 def test_a_split_left_empty_fails_naming_what_was_found_and_skipped(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_preparer: Callable[..., None]
 ) -> None:
     """Every train input is corrupt: exit 2 naming the split, the counts and the skipped inputs; no layout."""
-    registry = PREPARERS._items
-    saved = dict(registry)
-    try:
-
-        @register_preparer("toy_empty")
-        def toy(raw: Path, out: Path, *, workers: int) -> dict:
-            report = run_items(_items([-1, -2, 3, 4]), _square, out, workers=workers)
-            split = {"c-1": "train", "c-2": "train", "c3": "val", "c4": "test"}
-            rows = [{"key": k, "label": "a", "split": split[k], "m": f"sq/{k}.npy"} for k in report.ok]
-            return write_layout(out, "toy_empty", rows, ["m"], options={}, report=report)
-
-        out = tmp_path / "o"
-        assert (
-            main(["prepare", "toy_empty", "--raw", str(tmp_path), "--out", str(out), "--workers", "1"]) == 2
-        )
-        err = " ".join(capsys.readouterr().err.split())
-        assert "toy_empty: the train split(s) would be empty" in err
-        assert "(prepared: 0 train, 1 val, 1 test)" in err and "no manifest was written" in err
-        assert "2 input(s) were skipped" in err and "c-1: input raw/c-1.wav is corrupt" in err
-        assert [f["clip"] for f in json.loads((out / "skipped.json").read_text())] == ["c-1", "c-2"]
-        assert not (out / "manifest.csv").exists() and not (out / "splits").exists()
-    finally:
-        registry.clear()
-        registry.update(saved)
+    toy_preparer("toy_empty", {-1: "train", -2: "train", 3: "val", 4: "test"})
+    out = tmp_path / "o"
+    assert main(["prepare", "toy_empty", "--raw", str(tmp_path), "--out", str(out), "--workers", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "toy_empty: the train split(s) would be empty" in err
+    assert "(prepared: 0 train, 1 val, 1 test)" in err and "no manifest was written" in err
+    assert "2 input(s) were skipped" in err and "c-1: input raw/c-1.wav is corrupt" in err
+    assert [f["clip"] for f in json.loads((out / "skipped.json").read_text())] == ["c-1", "c-2"]
+    assert not (out / "manifest.csv").exists() and not (out / "splits").exists()
 
 
 def test_a_damaged_prepare_json_is_named_with_the_fix(tmp_path: Path) -> None:
@@ -180,35 +186,25 @@ def test_a_damaged_prepare_json_is_named_with_the_fix(tmp_path: Path) -> None:
 
 
 def test_progress_lines_go_to_stdout_at_info_level(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    toy_preparer: Callable[..., None],
 ) -> None:
     """Off a terminal the CLI prints prepare's progress to stdout as plain lines; they are INFO, not WARNING."""
-    registry = PREPARERS._items
-    saved = dict(registry)
-    try:
-
-        @register_preparer("toy_progress")
-        def toy(raw: Path, out: Path, *, workers: int) -> dict:
-            report = run_items(_items([1, 2, 3]), _square, out, workers=workers, desc="toy clips")
-            rows = [{"key": k, "label": "a", "split": s, "m": f"sq/{k}.npy"}
-                    for k, s in zip(report.ok, ("train", "val", "test"), strict=True)]  # fmt: skip
-            return write_layout(out, "toy_progress", rows, ["m"], options={}, report=report)
-
-        with caplog.at_level("INFO", logger="equimodal.prepare"):
-            run_items(_items([1, 2]), _square, tmp_path / "direct", desc="toy clips")
-        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-            ("INFO", "toy clips: 1 / 2"),
-            ("INFO", "toy clips: 2 / 2"),
-        ]
-        capsys.readouterr()  # (after an earlier CLI call in this process, those went to stdout too)
-        out_dir = tmp_path / "o"
-        assert (
-            main(["prepare", "toy_progress", "--raw", str(tmp_path), "--out", str(out_dir), "--workers", "1"])
-            == 0
-        )
-        out, err = capsys.readouterr()
-        assert out.splitlines()[:3] == ["toy clips: 1 / 3", "toy clips: 2 / 3", "toy clips: 3 / 3"]
-        assert "toy clips" not in err and "WARNING" not in out + err
-    finally:
-        registry.clear()
-        registry.update(saved)
+    with caplog.at_level("INFO", logger="equimodal.prepare"):
+        run_items(_items([1, 2]), _square, tmp_path / "direct", desc="toy clips")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "toy clips: 1 / 2"),
+        ("INFO", "toy clips: 2 / 2"),
+    ]
+    capsys.readouterr()  # (after an earlier CLI call in this process, those went to stdout too)
+    toy_preparer("toy_progress", {1: "train", 2: "val", 3: "test"}, desc="toy clips")
+    out_dir = tmp_path / "o"
+    assert (
+        main(["prepare", "toy_progress", "--raw", str(tmp_path), "--out", str(out_dir), "--workers", "1"])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:3] == ["toy clips: 1 / 3", "toy clips: 2 / 3", "toy clips: 3 / 3"]
+    assert "toy clips" not in err and "WARNING" not in out + err
