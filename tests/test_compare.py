@@ -137,7 +137,7 @@ def test_a_run_with_another_config_is_not_reused(tmp_path) -> None:
     run = tmp_path / spec.label / "seed0"
     run.mkdir(parents=True)
     expected = run_config(None, spec)
-    (run / "summary.json").write_text(json.dumps({"config": expected, "test": {}}))
+    (run / "summary.json").write_text(json.dumps({"config": expected, "test": {"test_acc": 0.5}}))
     assert finished_summary(tmp_path, spec, expected) is not None
     other = run_config(None, run_specs(["optim.lr=0.3"], ["none"], ["a", "b"], 1, False)[0])
     assert finished_summary(tmp_path, spec, other) is None

@@ -75,8 +75,8 @@ def test_wrong_types_say_what_was_expected() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["optim.lr=1e308"], r"optim.lr: expected a number > 0 and at most 1e\+30 \(float32 .*found 1e\+308"),
-        (["optim.weight_decay=1e308"], r"optim.weight_decay: expected a number >= 0 and at most 1e\+30"),
+        (["optim.lr=1e308"], r"optim.lr: expected at most 1e\+30 \(float32 .*found 1e\+308"),
+        (["optim.weight_decay=1e308"], r"optim.weight_decay: expected at most 1e\+30"),
         (
             ["optim.gamma=1e20", "optim.schedule=step", "optim.step_size=1", "train.epochs=3"],
             r"optim.gamma: .*optim.lr=0.05 times gamma\*\*2 \(the 2 decays of optim.schedule=step in 3 epochs\)",
@@ -103,7 +103,7 @@ def test_a_huge_learning_rate_exits_2_with_a_message(capsys: pytest.CaptureFixtu
 
     assert main(["train", "--set", "optim.lr=1e308", "--set", "train.epochs=1"]) == 2
     err = capsys.readouterr().err
-    assert "optim.lr: expected a number > 0 and at most 1e+30" in " ".join(err.split())
+    assert "optim.lr: expected at most 1e+30" in " ".join(err.split())
     assert "Traceback" not in err
     assert (
         load_config(None, ["optim.gamma=2", "optim.schedule=step"]).optim.gamma == 2.0

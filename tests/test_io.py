@@ -84,6 +84,7 @@ def test_a_file_size_limit_stops_train_with_exit_2_naming_the_file(
 ) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env["COLUMNS"] = "10000"  # the error console does not wrap the long path
     sets = ["train.epochs=1", "train.probe=false", "train.progress=false"]
     proc = subprocess.run(
         [sys.executable, "-m", "equimodal", "train", "--out", str(out), *[a for s in sets for a in ("--set", s)]],

@@ -144,8 +144,9 @@ def _comparison(folder):
     ],
 )
 def test_a_damaged_run_file_is_named_with_the_fix(
-    tmp_path, capsys, name: str, how: str, expected: str
+    tmp_path, capsys, monkeypatch, name: str, how: str, expected: str
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # the error console does not wrap the long paths
     run = _fake_run(tmp_path / "run")
     (run / "summary.json").write_text(json.dumps({"selected_epoch": 2, "test": {"test_acc": 0.5}}, indent=2))
     _damage(run, name, how)

@@ -249,11 +249,14 @@ def validate_config(cfg: Config) -> None:
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", d.prefetch_factor)
     _choice("optimizer (optim.name)", o.name, ("sgd", "adam", "adamw"))
     _check(
-        math.isfinite(o.lr) and 0 < o.lr <= FLOAT_LIMIT,
+        math.isfinite(o.lr) and o.lr > 0,
         "optim.lr",
-        f"a number > 0 and at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})",
+        "a finite number > 0",
         o.lr,
         "Try 0.01 (SGD) or 1e-3 (Adam).",
+    )
+    _check(
+        o.lr <= FLOAT_LIMIT, "optim.lr", f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})", o.lr, "Try 0.01 (SGD)."
     )
     _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _check(
@@ -270,9 +273,15 @@ def validate_config(cfg: Config) -> None:
         "Set optim.name=adam or adamw, or drop optim.betas.",
     )
     _check(
-        math.isfinite(o.weight_decay) and 0 <= o.weight_decay <= FLOAT_LIMIT,
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
         "optim.weight_decay",
-        f"a number >= 0 and at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})",
+        "a finite number >= 0",
+        o.weight_decay,
+    )
+    _check(
+        o.weight_decay <= FLOAT_LIMIT,
+        "optim.weight_decay",
+        f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})",
         o.weight_decay,
         "Typical values: 1e-4 (SGD), 1e-2 (AdamW).",
     )

@@ -316,8 +316,9 @@ def test_tiny_preset_trains_one_epoch(prepared: tuple[Path, Path], tmp_path: Pat
 
 
 def test_no_usable_training_clip_fails_with_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # the error console does not wrap the long paths
     raw, out = tmp_path / "raw", tmp_path / "out"
     for c, label in enumerate(CLASSES[:2]):
         write_clip(raw / "videos" / label / "v.mp4", seconds=SECONDS, shade=c)
