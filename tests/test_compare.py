@@ -137,7 +137,7 @@ def test_a_run_with_another_config_is_not_reused(tmp_path) -> None:
     run = tmp_path / spec.label / "seed0"
     run.mkdir(parents=True)
     expected = run_config(None, spec)
-    (run / "summary.json").write_text(json.dumps({"config": expected, "test": {}}))
+    (run / "summary.json").write_text(json.dumps({"config": expected, "test": {"test_acc": 0.5}}))
     assert finished_summary(tmp_path, spec, expected) is not None
     other = run_config(None, run_specs(["optim.lr=0.3"], ["none"], ["a", "b"], 1, False)[0])
     assert finished_summary(tmp_path, spec, other) is None
@@ -353,3 +353,18 @@ def test_dataset_runs_the_recipe_train_runs(
     assert seen["configs"][0] == config_to_dict(want)
     printed = " ".join(capsys.readouterr().out.split())
     assert f"data {data_name!r}" in printed and f"{want.train.epochs} epochs" in printed
+
+
+def test_a_damaged_recorded_config_is_a_difference_naming_the_file(tmp_path) -> None:
+    from equimodal.compare import _recorded_config
+
+    folder = tmp_path / "none" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch\n0\n")
+    (folder / "config.yaml").write_text("optim: {lr: 0.1\n")
+    assert list(_recorded_config(folder) or {}) == [
+        "(config.yaml is damaged: expected ',' or '}', but got '<stream end>')"
+    ]
+    (folder / "config.yaml").unlink()
+    (folder / "summary.json").write_text('{"config": {"optim"')
+    assert list(_recorded_config(folder) or {}) == ["(summary.json is damaged: truncated or not JSON)"]

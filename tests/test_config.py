@@ -72,6 +72,44 @@ def test_wrong_types_say_what_was_expected() -> None:
         config_from_dict({"optim": 3})
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=1e308"], r"optim.lr: expected at most 1e\+30 \(float32 .*found 1e\+308"),
+        (["optim.weight_decay=1e308"], r"optim.weight_decay: expected at most 1e\+30"),
+        (
+            ["optim.gamma=1e20", "optim.schedule=step", "optim.step_size=1", "train.epochs=3"],
+            r"optim.gamma: .*optim.lr=0.05 times gamma\*\*2 \(the 2 decays of optim.schedule=step in 3 epochs\)",
+        ),
+        (
+            ["balancer.name=gblending", "balancer.options.copy_lr=1e39"],
+            r"balancer.options.copy_lr: expected a number of magnitude at most 1e\+30 .*found 1e\+39",
+        ),
+        (
+            ["balancer.name=own_signal", "balancer.options.weight=1e308"],
+            r"balancer.options.weight: expected a number of magnitude at most 1e\+30",
+        ),
+    ],
+)
+def test_float_options_beyond_float32_reach_are_refused_with_the_key(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_huge_learning_rate_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    from equimodal.cli import main
+
+    assert main(["train", "--set", "optim.lr=1e308", "--set", "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: expected at most 1e+30" in " ".join(err.split())
+    assert "Traceback" not in err
+    assert (
+        load_config(None, ["optim.gamma=2", "optim.schedule=step"]).optim.gamma == 2.0
+    )  # a finite peak is fine
+
+
 def test_bad_override_syntax_and_missing_config() -> None:
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["optim.lr"])

@@ -159,3 +159,14 @@ def test_the_printed_diagnosis_fits_80_columns(tmp_path: Path, capsys, monkeypat
         assert cell in printed, cell
     markdown = (tmp_path / "diagnosis.md").read_text()
     assert "**Verdict.** Imbalance:" in markdown and "| image | 78.0 | 62.1 | 67.1 |" in markdown
+
+
+def test_a_damaged_summary_is_named_with_the_fix(tmp_path: Path) -> None:
+    for label in ("joint", "unimodal_a", "unimodal_b"):
+        (tmp_path / label / "seed0").mkdir(parents=True)
+        (tmp_path / label / "seed0" / "summary.json").write_text(json.dumps({"test": {"test_acc": 0.5}}))
+    (tmp_path / "joint" / "seed0" / "summary.json").write_text('{"test": {"test_')
+    with pytest.raises(
+        ValueError, match=r"joint/seed0/summary.json' is not valid JSON .*Rerun `equimodal train`"
+    ):
+        analyse(tmp_path, ["a", "b"])

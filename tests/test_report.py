@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,3 +107,97 @@ def test_nothing_is_written_when_one_folder_is_not_a_run(tmp_path) -> None:
     (empty / "metrics.csv").write_text("epoch,train_loss,val_acc\n")
     with pytest.raises(ValueError, match="has no epoch rows yet"):
         plot_runs([empty], tmp_path / "x.png")
+
+
+def _damage(folder, name: str, how: str) -> None:
+    """Damage ``folder/name``: cut its last 5 bytes, replace it by garbage bytes, or by other text."""
+    path = folder / name
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-5])
+    elif how == "garbage":
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        path.write_text(how)
+
+
+def _comparison(folder):
+    """A comparison folder as far as `equimodal report` reads it: results.json, .csv, .md, one run."""
+    _fake_run(folder / "none" / "seed0")
+    (folder / "results.json").write_text(json.dumps({"none": {"0": {"test": {"test_acc": 0.5}}}}))
+    (folder / "results.csv").write_text("method,test acc\nnone,50.0\n")
+    (folder / "results.md").write_text("| method |\n\nA note.\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "how", "expected"),
+    [
+        ("summary.json", "truncated", r"summary\.json' is not valid JSON \(.* at line \d+, column \d+\)"),
+        ("summary.json", "[1, 2]", r"summary\.json' holds a JSON list, not an object"),
+        ("metrics.csv", "truncated", r"metrics\.csv' line 4: 6 fields where the header has 7"),
+        (
+            "metrics.csv",
+            "epoch,val_acc\n0,high\n",
+            r"metrics\.csv' line 2, column 'val_acc': expected a number",
+        ),
+        ("metrics.csv", "garbage", r"metrics\.csv' is not UTF-8 text \(byte 0\)"),
+    ],
+)
+def test_a_damaged_run_file_is_named_with_the_fix(
+    tmp_path, capsys, monkeypatch, name: str, how: str, expected: str
+) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # the error console does not wrap the long paths
+    run = _fake_run(tmp_path / "run")
+    (run / "summary.json").write_text(json.dumps({"selected_epoch": 2, "test": {"test_acc": 0.5}}, indent=2))
+    _damage(run, name, how)
+    pages = [[], ["--out", str(tmp_path / "c.png")]]  # the HTML page and the curves figure
+    for out in pages[1:] if "high" in how else pages:  # the page shows text cells as they are
+        assert main(["report", str(run), *out]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert re.search(expected, err), err
+        assert "the file is truncated, damaged or not one equimodal wrote" in err and "Traceback" not in err
+    fix = "Rerun `equimodal train` with the run's config.yaml" if name == "summary.json" else "--no-resume"
+    assert fix in err
+
+
+@pytest.mark.parametrize(
+    ("name", "how", "expected"),
+    [
+        ("results.json", "truncated", r"results\.json' is not valid JSON"),
+        ("results.csv", "method,test acc\nnone\n", r"results\.csv' line 2: 1 fields where the header has 2"),
+        ("none/seed0/predictions.npz", "not a zip", r"predictions\.npz' is not a readable \.npz archive"),
+        ("none/seed0/summary.json", "{}", r"summary\.json' has no 'test\.test_acc' entry"),
+    ],
+)
+def test_damaged_comparison_files_are_named(tmp_path, name: str, how: str, expected: str) -> None:
+    from equimodal.compare import RunSpec, finished_summary
+    from equimodal.report_html import build_page, run_section
+
+    folder = _comparison(tmp_path / "cmp")
+    (folder / "none" / "seed0" / "predictions.npz").write_bytes(b"")
+    np.savez(
+        folder / "none" / "seed0" / "predictions.npz", test_labels=np.zeros(2), test_logits=np.zeros((2, 2))
+    )
+    (folder / "none" / "seed0" / "summary.json").write_text(json.dumps({"test": {"test_acc": 0.5}}))
+    _damage(folder, name, how)
+    with pytest.raises(ValueError, match=expected):
+        if name.endswith("predictions.npz"):
+            run_section(folder / "none" / "seed0")
+        elif name.endswith("summary.json"):
+            finished_summary(folder, RunSpec("none", (), 0))
+        else:
+            build_page([folder])
+
+
+@pytest.mark.parametrize(("name", "keys"), [("diagnosis.json", "'modalities'"), ("study.json", "'study'")])
+def test_damaged_diagnosis_and_study_files_are_named(tmp_path, name: str, keys: str) -> None:
+    from equimodal.report_html import build_page
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / name).write_text("{}")
+    with pytest.raises(ValueError, match=rf"{name}' has no {keys} entry: the file is .*Rerun the command"):
+        build_page([folder])
+    (folder / name).write_text('{"modalities": {"a": {}}, "headroom": {}, "study": "x"')
+    with pytest.raises(ValueError, match=rf"{name}' is not valid JSON"):
+        build_page([folder])

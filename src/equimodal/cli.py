@@ -369,21 +369,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Plain INFO lines to whatever ``sys.stdout`` is when a record comes (tests swap it per test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.addFilter(lambda record: record.levelno == logging.INFO)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
-    """Warnings to stderr; off a terminal, the trainer's per-epoch lines to stdout (a terminal gets a bar)."""
+    """Warnings to stderr; off a terminal, the progress lines (train's per-epoch lines, prepare's counts)
+    to stdout without a level prefix (a terminal gets a bar); with ``-v`` everything at INFO to stderr."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setLevel(level)
-    progress = logging.getLogger("equimodal.train")
-    if verbose or sys.stdout.isatty() or any(getattr(h, "_equimodal", False) for h in progress.handlers):
+    if verbose or sys.stdout.isatty():
         return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(lambda record: record.levelno == logging.INFO)
-    handler._equimodal = True  # type: ignore[attr-defined]
-    progress.addHandler(handler)
-    progress.setLevel(logging.INFO)
+    for name in ("equimodal.train", "equimodal.prepare"):
+        progress = logging.getLogger(name)
+        if not any(isinstance(h, _StdoutHandler) for h in progress.handlers):
+            progress.addHandler(_StdoutHandler())
+        progress.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

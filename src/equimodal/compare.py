@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json, read_summary, read_text
 from .preflight import PLOTS_INSTALL, check_runs, figures_missing
 from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences, has_outputs
 
@@ -145,19 +145,23 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 def _recorded_config(folder: Path) -> dict[str, Any] | None:
     """The config a run folder was trained with (``config.yaml``, else ``summary.json``), or None if it
     holds no run (:func:`~equimodal.run_folder.has_outputs`); a run whose config cannot be read reads as a
-    one-key placeholder (a difference)."""
+    one-key placeholder naming the file and why (a difference, which the caller reports with the folder)."""
     saved, summary = folder / "config.yaml", folder / "summary.json"
     if not has_outputs(folder):
         return None  # a run that failed before writing anything holds nothing to keep
-    try:
-        if saved.is_file():
-            loaded = yaml.safe_load(saved.read_text())
-            return loaded if isinstance(loaded, dict) else {"(unreadable config.yaml)": True}
-        if summary.is_file():
-            recorded = json.loads(summary.read_text()).get("config")
-            return recorded if isinstance(recorded, dict) else {"(no config recorded)": True}
-    except (yaml.YAMLError, json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        return {"(unreadable config.yaml or summary.json)": True}
+    if saved.is_file():
+        try:
+            loaded = yaml.safe_load(read_text(saved))
+        except (yaml.YAMLError, ValueError) as err:
+            problem = getattr(err, "problem", None) or "not UTF-8 text"
+            return {f"(config.yaml is damaged: {problem})": True}
+        return loaded if isinstance(loaded, dict) else {"(config.yaml holds no mapping)": True}
+    if summary.is_file():
+        try:
+            recorded = read_json(summary).get("config")
+        except ValueError:
+            return {"(summary.json is damaged: truncated or not JSON)": True}
+        return recorded if isinstance(recorded, dict) else {"(no config recorded in summary.json)": True}
     return None
 
 
@@ -304,11 +308,15 @@ def run_config(config: str | None, spec: RunSpec) -> dict[str, Any]:
 def finished_summary(
     out: Path, spec: RunSpec, expected: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """The run's summary if it finished (and, given ``expected``, was trained with that exact config)."""
+    """The run's summary if it finished (and, given ``expected``, was trained with that exact config).
+
+    Raises:
+        ValueError: the summary is truncated or damaged (naming it and the fix).
+    """
     path = out / spec.label / f"seed{spec.seed}" / "summary.json"
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
+    summary = read_summary(path)
     if expected is not None and summary.get("config") != expected:
         return None
     return summary

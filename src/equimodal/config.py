@@ -58,6 +58,8 @@ class OptimConfig:
     """Optimizer (sgd, adam, adamw) and learning-rate schedule (none, step, multistep, cosine).
 
     ``betas``: Adam/AdamW's ``(beta1, beta2)``; empty means torch's default ``(0.9, 0.999)``.
+    ``lr``, ``weight_decay``, the rate a ``gamma`` above 1 reaches, and every float in the option
+    mappings (balancer, data, fusion, encoders) are at most :data:`FLOAT_LIMIT` (1e30) in magnitude.
     """
 
     name: str = "sgd"
@@ -123,6 +125,14 @@ class Config:
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+FLOAT_LIMIT = 1e30
+"""The largest magnitude of a float option (rates, decays, balancer options): optimizers and balancers
+apply them to float32 tensors after scaling them (Adam's bias correction divides the rate by
+``1 - beta1**t``), so a value near float32's limit, 3.4e38, overflows into an error deep in torch."""
+FLOAT_WHY = (
+    "float32 arithmetic overflows beyond that once the value is scaled, e.g. by Adam's bias correction"
+)
+
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -246,6 +256,9 @@ def validate_config(cfg: Config) -> None:
         o.lr,
         "Try 0.01 (SGD) or 1e-3 (Adam).",
     )
+    _check(
+        o.lr <= FLOAT_LIMIT, "optim.lr", f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})", o.lr, "Try 0.01 (SGD)."
+    )
     _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _check(
         o.betas == () or (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)),
@@ -266,10 +279,18 @@ def validate_config(cfg: Config) -> None:
         "a finite number >= 0",
         o.weight_decay,
     )
+    _check(
+        o.weight_decay <= FLOAT_LIMIT,
+        "optim.weight_decay",
+        f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})",
+        o.weight_decay,
+        "Typical values: 1e-4 (SGD), 1e-2 (AdamW).",
+    )
     _choice("schedule (optim.schedule)", o.schedule, ("none", "step", "multistep", "cosine"))
     _check(o.step_size >= 1, "optim.step_size", "an integer >= 1", o.step_size)
     _check(all(m >= 1 for m in o.milestones), "optim.milestones", "epochs >= 1", list(o.milestones))
     _check(math.isfinite(o.gamma) and o.gamma > 0, "optim.gamma", "a finite number > 0", o.gamma)
+    _check_peak_lr(o, t.epochs)
     _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
     _check(
@@ -299,6 +320,51 @@ def validate_config(cfg: Config) -> None:
     _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
     _check(bool(d.name), "data.name", "a registered dataset name", d.name)
     check_registered(cfg)
+    for where, options in (
+        ("data.options", d.options),
+        ("model.fusion_options", cfg.model.fusion_options),
+        ("model.encoders", cfg.model.encoders),
+        ("balancer.options", cfg.balancer.options),
+    ):
+        _check_float_range(where, options)
+
+
+def _scheduled_decays(o: OptimConfig, epochs: int) -> int:
+    """How many times the schedule multiplies the learning rate by ``gamma`` within ``epochs`` epochs."""
+    if o.schedule == "step":
+        return (epochs - 1) // o.step_size
+    if o.schedule == "multistep":
+        return sum(1 for m in o.milestones if m < epochs)
+    return 0
+
+
+def _check_peak_lr(o: OptimConfig, epochs: int) -> None:
+    """A ``gamma`` above 1 raises the learning rate at every decay: its peak must stay a float32."""
+    decays = _scheduled_decays(o, epochs)
+    if o.gamma <= 1 or not decays:
+        return
+    if math.log(o.lr) + decays * math.log(o.gamma) > math.log(FLOAT_LIMIT):
+        raise ValueError(
+            f"optim.gamma: expected a factor that keeps the learning rate at most {FLOAT_LIMIT:.0e} "
+            f"({FLOAT_WHY}), found {o.gamma!r}: optim.lr={o.lr!r} times gamma**{decays} (the {decays} decays "
+            f"of optim.schedule={o.schedule} in {epochs} epochs) is larger. A decay factor is below 1 (e.g. 0.1)."
+        )
+
+
+def _check_float_range(where: str, value: Any) -> None:
+    """Every finite float option, however nested, within the float32 range (non-finite ones are left to
+    the component, which names its own rule)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_float_range(f"{where}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_float_range(f"{where}[{i}]", item)
+    elif isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT_LIMIT:
+        raise ValueError(
+            f"{where}: expected a number of magnitude at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY}), found "
+            f"{value!r}. Pass a smaller value."
+        )
 
 
 def check_registered(cfg: Config) -> None:

@@ -43,7 +43,7 @@ from .compare import (
     finished_summary,
     print_failures,
 )
-from .io import atomic_write_text
+from .io import atomic_write_text, read_summary
 from .preflight import figures_missing
 
 SPEED_FRACTION = 0.9
@@ -175,7 +175,7 @@ def analyse(root: Path, modalities: list[str], joint_label: str = "joint") -> Di
             f"{root} lacks finished runs of {missing}: expected run folders <label>/seed<k> with summary.json "
             "(as `equimodal compare` or `equimodal diagnose` write them)."
         )
-    summaries = {s: json.loads((f / "summary.json").read_text()) for s, f in joint.items()}
+    summaries = {s: read_summary(f / "summary.json") for s, f in joint.items()}
     joint_acc = {s: float(v["test"]["test_acc"]) for s, v in summaries.items()}
     seeds = sorted(set(joint).intersection(*(set(a) for a in alone.values())))
     ensemble = {s: ensemble_accuracy([alone[m][s] for m in modalities], "product") for s in seeds}
@@ -199,9 +199,7 @@ def modality_figures(
     m: str, alone: dict[int, Path], joint: dict[int, Path], summaries: dict[int, dict[str, Any]]
 ) -> ModalityFigures:
     """Alone / head / probe accuracy, probe deficit, learning speeds and gradient shares of one modality."""
-    alone_acc = {
-        s: float(json.loads((f / "summary.json").read_text())["test"]["test_acc"]) for s, f in alone.items()
-    }
+    alone_acc = {s: float(read_summary(f / "summary.json")["test"]["test_acc"]) for s, f in alone.items()}
     probe = {s: float(v["test"].get(f"test_probe_{m}", np.nan)) for s, v in summaries.items()}
     head = [float(v["test"].get(f"test_acc_{m}", np.nan)) for v in summaries.values()]
     shares = [[r.get(f"bal_grad_share/{m}", np.nan) for r in _metrics(f)] for f in joint.values()]

@@ -1,13 +1,58 @@
-"""Atomic writes: partial outputs never replace good ones."""
+"""Reading and writing run files: atomic writes that name a failed file, readers that name a bad one.
+
+Every writer goes through a private temporary file (``tempfile.mkstemp`` in the target's folder) and an
+atomic rename. A write that fails for lack of room (``ENOSPC``, ``EDQUOT``) or for a file size limit
+(``EFBIG``: ``ulimit -f``, or the file system's largest file) is re-raised as an ``OSError`` naming the
+file, what happened and the fix (:func:`write_error`); the temporary file is removed and the previous
+version of the file, if any, is kept.
+
+The readers (:func:`read_json`, :func:`read_csv_numbers`, :func:`read_npz`) are for the files that
+commands write and others read back (``summary.json``, ``metrics.csv``, ``predictions.npz``,
+``results.json``, ...): a file that is truncated, damaged or not what it should be is a ``ValueError``
+naming it, what is wrong and the fix the caller passes (how to write it again).
+"""
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import json
 import os
 import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import torch
+
+ROOM = "Free space on that disk, or write to another folder (e.g. another --out)."
+WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk is full (no space left on device)", ROOM),
+    errno.EDQUOT: ("the disk quota is exceeded", ROOM),
+    errno.EFBIG: (
+        "the file would exceed the file size limit (this process's `ulimit -f`, or the largest file the "
+        "file system holds)",
+        "Raise the limit (e.g. `ulimit -f unlimited`), or write to another file system (e.g. another --out).",
+    ),
+}
+"""What each out-of-room errno means, and its fix."""
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """``err`` (a failed write of ``path``) as an ``OSError`` naming the file, what happened and the fix.
+
+    Errors other than those of :data:`WRITE_FAILURES` are returned unchanged.
+    """
+    if err.errno not in WRITE_FAILURES:
+        return err
+    what, fix = WRITE_FAILURES[err.errno]
+    new = OSError(f"Could not write {str(path)!r}: {what}. {fix}")
+    new.errno = err.errno  # no filename: the message names it already
+    return new
 
 
 def _umask() -> int:
@@ -16,18 +61,23 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _atomic(path: Path, write: Callable[[IO[bytes]], Any], *, sync: bool = True) -> None:
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file follows the umask
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in WRITE_FAILURES:
+            raise write_error(path, err) from err
         raise
 
 
@@ -36,13 +86,163 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename (``sync``: ``fsync`` first;
+    bulk outputs that a rerun can redo, such as prepared clips, skip it)."""
+    _atomic(Path(path), lambda f: f.write(data), sync=sync)
+
+
 def atomic_savez(path: Path, **arrays: Any) -> None:
     """``numpy.savez_compressed`` through a temporary file and an atomic rename."""
-    import numpy as np
-
     _atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and an atomic rename."""
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+    """``torch.save`` through a temporary file and an atomic rename.
+
+    The object is serialised in memory first: ``torch.save`` into a file reports a failed write as a
+    ``RuntimeError`` that names neither the file nor the cause, a plain write as an ``OSError``.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic(Path(path), lambda f: f.write(buf.getbuffer()))
+
+
+# ------------------------------------------------------------------------------------------- reading
+DAMAGED = "the file is truncated, damaged or not one equimodal wrote"
+RESUME_FIX = (
+    "Rerun `equimodal train` with the run's config.yaml and --out set to its folder: it resumes from "
+    "last.pt and writes summary.json and predictions.npz again."
+)
+RETRAIN_FIX = (
+    "Restore it from a copy, or train the run again (`equimodal train` with its config.yaml and --no-resume)."
+)
+TABLES_FIX = (
+    "Rerun the command that wrote the folder (`equimodal compare`, `study` or `diagnose` with the same "
+    "options and --out): finished runs are kept and the file is written again."
+)
+RUN_FILE_FIXES = {
+    "summary.json": RESUME_FIX, "predictions.npz": RESUME_FIX, "metrics.csv": RETRAIN_FIX,
+    "steps.csv": RETRAIN_FIX, "results.json": TABLES_FIX, "results.csv": TABLES_FIX, "results.md": TABLES_FIX,
+    "diagnosis.json": TABLES_FIX, "study.json": TABLES_FIX,
+}  # fmt: skip
+"""How to get each run or results file back when it is damaged (named in the readers' errors)."""
+
+
+def file_fix(path: Path) -> str:
+    """The fix :data:`RUN_FILE_FIXES` gives for ``path``'s name (for a study's own files, the tables')."""
+    return RUN_FILE_FIXES.get(Path(path).name, TABLES_FIX)
+
+
+def read_text(path: Path, fix: str | None = None) -> str:
+    """The UTF-8 text of ``path``; otherwise a ``ValueError`` naming it and ``fix`` (default :func:`file_fix`)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text (byte {err.start}): {DAMAGED}. {fix or file_fix(path)}"
+        ) from None
+
+
+def read_json(path: Path, fix: str | None = None, *, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object in ``path``, which must hold ``keys`` (dotted for nested ones: ``"test.test_acc"``).
+
+    Raises:
+        ValueError: not UTF-8 JSON, not an object, or a key missing; names the file and ``fix`` (default
+            :func:`file_fix`).
+    """
+    fix = fix or file_fix(path)
+    try:
+        data = json.loads(read_text(path, fix))
+    except json.JSONDecodeError as err:
+        where = f"{err.msg} at line {err.lineno}, column {err.colno}"
+        raise ValueError(f"{str(path)!r} is not valid JSON ({where}): {DAMAGED}. {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: {DAMAGED}. {fix}")
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"{str(path)!r} has no {key!r} entry: {DAMAGED}. {fix}")
+            node = node[part]
+    return data
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A finished run's ``summary.json`` (it must hold ``test.test_acc``); see :func:`read_json`."""
+    return read_json(path, keys=("test.test_acc",))
+
+
+def read_csv_text(path: Path, fix: str | None = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header of a CSV file and its rows as ``(file line, cells)`` (blank lines skipped).
+
+    Raises:
+        ValueError: not UTF-8, no header, or a row whose width differs from the header's (a truncated
+            file); names the file, its line and ``fix`` (default :func:`file_fix`).
+    """
+    fix = fix or file_fix(path)
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{str(path)!r} is empty, without even a header: {DAMAGED}. {fix}")
+            rows = [(reader.line_num, row) for row in reader if row]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {err.start}): {DAMAGED}. {fix}") from None
+    except csv.Error as err:
+        raise ValueError(f"{str(path)!r} is not a readable CSV ({err}): {DAMAGED}. {fix}") from None
+    for line, row in rows:
+        if len(row) != len(header):
+            raise ValueError(
+                f"{str(path)!r} line {line}: {len(row)} fields where the header has {len(header)}: {DAMAGED}. {fix}"
+            )
+    return header, rows
+
+
+def read_csv_numbers(
+    path: Path, fix: str | None = None, *, numbers_only: bool = False
+) -> list[dict[str, Any]]:
+    """The rows of a CSV file as dicts: numbers as floats, empty cells left out, other text kept (or,
+    with ``numbers_only``, a ``ValueError`` naming the file, line and column); see :func:`read_csv_text`."""
+    fix = fix or file_fix(path)
+    header, rows = read_csv_text(path, fix)
+    parsed: list[dict[str, Any]] = []
+    for line, cells in rows:
+        row: dict[str, Any] = {}
+        for key, value in zip(header, cells, strict=True):
+            if value == "":
+                continue
+            try:
+                row[key] = float(value)
+            except ValueError:
+                if numbers_only:
+                    raise ValueError(
+                        f"{str(path)!r} line {line}, column {key!r}: expected a number, found {value!r}: "
+                        f"{DAMAGED}. {fix}"
+                    ) from None
+                row[key] = value
+        parsed.append(row)
+    return parsed
+
+
+def read_npz(path: Path, fix: str | None = None, *, keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path`` (no pickle), which must hold ``keys``.
+
+    Raises:
+        ValueError: not an ``.npz`` archive, a damaged one, or an array missing; names the file and ``fix``
+            (default :func:`file_fix`).
+    """
+    fix = fix or file_fix(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable .npz archive ({err}): {DAMAGED}. {fix}") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"{str(path)!r} has no array {missing}: {DAMAGED}. {fix}")
+    return arrays

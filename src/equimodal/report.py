@@ -11,22 +11,23 @@ with ``out`` one figure is written there whatever the number of runs, one row of
 
 from __future__ import annotations
 
-import csv
-import json
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_bytes, read_csv_numbers, read_json
+
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
-    """Rows of ``run/metrics.csv`` as floats (clear error when the folder is not a run folder)."""
+    """Rows of ``run/metrics.csv`` as floats (clear errors when the folder is not a run folder or the file
+    is truncated or damaged)."""
     path = Path(run) / "metrics.csv"
     if not path.exists():
         raise FileNotFoundError(
             f"No metrics.csv in {run}: expected a run folder written by `equimodal train --out DIR`."
         )
-    with path.open() as f:
-        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    rows = read_csv_numbers(path, numbers_only=True)
     if not rows:
         raise ValueError(
             f"{path} has no epoch rows yet (it is written after each epoch): let the run finish its first "
@@ -56,7 +57,7 @@ def _draw_run(axes: Sequence[Any], run: Path, rows: list[dict[str, float]], labe
     epochs = [r["epoch"] for r in rows]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     summary = run / "summary.json"
-    chosen = json.loads(summary.read_text()).get("selected_epoch") if summary.exists() else None
+    chosen = read_json(summary).get("selected_epoch") if summary.exists() else None
     for k in ["val_acc"] + [k for k in keys if k.startswith("val_acc_")]:
         axes[0].plot(
             epochs,
@@ -120,10 +121,9 @@ def _check_target(out: Path, fig: Any) -> str:
 
 
 def _save(fig: Any, target: Path, fmt: str) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fig.savefig(tmp, format=fmt, dpi=110)
-    tmp.replace(target)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
+    atomic_write_bytes(target, buf.getvalue())  # a full disk names the file
     return target
 
 

@@ -25,10 +25,8 @@ Chromium and check that count.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_text
+from .io import (
+    DAMAGED,
+    TABLES_FIX,
+    atomic_write_text,
+    read_csv_numbers,
+    read_csv_text,
+    read_json,
+    read_npz,
+    read_text,
+)
 from .report import _pyplot
 
 STYLE = """
@@ -58,22 +65,11 @@ CHECK = (
 
 # ------------------------------------------------------------------------------------------- reading
 def read_csv_rows(path: Path) -> list[dict[str, float]]:
-    """A CSV of numbers as a list of dicts (empty cells left out; non-numbers kept as text)."""
+    """A CSV of numbers as a list of dicts (empty cells left out; non-numbers kept as text); a missing
+    file gives no rows, a damaged one an error naming it (:func:`~equimodal.io.read_csv_numbers`)."""
     if not path.is_file():
         return []
-    with path.open() as f:
-        rows = []
-        for row in csv.DictReader(f):
-            parsed: dict[str, Any] = {}
-            for k, v in row.items():
-                if v in ("", None):
-                    continue
-                try:
-                    parsed[k] = float(v)
-                except ValueError:
-                    parsed[k] = v
-            rows.append(parsed)
-    return rows
+    return read_csv_numbers(path)
 
 
 def folder_kind(path: Path) -> str:
@@ -295,7 +291,7 @@ def run_section(run: Path) -> str:
     rows = read_csv_rows(run / "metrics.csv")
     if not rows:
         raise ValueError(f"{run / 'metrics.csv'} has no epoch rows yet: let the run finish an epoch first.")
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
     config = summary.get("config", {})
     modalities = summary.get("modalities") or sorted(
         {k[len("val_acc_") :] for k in rows[0] if k.startswith("val_acc_")}
@@ -344,9 +340,9 @@ def _test_figures(run: Path, summary: dict[str, Any], modalities: list[str]) -> 
     parts = []
     preds = run / "predictions.npz"
     if preds.is_file():
-        with np.load(preds) as data:
-            labels, logits = data["test_labels"], data["test_logits"]
-            names = [str(c) for c in data["class_names"]] if "class_names" in data.files else None
+        data = read_npz(preds, keys=("test_labels", "test_logits"))
+        labels, logits = data["test_labels"], data["test_logits"]
+        names = [str(c) for c in data["class_names"]] if "class_names" in data else None
         names = names or [str(i) for i in range(logits.shape[1])]
         parts.append(
             figure_html(
@@ -425,16 +421,13 @@ def compare_section(folder: Path) -> str:
     """The HTML of a comparison folder: its table, accuracy per method, paired differences, curves."""
     from .compare import results_figure
 
-    raw = json.loads((folder / "results.json").read_text())
+    raw = read_json(folder / "results.json")
     parts = [f"<h2>Comparison</h2><p class=path>{html.escape(str(folder))}</p>"]
     table = folder / "results.csv"
     if table.is_file():
-        with table.open() as f:
-            rows = list(csv.reader(f))
-        parts.append(table_html(rows[0], rows[1:]))
-    notes = (
-        (folder / "results.md").read_text().split("\n\n", 1)[1:] if (folder / "results.md").is_file() else []
-    )
+        header, rows = read_csv_text(table)
+        parts.append(table_html(header, [cells for _, cells in rows]))
+    notes = read_text(folder / "results.md").split("\n\n", 1)[1:] if (folder / "results.md").is_file() else []
     parts += [f"<p class=note>{html.escape(n.strip())}</p>" for n in notes if n.strip()]
     parts.append(
         figure_html(
@@ -460,12 +453,18 @@ def diagnosis_section(folder: Path) -> str:
     """The HTML of a diagnosis folder: verdict, what to try, the per-modality table and the curves."""
     from .diagnose import Diagnosis, Interval, ModalityFigures, diagnosis_figure
 
-    raw = json.loads((folder / "diagnosis.json").read_text())
-    mods = {
-        m: ModalityFigures(**{**f, "probe_deficit": Interval(**f["probe_deficit"])})
-        for m, f in raw.pop("modalities").items()
-    }
-    diag = Diagnosis(**{**raw, "headroom": Interval(**raw["headroom"]), "modalities": mods})
+    path = folder / "diagnosis.json"
+    raw = read_json(path, keys=("modalities", "headroom"))
+    try:
+        mods = {
+            m: ModalityFigures(**{**f, "probe_deficit": Interval(**f["probe_deficit"])})
+            for m, f in raw.pop("modalities").items()
+        }
+        diag = Diagnosis(**{**raw, "headroom": Interval(**raw["headroom"]), "modalities": mods})
+    except (TypeError, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a diagnosis ({type(err).__name__}: {err}): {DAMAGED}. {TABLES_FIX}"
+        ) from None
     header = ["modality", "alone", "head in joint", "probe in joint", "probe deficit (pp)",
               "epochs to 90 % alone", "in joint", "grad share, first 5 epochs", "grad share, all"]  # fmt: skip
     rows = [[m, f"{f.alone:.1f}", f"{f.head:.1f}", f"{f.probe:.1f}", str(f.probe_deficit), f"{f.speed_alone:.1f}",
@@ -485,7 +484,7 @@ def diagnosis_section(folder: Path) -> str:
 
 def study_section(folder: Path) -> str:
     """The HTML of a study folder: its markdown (claim, setting, tables per part) and its figure."""
-    raw = json.loads((folder / "study.json").read_text())
+    raw = read_json(folder / "study.json", keys=("study",))
     stem = raw["study"] + ("_full" if raw.get("mode") == "full" else "")
     md_path, png = folder / f"{stem}.md", folder / f"{stem}.png"
     if not md_path.is_file():
@@ -498,7 +497,7 @@ def study_section(folder: Path) -> str:
             out.append(table_html(table[0], table[2:] if len(table) > 1 else []))
             table.clear()
 
-    for line in md_path.read_text().splitlines():
+    for line in read_text(md_path, TABLES_FIX).splitlines():
         if line.startswith("|"):
             table.append([c.strip() for c in line.strip().strip("|").split("|")])
             continue

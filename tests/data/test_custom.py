@@ -277,7 +277,7 @@ def test_csv_integer_split_column(tmp_path: Path) -> None:
         ),
         (["label", "a_0", "a_0"], [[0, 1, 2]], {}, ValueError, r"duplicate column name\(s\) \['a_0'\]"),
         (["label", "a_0", "b_0"], [], {}, ValueError, "header but no data rows"),
-        (["label", "a_0", "b_0"], [[5, 1, 2], [7, 1, 2]], {}, ValueError, r"found values \[5, 7\]"),
+        (["label", "a_0", "b_0"], [[5, 1, 2], [7, 2, 3]], {}, ValueError, r"found values \[5, 7\]"),
         (
             ["label", "a_0", "b_0"],
             [[0, 1, 2]],
@@ -364,7 +364,7 @@ def test_a_class_missing_from_a_chosen_split_is_allowed_with_a_warning(tmp_path:
 
 def test_a_lone_column_near_another_prefix_is_a_typo(tmp_path: Path) -> None:
     header = ["label", *[f"audio_{i}" for i in range(13)], "audoi_0", "video_0", "video_1"]
-    rows = [[r % 2, *range(13), 1, 2, 3] for r in range(20)]
+    rows = [[r % 2, *range(13), 1, 2, r] for r in range(20)]
     path = _write_csv(tmp_path / "d.csv", header, rows)
     with pytest.raises(ValueError) as err:
         load_dataset("custom_csv", path=path)
@@ -421,3 +421,50 @@ def test_a_scalar_in_an_npz_is_named_as_such(tmp_path: Path, change: dict, messa
     np.savez(tmp_path / "d.npz", **{**_toy_arrays(), **change})
     with pytest.raises(ValueError, match=message):
         load_dataset("custom_npz", path=tmp_path / "d.npz")
+
+
+# ---------------------------------------------------------------- missing labels, repeated rows
+
+
+def test_a_missing_label_in_a_csv_is_named_by_line(tmp_path: Path) -> None:
+    labels: list[object] = ["cat", "dog"] * 8 + ["nan", "", "NaN", "<NA>"]
+    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], _rows_with_labels(labels))
+    with pytest.raises(ValueError) as err:
+        load_dataset("custom_csv", path=path)
+    message = str(err.value)
+    assert (
+        "d.csv' line(s) 18, 19, 20, 21: the 'label' cell is empty or a missing value ('nan' in line 18"
+        in message
+    )
+    assert "Give every line its label" in message
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array(["cat", "dog", "eel", "nan"] * 15),
+        np.where(np.arange(60) % 4 == 3, np.nan, np.arange(60) % 3),
+    ],
+)
+def test_a_missing_label_in_an_npz_is_named_by_row(tmp_path: Path, labels: np.ndarray) -> None:
+    np.savez(tmp_path / "d.npz", **{**_toy_arrays(), "label": labels})
+    with pytest.raises(
+        ValueError, match=r"custom_npz row\(s\) 3, 7, 11, .* and 5 more: the 'label' cell is empty or"
+    ):
+        load_dataset("custom_npz", path=tmp_path / "d.npz")
+
+
+def test_repeated_csv_rows_are_an_error_unless_allowed(tmp_path: Path) -> None:
+    rows = _rows_with_labels(["cat", "dog"] * 10)
+    rows += [
+        ["dog", 3.0, -3.0],
+        ["cat", "2", "-2.0"],
+    ]  # the features of lines 5 and 4 again, written otherwise
+    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], rows)
+    with pytest.raises(ValueError) as err:
+        load_dataset("custom_csv", path=path)
+    message = str(err.value)
+    assert "d.csv' lines 5 and 22 hold the same value in every feature column" in message
+    assert "1 more repeated line(s): 23." in message and "allow_duplicates=true" in message
+    ds = load_dataset("custom_csv", path=path, allow_duplicates=True)
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 22

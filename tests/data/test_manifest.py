@@ -521,3 +521,48 @@ def test_media_error_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match=r"cannot be read as a .npy array"):
         read_npy(tmp_path / "x.npy")
     assert issubclass(MediaError, ValueError)
+
+
+# --------------------------------------------------------------------------- missing labels, repeated rows
+def _npy_rows(tmp: Path, labels: list[str]) -> list[list[object]]:
+    """One row per label, each with files of its own in both columns."""
+    for i in range(len(labels)):
+        np.save(tmp / f"x{i}.npy", np.full(3, float(i)))
+        np.save(tmp / f"y{i}.npy", np.full(2, float(i)))
+    return [[y, f"x{i}.npy", f"y{i}.npy"] for i, y in enumerate(labels)]
+
+
+def test_a_nan_label_is_an_error_not_a_class(tmp_path: Path) -> None:
+    labels = ["cat", "dog"] * 6 + ["nan", "NaN", "<NA>", "nan"]  # before: 'nan' became a fourth class
+    path = _write_manifest(tmp_path / "m.csv", ["label", "x", "y"], _npy_rows(tmp_path, labels))
+    with pytest.raises(ValueError) as err:
+        load_dataset("manifest", path=str(path))
+    message = str(err.value)
+    assert (
+        "m.csv row(s) 13, 14, 15, 16: the 'label' cell is empty or a missing value ('nan' in row 13"
+        in message
+    )
+    assert "Give every row its label, or delete the unlabelled rows" in message
+    assert "data rows counted from 1" in message
+
+
+def test_a_sample_listed_twice_is_an_error_naming_its_rows(tmp_path: Path) -> None:
+    from equimodal.cli import main
+
+    rows = _npy_rows(tmp_path, ["cat", "dog", "eel"] * 4)
+    path = _write_manifest(tmp_path / "dup.csv", ["label", "x", "y"], [*rows, ["dog", "./x1.npy", "y1.npy"]])
+    with pytest.raises(ValueError) as err:
+        load_dataset("manifest", path=str(path))
+    message = str(err.value)
+    assert (
+        "dup.csv: rows 2 and 13 (file lines 3 and 14) list the same file in every modality column" in message
+    )
+    assert "x='x1.npy', y='y1.npy'" in message and "a leak" in message
+    assert "Delete the repeated rows, keeping one of each" in message
+    args = ["train", "--set", "data.name=manifest", "--set", f"data.options.path={path}"]
+    assert main(args) == 2  # the CLI's exit code for bad input, no traceback
+    # the same file in one column only (one y shared by two x) is a sample of its own
+    shared = _write_manifest(
+        tmp_path / "shared.csv", ["label", "x", "y"], [*rows[:-1], ["eel", "x11.npy", "y1.npy"]]
+    )
+    assert len(load_dataset("manifest", path=str(shared)).train) > 0

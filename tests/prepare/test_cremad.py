@@ -240,7 +240,7 @@ def test_a_split_emptied_by_skipped_clips_keeps_the_report(tmp_path: Path) -> No
             if actor != 1001:
                 (wavs / f"{key}.wav").write_bytes(b"")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"would be empty after skipping unusable clips.*4 input\(s\) were "
+    with pytest.raises(ValueError, match=r"would be empty after skipping unusable inputs.*4 input\(s\) were "
                        r"skipped, all listed in .*skipped.json.*1002_DFA_ANG_XX: .*empty"):  # fmt: skip
         prepare("cremad", tmp_path / "raw", out, workers=1, val_actors=1, test_actors=1)
     listed = json.loads((out / "skipped.json").read_text())

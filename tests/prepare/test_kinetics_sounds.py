@@ -313,3 +313,25 @@ def test_tiny_preset_trains_one_epoch(prepared: tuple[Path, Path], tmp_path: Pat
     assert len(metrics) == 1 and np.isfinite(float(metrics[0]["train_loss"]))
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["test"]["test_acc"] <= 1.0
+
+
+def test_no_usable_training_clip_fails_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # the error console does not wrap the long paths
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for c, label in enumerate(CLASSES[:2]):
+        write_clip(raw / "videos" / label / "v.mp4", seconds=SECONDS, shade=c)
+    (raw / "splits").mkdir()
+    (raw / "splits" / "train.txt").write_text(f"{CLASSES[0]}/gone.mp4\n{CLASSES[1]}/lost.mp4\n")
+    (raw / "splits" / "val.txt").write_text(f"{CLASSES[0]}/v.mp4\n")
+    (raw / "splits" / "test.txt").write_text(f"{CLASSES[1]}/v.mp4\n")
+    args = ["prepare", "kinetics_sounds", "--raw", str(raw), "--out", str(out), "--workers", "1"]
+    assert main([*args, "--set", f"audio_seconds={AUDIO_SECONDS}", "--set", f"frame_size={FRAME_SIZE}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "kinetics_sounds: the train split(s) would be empty" in err
+        and "(prepared: 0 train, 1 val, 1 test)" in err
+    )
+    assert "2 input(s) were skipped" in err and "gone.mp4' is missing" in err
+    assert not (out / "manifest.csv").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from equimodal.prepare.base import (
     run_items,
     save_npy,
     write_layout,
-    write_split_lists,
 )
 
 
@@ -56,11 +56,11 @@ def test_run_items_reports_failures_and_resumes(tmp_path: Path, workers: int) ->
 def test_layout_round_trip_and_errors(tmp_path: Path) -> None:
     rows = [
         {"key": "a", "label": "x", "split": "train", "m": "m/a.npy"},
+        {"key": "c", "label": "x", "split": "val", "m": "m/c.npy"},
         {"key": "b", "label": "y", "split": "test", "m": "m/b.npy"},
     ]
     info = write_layout(tmp_path, "toy", rows, ["m"], options={"seed": 0, "path": tmp_path}, report=Report())
-    write_split_lists(tmp_path, {"train": ["a"], "test": ["b"]})
-    assert info["counts"] == {"train": 1, "val": 0, "test": 1} and info["classes"] == ["x", "y"]
+    assert info["counts"] == {"train": 1, "val": 1, "test": 1} and info["classes"] == ["x", "y"]
     manifest, read = read_layout(tmp_path, "toy")
     assert manifest.read_text().splitlines()[0] == "key,label,split,m" and read == json.loads(
         json.dumps(info)
@@ -81,8 +81,11 @@ def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureF
 
         @register_preparer("toy_prepare")
         def toy(raw: Path, out: Path, *, workers: int, level: int = 1) -> dict:
-            report = run_items(_items([level, -1]), _square, out, workers=workers)
-            rows = [{"key": k, "label": "a", "split": "train", "m": f"sq/{k}.npy"} for k in report.ok]
+            report = run_items(_items([level, level + 1, level + 2, -1]), _square, out, workers=workers)
+            rows = [
+                {"key": k, "label": "a", "split": s, "m": f"sq/{k}.npy"}
+                for k, s in zip(report.ok, ("train", "val", "test"), strict=True)
+            ]
             return write_layout(out, "toy_prepare", rows, ["m"], options={"level": level}, report=report)
 
         assert (
@@ -136,3 +139,72 @@ def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureF
     finally:
         registry.clear()
         registry.update(saved)
+
+
+@pytest.fixture
+def toy_preparer() -> Iterator[Callable[..., None]]:
+    """``add(name, {value: split}, desc)`` registers a preparer of :func:`_square` items (a negative value
+    is a corrupt input); the registry is restored afterwards."""
+    saved = dict(PREPARERS._items)
+
+    def add(name: str, splits: dict[int, str], desc: str = "") -> None:
+        @register_preparer(name)
+        def toy(raw: Path, out: Path, *, workers: int) -> dict:
+            report = run_items(_items(list(splits)), _square, out, workers=workers, desc=desc)
+            ok = set(report.ok)
+            rows = [{"key": f"c{v}", "label": "a", "split": s, "m": f"sq/c{v}.npy"}
+                    for v, s in splits.items() if f"c{v}" in ok]  # fmt: skip
+            return write_layout(out, name, rows, ["m"], options={}, report=report)
+
+    yield add
+    PREPARERS._items.clear()
+    PREPARERS._items.update(saved)
+
+
+def test_a_split_left_empty_fails_naming_what_was_found_and_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_preparer: Callable[..., None]
+) -> None:
+    """Every train input is corrupt: exit 2 naming the split, the counts and the skipped inputs; no layout."""
+    toy_preparer("toy_empty", {-1: "train", -2: "train", 3: "val", 4: "test"})
+    out = tmp_path / "o"
+    assert main(["prepare", "toy_empty", "--raw", str(tmp_path), "--out", str(out), "--workers", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "toy_empty: the train split(s) would be empty" in err
+    assert "(prepared: 0 train, 1 val, 1 test)" in err and "no manifest was written" in err
+    assert "2 input(s) were skipped" in err and "c-1: input raw/c-1.wav is corrupt" in err
+    assert [f["clip"] for f in json.loads((out / "skipped.json").read_text())] == ["c-1", "c-2"]
+    assert not (out / "manifest.csv").exists() and not (out / "splits").exists()
+
+
+def test_a_damaged_prepare_json_is_named_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text("key,label,split,m\n")
+    (tmp_path / "prepare.json").write_text('{"dataset": "toy", "layout_')
+    with pytest.raises(
+        ValueError, match=r"prepare.json' is not valid JSON .*Rerun `equimodal prepare toy --raw"
+    ):
+        read_layout(tmp_path, "toy")
+
+
+def test_progress_lines_go_to_stdout_at_info_level(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    toy_preparer: Callable[..., None],
+) -> None:
+    """Off a terminal the CLI prints prepare's progress to stdout as plain lines; they are INFO, not WARNING."""
+    with caplog.at_level("INFO", logger="equimodal.prepare"):
+        run_items(_items([1, 2]), _square, tmp_path / "direct", desc="toy clips")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "toy clips: 1 / 2"),
+        ("INFO", "toy clips: 2 / 2"),
+    ]
+    capsys.readouterr()  # (after an earlier CLI call in this process, those went to stdout too)
+    toy_preparer("toy_progress", {1: "train", 2: "val", 3: "test"}, desc="toy clips")
+    out_dir = tmp_path / "o"
+    assert (
+        main(["prepare", "toy_progress", "--raw", str(tmp_path), "--out", str(out_dir), "--workers", "1"])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:3] == ["toy clips: 1 / 3", "toy clips: 2 / 3", "toy clips: 3 / 3"]
+    assert "toy clips" not in err and "WARNING" not in out + err

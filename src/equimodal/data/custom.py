@@ -18,6 +18,13 @@ prefix of several columns (``audoi_0`` beside ``audio_0..audio_12``) is an error
 ``modalities`` to keep such a column as a modality of its own. Cells must be finite numbers: an empty,
 non-numeric or non-finite (``nan``, ``inf``) cell is reported with its file line and column.
 
+A bad row is always an error naming it, never skipped: a feature cell as above, a missing label (an
+empty cell or ``label`` entry, NaN, or a missing-value marker such as ``nan`` or ``<NA>``, which pandas
+writes for a missing value: never a class; in both layouts) and, in a CSV, a sample listed twice, i.e.
+rows equal in every feature column (the split could put one copy in train and the other in test).
+Distinct samples whose features happen to coincide (coarse, discrete features) are kept with
+``allow_duplicates=True``.
+
 Without a split, rows are split per class by ``seed`` (60 / 20 / 20 by default); a class too small to
 appear in train, val *and* test under those fractions (e.g. a class of a single sample, which would
 land in train only) is an error naming the class, its count and the fixes (more samples of it, or a
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import math
 import os
 import re
 import warnings
@@ -111,6 +119,49 @@ def encode_labels(raw: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
     return codes, names
 
 
+def _listing(numbers: Sequence[int], limit: int = 10) -> str:
+    """``"4, 5, 6"``, or the first ``limit`` numbers and how many more."""
+    shown = ", ".join(str(n) for n in numbers[:limit])
+    return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+
+
+MISSING_LABELS = ("nan", "<na>")
+"""Label cells that mean "no value" (lower-cased), as pandas writes a missing value; never a class."""
+
+
+def _is_missing(value: object) -> bool:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        return value.strip().lower() in ("", *MISSING_LABELS)
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def missing_label_error(
+    where: str, labels: Sequence[object], numbers: Sequence[int], unit: str, note: str = ""
+) -> ValueError | None:
+    """An error naming the rows whose label is missing (empty, NaN, ``nan`` or ``<NA>``), or ``None``.
+
+    Args:
+        where: the file or dataset, first in the message.
+        labels: one label per row (strings or numbers).
+        numbers: how each row is named in the message (file lines, 1-based rows, 0-based indices).
+        unit: the word for a row (``"line"``, ``"row"``).
+        note: appended, e.g. how rows are counted.
+    """
+    bad = [k for k, v in enumerate(labels) if _is_missing(v)]
+    if not bad:
+        return None
+    shown = _listing([numbers[k] for k in bad])
+    first = labels[bad[0]]
+    first = first.strip() if isinstance(first, str) else first
+    return ValueError(
+        f"{where} {unit}(s) {shown}: the {LABEL!r} cell is empty or a missing value ({first!r} in {unit} "
+        f"{numbers[bad[0]]}; {len(bad)} such {unit}(s)); an empty cell, NaN, 'nan' or '<NA>' is never a "
+        f"class. Give every {unit} its label, or delete the unlabelled {unit}s.{' ' + note if note else ''}"
+    )
+
+
 def _check_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float, float]:
     for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)):
@@ -183,6 +234,10 @@ def build_custom_dataset(
             "per modality."
         )
     _check_not_scalar(name, LABEL, labels, None)
+    listed = np.asarray(labels).tolist()
+    missing = missing_label_error(name, listed, range(len(listed)), "row", "(Rows are 0-based indices.)")
+    if missing is not None:
+        raise missing
     y, class_names = encode_labels(labels)
     n = y.shape[0]
     for m, a in arrays.items():
@@ -593,6 +648,27 @@ def _check_finite_cells(
     )
 
 
+def _check_duplicate_rows(arrays: dict[str, np.ndarray], lines: list[int], where: str) -> None:
+    """Rows equal in every feature column (of every modality) are one sample listed twice: an error."""
+    features = np.concatenate([a.reshape(len(a), -1) for a in arrays.values()], axis=1)
+    first: dict[tuple[float, ...], int] = {}
+    pairs: list[tuple[int, int]] = []
+    for r, row in enumerate(features.tolist()):
+        j = first.setdefault(tuple(row), r)
+        if j != r:
+            pairs.append((j, r))
+    if not pairs:
+        return
+    (a, b), rest = pairs[0], [lines[r] for _, r in pairs[1:]]
+    more = f" {len(rest)} more repeated line(s): {_listing(rest)}." if rest else ""
+    raise ValueError(
+        f"{where} lines {lines[a]} and {lines[b]} hold the same value in every feature column: one sample "
+        f"listed twice, which the split can put in train and in test (a leak).{more} Delete the repeated "
+        "rows, keeping one of each; if they are distinct samples whose features coincide, pass "
+        "allow_duplicates=true (--set data.options.allow_duplicates=true)."
+    )
+
+
 CSV_LAYOUT = (
     "expected a CSV with a header, a `label` column, an optional `split` column and feature columns "
     "named <modality>_<index> (e.g. audio_0..audio_12)."
@@ -609,6 +685,7 @@ def load_custom_csv(
     test_fraction: float = 0.2,
     standardize: bool = True,
     delimiter: str = ",",
+    allow_duplicates: bool = False,
 ) -> MultimodalDataset:
     """Load your own data from a CSV file whose columns are grouped into modalities (see module docstring).
 
@@ -620,11 +697,15 @@ def load_custom_csv(
         val_fraction, test_fraction: split fractions used when there is no ``split`` column.
         standardize: standardise each feature with training-split statistics.
         delimiter: the field separator.
+        allow_duplicates: keep rows equal in every feature column (distinct samples whose features
+            coincide); by default they are an error naming their lines.
 
     Raises:
         FileNotFoundError: missing file. ValueError: no ``label`` column, a modality with no columns,
-            non-numeric or empty cells, labels not 0..C-1, a bad split.
+            non-numeric or empty cells, missing labels, repeated rows, labels not 0..C-1, a bad split.
     """
+    if not isinstance(allow_duplicates, bool):
+        raise TypeError(f"Expected `allow_duplicates` to be True or False, found {allow_duplicates!r}.")
     seed = check_seed(seed)
     fractions = _check_fractions(val_fraction, test_fraction)
     p = _resolve_path(path, "CSV", CSV_LAYOUT)
@@ -655,6 +736,11 @@ def load_custom_csv(
             raise
     _check_finite_cells(arrays, groups, col, table, lines, where)
     label_text = np.char.strip(table[:, col[LABEL]])
+    missing = missing_label_error(where, label_text.tolist(), lines, "line")
+    if missing is not None:
+        raise missing
+    if not allow_duplicates:
+        _check_duplicate_rows(arrays, lines, where)
     labels: np.ndarray = label_text
     if all(re.fullmatch(r"[+-]?\d+", v) for v in label_text.tolist()):
         labels = label_text.astype(np.int64)
@@ -669,6 +755,7 @@ def load_custom_csv(
         "test_fraction": test_fraction,
         "standardize": standardize,
         "delimiter": delimiter,
+        "allow_duplicates": allow_duplicates,
     }
     return build_custom_dataset(
         "custom_csv",

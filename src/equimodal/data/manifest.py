@@ -22,6 +22,13 @@ unaugmented, otherwise. Before that, the loader checks every file (option
 ``check``); rows with bad files are an error naming the file, row and column, or, with
 ``skip_bad=True``, dropped and listed in ``info["skipped"]`` (the trainer writes ``skipped.csv``).
 
+Rows that are wrong in themselves, not in their files, are always an error naming them (``skip_bad``
+does not drop them): a label that is missing (an empty cell, or a missing-value marker such as ``nan``
+or ``<NA>``, which pandas writes for a missing value: never a class), an unknown split, and a sample
+listed twice, i.e. two rows naming the same file in *every* modality column (the split could put one
+copy in train and the other in test). The same file in *some* columns only is fine: one audio track
+shared by two videos, one image captioned twice.
+
 Default encoders by per-sample shape, as ``custom_npz``: vectors -> ``mlp``, ``(C, T)`` (waveforms) ->
 ``conv1d``, ``(C, H, W)`` (images, spectrograms) -> ``cnn``, frames ``(T, C, H, W)`` -> ``resnet18``
 (``base_channels=16``), token ids -> ``text_embedding`` (the tokenizer's vocabulary size). Override them
@@ -34,7 +41,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +50,15 @@ import torch
 from torch import Tensor, nn
 
 from .base import FileSplit, MultimodalDataset
-from .custom import LABEL, SPLIT, _resolve_path, default_encoder_spec, encode_labels, read_csv_table
+from .custom import (
+    LABEL,
+    SPLIT,
+    _resolve_path,
+    default_encoder_spec,
+    encode_labels,
+    missing_label_error,
+    read_csv_table,
+)
 from .media import (
     KIND_BY_SUFFIX,
     LocalTokenizer,
@@ -77,12 +92,14 @@ FIX = (
 
 @dataclass(frozen=True)
 class Manifest:
-    """A parsed manifest: its modality columns' cells, labels and split, one entry per data row."""
+    """A parsed manifest: its modality columns' cells, labels and split, one entry per data row (and the
+    file line of each row, for messages)."""
 
     path: Path
     cells: dict[str, list[str]]
     labels: list[str]
     split: list[str] | None
+    lines: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -169,11 +186,11 @@ def read_manifest(path: Path) -> Manifest:
     """Parse the manifest CSV: label, optional split and the modality columns.
 
     Raises:
-        ValueError: not UTF-8, no ``label`` column, no modality column, no data rows, empty labels or
-            unknown split values (each naming the row).
+        ValueError: not UTF-8, no ``label`` column, no modality column, no data rows, missing labels,
+            unknown split values or a sample listed twice (each naming the rows).
     """
     try:
-        header, rows, _lines = read_csv_table(path)
+        header, rows, lines = read_csv_table(path)
     except UnicodeDecodeError as err:
         raise ValueError(f"{str(path)!r} is not UTF-8 text ({err}); {LAYOUT}") from err
     name = path.name
@@ -200,19 +217,50 @@ def read_manifest(path: Path) -> Manifest:
         return [r[col[h]].strip() for r in rows]
 
     labels = cells(LABEL)
-    _check_labels(name, labels)
+    missing = missing_label_error(name, labels, range(1, len(labels) + 1), "row", ROWS)
+    if missing is not None:
+        raise missing
     split = cells(SPLIT) if SPLIT in col else None
     if split is not None:
         split = _check_split(name, split)
-    return Manifest(path, {m: cells(m) for m in modalities}, labels, split)
+    manifest = Manifest(path, {m: cells(m) for m in modalities}, labels, split, lines)
+    _check_duplicates(manifest)
+    return manifest
 
 
-def _check_labels(name: str, labels: list[str]) -> None:
-    empty = [i + 1 for i, v in enumerate(labels) if not v]
-    if empty:
-        raise ValueError(
-            f"{name} row(s) {_rows(empty)}: the {LABEL!r} cell is empty. Give every row a label. {ROWS}"
-        )
+def _check_duplicates(manifest: Manifest) -> None:
+    """Two rows naming the same file in every modality column are one sample listed twice: an error.
+
+    Paths are compared as the manifest resolves them (``a/../x.wav`` is ``x.wav``); a row with an empty
+    cell is left to the file checks.
+    """
+    first: dict[tuple[str, ...], int] = {}
+    pairs: list[tuple[int, int]] = []
+    columns = list(manifest.cells.values())
+    for i in range(manifest.rows):
+        cells = [c[i] for c in columns]
+        if not all(cells):
+            continue
+        key = tuple(os.path.normpath(manifest.resolve(c)) for c in cells)
+        j = first.setdefault(key, i)
+        if j != i:
+            pairs.append((j, i))
+    if not pairs:
+        return
+    (a, b), lines = pairs[0], manifest.lines
+    where = f" (file lines {lines[a]} and {lines[b]})" if lines else ""
+    more = (
+        f" {len(pairs) - 1} more repeated row(s): rows {_rows([r + 1 for _, r in pairs[1:]])}."
+        if len(pairs) > 1
+        else ""
+    )
+    files = ", ".join(f"{m}={manifest.cells[m][a]!r}" for m in manifest.cells)
+    raise ValueError(
+        f"{manifest.name}: rows {a + 1} and {b + 1}{where} list the same file in every modality column "
+        f"({files}): one sample listed twice, which the split can put in train and in test (a leak).{more} "
+        "Delete the repeated rows, keeping one of each. (The same file in some columns only, one audio "
+        f"track shared by two videos, is fine.) {ROWS}"
+    )
 
 
 def _check_split(name: str, split: list[str]) -> list[str]:

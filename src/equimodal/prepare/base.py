@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
+SPLITS = ("train", "val", "test")
+"""The splits of a prepared layout; each must hold clips (every loader reads all three)."""
 
 
 class PrepareError(ValueError):
@@ -102,7 +104,8 @@ def _run_one(work: Callable[[Item, Path], None], item: Item, out: Path) -> tuple
 
 
 class _Progress:
-    """A rich progress bar on a terminal; otherwise a log line about every 5 % (one line per N items)."""
+    """A rich progress bar on a terminal; otherwise an INFO log line about every 5 % (the CLI prints them
+    to stdout off a terminal)."""
 
     def __init__(self, total: int, desc: str) -> None:
         self.total, self.desc, self.count = total, desc, 0
@@ -120,7 +123,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1)
         elif self.count % self.every == 0 or self.count == self.total:
-            log.warning("%s: %d / %d", self.desc, self.count, self.total)
+            log.info("%s: %d / %d", self.desc, self.count, self.total)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -205,7 +208,7 @@ def check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
     """
     path = out / SETTINGS_FILE
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = read_json(path, "Delete it and rerun the same command: the settings are recorded again.")
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             shown = ", ".join(f"{k}={old!r} before, {new!r} now" for k, (old, new) in changed.items())
@@ -220,14 +223,9 @@ def check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------- atomic outputs
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A private temporary file, then a rename; no ``fsync`` (a rerun redoes a clip); a full disk or a
+    file size limit is an ``OSError`` naming the file and the fix."""
+    atomic_write_bytes(path, data, sync=False)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -307,12 +305,41 @@ def empty_after_skipping(out: Path, report: Report, err: ValueError) -> ValueErr
     Returned (the caller raises it), so that the report of what was skipped is never lost with the run.
     """
     atomic_write_text(out / "skipped.json", json.dumps(report.failed, indent=2))
+    if not report.failed:
+        return ValueError(
+            f"{err} No input was skipped: the raw download lists no clip for it. Check --raw and the split "
+            "options."
+        )
     shown = "; ".join(f"{f['clip']}: {f['reason']}" for f in report.failed[:5])
     more = f" (and {len(report.failed) - 5} more)" if len(report.failed) > 5 else ""
     return ValueError(
         f"{err} {len(report.failed)} input(s) were skipped, all listed in {str(out / 'skipped.json')!r}: "
-        f"{shown}{more}."
+        f"{shown}{more}. Replace or repair them (or list more clips of that split), then rerun the same "
+        "command: finished clips are kept."
     )
+
+
+def check_splits(
+    out: Path, dataset: str, counts: dict[str, int], report: Report, options: dict[str, Any]
+) -> None:
+    """Refuse a prepared layout with an empty split: every loader needs clips in train, val and test.
+
+    Raises:
+        ValueError: naming the empty split(s), the counts found and every skipped input (also written to
+            ``OUT/skipped.json``, see :func:`empty_after_skipping`).
+    """
+    empty = [s for s in SPLITS if not counts.get(s)]
+    if not empty:
+        return
+    found = ", ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS)
+    hint = ""
+    if "val" in empty and "val_fraction" in options:
+        hint = f" val is carved from train by val_fraction={options['val_fraction']}: pass e.g. --set val_fraction=0.1."
+    err = ValueError(
+        f"{dataset}: the {' and '.join(empty)} split(s) would be empty after skipping unusable inputs "
+        f"(prepared: {found}); its loader needs clips in train, val and test, so no manifest was written.{hint}"
+    )
+    raise empty_after_skipping(out, report, err)
 
 
 def write_layout(
@@ -325,7 +352,8 @@ def write_layout(
     report: Report,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.csv`` (``label``, ``split`` and ``columns``) and ``prepare.json``; returns the info.
+    """Write ``splits/``, ``manifest.csv`` (``label``, ``split`` and ``columns``) and ``prepare.json``;
+    returns the info. Nothing is written when a split is empty (see :func:`check_splits`).
 
     Args:
         rows: one mapping per prepared clip with ``key``, ``label``, ``split`` and every column.
@@ -335,12 +363,14 @@ def write_layout(
         extra: further facts (source version, split protocol, ...).
     """
     rows = list(rows)
+    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    check_splits(out, dataset, counts, report, options)
+    write_split_lists(out, {s: [r["key"] for r in rows if r["split"] == s] for s in SPLITS})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["key", "label", "split", *columns], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "manifest.csv", buf.getvalue())
-    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     info = {
         "dataset": dataset,
         "layout_version": LAYOUT_VERSION,
@@ -369,7 +399,11 @@ def read_layout(root: Path, dataset: str) -> tuple[Path, dict[str, Any]]:
             f"`equimodal prepare {dataset} --raw <download folder> --out {root}` first, then pass "
             f"--set data.options.root={root}."
         )
-    info = json.loads(info_path.read_text())
+    info = read_json(
+        info_path,
+        f"Rerun `equimodal prepare {dataset} --raw <download folder> --out {root}`: finished clips are kept "
+        "and prepare.json is written again.",
+    )
     if info.get("dataset") != dataset:
         raise ValueError(
             f"{str(root)!r} holds a prepared {info.get('dataset')!r} dataset, not {dataset!r}; point "

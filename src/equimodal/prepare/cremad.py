@@ -45,12 +45,10 @@ from .base import (
     Report,
     carve_val,
     check_resume_settings,
-    empty_after_skipping,
     run_items,
     save_frame_folder,
     save_npy,
     write_layout,
-    write_split_lists,
 )
 from .media import check_flv_complete, official_spectrogram, read_wav, resample, video_frames
 
@@ -292,7 +290,7 @@ def ogmge_split(
     return assignment, info
 
 
-def _check_not_empty(assignment: dict[str, str], split: str, *, after: str = "") -> None:
+def _check_not_empty(assignment: dict[str, str], split: str) -> None:
     """Raise a ``ValueError`` saying what to change when a split holds no clip."""
     counts = Counter(assignment.values())
     empty = [s for s in SPLITS if not counts.get(s)]
@@ -303,7 +301,7 @@ def _check_not_empty(assignment: dict[str, str], split: str, *, after: str = "")
     else:
         fix = "set val_fraction > 0 (e.g. 0.1) for val; check that train_csv / test_csv list clips of --raw"
     raise ValueError(
-        f"The {' and '.join(empty)} split(s) of split={split!r} would be empty{after} "
+        f"The {' and '.join(empty)} split(s) of split={split!r} would be empty "
         f"(counts: {dict(counts)}); {fix}."
     )
 
@@ -431,11 +429,6 @@ def prepare_cremad(
          "visual": f"visual/{c.key}"}
         for c in todo if c.key in ok
     ]  # fmt: skip
-    try:
-        _check_not_empty({r["key"]: r["split"] for r in rows}, split, after=" after skipping unusable clips")
-    except ValueError as err:
-        raise empty_after_skipping(out, report, err) from None
-    write_split_lists(out, {s: [r["key"] for r in rows if r["split"] == s] for s in SPLITS})
     extra = {
         "source": "CREMA-D release (AudioWAV 16 kHz wav, VideoFlash 480x360 30 fps flv)",
         "official_label_order": list(EMOTIONS),

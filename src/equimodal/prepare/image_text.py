@@ -47,7 +47,6 @@ from .base import (
     save_jpeg,
     save_text,
     write_layout,
-    write_split_lists,
 )
 from .media import resize_frame
 
@@ -381,7 +380,6 @@ def _finish(
     image_dir: str,
 ) -> dict[str, Any]:
     """Write the split lists, manifest and ``prepare.json``; warn when the counts are not the official ones."""
-    write_split_lists(out, {s: [r["key"] for r in manifest if r["split"] == s] for s in spec.splits})
     skipped.sort(key=lambda r: r["clip"])
     extra = {
         "classes": sorted(spec.labels.values()),

@@ -51,7 +51,6 @@ from .base import (
     save_frame_folder,
     save_npy,
     write_layout,
-    write_split_lists,
 )
 from .media import official_spectrogram, read_audio_track, resample, resize_frame, video_frames
 
@@ -307,7 +306,7 @@ def prepare_kinetics_sounds(
         "skipped": len(report.failed),
     }
     report.failed = sorted(bad, key=lambda f: f["clip"]) + report.failed
-    log.warning("%s: %s; %d list line(s) unusable", DATASET, report.summary(), len(bad))
+    log.info("%s: %s; %d list line(s) unusable", DATASET, report.summary(), len(bad))
     return _write(out, every, split_of, options, report, lists, listed, last_run)
 
 
@@ -328,7 +327,6 @@ def _write(
         for e in entries
         if e.key in ok
     ]  # fmt: skip
-    write_split_lists(out, {s: [r["key"] for r in rows if r["split"] == s] for s in SPLITS})
     samples = int(round(options["audio_seconds"] * options["sample_rate"]))
     extra = {
         "source": "Kinetics-Sounds: videos/<class>/<clip> with the user's split lists",

@@ -55,7 +55,6 @@ from .base import (
     run_items,
     save_npy,
     write_layout,
-    write_split_lists,
 )
 from .media import iter_video_frames
 
@@ -332,7 +331,7 @@ def prepare_nvgesture(
     items = [_item(raw, e, args) for e in entries]
     report = run_items(items, _prepare_clip, out, workers=workers, desc="nvgesture clips")
     report.failed = sorted(bad_train + bad_test, key=lambda f: f["clip"]) + report.failed
-    log.warning("nvgesture: %s", report.summary())
+    log.info("nvgesture: %s", report.summary())
     return _write(out, entries, split_of, options, report, lists)
 
 
@@ -346,7 +345,6 @@ def _write(
 ) -> dict[str, Any]:
     ok = set(report.ok)
     rows = _rows(entries, ok, split_of)
-    write_split_lists(out, {s: [r["key"] for r in rows if r["split"] == s] for s in ("train", "val", "test")})
     listed = Counter(split_of[e.key] for e in entries)
     extra = {
         "source": "NVIDIA Dynamic Hand Gesture dataset (nvGesture), sk_color.avi and sk_depth.avi",
