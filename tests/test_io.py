@@ -77,7 +77,8 @@ def _file_size_limit(limit: int) -> Callable[[], None]:
 
 @pytest.mark.parametrize(
     ("limit", "name"),
-    [(200, "config.yaml"), pytest.param(5000, "best.pt", marks=pytest.mark.slow)],  # best.pt: a checkpoint
+    # the claim is the first file a run writes; best.pt is a checkpoint
+    [(200, ".equimodal-claim"), pytest.param(5000, "best.pt", marks=pytest.mark.slow)],
 )
 def test_a_file_size_limit_stops_train_with_exit_2_naming_the_file(
     tmp_path: Path, limit: int, name: str

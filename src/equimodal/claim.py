@@ -47,6 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
+from .io import write_error
 from .run_folder import RunFolderError, check_writable_folder
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,9 @@ def _create(path: Path, owner: Owner) -> bool:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(owner.to_json())
+    except OSError as err:  # a full disk or a file size limit: name the file
+        path.unlink(missing_ok=True)
+        raise write_error(path, err) from err
     except BaseException:
         path.unlink(missing_ok=True)
         raise
