@@ -26,7 +26,8 @@ import io
 import json
 import logging
 import math
-import multiprocessing as mp
+import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,15 @@ import numpy as np
 import yaml
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .interrupt import Interrupted, stop_signals
 from .io import atomic_write_text, read_json, read_summary, read_text
 from .preflight import PLOTS_INSTALL, check_runs, figures_missing
 from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences, has_outputs
+from .workers import Hooks, Outcome, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class RunSpec:
 def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     """Run one training; returns ``(run folder, error message or None)`` so one failure stops nothing.
 
+    :class:`~equimodal.interrupt.Interrupted` (SIGINT / SIGTERM, after the run's checkpoint) is raised.
+
     ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
     with ``fresh`` (a run of another config, retrained under ``--overwrite``) the old run's files
     (:func:`~equimodal.run_folder.clear_run`) are deleted first, so the run starts from scratch; other
@@ -79,6 +85,8 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
         if fresh:
             clear_run(Path(out), config=True)
         train(cfg, out)
+    except Interrupted:
+        raise  # a signal stops every run, it is no failure of this one
     except Exception as exc:  # noqa: BLE001 - reported per run, the comparison goes on
         log.exception("run %s failed", out)
         return out, f"{type(exc).__name__}: {exc}"
@@ -562,8 +570,13 @@ def execute_runs(
 
     Before any training every run folder is checked against the config its run asks for; one holding a
     run of another config stops everything (a :class:`RunFolderError` naming the folders and keys)
-    unless ``overwrite``, which retrains those runs from scratch. Returns each spec's resolved config and
-    the ``(folder, error)`` of the runs that failed (the others go on).
+    unless ``overwrite``, which retrains those runs from scratch. It names each run when it starts and
+    when it ends. Returns each spec's resolved config and the ``(folder, error)`` of
+    the runs that failed (the others go on).
+
+    Raises:
+        Interrupted: SIGINT / SIGTERM stopped the runs (see :mod:`equimodal.workers`): the runs in
+            flight stopped with a checkpoint at their next optimizer step, the rest did not start.
     """
     expected = {s: run_config(config, s) for s in specs}
     check_writable_folder(out)
@@ -582,21 +595,75 @@ def execute_runs(
         markup=False,
     )
     work = [(s.config or config, s.overrides, str(run_dir(out, s)), threads, s in other) for s in todo]
+    names = [f"{s.label}/seed{s.seed}" for s in todo]
     failures: list[tuple[str, str]] = []
-
-    def report(i: int, done: str, error: str | None) -> None:
-        console.print(f"[{i}/{len(work)}] {done}" + (f" [red]FAILED[/]: {error}" if error else ""))
-        if error:
-            failures.append((done, error))
-
-    if jobs > 1 and work:
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            for i, (done, error) in enumerate(pool.imap_unordered(_run_one, work), 1):
-                report(i, done, error)
-    else:
-        for i, job in enumerate(work, 1):
-            report(i, *_run_one(job))
+    with stop_signals() as stop:
+        outcome = run_tasks(_run_one, work, jobs, _run_hooks(console, names, work, failures), stop)
+    if outcome.signum is not None:
+        raise stopped_error(outcome, names, failures)
     return expected, failures
+
+
+def _run_hooks(
+    console: Console, names: Sequence[str], work: Sequence[tuple[Any, ...]], failures: list[tuple[str, str]]
+) -> Hooks:
+    """Print ``[k/N] start NAME`` when a run starts and ``[k/N] done NAME (time)`` or FAILED when it ends."""
+    started: dict[int, tuple[int, float]] = {}
+
+    def start(i: int) -> None:
+        started[i] = (len(started) + 1, time.perf_counter())
+        console.print(f"[{started[i][0]}/{len(names)}] start {names[i]}", highlight=False, markup=False)
+
+    def done(i: int, value: Any, error: str | None) -> None:
+        k, tic = started[i]
+        error = error or (value[1] if value else None)
+        if error:
+            console.print(
+                f"[{k}/{len(names)}] {escape(names[i])} [red]FAILED[/]: {escape(error)}", highlight=False
+            )
+            failures.append((str(work[i][2]), error))
+        else:
+            took = duration(time.perf_counter() - tic)
+            console.print(f"[{k}/{len(names)}] done {names[i]} ({took})", highlight=False, markup=False)
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False)
+
+    return Hooks(start, done, say, names.__getitem__)
+
+
+def _listed(names: Sequence[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def stopped_error(outcome: Outcome, names: Sequence[str], failures: Sequence[tuple[str, str]]) -> Interrupted:
+    """The :class:`Interrupted` of stopped runs: what stopped, what was killed, what did not start."""
+    signum = int(outcome.signum or signal.SIGTERM)
+    parts = [
+        f"{signal.Signals(signum).name} stopped the runs; no results table was written (it needs every run)."
+    ]
+    if outcome.stopped:
+        stopped = _listed([names[i] for i in outcome.stopped])
+        parts.append(
+            f"Stopped (a run in training wrote its checkpoint at its next optimizer step): {stopped}."
+        )
+    if outcome.killed:
+        killed = _listed([names[i] for i in outcome.killed])
+        parts.append(f"Killed before they stopped (they resume from their last checkpoint): {killed}.")
+    if outcome.not_started:
+        parts.append(f"{len(outcome.not_started)} run(s) not started.")
+    if failures:
+        parts.append(f"{len(failures)} run(s) failed (named above).")
+    parts.append("Rerun the same command to resume: finished runs are kept, stopped ones go on.")
+    return Interrupted(signum, " ".join(parts))
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``12.5 min`` or ``3.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def print_failures(console: Console, failures: Sequence[tuple[str, str]]) -> int:
