@@ -23,8 +23,11 @@ from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 
 import equimodal
+from equimodal import compare
+from equimodal.cli import main
 from equimodal.interrupt import Interrupted, StopRequest
 from equimodal.workers import Hooks, run_tasks
 
@@ -337,3 +340,37 @@ def test_a_worker_that_does_not_stop_is_killed(second_ctrl_c: bool, tmp_path: Pa
     assert time.monotonic() - asked[0] < 30
     assert outcome.signum == signal.SIGTERM and outcome.killed == [0] and done == []
     assert any("Killed the workers of task0" in s for s in said), said
+
+
+# ---------------------------------------------------------------------------------- start lines, estimate
+def test_runs_are_named_when_they_start_and_the_time_is_estimated(tmp_path: Path, capsys) -> None:
+    args = ["compare", "--dataset", "mfeat", "--seeds", "1", "--no-references", "--out", str(tmp_path / "c")]
+    fast = [
+        x for o in ("train.epochs=1", "train.probe=false", "data.options.views=fac,mor") for x in ("--set", o)
+    ]
+    assert main([*args, "--balancers", "none", *fast]) == 0
+    first = " ".join(capsys.readouterr().out.split())
+    assert (
+        "To train: 1 run(s) with --jobs 1: about" in first and "timed optimizer steps of none/seed0" in first
+    )
+    assert first.index("[1/1] start none/seed0") < first.index("[1/1] done none/seed0")
+    assert main([*args, "--balancers", "none,amss", *fast]) == 0
+    second = " ".join(capsys.readouterr().out.split())
+    assert "To train: 1 run(s) with --jobs 1: about" in second
+    assert "an estimate from the 1 finished run(s)" in second and "[1/1] start amss/seed0" in second
+
+
+def test_an_estimate_that_cannot_be_made_says_so_and_fails_nothing(tmp_path: Path, monkeypatch) -> None:
+    def broken(*_args: object, **_kw: object) -> tuple[float, int]:
+        raise RuntimeError("no device")
+
+    monkeypatch.setattr(compare, "timed_step", broken)
+    console = Console(record=True, width=200)
+    specs = compare.run_specs(["train.epochs=1", "train.probe=false", "data.options.views=fac,mor"], ["none"],
+                              ["fac", "mor"], 1, False)  # fmt: skip
+    _, failures = compare.execute_runs(
+        tmp_path, specs, None, jobs=1, threads=1, overwrite=False, console=console
+    )
+    text = console.export_text()
+    assert failures == [] and "no time estimate (RuntimeError: no device)" in text
+    assert (tmp_path / "none" / "seed0" / "summary.json").is_file()

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import signal
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -570,8 +571,9 @@ def execute_runs(
 
     Before any training every run folder is checked against the config its run asks for; one holding a
     run of another config stops everything (a :class:`RunFolderError` naming the folders and keys)
-    unless ``overwrite``, which retrains those runs from scratch. It names each run when it starts and
-    when it ends. Returns each spec's resolved config and the ``(folder, error)`` of
+    unless ``overwrite``, which retrains those runs from scratch. Before the first run it prints how
+    many runs are to train and an estimate of the time (:func:`time_estimate`), then names each run
+    when it starts and when it ends. Returns each spec's resolved config and the ``(folder, error)`` of
     the runs that failed (the others go on).
 
     Raises:
@@ -598,6 +600,10 @@ def execute_runs(
     names = [f"{s.label}/seed{s.seed}" for s in todo]
     failures: list[tuple[str, str]] = []
     with stop_signals() as stop:
+        if todo:
+            console.print(
+                time_estimate(out, specs, todo, expected, (jobs, threads)), highlight=False, markup=False
+            )
         outcome = run_tasks(_run_one, work, jobs, _run_hooks(console, names, work, failures), stop)
     if outcome.signum is not None:
         raise stopped_error(outcome, names, failures)
@@ -664,6 +670,93 @@ def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def time_estimate(
+    out: Path,
+    specs: Sequence[RunSpec],
+    todo: Sequence[RunSpec],
+    expected: dict[RunSpec, dict[str, Any]],
+    execution: tuple[int, int],
+) -> str:
+    """One line: how many runs are to train and about how long that takes; it never raises.
+
+    From the finished runs in ``out`` when there are any (their median ``time_per_epoch`` x each
+    missing run's epochs), else from a few timed optimizer steps of the first missing run's config
+    (:func:`timed_step`); divided by the runs in parallel. ``execution`` is ``(jobs, threads)``.
+    """
+    jobs, threads = execution
+    head = f"To train: {len(todo)} run(s) with --jobs {jobs}"
+    epochs = sum(int(expected[s]["train"]["epochs"]) for s in todo)
+    try:
+        finished = [finished_summary(out, s, expected[s]) for s in specs if s not in todo]
+        per_epoch = [float(f["time_per_epoch"]) for f in finished if f is not None]
+        per_epoch = [t for t in per_epoch if math.isfinite(t)]
+        if per_epoch:
+            per = statistics.median(per_epoch)
+            basis = f"the {len(per_epoch)} finished run(s) in {out}: {per:.2f} s per epoch (median) x epochs"
+        else:
+            step, steps = timed_step(expected[todo[0]], threads)
+            per = step * steps
+            basis = (
+                f"timed optimizer steps of {todo[0].label}/seed{todo[0].seed}: {1e3 * step:.0f} ms x {steps} "
+                "steps per epoch x epochs, the same for every run"
+            )
+    except Exception as exc:  # noqa: BLE001 - an estimate never fails the command
+        return f"{head}; no time estimate ({type(exc).__name__}: {exc})."
+    total = per * epochs / max(1, min(jobs, len(todo)))
+    return f"{head}: about {duration(total)} of training (an estimate from {basis}; evaluation adds to it)."
+
+
+def timed_step(resolved: dict[str, Any], threads: int, steps: int = 3) -> tuple[float, int]:
+    """Seconds of one optimizer step of a run's resolved config (built as ``train`` builds it, on its
+    device) and its steps per epoch: the median of up to ``steps`` steps after a warm-up one, within
+    about 5 s."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_steps(resolved, steps)
+    finally:
+        torch.set_num_threads(previous)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the runs, not this estimate, should hold the GPU's memory
+
+
+def _time_steps(resolved: dict[str, Any], steps: int) -> tuple[float, int]:
+    """Build a run's parts as ``train`` does and time its steps on one batch (see :func:`timed_step`)."""
+    import torch
+
+    from .balancers import EpochData, create_balancer
+    from .config import config_from_dict
+    from .data import load_dataset
+    from .data.base import make_loader
+    from .testing import drive_step, start_epoch
+    from .train import _balancer_kwargs, build_model, build_optimizer, seed_everything, select_device
+
+    cfg = config_from_dict(resolved)
+    seed_everything(cfg.train.seed)
+    ds = load_dataset(cfg.data.name, seed=cfg.train.seed, **cfg.data.options)
+    device = select_device(cfg.train.device)
+    model = build_model(cfg, ds).to(device)
+    kwargs = _balancer_kwargs(cfg.balancer.name, cfg.balancer.options, cfg.train.seed)
+    balancer = create_balancer(cfg.balancer.name, model, **kwargs)
+    optimizer = build_optimizer(cfg, [*model.parameters(), *balancer.parameters()])
+    loader = make_loader(ds.train, cfg.data.batch_size, train=True, seed=0)
+    batch, y = next(iter(loader))
+    batch, y = {k: v.to(device) for k, v in batch.items()}, y.to(device)
+    one = [(batch, y)]
+    start_epoch(balancer, 0, EpochData(train=lambda: iter(one), heldout=lambda: iter(one), device=device))
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) <= steps and (not times or time.perf_counter() - begin < 5.0):
+        tic = time.perf_counter()
+        drive_step(balancer, model, batch, y, optimizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tic)
+    return (statistics.median(times[1:]) if len(times) > 1 else times[0]), len(loader)
 
 
 def print_failures(console: Console, failures: Sequence[tuple[str, str]]) -> int:
