@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -406,19 +408,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``equimodal`` console script.
 
     Exit codes: 0 success; 1 some compared runs failed; 2 bad input (config, data, files); 3 a non-finite
-    loss or gradient stopped training; 128 + N when signal N (SIGINT 2, SIGTERM 15) stopped it.
+    loss or gradient stopped training; 128 + N when signal N (SIGINT 2, SIGTERM 15) stopped it, with the
+    command that resumes it.
     """
     from .fitting import NonFiniteError
-    from .interrupt import Interrupted
+    from .interrupt import Interrupted, Terminated, terminate_raises
 
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     err = Console(stderr=True)
     try:
-        return int(args.func(args) or 0)
+        with terminate_raises():
+            return int(args.func(args) or 0)
     except Interrupted as exc:
         err.print(_labelled("stopped: ", "bold yellow", str(exc)))
-        return 128 + int(exc.signum)
+        return _resume(err, args, argv, int(exc.signum))
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = Terminated.signum if isinstance(exc, Terminated) else int(signal.SIGINT)
+        name = signal.Signals(signum).name
+        err.print(_labelled("stopped: ", "bold yellow", f"{name} stopped it at once; what had finished is kept "
+                            "(a run resumes from its last checkpoint)."))  # fmt: skip
+        return _resume(err, args, argv, signum)
     except NonFiniteError as exc:
         err.print(_labelled("error: ", "bold red", str(exc)))
         return 3
@@ -432,6 +442,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _labelled(label: str, style: str, message: str) -> Text:
     """A styled label and a message printed literally: ``[plots]`` in an install hint is text, not markup."""
     return Text.assemble((label, style), message)
+
+
+def _resume(err: Console, args: argparse.Namespace, argv: Sequence[str] | None, signum: int) -> int:
+    """Print the command that resumes a stopped one (none for ``train --no-save``); returns
+    ``128 + signum``."""
+    if args.command != "train" or not args.no_save:
+        words = list(sys.argv[1:] if argv is None else argv)
+        err.print(f"Resume: equimodal {shlex.join(words)}", highlight=False, markup=False, soft_wrap=True)
+    return 128 + signum
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,7 +26,9 @@ import io
 import json
 import logging
 import math
-import multiprocessing as mp
+import signal
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +38,15 @@ import numpy as np
 import yaml
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .interrupt import Interrupted, stop_signals
 from .io import atomic_write_text, read_json, read_summary, read_text
 from .preflight import PLOTS_INSTALL, check_runs, figures_missing
 from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences, has_outputs
+from .workers import Hooks, Outcome, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ class RunSpec:
 def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     """Run one training; returns ``(run folder, error message or None)`` so one failure stops nothing.
 
+    :class:`~equimodal.interrupt.Interrupted` (SIGINT / SIGTERM, after the run's checkpoint) is raised.
+
     ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
     with ``fresh`` (a run of another config, retrained under ``--overwrite``) the old run's files
     (:func:`~equimodal.run_folder.clear_run`) are deleted first, so the run starts from scratch; other
@@ -79,6 +86,8 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
         if fresh:
             clear_run(Path(out), config=True)
         train(cfg, out)
+    except Interrupted:
+        raise  # a signal stops every run, it is no failure of this one
     except Exception as exc:  # noqa: BLE001 - reported per run, the comparison goes on
         log.exception("run %s failed", out)
         return out, f"{type(exc).__name__}: {exc}"
@@ -562,8 +571,14 @@ def execute_runs(
 
     Before any training every run folder is checked against the config its run asks for; one holding a
     run of another config stops everything (a :class:`RunFolderError` naming the folders and keys)
-    unless ``overwrite``, which retrains those runs from scratch. Returns each spec's resolved config and
-    the ``(folder, error)`` of the runs that failed (the others go on).
+    unless ``overwrite``, which retrains those runs from scratch. Before the first run it prints how
+    many runs are to train and an estimate of the time (:func:`time_estimate`), then names each run
+    when it starts and when it ends. Returns each spec's resolved config and the ``(folder, error)`` of
+    the runs that failed (the others go on).
+
+    Raises:
+        Interrupted: SIGINT / SIGTERM stopped the runs (see :mod:`equimodal.workers`): the runs in
+            flight stopped with a checkpoint at their next optimizer step, the rest did not start.
     """
     expected = {s: run_config(config, s) for s in specs}
     check_writable_folder(out)
@@ -582,21 +597,166 @@ def execute_runs(
         markup=False,
     )
     work = [(s.config or config, s.overrides, str(run_dir(out, s)), threads, s in other) for s in todo]
+    names = [f"{s.label}/seed{s.seed}" for s in todo]
     failures: list[tuple[str, str]] = []
-
-    def report(i: int, done: str, error: str | None) -> None:
-        console.print(f"[{i}/{len(work)}] {done}" + (f" [red]FAILED[/]: {error}" if error else ""))
-        if error:
-            failures.append((done, error))
-
-    if jobs > 1 and work:
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            for i, (done, error) in enumerate(pool.imap_unordered(_run_one, work), 1):
-                report(i, done, error)
-    else:
-        for i, job in enumerate(work, 1):
-            report(i, *_run_one(job))
+    with stop_signals() as stop:
+        if todo:
+            console.print(
+                time_estimate(out, specs, todo, expected, (jobs, threads)), highlight=False, markup=False
+            )
+        outcome = run_tasks(_run_one, work, jobs, _run_hooks(console, names, work, failures), stop)
+    if outcome.signum is not None:
+        raise stopped_error(outcome, names, failures)
     return expected, failures
+
+
+def _run_hooks(
+    console: Console, names: Sequence[str], work: Sequence[tuple[Any, ...]], failures: list[tuple[str, str]]
+) -> Hooks:
+    """Print ``[k/N] start NAME`` when a run starts and ``[k/N] done NAME (time)`` or FAILED when it ends."""
+    started: dict[int, tuple[int, float]] = {}
+
+    def start(i: int) -> None:
+        started[i] = (len(started) + 1, time.perf_counter())
+        console.print(f"[{started[i][0]}/{len(names)}] start {names[i]}", highlight=False, markup=False)
+
+    def done(i: int, value: Any, error: str | None) -> None:
+        k, tic = started[i]
+        error = error or (value[1] if value else None)
+        if error:
+            console.print(
+                f"[{k}/{len(names)}] {escape(names[i])} [red]FAILED[/]: {escape(error)}", highlight=False
+            )
+            failures.append((str(work[i][2]), error))
+        else:
+            took = duration(time.perf_counter() - tic)
+            console.print(f"[{k}/{len(names)}] done {names[i]} ({took})", highlight=False, markup=False)
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False)
+
+    return Hooks(start, done, say, names.__getitem__)
+
+
+def _listed(names: Sequence[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def stopped_error(outcome: Outcome, names: Sequence[str], failures: Sequence[tuple[str, str]]) -> Interrupted:
+    """The :class:`Interrupted` of stopped runs: what stopped, what was killed, what did not start."""
+    signum = int(outcome.signum or signal.SIGTERM)
+    parts = [
+        f"{signal.Signals(signum).name} stopped the runs; no results table was written (it needs every run)."
+    ]
+    if outcome.stopped:
+        stopped = _listed([names[i] for i in outcome.stopped])
+        parts.append(
+            f"Stopped (a run in training wrote its checkpoint at its next optimizer step): {stopped}."
+        )
+    if outcome.killed:
+        killed = _listed([names[i] for i in outcome.killed])
+        parts.append(f"Killed before they stopped (they resume from their last checkpoint): {killed}.")
+    if outcome.not_started:
+        parts.append(f"{len(outcome.not_started)} run(s) not started.")
+    if failures:
+        parts.append(f"{len(failures)} run(s) failed (named above).")
+    parts.append("Rerun the same command to resume: finished runs are kept, stopped ones go on.")
+    return Interrupted(signum, " ".join(parts))
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``12.5 min`` or ``3.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def time_estimate(
+    out: Path,
+    specs: Sequence[RunSpec],
+    todo: Sequence[RunSpec],
+    expected: dict[RunSpec, dict[str, Any]],
+    execution: tuple[int, int],
+) -> str:
+    """One line: how many runs are to train and about how long that takes; it never raises.
+
+    From the finished runs in ``out`` when there are any (their median ``time_per_epoch`` x each
+    missing run's epochs), else from a few timed optimizer steps of the first missing run's config
+    (:func:`timed_step`); divided by the runs in parallel. ``execution`` is ``(jobs, threads)``.
+    """
+    jobs, threads = execution
+    head = f"To train: {len(todo)} run(s) with --jobs {jobs}"
+    epochs = sum(int(expected[s]["train"]["epochs"]) for s in todo)
+    try:
+        finished = [finished_summary(out, s, expected[s]) for s in specs if s not in todo]
+        per_epoch = [float(f["time_per_epoch"]) for f in finished if f is not None]
+        per_epoch = [t for t in per_epoch if math.isfinite(t)]
+        if per_epoch:
+            per = statistics.median(per_epoch)
+            basis = f"the {len(per_epoch)} finished run(s) in {out}: {per:.2f} s per epoch (median) x epochs"
+        else:
+            step, steps = timed_step(expected[todo[0]], threads)
+            per = step * steps
+            basis = (
+                f"timed optimizer steps of {todo[0].label}/seed{todo[0].seed}: {1e3 * step:.0f} ms x {steps} "
+                "steps per epoch x epochs, the same for every run"
+            )
+    except Exception as exc:  # noqa: BLE001 - an estimate never fails the command
+        return f"{head}; no time estimate ({type(exc).__name__}: {exc})."
+    total = per * epochs / max(1, min(jobs, len(todo)))
+    return f"{head}: about {duration(total)} of training (an estimate from {basis}; evaluation adds to it)."
+
+
+def timed_step(resolved: dict[str, Any], threads: int, steps: int = 3) -> tuple[float, int]:
+    """Seconds of one optimizer step of a run's resolved config (built as ``train`` builds it, on its
+    device) and its steps per epoch: the median of up to ``steps`` steps after a warm-up one, within
+    about 5 s."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_steps(resolved, steps)
+    finally:
+        torch.set_num_threads(previous)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the runs, not this estimate, should hold the GPU's memory
+
+
+def _time_steps(resolved: dict[str, Any], steps: int) -> tuple[float, int]:
+    """Build a run's parts as ``train`` does and time its steps on one batch (see :func:`timed_step`)."""
+    import torch
+
+    from .balancers import EpochData, create_balancer
+    from .config import config_from_dict
+    from .data import load_dataset
+    from .data.base import make_loader
+    from .testing import drive_step, start_epoch
+    from .train import _balancer_kwargs, build_model, build_optimizer, seed_everything, select_device
+
+    cfg = config_from_dict(resolved)
+    seed_everything(cfg.train.seed)
+    ds = load_dataset(cfg.data.name, seed=cfg.train.seed, **cfg.data.options)
+    device = select_device(cfg.train.device)
+    model = build_model(cfg, ds).to(device)
+    kwargs = _balancer_kwargs(cfg.balancer.name, cfg.balancer.options, cfg.train.seed)
+    balancer = create_balancer(cfg.balancer.name, model, **kwargs)
+    optimizer = build_optimizer(cfg, [*model.parameters(), *balancer.parameters()])
+    loader = make_loader(ds.train, cfg.data.batch_size, train=True, seed=0)
+    batch, y = next(iter(loader))
+    batch, y = {k: v.to(device) for k, v in batch.items()}, y.to(device)
+    one = [(batch, y)]
+    start_epoch(balancer, 0, EpochData(train=lambda: iter(one), heldout=lambda: iter(one), device=device))
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) <= steps and (not times or time.perf_counter() - begin < 5.0):
+        tic = time.perf_counter()
+        drive_step(balancer, model, batch, y, optimizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tic)
+    return (statistics.median(times[1:]) if len(times) > 1 else times[0]), len(loader)
 
 
 def print_failures(console: Console, failures: Sequence[tuple[str, str]]) -> int:

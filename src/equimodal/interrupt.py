@@ -3,6 +3,10 @@
 The first SIGINT or SIGTERM sets a :class:`StopRequest`; the trainer sees it after the current optimizer
 step, writes ``last.pt`` (mid-epoch) and raises :class:`Interrupted`, which the CLI turns into exit code
 ``128 + signal`` with a line saying how to resume. A second SIGINT interrupts at once (``KeyboardInterrupt``).
+A :func:`stop_signals` block inside another (a trainer inside a driver's loop of runs) shares the outer
+block's request: a stop asked for before the trainer started holds, and one asked for while it ran
+reaches the driver too. Outside any block, :func:`terminate_raises` turns SIGTERM into
+:class:`Terminated`, as SIGINT raises ``KeyboardInterrupt``, so the CLI can exit 143 after cleaning up.
 
 Under DDP every process must stop at the same step, so the request is all-reduced; to keep that
 collective (and its host sync) off most steps it is read every :data:`DDP_CHECK_EVERY` optimizer steps
@@ -56,23 +60,52 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else "a signal"
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a :func:`stop_signals` block (see :func:`terminate_raises`)."""
+
+    signum = int(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """Raise :class:`Terminated` on SIGTERM (not an ``Exception``: no ``except Exception`` swallows it).
+
+    Outside the main thread (where handlers cannot be set) SIGTERM keeps its handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(_signum: int, _frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def stop_signals() -> Iterator[StopRequest]:
     """Turn the first SIGINT / SIGTERM into a stop request (a second SIGINT interrupts at once).
 
+    Inside another ``stop_signals`` block the outer request is shared (see the module docstring).
     Outside the main thread (where handlers cannot be set) the request is never set.
     """
-    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield request
+        yield StopRequest()
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    outer = getattr(previous[signal.SIGTERM], "stop_request", None)
+    request = outer if isinstance(outer, StopRequest) else StopRequest()
 
     def handle(signum: int, _frame: Any) -> None:
         if request.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         request.signum = signum
 
+    handle.stop_request = request  # type: ignore[attr-defined]
     for s in previous:
         signal.signal(s, handle)
     try:

@@ -23,18 +23,21 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..interrupt import Interrupted, stop_signals
 from ..io import atomic_write_bytes, atomic_write_text, read_json
+from ..workers import Hooks, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,10 @@ def run_items(
 
     ``work`` must be a module-level function (it is sent to worker processes) that writes the item's
     outputs atomically (see :func:`save_npy`, :func:`save_jpeg`, :func:`save_text`).
+
+    Raises:
+        Interrupted: SIGINT / SIGTERM stopped the work (:mod:`equimodal.workers`): the items in flight
+            were aborted (with ``workers=1`` the one in progress finishes first); finished ones are kept.
     """
     report = Report()
     todo = []
@@ -146,29 +153,34 @@ def run_items(
         else:
             todo.append(item)
     progress = _Progress(len(todo), desc or "prepare")
-    inputs = {i.key: i.inputs for i in todo}
     tic = time.perf_counter()
 
-    def record(key: str, reason: str | None) -> None:
+    def record(index: int, value: tuple[str, str | None] | None, error: str | None) -> None:
+        key, reason = value if value is not None else (todo[index].key, error)
         if reason is None:
             report.done.append(key)
         else:
-            files = ", ".join(str(p) for p in inputs.get(key, ()))
+            files = ", ".join(str(p) for p in todo[index].inputs)
             report.failed.append({"clip": key, "files": files, "reason": reason})
         progress.advance()
 
+    hooks = Hooks(start=lambda i: None, done=record, say=log.warning, name=lambda i: todo[i].key)
     try:
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_run_one, work, item, out) for item in todo]
-                for future in as_completed(futures):
-                    record(*future.result())
-        else:
-            for item in todo:
-                record(*_run_one(work, item, out))
+        with stop_signals() as stop:
+            n = workers if len(todo) > 1 else 1
+            outcome = run_tasks(partial(_run_one, work, out=out), todo, n, hooks, stop)
     finally:
         progress.close()
     report.seconds = time.perf_counter() - tic
+    if outcome.signum is not None:
+        left = len(todo) - len(report.done) - len(report.failed)
+        raise Interrupted(
+            outcome.signum,
+            f"{signal.Signals(outcome.signum).name} stopped the preparation: {len(report.done)} of "
+            f"{len(todo)} {desc or 'items'} prepared now and kept (with {len(report.existing)} from before), "
+            f"{left} not done; no manifest was written. Rerun the same command to go on: finished ones are "
+            "skipped.",
+        )
     report.done.sort()
     report.failed.sort(key=lambda f: f["clip"])
     return report
