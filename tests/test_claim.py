@@ -330,3 +330,39 @@ def test_under_torchrun_a_claimed_folder_is_refused_on_every_rank(tmp_path: Path
     assert done.returncode != 0 and "exitcode : 2" in err, err[-3000:]
     assert err.count(f"is in use by another process: pid {os.getpid()}") == 2, err[-3000:]  # both ranks
     assert not (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compare", "--balancers", "none", "--seeds", "1", "--no-references"],
+        ["diagnose", "--seeds", "1"],
+        ["study", "modalities"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_second_experiment_into_a_folder_in_use_is_refused_naming_the_first(
+    tmp_path, capsys, command
+) -> None:
+    """compare, study and diagnose claim their output folder for the whole command (runs and tables):
+    a second one into it is refused before any work, naming the owner; nothing is changed."""
+    out = tmp_path / "exp"
+    sets = [a for s in ["train.epochs=1", *FAST] for a in ("--set", s)] if command[0] != "study" else []
+    with claim_folder(out):  # the first command, still running
+        before = sorted(p.name for p in out.iterdir())
+        assert main([*command, "--out", str(out), *sets]) == 2
+        assert sorted(p.name for p in out.iterdir()) == before
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is in use by another process" in err and f"pid {os.getpid()}" in err
+    assert not (out / "none").exists() and not (out / "joint").exists()
+
+
+def test_diagnose_with_runs_that_did_not_finish_exits_1_without_a_traceback(tmp_path, capsys) -> None:
+    """A run that fails (here: a learning rate that makes the loss non-finite) leaves the diagnosis without
+    its runs: exit 1 naming that and the retry, no traceback (it used to escape as a RuntimeError)."""
+    sets = [a for s in ["train.epochs=1", "optim.lr=1e20", *FAST] for a in ("--set", s)]
+    assert main(["diagnose", "--seeds", "1", "--out", str(tmp_path / "d"), *sets]) == 1
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())
+    assert "did not finish" in text and "Rerun the same command" in text and "Traceback" not in text
+    assert not (tmp_path / "d" / CLAIM_FILE).exists()  # released

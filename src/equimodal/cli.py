@@ -411,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss or gradient stopped training; 128 + N when signal N (SIGINT 2, SIGTERM 15) stopped it, with the
     command that resumes it.
     """
+    from .compare import RunsFailed
     from .fitting import NonFiniteError
     from .interrupt import Interrupted, Terminated, terminate_raises
 
@@ -432,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as exc:
         err.print(_labelled("error: ", "bold red", str(exc)))
         return 3
+    except RunsFailed as exc:
+        err.print(_labelled("error: ", "bold red", str(exc)))
+        return 1
     except (ValueError, TypeError, OSError, ImportError) as exc:
         if args.verbose:
             raise

@@ -42,15 +42,20 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .claim import claim_folder
 from .interrupt import Interrupted, stop_signals
 from .io import atomic_write_text, read_json, read_summary, read_text
 from .preflight import PLOTS_INSTALL, check_runs, figures_missing
-from .run_folder import RunFolderError, check_writable_folder, clear_run, config_differences, has_outputs
+from .run_folder import RunFolderError, check_writable_folder, config_differences, has_outputs
 from .workers import Hooks, Outcome, run_tasks
 
 log = logging.getLogger(__name__)
 
 ADAM_OVERRIDES = ("optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0")
+
+
+class RunsFailed(RuntimeError):
+    """Runs of a command did not finish and its result needs them (the CLI exits 1)."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,9 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     :class:`~equimodal.interrupt.Interrupted` (SIGINT / SIGTERM, after the run's checkpoint) is raised.
 
     ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
-    with ``fresh`` (a run of another config, retrained under ``--overwrite``) the old run's files
-    (:func:`~equimodal.run_folder.clear_run`) are deleted first, so the run starts from scratch; other
-    files there are kept.
+    with ``fresh`` (a run of another config, retrained under ``--overwrite``) ``train`` replaces the old
+    run's files once it holds the folder's claim, so the run starts from scratch; other files there are
+    kept.
     """
     config, overrides, out, threads = args[:4]
     fresh = bool(args[4]) if len(args) > 4 else False
@@ -83,13 +88,11 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     torch.set_num_threads(threads)
     try:
         cfg = load_config(config, list(overrides) + ["train.progress=false"])
-        if fresh:
-            clear_run(Path(out), config=True)
-        train(cfg, out)
+        train(cfg, out, overwrite=fresh)  # train claims the folder before it clears the old run
     except Interrupted:
         raise  # a signal stops every run, it is no failure of this one
     except Exception as exc:  # noqa: BLE001 - reported per run, the comparison goes on
-        log.exception("run %s failed", out)
+        log.debug("run %s failed", out, exc_info=True)  # the traceback with -v; the driver prints the error
         return out, f"{type(exc).__name__}: {exc}"
     return out, None
 
@@ -802,10 +805,11 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     console = Console()
     console.print(f"Recipe: {describe_recipe(config, cfg)}", highlight=False, markup=False)
-    expected, failures = execute_runs(
-        out, specs, config, jobs=n_jobs, threads=threads, overwrite=overwrite, console=console
-    )
-    _, rows = summarise(out, specs, modalities, refs, expected)
+    with claim_folder(out):  # one comparison per folder: a second is refused, naming this one
+        expected, failures = execute_runs(
+            out, specs, config, jobs=n_jobs, threads=threads, overwrite=overwrite, console=console
+        )
+        _, rows = summarise(out, specs, modalities, refs, expected)
     spread = "1 seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
     title = f"{cfg.data.name}: test metrics, {spread} (epoch chosen on val)"
     print_results(console, title, rows, out, seeds)

@@ -35,7 +35,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .claim import claim_folder
 from .compare import (
+    RunsFailed,
     RunSpec,
     check_count,
     ensemble_accuracy,
@@ -419,33 +421,46 @@ def diagnose(
     base = list(overrides or [])
     cfg = load_config(config, base)
     modalities = load_dataset(cfg.data.name, seed=0, **cfg.data.options).modalities
-    if runs is not None:
-        root = Path(runs)
-        diag = analyse(root, modalities, joint_label="none")
-    else:
-        root = Path(out)
-        check_count(seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
-        labels = [("joint", ("balancer.name=none", "balancer.options.monitor=true"))]
-        labels += [
-            (f"unimodal_{m}", ("balancer.name=unimodal", f"balancer.options.modality={m}"))
-            for m in modalities
-        ]
-        specs = [
-            RunSpec(label, (*base, *ov, f"train.seed={s}"), s) for s in range(seeds) for label, ov in labels
-        ]
-        expected, failures = execute_runs(
-            root, specs, config, jobs=jobs, threads=threads, overwrite=overwrite, console=console
-        )
-        print_failures(console, failures)
-        unfinished = [s for s in specs if finished_summary(root, s, expected[s]) is None]
-        if unfinished:
-            raise RuntimeError(
-                f"{len(unfinished)} run(s) did not finish; rerun the same command to retry them."
+    root = Path(runs if runs is not None else out)
+    with claim_folder(root):  # one diagnosis per folder: a second is refused, naming this one
+        if runs is not None:
+            diag = analyse(root, modalities, joint_label="none")
+        else:
+            check_count(seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
+            diag = train_and_analyse(
+                root, (config, base), modalities, seeds, (jobs, threads, overwrite), console
             )
-        diag = analyse(root, modalities)
-    write_diagnosis(diag, root)
+        write_diagnosis(diag, root)
     print_diagnosis(console, diag, root)
     return diag
+
+
+def train_and_analyse(
+    root: Path, recipe: tuple[str | None, list[str]], modalities: list[str], seeds: int,
+    execution: tuple[int, int, bool], console: Console,
+) -> Diagnosis:  # fmt: skip
+    """Train the joint run and each modality's branch for every seed into ``root``, then analyse them.
+
+    Raises:
+        RunsFailed: a run did not finish (the diagnosis needs every one).
+    """
+    (config, base), (jobs, threads, overwrite) = recipe, execution
+    labels = [("joint", ("balancer.name=none", "balancer.options.monitor=true"))]
+    labels += [
+        (f"unimodal_{m}", ("balancer.name=unimodal", f"balancer.options.modality={m}")) for m in modalities
+    ]
+    specs = [RunSpec(label, (*base, *ov, f"train.seed={s}"), s) for s in range(seeds) for label, ov in labels]
+    expected, failures = execute_runs(
+        root, specs, config, jobs=jobs, threads=threads, overwrite=overwrite, console=console
+    )
+    print_failures(console, failures)
+    unfinished = [s for s in specs if finished_summary(root, s, expected[s]) is None]
+    if unfinished:
+        raise RunsFailed(
+            f"{len(unfinished)} run(s) did not finish (see above), and the diagnosis needs every one. "
+            "Rerun the same command to retry them (finished runs are kept)."
+        )
+    return analyse(root, modalities)
 
 
 def run_diagnose(args: argparse.Namespace) -> int:

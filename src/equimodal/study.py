@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
+from .claim import claim_folder
 from .compare import (
     RunSpec,
     bootstrap_ci,
@@ -49,7 +50,7 @@ from .compare import (
     run_dir,
 )
 from .config import PRESET_DIR
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 from .preflight import figures_missing
 
 STUDY_DIR = PRESET_DIR / "studies"
@@ -394,14 +395,28 @@ def run_study(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/studies/{study.name}{'_full' if args.full else ''}")
     console = Console()
     console.print(f"Study {study.name} ({study.mode}): {study.title}", highlight=False, markup=False)
+    with claim_folder(out):  # one study per folder: a second is refused, naming this one
+        text, failures = run_and_write(study, out, (jobs, threads, bool(args.overwrite)), console)
+        if args.docs:
+            copy_to_docs(study, out, Path(args.docs))
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+    return print_failures(console, failures)
+
+
+def run_and_write(
+    study: Study, out: Path, execution: tuple[int, int, bool], console: Console
+) -> tuple[str, list[tuple[str, str]]]:
+    """Train the study's missing runs (``execution``: jobs, threads, overwrite), measure its step costs,
+    write its files; returns the Markdown and the failed runs."""
+    jobs, threads, overwrite = execution
     specs = study_specs(study)
     before = sum((run_dir(out, s) / "summary.json").is_file() for s in specs)
     tic = time.perf_counter()
     expected, failures = execute_runs(
-        out, specs, None, jobs=jobs, threads=threads, overwrite=args.overwrite, console=console
+        out, specs, None, jobs=jobs, threads=threads, overwrite=overwrite, console=console
     )
     extra: dict[str, Any] = {}
-    earlier = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    earlier = read_json(out / "study.json") if (out / "study.json").is_file() else {}
     costs = {
         # a rerun that trains nothing keeps the stored timings (a table redrawn on a busy machine would
         # otherwise change); a new or resumed study measures again
@@ -414,12 +429,12 @@ def run_study(args: argparse.Namespace) -> int:
     if costs:
         extra["costs"] = costs
     extra["took"] = took(earlier, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, jobs)
-    text = write_study(study, out, cell_accuracies(out, specs, expected), extra)
-    if args.docs:
-        docs = Path(args.docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        for name in (f"{file_stem(study)}.md", f"{file_stem(study)}.png", f"{file_stem(study)}.csv"):
-            if (out / name).is_file():
-                (docs / name).write_bytes((out / name).read_bytes())
-    console.print(text, highlight=False, markup=False, soft_wrap=True)
-    return print_failures(console, failures)
+    return write_study(study, out, cell_accuracies(out, specs, expected), extra), failures
+
+
+def copy_to_docs(study: Study, out: Path, docs: Path) -> None:
+    """Copy the study's Markdown, figure and CSV into ``docs`` (e.g. docs/studies)."""
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in (f"{file_stem(study)}.md", f"{file_stem(study)}.png", f"{file_stem(study)}.csv"):
+        if (out / name).is_file():
+            (docs / name).write_bytes((out / name).read_bytes())
