@@ -50,15 +50,8 @@ def test_errors_are_reported_with_exit_code_2(capsys) -> None:
 def test_train_keeps_its_run_by_default_and_a_rerun_resumes_it(tmp_path, capsys) -> None:
     """Without --out a run is kept in a folder of its own config (study and diagnose save by default too);
     the same command again finds it finished instead of training 40 epochs again; --no-save keeps nothing."""
-    argv = [
-        "train",
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "data.options.views=fac,mor",
-        "--set",
-        "train.probe=false",
-    ]
+    sets = ["train.epochs=1", "data.options.views=fac,mor", "train.probe=false"]
+    argv = ["train", *[a for x in sets for a in ("--set", x)]]
     assert main(argv) == 0
     first = capsys.readouterr().out
     folders = list(Path("runs/train").iterdir())
