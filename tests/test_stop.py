@@ -350,9 +350,7 @@ def test_runs_are_named_when_they_start_and_the_time_is_estimated(tmp_path: Path
     ]
     assert main([*args, "--balancers", "none", *fast]) == 0
     first = " ".join(capsys.readouterr().out.split())
-    assert (
-        "To train: 1 run(s) with --jobs 1: about" in first and "timed optimizer steps of none/seed0" in first
-    )
+    assert "To train: 1 run(s) with --jobs 1: about" in first and "timed steps of none/seed0" in first
     assert first.index("[1/1] start none/seed0") < first.index("[1/1] done none/seed0")
     assert main([*args, "--balancers", "none,amss", *fast]) == 0
     second = " ".join(capsys.readouterr().out.split())
@@ -361,7 +359,7 @@ def test_runs_are_named_when_they_start_and_the_time_is_estimated(tmp_path: Path
 
 
 def test_an_estimate_that_cannot_be_made_says_so_and_fails_nothing(tmp_path: Path, monkeypatch) -> None:
-    def broken(*_args: object, **_kw: object) -> tuple[float, int]:
+    def broken(*_args: object, **_kw: object) -> compare.RunCost:
         raise RuntimeError("no device")
 
     monkeypatch.setattr(compare, "timed_step", broken)
