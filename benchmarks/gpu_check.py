@@ -30,7 +30,7 @@ import torch
 
 import equimodal as em
 from equimodal.data.base import TensorSplit, make_loader
-from equimodal.fitting import EpochFitter, StepContext
+from equimodal.engine.fitting import EpochFitter, StepContext
 from equimodal.models.encoders import create_encoder
 
 SIZES = {"audio": (1, 257, 188), "visual": (3, 224, 224)}  # CREMA-D; --smoke shrinks them

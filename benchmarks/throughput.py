@@ -7,7 +7,7 @@ process, so machine noise hits both alike. The hand-written loop is the README's
         out = model(batch); balancer.loss(out, y, batch=batch).backward()
         balancer.before_step(); optimizer.step(); optimizer.zero_grad()
 
-and equimodal's is :class:`equimodal.fitting.EpochFitter` (what ``equimodal train`` runs each epoch: it
+and equimodal's is :class:`equimodal.engine.fitting.EpochFitter` (what ``equimodal train`` runs each epoch: it
 also moves batches to the device, runs autocast and the GradScaler when enabled, queues the non-finite
 flags of every micro-batch (read every 50 steps), averages the balancer's statistics every step, and
 calls the trainer's between-step hook, here with what it does when no checkpoint or log line is due). Printed per workload: samples per second of each (medians), the median
@@ -45,9 +45,9 @@ import torch
 
 import equimodal as em
 from equimodal.data.base import LoaderOptions, TensorSplit, make_loader
-from equimodal.fitting import EpochFitter, StepContext
-from equimodal.interrupt import StopRequest
+from equimodal.engine.fitting import EpochFitter, StepContext
 from equimodal.models.encoders import create_encoder
+from equimodal.utils.interrupt import StopRequest
 
 BALANCERS = ("none", "amss_plus")
 

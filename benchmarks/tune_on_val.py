@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from equimodal.balancers import get_balancer_class
-from equimodal.compare import _run_one
+from equimodal.experiments.compare import _run_one
 
 
 def main() -> None:

@@ -16,11 +16,12 @@ import torch
 from conftest import RUN_OPTIONS
 
 import equimodal as em
-from equimodal.checkpoint import Checkpointer, Progress, plain_data
 from equimodal.cli import main
-from equimodal.config import load_config
-from equimodal.fitting import EpochState
-from equimodal.train import train
+from equimodal.engine.checkpoint import Checkpointer, Progress
+from equimodal.engine.config import load_config
+from equimodal.engine.fitting import EpochState
+from equimodal.engine.trainer import train
+from equimodal.utils.io import plain_data
 
 TINY = [
     "data.options.views=fac,mor", "train.epochs=2", "train.progress=false", "train.probe=false",

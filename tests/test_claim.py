@@ -1,4 +1,4 @@
-"""One writer per folder: ``train`` and ``prepare`` claim their ``--out`` folder (:mod:`equimodal.claim`).
+"""One writer per folder: ``train`` and ``prepare`` claim their ``--out`` folder (:mod:`equimodal.utils.claim`).
 
 The reported race (a second ``train`` into the folder of a running one took it over and both exited 0),
 stale claims (a dead pid, a reused pid, another host's old claim) taken over with a warning and race-free,
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from equimodal.claim import CLAIM_FILE, FOREIGN_STALE_SECONDS, Owner, _look, _take_over, claim_folder
 from equimodal.cli import main
+from equimodal.engine.run_folder import RunFolderError, clear_run, has_outputs
 from equimodal.prepare.base import save_frame_folder
-from equimodal.run_folder import RunFolderError, clear_run, has_outputs
+from equimodal.utils.claim import CLAIM_FILE, FOREIGN_STALE_SECONDS, Owner, _look, _take_over, claim_folder
 
 FAST = ["train.progress=false", "train.probe=false", "data.options.views=fac,mor", "train.num_threads=1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -110,7 +110,7 @@ def test_a_second_train_into_a_running_ones_folder_is_refused_and_the_first_fini
 def test_a_claim_of_a_dead_process_is_taken_over_with_a_warning(tmp_path: Path, caplog) -> None:
     pid = dead_pid()
     write_claim(tmp_path, pid=pid)
-    with caplog.at_level(logging.WARNING, "equimodal.claim"), claim_folder(tmp_path) as claim:
+    with caplog.at_level(logging.WARNING, "equimodal.utils.claim"), claim_folder(tmp_path) as claim:
         assert claim_of(tmp_path)["pid"] == os.getpid() and claim.held()
     assert f"Taking over the stale claim on {tmp_path} of pid {pid} on host" in caplog.text
     assert "that process is gone" in caplog.text
@@ -122,7 +122,7 @@ def test_a_reused_pid_is_told_apart_by_its_start_time(tmp_path: Path, caplog) ->
     if me.start_time is None:
         pytest.skip("process start times are read from /proc (Linux)")
     write_claim(tmp_path, start_time=me.start_time - 1)  # this pid, but a process started earlier
-    with caplog.at_level(logging.WARNING, "equimodal.claim"), claim_folder(tmp_path):
+    with caplog.at_level(logging.WARNING, "equimodal.utils.claim"), claim_folder(tmp_path):
         pass
     assert "its pid now belongs to a process started at another time" in caplog.text
 
@@ -144,7 +144,7 @@ def test_another_hosts_claim_is_refused_while_fresh_and_taken_over_when_old(tmp_
     assert claim_of(tmp_path)["host"] == "gpu-node-7"  # refused: left as it was
     old = time.time() - FOREIGN_STALE_SECONDS - 60
     os.utime(path, (old, old))
-    with caplog.at_level(logging.WARNING, "equimodal.claim"), claim_folder(tmp_path):
+    with caplog.at_level(logging.WARNING, "equimodal.utils.claim"), claim_folder(tmp_path):
         assert claim_of(tmp_path)["host"] == socket.gethostname()
     assert "of pid 4242 on host 'gpu-node-7'" in caplog.text and "last refreshed 11 min ago" in caplog.text
 
@@ -289,8 +289,8 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, port: int, out: str, results: mp.Queue) -> None:  # type: ignore[valid-type]
-    from equimodal.config import load_config
-    from equimodal.train import train
+    from equimodal.engine.config import load_config
+    from equimodal.engine.trainer import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     try:

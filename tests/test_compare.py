@@ -11,7 +11,8 @@ import yaml
 from rich.console import Console
 
 from equimodal.cli import main
-from equimodal.compare import (
+from equimodal.engine.run_folder import RunFolderError
+from equimodal.experiments.compare import (
     RunSpec,
     bootstrap_ci,
     ensemble_accuracy,
@@ -25,7 +26,6 @@ from equimodal.compare import (
     run_specs,
     summarise,
 )
-from equimodal.run_folder import RunFolderError
 
 
 def _write(path, logits, labels, counts) -> None:
@@ -334,8 +334,8 @@ def test_dataset_runs_the_recipe_train_runs(
 ):
     """``compare --dataset X`` trains X's preset (as ``train X``, ``diagnose X`` and run_results.sh do),
     not the default config's lr, batch and epochs with data.name swapped; it says which recipe it runs."""
-    import equimodal.compare as compare
-    from equimodal.config import config_to_dict, load_config
+    import equimodal.experiments.compare as compare
+    from equimodal.engine.config import config_to_dict, load_config
 
     seen: dict[str, object] = {}
 
@@ -356,7 +356,7 @@ def test_dataset_runs_the_recipe_train_runs(
 
 
 def test_a_damaged_recorded_config_is_a_difference_naming_the_file(tmp_path) -> None:
-    from equimodal.compare import _recorded_config
+    from equimodal.experiments.compare import _recorded_config
 
     folder = tmp_path / "none" / "seed0"
     folder.mkdir(parents=True)

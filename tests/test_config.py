@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from equimodal.config import Config, config_from_dict, config_to_dict, list_presets, load_config
+from equimodal.engine.config import Config, config_from_dict, config_to_dict, list_presets, load_config
 
 
 def test_defaults_round_trip() -> None:
@@ -152,7 +152,7 @@ def test_every_on_disk_preset_has_a_tiny_variant_trained_by_its_dataset_tests() 
 
 @pytest.mark.parametrize("preset", IN_PACKAGE)
 def test_every_shipped_preset_trains_one_epoch(preset: str) -> None:
-    from equimodal.train import train
+    from equimodal.engine.trainer import train
 
     cfg = load_config(preset, ["train.epochs=1", "train.progress=false", "train.probe=false"])
     summary = train(cfg)
@@ -160,7 +160,7 @@ def test_every_shipped_preset_trains_one_epoch(preset: str) -> None:
 
 
 def test_betas_drop_last_and_select_from_reach_the_run(tmp_path) -> None:
-    from equimodal.train import build_optimizer, train
+    from equimodal.engine.trainer import build_optimizer, train
 
     cfg = load_config(None, ["optim.name=adam", "optim.betas=[0.9, 0.99]"])
     assert build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))]).defaults["betas"] == (0.9, 0.99)

@@ -42,8 +42,8 @@ def _free_port() -> int:
 
 def _train_all(out: Path, tag: str) -> None:
     """Train every balancer; save the selected model's parameters as ``{tag}_{balancer}.pt``."""
-    import equimodal.train as trainer
-    from equimodal.config import load_config
+    import equimodal.engine.trainer as trainer
+    from equimodal.engine.config import load_config
 
     original = trainer.final_summary
 
@@ -76,7 +76,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from equimodal.evaluation import gather_rows
+        from equimodal.engine.evaluation import gather_rows
 
         shard = torch.arange(rank, 7, 2, dtype=torch.float32)[:, None]  # evaluation order rank::world
         torch.save(gather_rows(shard, 7), Path(out) / f"gathered{rank}.pt")
@@ -114,8 +114,8 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
 def _failing_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from equimodal.config import load_config
-    from equimodal.train import train
+    from equimodal.engine.config import load_config
+    from equimodal.engine.trainer import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     cfg = load_config(None, [*BASE, "data.batch_size=63"])  # not divisible by 2 processes: fails in the run
@@ -187,8 +187,8 @@ def _batch_norm_worker(rank: int, port: int, out: str, kill_after: int) -> None:
     """Train the batch-norm run into ``out``; SIGKILL both processes after epoch ``kill_after`` (-1: never)."""
     import torch.distributed as dist
 
-    from equimodal.config import load_config
-    from equimodal.train import train
+    from equimodal.engine.config import load_config
+    from equimodal.engine.trainer import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=2)

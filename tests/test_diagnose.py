@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from equimodal.cli import main
-from equimodal.diagnose import (
+from equimodal.experiments.diagnose import (
     Diagnosis,
     Interval,
     ModalityFigures,
@@ -18,7 +18,7 @@ from equimodal.diagnose import (
     epochs_to,
     verdict,
 )
-from equimodal.report_html import write_report
+from equimodal.reporting.html import write_report
 
 SETS = ["data.options.views=fac,mor", "train.epochs=4", "train.progress=false"]
 
@@ -150,7 +150,7 @@ def test_the_printed_diagnosis_fits_80_columns(tmp_path: Path, capsys, monkeypat
     diag = Diagnosis("avdigits_hard", 10, 87.6, 91.1, Interval(3.0, 1.0, 5.0), mods)
     diag.verdict, diag.recommendation = verdict(diag)
     diag.curves = {name: {"alone": [0.5, 0.7]} for name in [*mods, "fused"]}
-    monkeypatch.setattr("equimodal.diagnose.analyse", lambda root, modalities, joint_label: diag)
+    monkeypatch.setattr("equimodal.experiments.diagnose.analyse", lambda root, modalities, joint_label: diag)
     code = main(["diagnose", *[x for s in SETS for x in ("--set", s)], "--runs", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0 and "Verdict. Imbalance:" in " ".join(printed.split())

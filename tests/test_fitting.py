@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 
 import equimodal as em
-from equimodal.fitting import CHECK_EVERY, EpochFitter, EpochState, NonFiniteError, StepContext
+from equimodal.engine.fitting import (
+    CHECK_EVERY,
+    EpochFitter,
+    EpochState,
+    NonFiniteError,
+    StepContext,
+    params_finite,
+)
 from equimodal.testing import ToyEncoder, toy_batch
 
 
@@ -129,7 +136,7 @@ def test_a_non_finite_gradient_with_a_finite_loss() -> None:
         fit(copy.deepcopy(model), "stop", steps=4)
     stopped = copy.deepcopy(model)
     fit(stopped, "stop", steps=2)  # the bad step is the last: every loss was finite ...
-    assert not em.fitting.params_finite(stopped)  # ... and the trainer's parameter check stops the run
+    assert not params_finite(stopped)  # ... and the trainer's parameter check stops the run
 
 
 def test_the_running_training_accuracy_counts_each_forward_pass(tmp_path) -> None:
@@ -148,8 +155,8 @@ def test_the_running_training_accuracy_counts_each_forward_pass(tmp_path) -> Non
     expect_m1 = sum(int((o.unimodal_logits["m1"].argmax(1) == y).sum()) for o, y in outs) / 24
     assert acc["train_acc"] == pytest.approx(expect) and acc["train_acc_m1"] == pytest.approx(expect_m1)
     assert state.to_dict()["seen"] == 24
-    from equimodal.config import load_config
-    from equimodal.train import train
+    from equimodal.engine.config import load_config
+    from equimodal.engine.trainer import train
 
     cfg = load_config(None, ["data.options.views=fac,mor", "train.epochs=2", "train.probe=false",
                              "train.progress=false"])  # fmt: skip

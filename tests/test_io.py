@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from equimodal.io import atomic_savez, atomic_torch_save, atomic_write_text
 from equimodal.prepare.base import save_npy, save_text
+from equimodal.utils.io import atomic_savez, atomic_torch_save, atomic_write_text
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

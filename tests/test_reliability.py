@@ -21,8 +21,8 @@ import torch
 
 import equimodal as em
 from equimodal.cli import main
-from equimodal.config import load_config
-from equimodal.train import train
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import train
 
 FAST = ["train.epochs=2", "train.progress=false", "train.probe=false", "data.options.views=fac,mor"]
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from equimodal.cli import main
-from equimodal.config import load_config
-from equimodal.report import curves_figure, plot_run, plot_runs
-from equimodal.train import train
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import train
+from equimodal.reporting.curves import curves_figure, plot_run, plot_runs
 
 
 def test_report_writes_curves_png(tmp_path, capsys) -> None:
@@ -30,7 +30,7 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "No metrics.csv" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="equimodal train --out"):
-        from equimodal.report import read_metrics
+        from equimodal.reporting.curves import read_metrics
 
         read_metrics(tmp_path)
 
@@ -170,8 +170,8 @@ def test_a_damaged_run_file_is_named_with_the_fix(
     ],
 )
 def test_damaged_comparison_files_are_named(tmp_path, name: str, how: str, expected: str) -> None:
-    from equimodal.compare import RunSpec, finished_summary
-    from equimodal.report_html import build_page, run_section
+    from equimodal.experiments.compare import RunSpec, finished_summary
+    from equimodal.reporting.html import build_page, run_section
 
     folder = _comparison(tmp_path / "cmp")
     (folder / "none" / "seed0" / "predictions.npz").write_bytes(b"")
@@ -191,7 +191,7 @@ def test_damaged_comparison_files_are_named(tmp_path, name: str, how: str, expec
 
 @pytest.mark.parametrize(("name", "keys"), [("diagnosis.json", "'modalities'"), ("study.json", "'study'")])
 def test_damaged_diagnosis_and_study_files_are_named(tmp_path, name: str, keys: str) -> None:
-    from equimodal.report_html import build_page
+    from equimodal.reporting.html import build_page
 
     folder = tmp_path / "f"
     folder.mkdir()

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from equimodal.cli import main
-from equimodal.config import load_config
-from equimodal.report_html import build_page, stat_groups, write_report
-from equimodal.train import train
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import train
+from equimodal.reporting.html import build_page, stat_groups, write_report
 
 FAST = ["data.options.views=fac,mor", "train.epochs=3", "train.progress=false", "train.probe=true"]
 

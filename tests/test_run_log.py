@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from equimodal.config import load_config
-from equimodal.train import train
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import train
 
 FAST = ["data.options.views=fac,mor", "train.epochs=2", "train.probe=false", "train.progress=false",
         "balancer.name=amss"]  # fmt: skip

@@ -4,7 +4,7 @@ Each command runs in its own session, as from a terminal; it is stopped by Ctrl-
 process group) or by SIGTERM to its main process, with runs in this process (``--jobs 1``) or in worker
 processes. It must exit 130 / 143 within seconds, without a traceback, leave no process of its group
 behind and no table built from a part of its runs; the same command then finishes, resuming the runs
-that were in flight from the checkpoint they wrote at the signal. The pool itself (:mod:`equimodal.workers`)
+that were in flight from the checkpoint they wrote at the signal. The pool itself (:mod:`equimodal.utils.workers`)
 is tested in-process: a stop between two tasks, a worker that dies, a worker that does not stop.
 """
 
@@ -26,10 +26,10 @@ import torch
 from rich.console import Console
 
 import equimodal
-from equimodal import compare
 from equimodal.cli import main
-from equimodal.interrupt import Interrupted, StopRequest
-from equimodal.workers import Hooks, run_tasks
+from equimodal.experiments import compare
+from equimodal.utils.interrupt import Interrupted, StopRequest
+from equimodal.utils.workers import Hooks, run_tasks
 
 STOP_SECONDS = 20.0
 """Signal to exit, with the driver's own interpreter teardown, on a busy 2-core machine."""

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from equimodal.config import load_config
-from equimodal.train import stratified_holdout, train
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import stratified_holdout, train
 
 FAST = ["data.options.views=fac,mor", "train.epochs=3", "train.progress=false", "data.batch_size=128"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 import equimodal as em
-from equimodal.config import load_config
-from equimodal.train import train
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import train
 
 DATASETS = {
     "mfeat_facmor": ["data.options.views=fac,mor", "data.batch_size=64"],

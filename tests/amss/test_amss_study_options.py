@@ -13,12 +13,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
 import equimodal as em
+from equimodal.amss import describe_units
 from equimodal.amss.masker import GradientMasker
 from equimodal.amss.units import UnitTensor, discover_units, encoder_units
 from equimodal.balancers.amss import AMSS
 from equimodal.models import MultimodalClassifier
 from equimodal.testing import check_balancer
-from equimodal.units_report import describe_units
 
 torch.set_num_threads(1)
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import equimodal as em
+from equimodal.amss.explain import BIAS, BIAS_OF_MASKED, NORM, describe_units, unit_options
 from equimodal.cli import main
 from equimodal.models import MultimodalClassifier, create_encoder
-from equimodal.units_report import BIAS, BIAS_OF_MASKED, NORM, describe_units, unit_options
 
 
 def by_name(rows) -> dict[str, object]:

@@ -21,7 +21,6 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from equimodal.config import load_config
 from equimodal.data import load_dataset
 from equimodal.data.base import FileSplit, SampleKey, make_loader, sample_generator
 from equimodal.data.media import (
@@ -34,6 +33,7 @@ from equimodal.data.media import (
     read_npy,
     read_text,
 )
+from equimodal.engine.config import load_config
 from equimodal.models.encoders import create_encoder
 
 CLASSES = ("cat", "dog", "eel")
@@ -320,7 +320,7 @@ def test_cli_trains_one_epoch(tmp_path: Path, media: tuple[Path, list[dict[str, 
 
 
 def test_workers_give_identical_results(tmp_path: Path, media: tuple[Path, list[dict[str, str]]]) -> None:
-    from equimodal.train import train
+    from equimodal.engine.trainer import train
 
     root, rows = media
     path = _manifest(root, rows, ["audio", "clip", "caption"], name="workers.csv")

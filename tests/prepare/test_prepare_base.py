@@ -11,15 +11,7 @@ import pytest
 
 from equimodal.cli import main
 from equimodal.prepare import PREPARERS, prepare, register_preparer
-from equimodal.prepare.base import (
-    Item,
-    PrepareError,
-    Report,
-    read_layout,
-    run_items,
-    save_npy,
-    write_layout,
-)
+from equimodal.prepare.base import Item, PrepareError, Report, read_layout, run_items, save_npy, write_layout
 
 
 def _square(item: Item, out: Path) -> None:

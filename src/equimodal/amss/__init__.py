@@ -10,10 +10,10 @@ their own:
 - :mod:`.sampling`: unit scores, keep counts, the five samplers, inclusion probabilities, weights;
 - :mod:`.units`: mask units found by module type, with a selection API;
 - :mod:`.masker`: the vectorised gradient masker;
-- :func:`describe_units` (from :mod:`equimodal.units_report`): what will be masked, and why the rest is not.
+- :func:`describe_units` (from :mod:`equimodal.amss.explain`): what will be masked, and why the rest is not.
 """
 
-from ..units_report import UnitsReport, describe_units  # noqa: E402 - after .units, which it imports
+from .explain import UnitsReport, describe_units  # after .units, which it reads
 from .masker import MASK_STATS, GradientMasker
 from .ratios import RATIO_FORMS, update_ratios
 from .sampling import (

@@ -65,7 +65,7 @@ Layer kinds (``layer_kinds``): every unit has a layer kind, ``"conv"`` (Conv1d/2
 ``output.dense``, Linear layers declared as head projections), ``"linear"`` (every other Linear's rows:
 FFN neurons, MLPs, projections) or ``"rnn"`` (RNN hidden units and LSTM projections). ``layer_kinds``
 (default ``None``: all four) masks only the units of the kinds it names; the others are left unmasked
-and listed with the reason by :func:`~equimodal.units_report.describe_units`. It applies after
+and listed with the reason by :func:`~equimodal.amss.describe_units`. It applies after
 ``include`` / ``exclude`` and ``linear_rows`` (a Linear is masked only when both allow it), and never to
 the fusion head (``mask_fusion`` decides that). A modality with no unit of the selected kinds is masked
 through its fusion-head block only (with a warning), or refused when it has none.
@@ -96,7 +96,7 @@ fused ``Conv1D`` projection is not recognised: declare it with ``heads`` if need
 Selection API for a user's own model: ``include`` / ``exclude`` (a callable ``(name, module) -> bool``
 or a collection of modules), ``heads`` (``{linear_module: (num_heads, "rows" | "cols")}``, or the
 attribute ``amss_heads = (num_heads, "rows" | "cols")`` on the module), ``linear_rows``,
-``conv_units``, ``layer_kinds``, ``mask_encoders`` and ``mask_fusion``. :func:`equimodal.units_report.describe_units` lists what is
+``conv_units``, ``layer_kinds``, ``mask_encoders`` and ``mask_fusion``. :func:`equimodal.amss.describe_units` lists what is
 masked and why everything else is not.
 """
 
@@ -1148,7 +1148,7 @@ def scan_units(
                 f"Linear weights in model.encoders[{m!r}] or a fusion-head block; found none after amss_skip "
                 f"markers, include/exclude, linear_rows, layer_kinds={', '.join(kinds)} and mask_encoders/"
                 "mask_fusion). Remove amss_skip/exclude from some module, pass include=... or heads=..., select "
-                "more layer_kinds, or enable mask_fusion with a concat fusion head (see equimodal.units_report."
+                "more layer_kinds, or enable mask_fusion with a concat fusion head (see equimodal.amss."
                 "describe_units for what was found)."
             )
     options = dict(

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import distributed as dist
 from ..amss.masker import MASK_STATS, GradientMasker
 from ..amss.ratios import RatioForm, check_fixed_ratio, check_ratio_options, fixed_ratios, update_ratios
 from ..amss.sampling import (
@@ -54,6 +53,7 @@ from ..amss.units import (
     check_layer_kinds,
     discover_units,
 )
+from ..distributed import all_reduce_mean, all_reduce_sum
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .heads import UnimodalHeads
@@ -352,7 +352,7 @@ class AMSS(Balancer):
         (slow EMA - fast EMA) / slow EMA, normalised by the modalities' total; and whether it is ready."""
         if self._uni_sum is None:
             return None
-        loss = dist.all_reduce_mean(self._uni_sum.to(device).float())
+        loss = all_reduce_mean(self._uni_sum.to(device).float())
         self._uni_sum = None
         if self._loss_ema is None:
             self._loss_ema = torch.stack([loss, loss])
@@ -400,7 +400,7 @@ class AMSS(Balancer):
         sums = self._sums.pop()
         if sums is not None:
             return significance_from_sums(
-                dist.all_reduce_sum(sums.to(device)), len(self.modalities), label_entropy_mode=self.label_entropy,
+                all_reduce_sum(sums.to(device)), len(self.modalities), label_entropy_mode=self.label_entropy,
                 feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
             )  # fmt: skip
         if not self._warned_no_loss:

@@ -23,13 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultimodalDataset
-from .media import (
-    MediaError,
-    frame_positions,
-    list_frames,
-    read_npy,
-    read_rgb,
-)
+from .media import MediaError, frame_positions, list_frames, read_npy, read_rgb
 from .prepared import ReaderFactory, Rows, load_prepared
 from .registry import register_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, maybe_hflip, normalize, random_resized_crop, resize

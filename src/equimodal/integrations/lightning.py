@@ -20,7 +20,7 @@ What the callback does for each kind of balancer (read from ``balancer.requireme
 - every balancer: ``set_epoch`` at each epoch start, ``before_step`` at ``on_before_optimizer_step``
   (so ``accumulate_grad_batches`` works: one ``before_step`` per optimizer step), ``balancer.stats()``
   logged after every batch, the balancer's state in Lightning checkpoints (as plain data, checked by
-  :func:`~equimodal.checkpoint.plain_data`, so they load with ``torch.load(weights_only=True)``);
+  :func:`~equimodal.utils.io.plain_data`, so they load with ``torch.load(weights_only=True)``);
 - balancers that need epoch data (``pmr``, ``gblending``, ``mslr``): ``prepare_epoch`` at each epoch
   start with ``EpochData(train=<the trainer's train dataloader>, heldout=<the callback's heldout>)``;
   those that need a held-out part of train (``gblending``, ``mslr``) need ``BalancerCallback(heldout=...)``,
@@ -51,8 +51,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from torch import Tensor
 
 from ..balancers import Balancer, EpochData
-from ..checkpoint import plain_data
 from ..types import LABEL_KEY
+from ..utils.io import plain_data
 
 Unpack = Callable[[Any], tuple[Mapping[str, Tensor], Tensor]]
 

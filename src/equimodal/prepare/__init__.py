@@ -46,10 +46,10 @@ def prepare(
     """Prepare dataset ``name`` from its raw download ``raw`` into ``out``; returns what ``prepare.json`` holds.
 
     Unknown names and options fail with close matches; options given as strings are converted. ``out`` is
-    claimed for the whole preparation (:func:`~equimodal.claim.claim_folder`): a second preparation into
+    claimed for the whole preparation (:func:`~equimodal.utils.claim.claim_folder`): a second preparation into
     it is refused while this one runs.
     """
-    from ..claim import claim_folder
+    from ..utils.claim import claim_folder
     from .base import default_workers
 
     _load_all()

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ..interrupt import Interrupted, stop_signals
-from ..io import atomic_write_bytes, atomic_write_text, read_json
-from ..workers import Hooks, run_tasks
+from ..utils.interrupt import Interrupted, stop_signals
+from ..utils.io import atomic_write_bytes, atomic_write_text, read_json
+from ..utils.workers import Hooks, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def run_items(
     outputs atomically (see :func:`save_npy`, :func:`save_jpeg`, :func:`save_text`).
 
     Raises:
-        Interrupted: SIGINT / SIGTERM stopped the work (:mod:`equimodal.workers`): the items in flight
+        Interrupted: SIGINT / SIGTERM stopped the work (:mod:`equimodal.utils.workers`): the items in flight
             were aborted (with ``workers=1`` the one in progress finishes first); finished ones are kept.
     """
     report = Report()
@@ -288,7 +288,7 @@ def _abandoned_temporaries(folder: Path) -> list[Path]:
     import glob
     import re
 
-    from ..claim import pid_alive
+    from ..utils.claim import pid_alive
 
     pattern = re.compile(rf"\.{re.escape(folder.name)}\.(\d+)(\.[0-9a-f]+)?\.tmp")
     found = []

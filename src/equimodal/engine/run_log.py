@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
+from ..utils.io import atomic_write_text
 
 TENSORBOARD_INSTALL = "pip install 'equimodal[tensorboard]'"
 

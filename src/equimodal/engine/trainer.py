@@ -2,7 +2,7 @@
 
 :func:`train` reads as the sequence of its parts: :func:`process_group` (a DDP group torn down even
 when the run fails), :func:`build_run` (data, model, balancer, optimizer, scheduler, scaler, loaders),
-:class:`~equimodal.checkpoint.Checkpointer` (resume, best, last), :class:`~equimodal.fitting.EpochFitter`
+:class:`~equimodal.engine.checkpoint.Checkpointer` (resume, best, last), :class:`~equimodal.engine.fitting.EpochFitter`
 (one epoch; its step function chosen once from ``balancer.requirements``), :func:`validate_epoch` and
 :func:`final_summary` (the selected epoch evaluated once on test). It drives the balancer exactly as a
 user's own loop would (``set_epoch``, ``prepare_epoch`` when needed, ``loss``/``before_step`` or
@@ -14,7 +14,7 @@ same updates as one process (up to float rounding; the batch-norm running statis
 evaluates and saves are rank 0's, see :func:`validate_epoch`).
 
 Outputs (all written atomically by rank 0) in the run folder: ``config.yaml``, ``metrics.csv`` (a row
-per epoch), ``steps.csv`` (the balancer's per-step statistics, :mod:`equimodal.run_log`), ``best.pt``,
+per epoch), ``steps.csv`` (the balancer's per-step statistics, :mod:`equimodal.engine.run_log`), ``best.pt``,
 ``last.pt`` (for resuming), ``predictions.npz``, ``summary.json``, ``skipped.csv`` when the dataset
 skipped bad rows, and ``tensorboard/`` with ``train.tensorboard``.
 """
@@ -45,24 +45,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .balancers import Balancer, EpochData, create_balancer
-from .balancers.registry import BALANCERS
+from ..balancers import Balancer, EpochData, create_balancer
+from ..balancers.registry import BALANCERS
+from ..data import load_dataset
+from ..data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
+from ..distributed import broadcast_buffers
+from ..distributed import rank as dist_rank
+from ..models import MultimodalClassifier
+from ..models.encoders import create_encoder
+from ..types import check_batch
+from ..utils.claim import claim_folder
+from ..utils.interrupt import Interrupted, StopRequest, stop_signals
+from ..utils.io import atomic_savez, atomic_write_text
 from .checkpoint import Checkpointer, Progress
-from .claim import claim_folder
 from .config import Config, config_to_dict, save_config
-from .data import load_dataset
-from .data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
-from .distributed import broadcast_buffers
-from .distributed import rank as dist_rank
 from .evaluation import EvalResult, evaluate, linear_probes, removal_accuracy
 from .fitting import EpochFitter, EpochState, NonFiniteError, StepContext, params_finite
-from .interrupt import Interrupted, StopRequest, stop_signals
-from .io import atomic_savez, atomic_write_text
-from .models import MultimodalClassifier
-from .models.encoders import create_encoder
 from .run_folder import RunFolderError, check_run_folder, clear_run
 from .run_log import TENSORBOARD_INSTALL, RunLog, write_rows
-from .types import check_batch
 
 log = logging.getLogger(__name__)
 
@@ -566,8 +566,8 @@ def claimed_run_folder(
     yields ``resume``.
 
     Raises:
-        RunFolderError: another process holds the folder (see :func:`~equimodal.claim.claim_folder`), or
-            :func:`~equimodal.run_folder.check_run_folder` refused it.
+        RunFolderError: another process holds the folder (see :func:`~equimodal.utils.claim.claim_folder`), or
+            :func:`~equimodal.engine.run_folder.check_run_folder` refused it.
     """
     (rank, world), failure = where, None
     if out is None:  # nothing is saved: nothing to claim
@@ -625,7 +625,7 @@ def train(
             epoch.
 
     Raises:
-        RunFolderError: ``out_dir`` is in use by another process (its claim, :mod:`equimodal.claim`),
+        RunFolderError: ``out_dir`` is in use by another process (its claim, :mod:`equimodal.utils.claim`),
             holds another config's run, is a file or cannot be written, or its checkpoint cannot be
             read. NonFiniteError: a non-finite loss or gradient (with
             ``train.on_nonfinite="stop"``). Interrupted: SIGINT/SIGTERM (after writing a checkpoint).

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .balancers import Balancer
-from .data.base import Batch, batch_to
-from .distributed import all_reduce_sum, is_distributed
-from .metrics import accuracy, fit_linear_probe, imbalance, macro_f1, probe_accuracy
-from .types import MultimodalOutput
+from ..balancers import Balancer
+from ..data.base import Batch, batch_to
+from ..distributed import all_reduce_sum, is_distributed
+from ..metrics import accuracy, fit_linear_probe, imbalance, macro_f1, probe_accuracy
+from ..types import MultimodalOutput
 
 Loader = Iterable[tuple[Batch, Tensor]]
 

@@ -13,7 +13,7 @@ it started and a random token. It is removed when the job ends, on success, on a
 SIGTERM (which the trainer turns into an exception). While it is held, a daemon thread refreshes its
 mtime every :data:`HEARTBEAT_SECONDS`.
 
-A second writer is refused with a :class:`~equimodal.run_folder.RunFolderError` naming the owner and the
+A second writer is refused with a :class:`~equimodal.engine.run_folder.RunFolderError` naming the owner and the
 ways out. A claim left by a job that died without removing it (SIGKILL, a crash, a lost machine) is
 *stale* and taken over with a warning naming whose it was:
 
@@ -47,8 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
-from .io import write_error
-from .run_folder import RunFolderError, check_writable_folder
+from .io import RunFolderError, check_writable_folder, write_error
 
 log = logging.getLogger(__name__)
 

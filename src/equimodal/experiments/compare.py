@@ -42,12 +42,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .claim import claim_folder
-from .interrupt import Interrupted, stop_signals
-from .io import atomic_write_text, read_json, read_summary, read_text
-from .preflight import PLOTS_INSTALL, check_runs, figures_missing
-from .run_folder import RunFolderError, check_writable_folder, config_differences, has_outputs
-from .workers import Hooks, Outcome, run_tasks
+from ..engine.preflight import PLOTS_INSTALL, check_runs, figures_missing
+from ..engine.run_folder import RunFolderError, check_writable_folder, config_differences, has_outputs
+from ..utils.claim import claim_folder
+from ..utils.interrupt import Interrupted, stop_signals
+from ..utils.io import atomic_write_text, read_json, read_summary, read_text
+from ..utils.workers import Hooks, Outcome, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RunSpec:
 def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     """Run one training; returns ``(run folder, error message or None)`` so one failure stops nothing.
 
-    :class:`~equimodal.interrupt.Interrupted` (SIGINT / SIGTERM, after the run's checkpoint) is raised.
+    :class:`~equimodal.utils.interrupt.Interrupted` (SIGINT / SIGTERM, after the run's checkpoint) is raised.
 
     ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
     with ``fresh`` (a run of another config, retrained under ``--overwrite``) ``train`` replaces the old
@@ -82,8 +82,8 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     fresh = bool(args[4]) if len(args) > 4 else False
     import torch
 
-    from .config import load_config
-    from .train import train
+    from ..engine.config import load_config
+    from ..engine.trainer import train
 
     torch.set_num_threads(threads)
     try:
@@ -156,7 +156,7 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 def _recorded_config(folder: Path) -> dict[str, Any] | None:
     """The config a run folder was trained with (``config.yaml``, else ``summary.json``), or None if it
-    holds no run (:func:`~equimodal.run_folder.has_outputs`); a run whose config cannot be read reads as a
+    holds no run (:func:`~equimodal.engine.run_folder.has_outputs`); a run whose config cannot be read reads as a
     one-key placeholder naming the file and why (a difference, which the caller reports with the folder)."""
     saved, summary = folder / "config.yaml", folder / "summary.json"
     if not has_outputs(folder):
@@ -311,7 +311,7 @@ def _mean_ci(d: np.ndarray) -> str:
 
 def run_config(config: str | None, spec: RunSpec) -> dict[str, Any]:
     """The resolved config a run of ``spec`` is trained with (as stored in its ``summary.json``)."""
-    from .config import config_to_dict, load_config
+    from ..engine.config import config_to_dict, load_config
 
     source = spec.config if spec.config is not None else config
     return config_to_dict(load_config(source, [*spec.overrides, "train.progress=false"]))
@@ -580,7 +580,7 @@ def execute_runs(
     the runs that failed (the others go on).
 
     Raises:
-        Interrupted: SIGINT / SIGTERM stopped the runs (see :mod:`equimodal.workers`): the runs in
+        Interrupted: SIGINT / SIGTERM stopped the runs (see :mod:`equimodal.utils.workers`): the runs in
             flight stopped with a checkpoint at their next optimizer step, the rest did not start.
     """
     expected = {s: run_config(config, s) for s in specs}
@@ -752,12 +752,12 @@ def _time_steps(resolved: dict[str, Any], steps: int) -> RunCost:
     """Build a run's parts as ``train`` does and time its steps and its validation (see :func:`timed_step`)."""
     import torch
 
-    from .balancers import EpochData
-    from .config import config_from_dict
-    from .data import load_dataset
-    from .data.base import make_loader
-    from .testing import drive_step, start_epoch
-    from .train import build_optimizer, build_parts, seed_everything, select_device
+    from ..balancers import EpochData
+    from ..data import load_dataset
+    from ..data.base import make_loader
+    from ..engine.config import config_from_dict
+    from ..engine.trainer import build_optimizer, build_parts, seed_everything, select_device
+    from ..testing import drive_step, start_epoch
 
     begin = time.perf_counter()
     cfg = config_from_dict(resolved)
@@ -810,8 +810,8 @@ def run_compare(args: argparse.Namespace) -> int:
     a run of another config stops the comparison (a :class:`RunFolderError` naming the folders and
     keys) unless ``args.overwrite``, which retrains those runs from scratch.
     """
-    from .config import describe_recipe, load_config, resolve_recipe
-    from .data import load_dataset
+    from ..data import load_dataset
+    from ..engine.config import describe_recipe, load_config, resolve_recipe
 
     seeds = check_count(args.seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
     n_jobs = check_count(getattr(args, "jobs", 1), "jobs", "runs in parallel", "1")
@@ -820,13 +820,13 @@ def run_compare(args: argparse.Namespace) -> int:
     config, base = resolve_recipe(args.config, args.dataset)
     base += list(args.set or [])
     cfg = load_config(config, base)
-    from .balancers import list_balancers
+    from ..balancers import list_balancers
 
     balancers = [b.strip() for b in args.balancers.split(",") if b.strip()]
     valid = list_balancers()
     for b in balancers:
         if b not in valid:
-            from .registry import unknown_name_error
+            from ..registry import unknown_name_error
 
             raise unknown_name_error("balancer", b, valid)
     modalities = load_dataset(cfg.data.name, seed=0, **cfg.data.options).modalities

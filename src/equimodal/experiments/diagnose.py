@@ -35,7 +35,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .claim import claim_folder
+from ..engine.preflight import figures_missing
+from ..utils.claim import claim_folder
+from ..utils.io import atomic_write_text, read_summary
 from .compare import (
     RunsFailed,
     RunSpec,
@@ -45,8 +47,6 @@ from .compare import (
     finished_summary,
     print_failures,
 )
-from .io import atomic_write_text, read_summary
-from .preflight import figures_missing
 
 SPEED_FRACTION = 0.9
 EARLY_EPOCHS = 5
@@ -125,7 +125,7 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> Interval:
 
 
 def _metrics(folder: Path) -> list[dict[str, float]]:
-    from .report_html import read_csv_rows
+    from ..reporting.html import read_csv_rows
 
     return read_csv_rows(folder / "metrics.csv")
 
@@ -359,7 +359,7 @@ def print_diagnosis(console: Console, diag: Diagnosis, folder: Path) -> None:
 
 def diagnosis_figure(diag: Diagnosis) -> Any:
     """Per modality: validation accuracy of the branch alone and of its head inside joint training."""
-    from .report import _pyplot
+    from ..reporting.curves import _pyplot
 
     plt = _pyplot()
     names = [m for m in diag.modalities]
@@ -376,7 +376,7 @@ def diagnosis_figure(diag: Diagnosis) -> Any:
 
 def write_diagnosis(diag: Diagnosis, out: Path) -> str:
     """Write ``diagnosis.md``, ``diagnosis.json`` and ``diagnosis.png`` into ``out``; returns the markdown."""
-    from .report import _pyplot
+    from ..reporting.curves import _pyplot
 
     drawn = figures_missing() is None
     text = diagnosis_markdown(diag)
@@ -414,8 +414,8 @@ def diagnose(
     gradient shares then, unless they were logged). Returns the :class:`Diagnosis`, also written to
     ``out`` (or ``runs``).
     """
-    from .config import load_config
-    from .data import load_dataset
+    from ..data import load_dataset
+    from ..engine.config import load_config
 
     console = console or Console()
     base = list(overrides or [])

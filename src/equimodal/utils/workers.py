@@ -3,11 +3,11 @@
 
 :func:`run_tasks` runs ``fn(task)`` for every task, in the calling process (``workers=1``) or in
 ``workers`` ``spawn`` processes that each take one task at a time; the caller polls their reports every
-:data:`POLL_SECONDS`. It runs under the caller's :func:`~equimodal.interrupt.stop_signals` request:
+:data:`POLL_SECONDS`. It runs under the caller's :func:`~equimodal.utils.interrupt.stop_signals` request:
 
 - The first SIGINT / SIGTERM dispatches nothing more and sends SIGTERM (never SIGINT: the trainer reads
   a second SIGINT as "stop at once") to every worker. A worker inside ``train`` writes its checkpoint at
-  the next optimizer step and reports :class:`~equimodal.interrupt.Interrupted`; elsewhere SIGTERM
+  the next optimizer step and reports :class:`~equimodal.utils.interrupt.Interrupted`; elsewhere SIGTERM
   aborts its task (:class:`WorkerStop`; atomic writes remove their temporary files). The caller waits up
   to :data:`GRACE_SECONDS` for their reports, then SIGKILLs what is left; a second Ctrl-C kills at once.
 - Workers ignore SIGINT outside ``train`` (a terminal's Ctrl-C reaches the whole process group; the
@@ -92,7 +92,7 @@ def run_tasks(
         tasks: picklable arguments, one per call.
         workers: processes; 1 runs every task in this process.
         hooks: the caller's callbacks (``done`` gets ``(index, value, None)`` or ``(index, None, error)``).
-        stop: the request set by the caller's :func:`~equimodal.interrupt.stop_signals`.
+        stop: the request set by the caller's :func:`~equimodal.utils.interrupt.stop_signals`.
         grace: seconds a stop waits for the tasks in flight before it kills their workers.
 
     Raises:

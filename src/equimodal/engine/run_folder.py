@@ -6,18 +6,19 @@ the one asked for, it raises :class:`RunFolderError` naming every differing key 
 the two ways out: another ``--out``, or ``--overwrite``. The same config resumes (``last.pt``) or, for a
 finished run, is reported as is. A folder whose run wrote nothing but its config (it failed before its
 first output, e.g. on a bad balancer option) takes the new config: there is nothing to lose. ``train``
-runs these checks under the folder's claim (:mod:`equimodal.claim`), so a run still starting in the
+runs these checks under the folder's claim (:mod:`equimodal.utils.claim`), so a run still starting in the
 folder (it has written only its config so far) is refused by its claim, not mistaken for a failed one.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..utils.io import RunFolderError, check_writable_folder
 
 RUN_OUTPUTS = (
     "last.pt", "best.pt", "metrics.csv", "steps.csv", "summary.json", "predictions.npz", "skipped.csv",
@@ -29,7 +30,7 @@ RUN_OUTPUTS = (
 
 def clear_run(out: Path, *, config: bool = False) -> None:
     """Delete a previous run's outputs from ``out`` (and its ``config.yaml`` with ``config``); keeps
-    every other file (the folder's claim, :mod:`equimodal.claim`, among them)."""
+    every other file (the folder's claim, :mod:`equimodal.utils.claim`, among them)."""
     for name in (*RUN_OUTPUTS, *(("config.yaml",) if config else ())):
         (out / name).unlink(missing_ok=True)
     board = out / "tensorboard"
@@ -45,10 +46,6 @@ def has_outputs(out: Path) -> bool:
     The folder's claim file is no output: a run still writing is told apart by its claim instead.
     """
     return any((out / name).exists() for name in RUN_OUTPUTS)
-
-
-class RunFolderError(ValueError):
-    """A run folder that cannot be used as asked (another config's run, a file, unwritable)."""
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -67,21 +64,6 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
     """Every dotted key whose value differs: ``{key: (old, new)}`` (a missing key reads as ``None``)."""
     a, b = flatten(old), flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def check_writable_folder(out: Path, flag: str = "--out") -> None:
-    """Raise :class:`RunFolderError` when ``out`` is a file or cannot be created or written."""
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{flag} {str(out)!r} is an existing file, not a folder; pass a folder path.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".equimodal-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise RunFolderError(
-            f"{flag} {str(out)!r} cannot be written ({err.strerror or err}); pass a folder you can write to."
-        ) from err
 
 
 def check_run_folder(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_bytes, read_csv_numbers, read_json
+from ..utils.io import atomic_write_bytes, read_csv_numbers, read_json
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:

@@ -3,7 +3,7 @@
 A study is a YAML preset (``configs/studies/NAME.yaml``, or a path) with one or more *parts*. A part is
 a base config (a preset or YAML file and overrides), a set of ``columns`` (e.g. fusions, update ratios,
 numbers of modalities) crossed with a set of ``rows`` (e.g. balancers), plus ``baselines`` that are not
-crossed (e.g. joint training once). Each cell is trained for every seed with :func:`equimodal.train`;
+crossed (e.g. joint training once). Each cell is trained for every seed with :func:`equimodal.engine.trainer`;
 the runs live in ``OUT/<part>/<column>/<row>/seed<k>`` and, as in ``compare``, finished runs are
 skipped and a folder of another config is refused unless ``--overwrite``. Then, per part: the test
 accuracy of every cell (mean ± std over seeds), its paired difference (same seed) to the part's
@@ -39,7 +39,10 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from .claim import claim_folder
+from ..engine.config import PRESET_DIR
+from ..engine.preflight import figures_missing
+from ..utils.claim import claim_folder
+from ..utils.io import atomic_write_text, read_json
 from .compare import (
     RunSpec,
     bootstrap_ci,
@@ -49,9 +52,6 @@ from .compare import (
     print_failures,
     run_dir,
 )
-from .config import PRESET_DIR
-from .io import atomic_write_text, read_json
-from .preflight import figures_missing
 
 STUDY_DIR = PRESET_DIR / "studies"
 
@@ -236,7 +236,7 @@ def _numeric(labels: list[str]) -> list[float] | None:
 
 def study_figure(study: Study, acc: dict[str, dict[int, float]]) -> Any:
     """One panel per part: test accuracy per column, a line (numeric columns) or bars per row."""
-    from .report import _pyplot
+    from ..reporting.curves import _pyplot
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(study.parts), figsize=(5.5 * len(study.parts), 3.6), squeeze=False)
@@ -278,12 +278,12 @@ def step_cost(part: Part, rounds: int = 10) -> dict[str, dict[str, float]]:
 
     import torch
 
-    from .balancers import EpochData, create_balancer
-    from .config import load_config
-    from .data import load_dataset
-    from .data.base import make_loader
-    from .testing import drive_step, start_epoch
-    from .train import _balancer_kwargs, build_model
+    from ..balancers import EpochData, create_balancer
+    from ..data import load_dataset
+    from ..data.base import make_loader
+    from ..engine.config import load_config
+    from ..engine.trainer import _balancer_kwargs, build_model
+    from ..testing import drive_step, start_epoch
 
     result: dict[str, dict[str, float]] = {}
     for column, cov in part.columns.items():
@@ -336,7 +336,7 @@ def file_stem(study: Study) -> str:
 
 def write_study(study: Study, out: Path, acc: dict[str, dict[int, float]], extra: dict[str, Any]) -> str:
     """Write ``NAME.md``, ``.csv``, ``.png`` (``NAME_full.*`` for the full grid) and ``study.json``; returns the md."""
-    from .report import _pyplot
+    from ..reporting.curves import _pyplot
 
     stem = file_stem(study)
     md = [f"# {study.title}", ""]

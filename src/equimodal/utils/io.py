@@ -14,6 +14,7 @@ naming it, what is wrong and the fix the caller passes (how to write it again).
 
 from __future__ import annotations
 
+import collections
 import csv
 import errno
 import io
@@ -28,6 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 ROOM = "Free space on that disk, or write to another folder (e.g. another --out)."
 WRITE_FAILURES = {
@@ -246,3 +248,68 @@ def read_npz(path: Path, fix: str | None = None, *, keys: Sequence[str] = ()) ->
     if missing:
         raise ValueError(f"{str(path)!r} has no array {missing}: {DAMAGED}. {fix}")
     return arrays
+
+
+# --------------------------------------------------------------------------------- plain data
+_LEAVES = (bool, int, float, complex, str, type(None), torch.dtype, torch.device, torch.Size)
+_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
+
+
+def plain_data(obj: Any, where: str) -> Any:
+    """``obj`` as data that ``torch.load(weights_only=True)`` reads back: numpy numbers become Python numbers.
+
+    Tensors, Python numbers, strings, ``None``, lists, tuples and dicts (also ``OrderedDict`` and
+    ``Counter``, as torch's state dicts use them) are kept as they are; a container is copied only when
+    something inside it was converted (a model state dict keeps its ``_metadata``).
+
+    Args:
+        obj: what is about to be saved (e.g. a balancer's ``state_dict()``).
+        where: its name in the checkpoint, for the error (e.g. ``"balancer"``).
+
+    Raises:
+        TypeError: ``obj`` holds anything else (a numpy array, a dataclass, an enum, a generator...),
+            naming where it is and what to return instead.
+    """
+    if type(obj) in _LEAVES or (isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, nn.Parameter)):
+        return obj
+    if isinstance(obj, (np.number, np.bool_)):
+        return obj.item()
+    if type(obj) in _MAPPINGS:
+        items = [
+            (plain_data(k, f"{where} (a key)"), plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items()
+        ]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items(), strict=True)):
+            return obj
+        copy = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            copy._metadata = obj._metadata  # type: ignore[attr-defined]
+        return copy
+    if type(obj) in (list, tuple):
+        values = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return obj if all(v is v0 for v, v0 in zip(values, obj, strict=True)) else type(obj)(values)
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise TypeError(
+        f"Cannot save {where} in a checkpoint: expected tensors, Python numbers, strings, None, lists, tuples "
+        f"or dicts (what torch.load(weights_only=True) reads back without running code), found a {kind}. "
+        "Return it as a tensor (torch.as_tensor) or as plain Python values from state_dict()."
+    )
+
+
+# --------------------------------------------------------------------------------- folders
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (another config's run, a file, unwritable)."""
+
+
+def check_writable_folder(out: Path, flag: str = "--out") -> None:
+    """Raise :class:`RunFolderError` when ``out`` is a file or cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{flag} {str(out)!r} is an existing file, not a folder; pass a folder path.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".equimodal-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"{flag} {str(out)!r} cannot be written ({err.strerror or err}); pass a folder you can write to."
+        ) from err

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from .. import __version__
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
@@ -58,15 +58,15 @@ def default_run_folder(cfg: Any) -> Path:
     import hashlib
     import json
 
-    from .config import config_to_dict
+    from ..engine.config import config_to_dict
 
     digest = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return Path("runs") / "train" / f"{cfg.data.name}-{cfg.balancer.name}-{digest}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import train
+    from ..engine.config import load_config
+    from ..engine.trainer import train
 
     cfg = load_config(args.config, args.set or [])
     if args.no_save and args.out:
@@ -92,12 +92,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .balancers import list_balancers
-    from .config import list_presets
-    from .data import list_datasets
-    from .models import list_fusions
-    from .models.encoders import list_encoders
-    from .study import list_studies
+    from ..balancers import list_balancers
+    from ..data import list_datasets
+    from ..engine.config import list_presets
+    from ..experiments.study import list_studies
+    from ..models import list_fusions
+    from ..models.encoders import list_encoders
 
     what = {
         "balancers": list_balancers,
@@ -129,7 +129,7 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from ..prepare import prepare
 
     info = prepare(args.dataset, args.raw, args.out, workers=args.workers, **parse_options(args.set))
     counts = ", ".join(f"{n} {s}" for s, n in info["counts"].items())
@@ -146,19 +146,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from ..experiments.compare import run_compare
 
     return run_compare(args)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import run_study
+    from ..experiments.study import run_study
 
     return run_study(args)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import run_diagnose
+    from ..experiments.diagnose import run_diagnose
 
     return run_diagnose(args)
 
@@ -169,12 +169,12 @@ IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 def cmd_report(args: argparse.Namespace) -> int:
     """An HTML page of the folders (default), or with ``--out X.png|.pdf|.svg`` the learning curves alone."""
     if args.out is not None and str(args.out).lower().endswith(IMAGE_SUFFIXES):
-        from .report import plot_runs
+        from ..reporting.curves import plot_runs
 
         for path in plot_runs(args.runs, args.out):
             print(path)
         return 0
-    from .report_html import write_report
+    from ..reporting.html import write_report
 
     print(write_report(args.runs, args.out))
     return 0
@@ -182,10 +182,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_units(args: argparse.Namespace) -> int:
     """Print what AMSS masks in the model ``equimodal train`` would build for CONFIG, and why not the rest."""
-    from .config import load_config
-    from .data import load_dataset
-    from .train import build_model, seed_everything
-    from .units_report import amss_balancers, describe_units, rich_tables
+    from ..amss.explain import amss_balancers, describe_units
+    from ..data import load_dataset
+    from ..engine.config import load_config
+    from ..engine.trainer import build_model, seed_everything
+    from ..reporting.units import rich_tables
 
     cfg = load_config(args.config, args.set or [])
     seed_everything(cfg.train.seed)
@@ -397,7 +398,7 @@ def _configure_logging(verbose: bool) -> None:
         handler.setLevel(level)
     if verbose or sys.stdout.isatty():
         return
-    for name in ("equimodal.train", "equimodal.prepare"):
+    for name in ("equimodal.engine.trainer", "equimodal.prepare"):
         progress = logging.getLogger(name)
         if not any(isinstance(h, _StdoutHandler) for h in progress.handlers):
             progress.addHandler(_StdoutHandler())
@@ -411,9 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss or gradient stopped training; 128 + N when signal N (SIGINT 2, SIGTERM 15) stopped it, with the
     command that resumes it.
     """
-    from .compare import RunsFailed
-    from .fitting import NonFiniteError
-    from .interrupt import Interrupted, Terminated, terminate_raises
+    from ..engine.fitting import NonFiniteError
+    from ..experiments.compare import RunsFailed
+    from ..utils.interrupt import Interrupted, Terminated, terminate_raises
 
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)

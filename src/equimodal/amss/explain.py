@@ -6,7 +6,7 @@ of its encoder and of its fusion-head block: masked ones with their unit kind an
 with the reason. ``equimodal units CONFIG`` prints it for a config, as ``equimodal train`` builds the
 model::
 
-    report = equimodal.units_report.describe_units(model, linear_rows="auto")
+    report = equimodal.amss.describe_units(model, linear_rows="auto")
     print(report)                       # a plain-text listing
     report.totals()["audio"]            # {"tensors": 16, "units": 1920, ...}
     [r.name for r in report.unmasked("audio")]
@@ -17,15 +17,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-from .amss.units import LAYER_KINDS, EncoderScan, ModelScan, UnitTensor, scan_units
-from .types import modality_names
-
-if TYPE_CHECKING:
-    from rich.table import Table
+from ..types import modality_names
+from .units import LAYER_KINDS, EncoderScan, ModelScan, UnitTensor, scan_units
 
 UNIT_OPTIONS: tuple[str, ...] = (
     "include",
@@ -128,7 +125,7 @@ class UnitsReport:
         for title, rows in sections:
             lines.append(f"{title}:")
             for r in rows:
-                lines.append(f"  {r.name}  {r.kind or '-'}  {_count(r)}  {r.note}".rstrip())
+                lines.append(f"  {r.name}  {r.kind or '-'}  {count_text(r)}  {r.note}".rstrip())
         for m, t in self.totals().items():
             lines.append(
                 f"total {m}: {t['tensors']} tensors, {t['units']} units, {t['masked_weights']} of "
@@ -142,7 +139,7 @@ _NEVER = object()
 _NOT_SHOWN_WHEN: dict[str, Any] = {"conv_units": "filters", "layer_kinds": LAYER_KINDS}  # the defaults
 
 
-def _count(row: ParamRow) -> str:
+def count_text(row: ParamRow) -> str:
     if not row.masked:
         return ""
     return f"{row.groups}x{row.units}" if row.groups > 1 else str(row.units)
@@ -151,8 +148,8 @@ def _count(row: ParamRow) -> str:
 # ------------------------------------------------------------------------------ options
 def amss_balancers() -> list[str]:
     """Registered balancers that mask AMSS units (``AMSS`` and its subclasses)."""
-    from .balancers.amss import AMSS
-    from .balancers.registry import BALANCERS
+    from ..balancers.amss import AMSS
+    from ..balancers.registry import BALANCERS
 
     return [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), AMSS)]
 
@@ -164,7 +161,7 @@ def unit_options(balancer: str = "amss", **options: Any) -> dict[str, Any]:
     names fail with close matches); the ones in :data:`UNIT_OPTIONS` are returned, defaults filled in
     from the balancer's signature, so a report never disagrees with the balancer.
     """
-    from .balancers.registry import BALANCERS
+    from ..balancers.registry import BALANCERS
 
     family = amss_balancers()
     if balancer not in family:
@@ -359,40 +356,3 @@ def describe_units(model: nn.Module, balancer: str = "amss", **options: Any) -> 
     for m in modalities:
         rows[m] += fusion_rows[m]
     return UnitsReport({m: tuple(r) for m, r in rows.items()}, tuple(other), scan.units, opts, frozen + n)
-
-
-# ------------------------------------------------------------------------------ the CLI's tables
-def rich_tables(report: UnitsReport) -> list[Table]:
-    """The report as rich tables (one per modality, one for the rest, one of totals), for the CLI."""
-    from rich import box
-    from rich.table import Table
-
-    def table(title: str, rows: tuple[ParamRow, ...], strip: str) -> Table:
-        t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-        t.add_column("parameter", overflow="fold", ratio=6)
-        t.add_column("unit", no_wrap=True)
-        t.add_column("n", justify="right", no_wrap=True)
-        t.add_column("how / why not", overflow="fold", ratio=5)
-        for r in rows:
-            name = r.name[len(strip) :] if r.name.startswith(strip) else r.name
-            t.add_row(name, r.kind or "-", _count(r), r.note, style=None if r.masked else "dim")
-        return t
-
-    tables = []
-    totals = report.totals()
-    for m, rows in report.modalities.items():
-        tot = totals[m]
-        title = (
-            f"{m} (encoders.{m}.*): {tot['tensors']} masked tensors, {tot['units']} units, "
-            f"{tot['masked_weights']:,} of {tot['weights']:,} weights"
-        )
-        tables.append(table(title, rows, f"encoders.{m}."))
-    if report.other:
-        tables.append(table("outside the encoders (not masked)", report.other, ""))
-    t = Table(title="totals", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("modality", "tensors", "units", "masked weights", "weights", "not masked"):
-        t.add_column(col, justify="left" if col == "modality" else "right")
-    for m, tot in totals.items():
-        t.add_row(m, *(f"{tot[k]:,}" for k in ("tensors", "units", "masked_weights", "weights", "unmasked")))
-    tables.append(t)
-    return tables

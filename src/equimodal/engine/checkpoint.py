@@ -10,7 +10,6 @@ else never runs code when it is resumed; a file holding anything else is refused
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import pickle
@@ -19,58 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
+from ..utils.io import atomic_torch_save, plain_data
 from .fitting import EpochState
-from .io import atomic_torch_save
 from .run_folder import RunFolderError
 
 log = logging.getLogger(__name__)
-
-_LEAVES = (bool, int, float, complex, str, type(None), torch.dtype, torch.device, torch.Size)
-_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
-
-
-def plain_data(obj: Any, where: str) -> Any:
-    """``obj`` as data that ``torch.load(weights_only=True)`` reads back: numpy numbers become Python numbers.
-
-    Tensors, Python numbers, strings, ``None``, lists, tuples and dicts (also ``OrderedDict`` and
-    ``Counter``, as torch's state dicts use them) are kept as they are; a container is copied only when
-    something inside it was converted (a model state dict keeps its ``_metadata``).
-
-    Args:
-        obj: what is about to be saved (e.g. a balancer's ``state_dict()``).
-        where: its name in the checkpoint, for the error (e.g. ``"balancer"``).
-
-    Raises:
-        TypeError: ``obj`` holds anything else (a numpy array, a dataclass, an enum, a generator...),
-            naming where it is and what to return instead.
-    """
-    if type(obj) in _LEAVES or (isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, nn.Parameter)):
-        return obj
-    if isinstance(obj, (np.number, np.bool_)):
-        return obj.item()
-    if type(obj) in _MAPPINGS:
-        items = [
-            (plain_data(k, f"{where} (a key)"), plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items()
-        ]
-        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items(), strict=True)):
-            return obj
-        copy = type(obj)(items)
-        if hasattr(obj, "_metadata"):
-            copy._metadata = obj._metadata  # type: ignore[attr-defined]
-        return copy
-    if type(obj) in (list, tuple):
-        values = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return obj if all(v is v0 for v, v0 in zip(values, obj, strict=True)) else type(obj)(values)
-    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    raise TypeError(
-        f"Cannot save {where} in a checkpoint: expected tensors, Python numbers, strings, None, lists, tuples "
-        f"or dicts (what torch.load(weights_only=True) reads back without running code), found a {kind}. "
-        "Return it as a tensor (torch.as_tensor) or as plain Python values from state_dict()."
-    )
 
 
 @dataclass

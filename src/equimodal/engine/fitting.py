@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .balancers import Balancer
-from .data.base import Batch, batch_to
-from .types import MultimodalOutput
+from ..balancers import Balancer
+from ..data.base import Batch, batch_to
+from ..types import MultimodalOutput
 
 CHECK_EVERY = 50
 """In ``stop`` mode, the non-finite flags are read every this many optimizer steps (and at checkpoints)."""

@@ -46,9 +46,9 @@ def check_runs(configs: Mapping[str, Mapping[str, Any]]) -> int:
     """
     import torch
 
+    from ..data import load_dataset
     from .config import config_from_dict
-    from .data import load_dataset
-    from .train import build_parts, check_balancer_fits, check_run_options, select_device
+    from .trainer import build_parts, check_balancer_fits, check_run_options, select_device
 
     datasets: dict[str, Any] = {}
     built: set[str] = set()

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .registry import unknown_name_error
+from ..registry import unknown_name_error
 
 
 @dataclass(frozen=True)
@@ -374,10 +374,10 @@ def check_registered(cfg: Config) -> None:
     close matches for unknown names and options, the expected type for a mistyped value. A required
     option left out (a preset's data folder) is named when the dataset is loaded.
     """
-    from .balancers.registry import BALANCERS
-    from .data.registry import DATASETS
-    from .models.encoders import ENCODERS
-    from .models.fusion import FUSIONS
+    from ..balancers.registry import BALANCERS
+    from ..data.registry import DATASETS
+    from ..models.encoders import ENCODERS
+    from ..models.fusion import FUSIONS
 
     DATASETS.check(cfg.data.name, {"seed": cfg.train.seed, **cfg.data.options}, complete=False)
     options = dict(cfg.balancer.options)
@@ -404,7 +404,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parents[1] / "configs"
 
 
 def list_presets() -> list[str]:
@@ -511,6 +511,6 @@ def _set_path(data: dict[str, Any], item: str) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from .io import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

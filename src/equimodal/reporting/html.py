@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import (
+from ..utils.io import (
     DAMAGED,
     TABLES_FIX,
     atomic_write_text,
@@ -44,7 +44,7 @@ from .io import (
     read_npz,
     read_text,
 )
-from .report import _pyplot
+from .curves import _pyplot
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -66,7 +66,7 @@ CHECK = (
 # ------------------------------------------------------------------------------------------- reading
 def read_csv_rows(path: Path) -> list[dict[str, float]]:
     """A CSV of numbers as a list of dicts (empty cells left out; non-numbers kept as text); a missing
-    file gives no rows, a damaged one an error naming it (:func:`~equimodal.io.read_csv_numbers`)."""
+    file gives no rows, a damaged one an error naming it (:func:`~equimodal.utils.io.read_csv_numbers`)."""
     if not path.is_file():
         return []
     return read_csv_numbers(path)
@@ -363,7 +363,7 @@ def _test_figures(run: Path, summary: dict[str, Any], modalities: list[str]) -> 
 def paired_differences(raw: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, float, float, float]]:
     """Per method, the mean paired (same seed) test-accuracy difference to ``none`` in pp, with a 95 %
     bootstrap interval over seeds (NaN with one seed)."""
-    from .compare import bootstrap_ci
+    from ..experiments.compare import bootstrap_ci
 
     joint = raw.get("none", {})
     out = []
@@ -419,7 +419,7 @@ def method_curves_figure(folder: Path, labels: Sequence[str]) -> Any | None:
 
 def compare_section(folder: Path) -> str:
     """The HTML of a comparison folder: its table, accuracy per method, paired differences, curves."""
-    from .compare import results_figure
+    from ..experiments.compare import results_figure
 
     raw = read_json(folder / "results.json")
     parts = [f"<h2>Comparison</h2><p class=path>{html.escape(str(folder))}</p>"]
@@ -451,7 +451,7 @@ def compare_section(folder: Path) -> str:
 
 def diagnosis_section(folder: Path) -> str:
     """The HTML of a diagnosis folder: verdict, what to try, the per-modality table and the curves."""
-    from .diagnose import Diagnosis, Interval, ModalityFigures, diagnosis_figure
+    from ..experiments.diagnose import Diagnosis, Interval, ModalityFigures, diagnosis_figure
 
     path = folder / "diagnosis.json"
     raw = read_json(path, keys=("modalities", "headroom"))

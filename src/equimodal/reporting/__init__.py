@@ -1,0 +1,1 @@
+"""Reporting: learning curves, the HTML report and the AMSS units tables, drawn from run files."""
