@@ -41,7 +41,7 @@ def test_registered_names_and_options_are_checked_before_any_work() -> None:
         TypeError, match=r"Balancer 'amss' got unknown option\(s\) \['temprature'\].*'temperature'"
     ):
         load_config(None, ["balancer.name=amss", "balancer.options.temprature=0.5"])
-    with pytest.raises(TypeError, match=r"Balancer 'amss' option 'temperature' expects a number"):
+    with pytest.raises(TypeError, match=r"Balancer 'amss' option 'temperature': expected a number"):
         load_config(None, ["balancer.name=amss", "balancer.options.temperature=hot"])
     with pytest.raises(ValueError, match=r"Unknown fusion 'concta'"):
         load_config(None, ["model.fusion=concta"])
@@ -62,9 +62,9 @@ def test_unknown_key_suggests_close_match() -> None:
 
 
 def test_wrong_types_say_what_was_expected() -> None:
-    with pytest.raises(TypeError, match=r"train.epochs: expected int, found 'many'"):
+    with pytest.raises(TypeError, match=r"train.epochs: expected an integer, found the string 'many'"):
         load_config(None, ["train.epochs=many"])
-    with pytest.raises(TypeError, match=r"train.epochs: expected int, found 2.5"):
+    with pytest.raises(TypeError, match=r"train.epochs: expected an integer, found float 2.5"):
         load_config(None, ["train.epochs=2.5"])
     with pytest.raises(TypeError, match="train.amp: expected true or false"):
         load_config(None, ["train.amp=maybe"])
@@ -126,7 +126,7 @@ def test_option_dicts_read_scientific_notation_as_numbers(tmp_path) -> None:
     )
     assert cfg.balancer.options == {"alpha": 0.1, "reference": "mean", "start_epoch": 2.0}
     assert cfg.model.fusion_options == {"d_model": 64}
-    with pytest.raises(TypeError, match="train.epochs: expected int, found 'inf'"):
+    with pytest.raises(TypeError, match="train.epochs: expected an integer, found the string 'inf'"):
         load_config(None, ["train.epochs=inf"])
 
 

@@ -143,7 +143,7 @@ def test_remove_pca_energy_removes_leading_directions() -> None:
     [
         ({"pca_energy": 1.0}, ValueError, r"`pca_energy` in \[0.0, 1.0\)"),
         ({"audio_noise": -1}, ValueError, "`audio_noise` in"),
-        ({"audio_noise": "loud"}, TypeError, "option 'audio_noise' expects a number"),
+        ({"audio_noise": "loud"}, TypeError, "option 'audio_noise': expected a number"),
     ],
 )
 def test_hard_bad_options(options: dict[str, object], error: type[Exception], message: str) -> None:

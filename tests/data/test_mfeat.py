@@ -123,5 +123,5 @@ def test_bad_views(views: object, error: type[Exception], message: str) -> None:
 
 
 def test_bad_pix_image_option() -> None:
-    with pytest.raises(TypeError, match="option 'pix_image' expects true or false"):
+    with pytest.raises(TypeError, match="option 'pix_image': expected true or false"):
         load_dataset("mfeat", pix_image=[1])

@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import math
 import re
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..registry import unknown_name_error
+from ..registry import coerce_value, unknown_name_error
 
 
 @dataclass(frozen=True)
@@ -133,80 +132,24 @@ FLOAT_WHY = (
     "float32 arithmetic overflows beyond that once the value is scaled, e.g. by Adam's bias correction"
 )
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+INT_LIMIT = 2**31
+"""Integer fields (and the items of integer lists) are below this in magnitude."""
 
 
-def _numbers_in(value: Any) -> Any:
-    """Free-form option values: turn number-like strings (YAML 1.1 reads ``1e-3`` as a string) into floats."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {k: _numbers_in(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers_in(v) for v in value]
-    return value
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Coerce ``value`` to the annotated type ``tp`` or raise a clear error naming ``where``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], where)
+def _field_value(value: Any, tp: Any, where: str) -> Any:
+    """A field's value: a section (a dataclass) from a mapping, anything else by
+    :func:`~equimodal.registry.coerce_value`, with integers below :data:`INT_LIMIT` in magnitude."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise TypeError(
                 f"{where}: expected a mapping of options, found {type(value).__name__} {value!r}."
             )
-        return _from_mapping(tp, value, where)
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{where}: expected a mapping, found {type(value).__name__} {value!r}.")
-        return {k: _numbers_in(v) for k, v in value.items()}
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-        if isinstance(value, (int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, found {type(value).__name__} {value!r}.")
-        (elem, *_rest) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(v, elem, where) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise TypeError(f"{where}: expected true or false, found {value!r}.")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise TypeError(f"{where}: expected a number, found the boolean {value!r}.")
-        try:
-            number = float(value) if isinstance(value, str) else value
-            if tp is int:
-                if float(number) != int(float(number)):
-                    raise ValueError
-                if abs(float(number)) >= 2**31:
-                    raise ValueError(
-                        f"{where}: expected an integer of magnitude below 2**31, found {value!r}."
-                    )
-                return int(float(number))
-            return float(number)
-        except ValueError as err:
-            if str(err).startswith(where):
-                raise
-            raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
-        except (TypeError, OverflowError):
-            raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TypeError(f"{where}: expected a string, found {type(value).__name__} {value!r}.")
-        return str(value)
-    return value
+        return _from_mapping(tp, value, where)  # type: ignore[arg-type]
+    result = coerce_value(value, tp, where)
+    items = result if isinstance(result, tuple) else (result,)
+    if any(isinstance(i, int) and not isinstance(i, bool) and abs(i) >= INT_LIMIT for i in items):
+        raise ValueError(f"{where}: expected an integer of magnitude below 2**31, found {value!r}.")
+    return result
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -216,7 +159,7 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
     for key, value in data.items():
         if key not in names:
             raise unknown_name_error(f"key in {where}" if where else "config key", str(key), names)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+        kwargs[key] = _field_value(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
 
