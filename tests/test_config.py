@@ -150,6 +150,38 @@ def test_every_on_disk_preset_has_a_tiny_variant_trained_by_its_dataset_tests() 
         assert any(f'"{preset}' in t and '-tiny"' in t and '"train"' in t for t in tests), preset
 
 
+def test_a_dataset_preset_lives_in_the_folder_of_its_dataset() -> None:
+    from equimodal.data.registry import DATASETS
+    from equimodal.engine.config import DATASET_DIR, PRESET_DIR, preset_files
+
+    files = preset_files()
+    assert set(files) == set(list_presets()) and {"amss_av", "cremad", "cremad-tiny"} <= set(files)
+    for name, path in files.items():
+        if path.parent == PRESET_DIR:
+            continue
+        assert path.parent.parent == DATASET_DIR, path
+        loader = DATASETS.get(load_config(name).data.name)
+        module = getattr(loader, "func", loader).__module__  # image-text datasets register a partial
+        assert module.startswith(f"equimodal.data.{path.parent.name}."), (name, module)
+
+
+def test_a_preset_name_used_twice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from equimodal.engine import config
+
+    for folder in ("configs", "data/one", "data/two"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "configs" / "mine.yaml").write_text("train: {epochs: 2}\n")
+    (tmp_path / "data" / "one" / "one-tiny.yaml").write_text("train: {epochs: 3}\n")
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path / "configs")
+    monkeypatch.setattr(config, "DATASET_DIR", tmp_path / "data")
+    assert config.list_presets() == ["mine", "one-tiny"] and load_config("one-tiny").train.epochs == 3
+    (tmp_path / "data" / "two" / "mine.yaml").write_text("train: {epochs: 4}\n")
+    with pytest.raises(
+        ValueError, match=r"Two presets are named 'mine': .*mine.yaml and .*mine.yaml\. Rename"
+    ):
+        config.list_presets()
+
+
 @pytest.mark.parametrize("preset", IN_PACKAGE)
 def test_every_shipped_preset_trains_one_epoch(preset: str) -> None:
     from equimodal.engine.trainer import train

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from equimodal.data import avdigits, load_dataset
-from equimodal.data.avdigits import (
+from equimodal.data import load_dataset
+from equimodal.data.avdigits import loader as avdigits
+from equimodal.data.avdigits.loader import (
     pair_by_label,
     place_in_window,
     read_digit_images,

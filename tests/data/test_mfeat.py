@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from equimodal.data import load_dataset, mfeat
+from equimodal.data import load_dataset
 from equimodal.data.base import make_loader
 from equimodal.data.mfeat import MFEAT_DIMS, MFEAT_VIEWS, parse_views, read_mfeat_arrays
+from equimodal.data.mfeat import loader as mfeat
 
 
 @pytest.fixture(scope="module")

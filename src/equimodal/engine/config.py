@@ -348,11 +348,35 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 PRESET_DIR = Path(__file__).parents[1] / "configs"
+"""The presets not tied to one dataset (``amss_av.yaml``, ...) and the studies (``studies/``)."""
+DATASET_DIR = Path(__file__).parents[1] / "data"
+"""The built-in dataset folders: each holds its dataset's presets, ``data/<folder>/<preset>.yaml``."""
+
+
+def preset_files() -> dict[str, Path]:
+    """Every shipped preset by name: ``configs/*.yaml`` and each dataset folder's ``data/*/*.yaml``.
+
+    Raises:
+        ValueError: two preset files share a name (the name would be ambiguous).
+    """
+    found: dict[str, Path] = {}
+    for path in sorted([*PRESET_DIR.glob("*.yaml"), *DATASET_DIR.glob("*/*.yaml")]):
+        if path.stem in found:
+            raise ValueError(
+                f"Two presets are named {path.stem!r}: {found[path.stem]} and {path}. Rename one of them."
+            )
+        found[path.stem] = path
+    return found
+
+
+def preset_path(name: str | Path) -> Path | None:
+    """The shipped preset named ``name``, or ``None`` when there is none."""
+    return preset_files().get(str(name))
 
 
 def list_presets() -> list[str]:
     """Names of the YAML presets shipped with the package."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(preset_files())
 
 
 def _read_yaml(path: Path) -> Any:
@@ -379,8 +403,8 @@ def load_config(source: str | Path | None = None, overrides: Iterable[str] = ())
         if path.is_dir():
             raise ValueError(f"Config {str(source)!r} is a folder; pass a YAML file or a preset name.")
         if not path.exists():
-            preset = PRESET_DIR / f"{source}.yaml"
-            if not preset.exists():
+            preset = preset_path(source)
+            if preset is None:
                 close = difflib.get_close_matches(str(source), list_presets(), n=3)
                 hint = f" Did you mean {close}?" if close else ""
                 raise FileNotFoundError(
@@ -408,7 +432,7 @@ def resolve_recipe(config: str | None, dataset: str | None) -> tuple[str | None,
     """
     if dataset is None:
         return config, []
-    if config is None and (PRESET_DIR / f"{dataset}.yaml").is_file():
+    if config is None and preset_path(dataset) is not None:
         return dataset, []
     return config, [f"data.name={dataset}"]
 
@@ -417,7 +441,7 @@ def describe_recipe(source: str | None, cfg: Config) -> str:
     """One line naming where a run's recipe comes from and its main figures (optimizer, batch, epochs)."""
     if source is None:
         origin = "the default config"
-    elif (PRESET_DIR / f"{source}.yaml").is_file() and not Path(source).exists():
+    elif preset_path(source) is not None and not Path(source).exists():
         origin = f"preset {source!r}"
     else:
         origin = repr(str(source))

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .base import MultimodalDataset
-from .registry import register_dataset
-from .splits import Indices, check_seed, make_splits, per_class_count_split, standardize_array
+from ..base import MultimodalDataset
+from ..registry import register_dataset
+from ..splits import Indices, check_seed, make_splits, per_class_count_split, standardize_array
 
 FSDD_SHA256 = "27a701a4462e2b0b19bfed87d51a937b24f9f1413c8cdcdb99160e23d26349fa"
 FSDD_RELPATH = ("datasets", "data", "digits.npz")
@@ -186,7 +186,7 @@ def _check_float(name: str, value: object, lo: float, hi: float, hi_open: bool) 
 
 def _encoders(specs: dict[str, tuple[str, dict[str, int]]]) -> Callable[[], dict[str, nn.Module]]:
     def build() -> dict[str, nn.Module]:
-        from ..models.encoders import create_encoder
+        from ...models.encoders import create_encoder
 
         return {m: create_encoder(name, **kw) for m, (name, kw) in specs.items()}
 
