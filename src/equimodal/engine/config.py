@@ -183,14 +183,37 @@ def _choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
 def validate_config(cfg: Config) -> None:
     """Check every value's range and choice before any work starts (names the key, the rule, the value).
 
+    The sections are checked in order (data, optim, train), then the registered names and their
+    options, then the range of every float option; the first rule broken is raised.
+
     Raises:
         ValueError: e.g. ``train.epochs: expected an integer >= 1, found 0.``
     """
-    d, o, t = cfg.data, cfg.optim, cfg.train
+    _check_data(cfg.data)
+    _check_optim(cfg.optim, cfg.train.epochs)
+    _check_train(cfg.train)
+    _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
+    _check(bool(cfg.data.name), "data.name", "a registered dataset name", cfg.data.name)
+    check_registered(cfg)
+    for where, options in (
+        ("data.options", cfg.data.options),
+        ("model.fusion_options", cfg.model.fusion_options),
+        ("model.encoders", cfg.model.encoders),
+        ("balancer.options", cfg.balancer.options),
+    ):
+        _check_float_range(where, options)
+
+
+def _check_data(d: DataConfig) -> None:
+    """Batch sizes, workers and prefetching."""
     _check(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", d.eval_batch_size)
     _check(d.num_workers >= -1, "data.num_workers", "-1 (automatic) or an integer >= 0", d.num_workers)
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", d.prefetch_factor)
+
+
+def _check_optim(o: OptimConfig, epochs: int) -> None:
+    """The optimizer, its rates and betas, and the schedule (whose peak rate depends on ``epochs``)."""
     _choice("optimizer (optim.name)", o.name, ("sgd", "adam", "adamw"))
     _check(
         math.isfinite(o.lr) and o.lr > 0,
@@ -203,12 +226,8 @@ def validate_config(cfg: Config) -> None:
         o.lr <= FLOAT_LIMIT, "optim.lr", f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})", o.lr, "Try 0.01 (SGD)."
     )
     _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
-    _check(
-        o.betas == () or (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)),
-        "optim.betas",
-        "two numbers in [0, 1) (or none: torch's default)",
-        list(o.betas),
-    )
+    two_betas = o.betas == () or (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas))
+    _check(two_betas, "optim.betas", "two numbers in [0, 1) (or none: torch's default)", list(o.betas))
     _check(
         o.betas == () or o.name in ("adam", "adamw"),
         "optim.betas",
@@ -216,24 +235,24 @@ def validate_config(cfg: Config) -> None:
         list(o.betas),
         "Set optim.name=adam or adamw, or drop optim.betas.",
     )
+    decay = o.weight_decay
+    _check(math.isfinite(decay) and decay >= 0, "optim.weight_decay", "a finite number >= 0", decay)
     _check(
-        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
-        "optim.weight_decay",
-        "a finite number >= 0",
-        o.weight_decay,
-    )
-    _check(
-        o.weight_decay <= FLOAT_LIMIT,
+        decay <= FLOAT_LIMIT,
         "optim.weight_decay",
         f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})",
-        o.weight_decay,
+        decay,
         "Typical values: 1e-4 (SGD), 1e-2 (AdamW).",
     )
     _choice("schedule (optim.schedule)", o.schedule, ("none", "step", "multistep", "cosine"))
     _check(o.step_size >= 1, "optim.step_size", "an integer >= 1", o.step_size)
     _check(all(m >= 1 for m in o.milestones), "optim.milestones", "epochs >= 1", list(o.milestones))
     _check(math.isfinite(o.gamma) and o.gamma > 0, "optim.gamma", "a finite number > 0", o.gamma)
-    _check_peak_lr(o, t.epochs)
+    _check_peak_lr(o, epochs)
+
+
+def _check_train(t: TrainConfig) -> None:
+    """Epochs, seed, device and the run-level switches."""
     _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
     _check(
@@ -246,12 +265,8 @@ def validate_config(cfg: Config) -> None:
     _check(t.grad_accum >= 1, "train.grad_accum", "an integer >= 1", t.grad_accum)
     _check(t.num_threads >= 0, "train.num_threads", "0 (torch's default) or an integer >= 1", t.num_threads)
     _choice("train.on_nonfinite value", t.on_nonfinite, ("stop", "skip"))
-    _check(
-        t.checkpoint_every >= 0,
-        "train.checkpoint_every",
-        "0 (epoch ends only) or an integer >= 1",
-        t.checkpoint_every,
-    )
+    every = t.checkpoint_every
+    _check(every >= 0, "train.checkpoint_every", "0 (epoch ends only) or an integer >= 1", every)
     _check(t.log_every >= 0, "train.log_every", "0 (one line per epoch) or an integer >= 1", t.log_every)
     _check(t.stats_every >= 0, "train.stats_every", "0 (no steps.csv) or an integer >= 1", t.stats_every)
     _check(
@@ -260,16 +275,6 @@ def validate_config(cfg: Config) -> None:
         f"an epoch in 0..{t.epochs - 1} (train.epochs is {t.epochs})",
         t.select_from,
     )
-    _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
-    _check(bool(d.name), "data.name", "a registered dataset name", d.name)
-    check_registered(cfg)
-    for where, options in (
-        ("data.options", d.options),
-        ("model.fusion_options", cfg.model.fusion_options),
-        ("model.encoders", cfg.model.encoders),
-        ("balancer.options", cfg.balancer.options),
-    ):
-        _check_float_range(where, options)
 
 
 def _scheduled_decays(o: OptimConfig, epochs: int) -> int:
