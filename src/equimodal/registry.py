@@ -1,16 +1,19 @@
-"""One registry shape for balancers, datasets, encoders and fusions.
+"""One registry shape for balancers, datasets, encoders, fusions and preparers.
 
 Each kind has a :class:`Registry`; its public face is three functions (``register_*`` as a decorator,
-``list_*`` and ``create_*``; for datasets the create function is ``load_dataset``). Everything a user can
-get wrong when naming an item or passing options is checked here, once, for all four kinds:
+``list_*`` and ``create_*``; for datasets the create function is ``load_dataset``). Items are registered
+by a decorator at their definition; the package of each kind imports its built-in modules in one list,
+and other packages add theirs as plugins (:mod:`equimodal.plugins`), loaded on the first lookup.
+Everything a user can get wrong when naming an item or passing options is checked here, once, for all
+kinds:
 
 - an unknown name gets the closest registered names and the valid list;
 - an unknown option gets the closest option names and the valid options with their defaults;
 - a missing required option names itself and shows how to pass it;
 - an option value of the wrong type (a string where a number is expected, a value outside a ``Literal``
-  choice) names the option, what was expected and what was found. Strings are converted to the type of
-  the option's default first (``"0.9"`` -> ``0.9``, ``"true"`` -> ``True``), so options can come straight
-  from a command line.
+  choice) names the option, what was expected and what was found. Strings are converted to the option's
+  type first by :func:`coerce_value` (``"0.9"`` -> ``0.9``, ``"true"`` -> ``True``), the conversion the
+  config uses for its fields too, so options can come straight from a command line.
 
 Example:
     >>> reg = Registry("widget")
@@ -37,6 +40,8 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar
+
+from .plugins import PLUGINS, PluginClashError
 
 T = TypeVar("T")
 _EMPTY = inspect.Parameter.empty
@@ -349,22 +354,38 @@ class Registry(Generic[T]):
         self.skip = skip
         self.example = example
         self._items: dict[str, T] = {}
+        self._owners: dict[str, str] = {}
 
     def register(self, name: str, item: T, *, overwrite: bool = False) -> T:
-        """Register ``item`` under ``name`` (refuses a taken name unless ``overwrite``)."""
+        """Register ``item`` under ``name`` (refuses a taken name unless ``overwrite``).
+
+        Raises:
+            PluginClashError: a plugin being loaded registers a taken name (``overwrite`` or not).
+            ValueError: the name is taken and ``overwrite`` is false.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
         if self.base is not None and not (isinstance(item, type) and issubclass(item, self.base)):
             raise TypeError(f"register_{self.kind} expects a {self.base.__name__} subclass, found {item!r}.")
         if self.base is None and not callable(item):
             raise TypeError(f"register_{self.kind} expects a class or function, found {item!r}.")
+        plugin = PLUGINS.describe_current()
+        owner = plugin or f"the module {getattr(getattr(item, 'func', item), '__module__', '?')}"
+        if name in self._items and plugin is not None:
+            raise PluginClashError(
+                f"{plugin.capitalize()} registers the {self.kind} {name!r}, which {self._owners[name]} already "
+                "registers: one name cannot mean two things. Uninstall one of the two packages, or ask the "
+                "plugin's authors to rename theirs."
+            )
         if name in self._items and not overwrite:
             raise ValueError(
-                f"A {self.kind} named {name!r} is already registered. Pick another name or pass overwrite=True."
+                f"A {self.kind} named {name!r} is already registered (by {self._owners[name]}). Pick another "
+                "name or pass overwrite=True."
             )
         if self.base is not None:
             item.name = name  # type: ignore[attr-defined]
         self._items[name] = item
+        self._owners[name] = owner
         return item
 
     def decorator(self, name: str, *, overwrite: bool = False) -> Callable[[T], T]:
@@ -377,6 +398,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the item registered as ``name`` or raise a helpful ``ValueError``."""
+        PLUGINS.load()
         if name not in self._items:
             raise unknown_name_error(self.kind, str(name), list(self._items))
         return self._items[name]
@@ -407,10 +429,17 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **self.check(name, options))
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
+        """Registered names (plugins' included), sorted."""
+        PLUGINS.load()
         return sorted(self._items)
 
+    def owner(self, name: str) -> str:
+        """Who registered ``name``: ``the module equimodal.balancers.amss``, ``plugin 'x' (pkg.mod)``."""
+        self.get(name)
+        return self._owners[name]
+
     def __contains__(self, name: object) -> bool:
+        PLUGINS.load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
