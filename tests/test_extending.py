@@ -123,6 +123,7 @@ def test_the_encoder_and_fusion_sections_register_what_a_config_can_name(tmp_pat
         cfg = load_config(None, [
             "data.options.views=fac,mor", "model.encoders.fac={name: norm_linear, in_dim: 216, out_dim: 8}",
             "model.fusion=mean_heads", "model.fusion_options.dropout=0.1", "train.epochs=1", "train.probe=false",
+            "data.batch_size=256",
             "train.progress=false",
         ])
         summary = train(cfg)

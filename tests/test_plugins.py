@@ -68,6 +68,7 @@ CHECK = textwrap.dedent(
     trained = main([
         "train", "--set", "balancer.name=halfstep", "--set", "balancer.options.factor=0.25",
         "--set", "data.options.views=fac,mor", "--set", "train.epochs=1", "--set", "train.probe=false",
+        "--set", "data.batch_size=256",
         "--out", str(run),
     ])
     from equimodal.data import list_datasets
