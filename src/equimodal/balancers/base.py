@@ -148,13 +148,16 @@ class Balancer:
     of each micro-batch, so with gradient accumulation each micro-batch decides for itself, as in PMR).
     ``name`` is set by :func:`~equimodal.register_balancer`. ``scales_gradients`` (the method acts by
     multiplying gradients, as OGM, AGM and MSLR do) makes :meth:`check_optimizer` warn under adaptive
-    optimizers, which cancel most of such a factor.
+    optimizers, which cancel most of such a factor. ``step_host_reads`` is the number of host reads a step
+    that logs nothing needs by the method's nature (a host decision; 0 for every built-in method), which
+    the contract suite holds it to (:func:`~equimodal.testing.check_host_reads`); say why where you set it.
     """
 
     name: ClassVar[str] = "base"
     needs_batch: ClassVar[bool] = False
     micro_batch_statistics: ClassVar[bool] = False
     scales_gradients: ClassVar[bool] = False
+    step_host_reads: ClassVar[int] = 0
     heldout_fraction: float = 0.0
     unused_parameters: bool = False
 
