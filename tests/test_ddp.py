@@ -114,7 +114,7 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
 @pytest.mark.ddp
 @pytest.mark.parametrize("name", em.list_balancers())
 def test_contract_ranks_agree_for_every_balancer(name: str) -> None:
-    """The contract suite's DDP check: two ranks on data of their own end with the same parameters and state."""
+    """The contract suite's DDP check: two ranks on data of their own end with the same parameters, state."""
     options = (lambda model: {"modality": "m0"}) if name == "unimodal" else None
     em.testing.check_ranks_agree(name, 3, options)
 

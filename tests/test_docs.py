@@ -48,7 +48,7 @@ def test_custom_balancer_passes_the_contract_suite() -> None:
 
 @pytest.mark.ddp
 def test_custom_balancer_keeps_ddp_ranks_identical() -> None:
-    """The example under two gloo processes, each on data of its own: the declared statistic is all-reduced."""
+    """The example under two gloo processes, each on data of its own: its declared statistic is reduced."""
     namespace: dict = {}
     exec(compile(_blocks()[0], str(DOC), "exec"), namespace)
     em.testing.check_ranks_agree(namespace["ConfidenceScale"])

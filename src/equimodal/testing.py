@@ -409,10 +409,12 @@ HOST_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 """The ``Tensor`` methods :class:`HostReads` counts: each copies device memory to the host."""
 
 SYNC_OPS = frozenset(
-    ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-     "equal", "is_nonzero")
+    ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+     "unique_consecutive", "equal", "is_nonzero", "lift_fresh")
 )  # fmt: skip
-"""Operators whose output size or value the host must wait for (also boolean-mask indexing)."""
+"""Operators the host waits for: those whose output size or value it needs (also boolean-mask indexing),
+and ``lift_fresh``, a tensor built from host values (``torch.tensor(...)``, ``t.new_tensor(...)``), whose
+copy to a GPU waits for the queued work (``torch.full``/``new_full`` fill on the device instead)."""
 
 
 def _bool_index(args: tuple[Any, ...]) -> bool:
@@ -442,7 +444,8 @@ class HostReads:
 
     On a GPU every read of a device value on the host (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``,
     ``bool(t)``, ``float(t)``, ``int(t)``, ``t.__index__()``, ``torch.nonzero``, a boolean-mask index, ...)
-    waits for all queued work, so a training step should make none. This wraps those ``Tensor`` methods
+    waits for all queued work, and so does a tensor built from host values (``torch.tensor(...)``: its copy
+    to the GPU), so a training step should make none. This wraps those ``Tensor`` methods
     with counters and watches the operators that synchronise (:data:`SYNC_OPS`) with a dispatch mode (a
     dispatch mode alone misses ``tolist`` and ``cpu``). It works on the CPU, where nothing actually waits,
     so the tests that use it need no GPU. Not re-entrant; the methods are restored on exit.

@@ -16,7 +16,7 @@ from equimodal.testing import HostReads
 
 
 class Counting(em.Balancer):
-    """Sums the fused logits' row count per step, keeps a running total (rolled back) and a step count (not)."""
+    """Sums the rows of a step, keeps a running total (rolled back) and a step count (not rolled back)."""
 
     def __init__(
         self, model: nn.Module, *, start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0

@@ -230,7 +230,7 @@ class AGM(Balancer):
             (-F.log_softmax(responses[m].float(), 1).gather(1, target[:, None])).clamp_max(limit).sum()
             for m in self.modalities
         ]
-        self.accumulate("ce_sums", torch.stack([*ce, ce[0].new_tensor(float(target.shape[0]))]))
+        self.accumulate("ce_sums", torch.stack([*ce, ce[0].new_full((), float(target.shape[0]))]))
 
     @torch.no_grad()
     def _coalitions(self, batch: Batch, out: MultimodalOutput) -> dict[frozenset[str], Tensor]:

@@ -300,7 +300,7 @@ class AMSS(Balancer):
         self._layer_keys = [f"{u.modality}/{u.name}" for u in self.masker.tensors]
 
     def _declare_state(self) -> None:
-        """AMSS's statistics of a step and its state across steps (see :meth:`~equimodal.Balancer.add_stat`)."""
+        """AMSS's statistics of a step and its state across steps (:meth:`~equimodal.Balancer.add_stat`)."""
         num_m = len(self.modalities)
         self.add_stat("sig_sums")  # [n, CE sums (M), feature-entropy sums (M), label counts (C)]
         self.add_stat("uni_loss_sum", reduce="mean")  # the own heads' CEs summed over the micro-batches
@@ -364,7 +364,7 @@ class AMSS(Balancer):
         self.loss_ema = ema
         speed = (ema[1] - ema[0]) / ema[1].clamp_min(1e-8)
         rho = speed / speed.abs().sum().clamp_min(1e-8)
-        ready = torch.as_tensor(self.num_steps > 20, device=loss.device)
+        ready = torch.full((), self.num_steps > 20, dtype=torch.bool, device=loss.device)
         return rho, ready
 
     # ------------------------------------------------------------------ the two calls

@@ -17,7 +17,7 @@ public call (a driver)     hook (a method overrides)       what the hook supplie
 ``loss(out, y, batch=)``   :meth:`observe`                 per-micro-batch statistics (no return value)
 ``loss(out, y, batch=)``   :meth:`objective`               the training objective (default: fused CE)
 ``before_step()``          :meth:`adjust_gradients`        in-place edits of ``.grad``
-``prepare_epoch(data)``    :meth:`on_epoch_start`          epoch-level work over train / held-out data
+``start_epoch(e, data)``   :meth:`on_epoch_start`          epoch-level work over train / held-out data
 ``train_step(b, y, opt)``  :meth:`own_step`                a whole optimisation step of its own
 ``predict(out)``           :meth:`fused_prediction`        evaluation logits (default: fused logits)
 ``predict_unimodal(out)``  :meth:`unimodal_prediction`     per-modality evaluation logits
@@ -29,19 +29,22 @@ and exposed in one place, :attr:`Balancer.requirements`. Every public call check
 loop, the reference trainer, Lightning) can silently run a different method than the one named:
 
 - a balancer that overrides :meth:`own_step` must be driven by :meth:`train_step`;
-- one that overrides :meth:`on_epoch_start` needs :meth:`prepare_epoch` at every epoch start (with
-  ``EpochData.heldout`` when ``heldout_fraction > 0``);
-- one with a bounded epoch window, epoch data, or its own :meth:`set_epoch` needs :meth:`set_epoch`;
+- one that overrides :meth:`on_epoch_start` needs its epoch data at every epoch start,
+  ``start_epoch(epoch, EpochData(...))`` (with ``EpochData.heldout`` when ``heldout_fraction > 0``);
+- one with a bounded epoch window, epoch data, or its own :meth:`set_epoch` needs :meth:`start_epoch`
+  (which calls :meth:`set_epoch`, then :meth:`prepare_epoch` where needed: the one epoch start of every
+  driver);
 - one with ``needs_batch = True`` needs ``loss(..., batch=inputs)``.
 
 What every method would otherwise have to remember is declared, not written (as torchmetrics' metrics
 declare ``add_state``; :mod:`~equimodal.balancers.state`): :meth:`Balancer.add_stat` declares a statistic
 that :meth:`observe` adds to per micro-batch, which the base class keeps on the gradients' device,
-all-reduces once per optimizer step (one flat collective per reduce op) and resets; :meth:`Balancer.add_state`
-declares persistent state, which ``state_dict``/``load_state_dict`` save and restore and which a non-finite
-step (an AMP overflow) leaves as it was, on the device. Figures for logging are recorded as device tensors
-(:meth:`Balancer.record`) and read on the host only when a driver asks (:meth:`Balancer.stats`), so a step
-that logs nothing reads nothing on the host; :func:`equimodal.testing.check_host_reads` counts it.
+all-reduces once per optimizer step (one flat collective per reduce op) and resets;
+:meth:`Balancer.add_state` declares persistent state, which ``state_dict``/``load_state_dict`` save and
+restore and which a non-finite step (an AMP overflow) leaves as it was, on the device. Figures for logging
+are recorded as device tensors (:meth:`Balancer.record`) and read on the host only when a driver asks
+(:meth:`Balancer.stats`), so a step that logs nothing reads nothing on the host;
+:func:`equimodal.testing.check_host_reads` counts it.
 """
 
 from __future__ import annotations
@@ -238,8 +241,8 @@ class Balancer:
             held = " and heldout= a part of train (never val/test)" if req.heldout_fraction else ""
             raise DriverError(
                 f"{self.name} needs its epoch data at each epoch start: call balancer.start_epoch(epoch, "
-                f"EpochData(train=...{held}, device=...)), or set_epoch(epoch) then prepare_epoch(EpochData(...)); "
-                f"found {call} in epoch {self.epoch} without it."
+                f"EpochData(train=...{held}, device=...)), or set_epoch(epoch) then "
+                f"prepare_epoch(EpochData(...)); found {call} in epoch {self.epoch} without it."
             )
         if req.batch and batch is None:
             raise DriverError(
@@ -302,7 +305,7 @@ class Balancer:
 
     def _own_parameters_step(self) -> None:
         """Average the gradients of the balancer's own parameters over ranks (they are outside the user's
-        DDP wrapper) and check that the optimizer steps them (:class:`~equimodal.balancers.step_check.StepCheck`)."""
+        DDP wrapper) and check that the optimizer steps them (:mod:`~equimodal.balancers.step_check`)."""
         own = list(self.parameters())
         if not own:
             return
@@ -447,8 +450,8 @@ class Balancer:
         self._declared.add_stat(self, name, default, reduce)
 
     def add_state(self, name: str, default: Any, *, rollback: bool = True, missing: str = "") -> None:
-        """Declare persistent state, kept as ``self.<name>``, saved and restored by :meth:`state_dict` (call it
-        in ``__init__``).
+        """Declare persistent state, kept as ``self.<name>``, saved and restored by :meth:`state_dict`
+        (call it in ``__init__``).
 
         ``default`` is a tensor (kept on the gradients' device, saved on the CPU), plain data (numbers,
         strings, lists, dicts, ``None``; copied), or an object with ``state_dict``/``load_state_dict`` such as
@@ -514,7 +517,7 @@ class Balancer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Serializable state: epoch, steps, random generator and every state declared by :meth:`add_state`."""
+        """Serializable state: epoch, steps, random generator and every state :meth:`add_state` declared."""
         state: dict[str, Any] = {
             "epoch": self.epoch,
             "num_steps": self.num_steps,

@@ -66,7 +66,8 @@ class GradientBlending(Balancer):
     optimizer; a two-call loop whose optimizer steps the model but not them raises
     :class:`~equimodal.DriverError` at its second step), saved by :meth:`state_dict`, averaged over DDP
     ranks in :meth:`before_step` by the base class (they are outside the DDP wrapper), and are what
-    :meth:`predict_unimodal` returns while the method is active. ``stats()``: ``weight/<head>``. A unimodal copy trains its encoder
+    :meth:`predict_unimodal` returns while the method is active (``stats()``: ``weight/<head>``). A
+    unimodal copy trains its encoder
     with its own head (as MultiBench's). ``heads="shared"``: the model's unimodal logits (concat column
     blocks or sum heads, which share the fused head's weights); auxiliary-head fusions are refused.
 

@@ -161,7 +161,7 @@ class Declared:
                 setattr(owner, name, value.to(device))
 
     def snapshot(self, owner: object) -> dict[str, Tensor]:
-        """Copies of the tensor states a non-finite step must not change (taken before ``adjust_gradients``)."""
+        """Copies of the tensor states a non-finite step must not change (taken before the step's edits)."""
         return {
             name: value.clone()
             for name, spec in self.states.items()
@@ -169,7 +169,7 @@ class Declared:
         }
 
     def restore(self, owner: object, saved: Mapping[str, Tensor], finite: Tensor) -> None:
-        """Keep each state's new value where ``finite`` holds, else its snapshot (``torch.where``: no host read)."""
+        """Each new value where ``finite`` holds, else its snapshot (``torch.where``: no host read)."""
         for name, old in saved.items():
             new = getattr(owner, name)
             if isinstance(new, Tensor) and new.shape == old.shape and new.device == old.device:
@@ -177,7 +177,7 @@ class Declared:
 
     # ------------------------------------------------------------------ saving
     def save(self, owner: object) -> dict[str, Any]:
-        """Every declared state as plain data (tensors copied to the CPU; module-like ones by ``state_dict``)."""
+        """Every declared state as plain data (tensors copied to the CPU, module-like ones by state_dict)."""
         out: dict[str, Any] = {}
         for name in self.states:
             value = getattr(owner, name)
@@ -193,12 +193,12 @@ class Declared:
         return out
 
     def load(self, owner: object, state: Mapping[str, Any], balancer: str) -> None:
-        """Restore what :meth:`save` returned (module-like states in place, tensors on their current device)."""
+        """Restore what :meth:`save` returned (module-like states in place, tensors on their device)."""
         for name, spec in self.states.items():
             if name not in state:
                 raise ValueError(
-                    f"This {balancer} state has no {name!r} entry: it was saved by a balancer built with other "
-                    f"options or by another version. {spec.missing}".rstrip()
+                    f"This {balancer} state has no {name!r} entry: it was saved by a balancer built with "
+                    f"other options or by another version. {spec.missing}".rstrip()
                 )
             saved, current = state[name], getattr(owner, name)
             if is_module_like(current):
