@@ -101,11 +101,11 @@ class Requirements:
         lines = []
         if self.own_step:
             lines.append("train_step(batch, labels, optimizer) instead of loss()/before_step()")
-        if self.set_epoch:
-            lines.append("set_epoch(epoch) at the start of each epoch")
         if self.epoch_data:
             held = f" with heldout= {self.heldout_fraction:.0%} of train" if self.heldout_fraction else ""
-            lines.append(f"prepare_epoch(EpochData(...){held}) after each set_epoch")
+            lines.append(f"start_epoch(epoch, EpochData(...){held}) at the start of each epoch")
+        elif self.set_epoch:
+            lines.append("start_epoch(epoch) at the start of each epoch")
         if self.batch:
             lines.append("loss(out, labels, batch=inputs)")
         if self.parameters:
