@@ -70,13 +70,12 @@ def main(
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05, momentum=0.9)
     train = synthetic_loader(steps // epochs)
     heldout = synthetic_loader(2, seed=1)  # a part of train kept out of training (never val/test)
-    # a DataLoader, a list or a callable; batches as (inputs, labels) or, as here, dicts with a "label" key
+    # a DataLoader, a list or a callable; batches as (inputs, labels) or, as here, dicts with a "label" key;
+    # read only by the balancers that work per epoch (pmr, gblending, mslr)
     epoch_data = equimodal.EpochData(train=train, heldout=heldout, device=torch.device("cpu"))
     losses = []
     for epoch in range(epochs):
-        balancer.set_epoch(epoch)  # added line
-        if req.epoch_data:  # pmr, gblending, mslr
-            balancer.prepare_epoch(epoch_data)
+        balancer.start_epoch(epoch, epoch_data)  # added line
         for batch in train:
             y = batch["label"]
             if req.own_step:  # mla runs the whole step itself

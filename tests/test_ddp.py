@@ -111,6 +111,39 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
             )
 
 
+@pytest.mark.ddp
+@pytest.mark.parametrize("name", em.list_balancers())
+def test_contract_ranks_agree_for_every_balancer(name: str) -> None:
+    """The contract suite's DDP check: two ranks on data of their own end with the same parameters, state."""
+    options = (lambda model: {"modality": "m0"}) if name == "unimodal" else None
+    em.testing.check_ranks_agree(name, 3, options)
+
+
+class RankLocal(em.Balancer):
+    """Scales the encoders by a confidence kept in a plain attribute: never all-reduced, so rank-local."""
+
+    def __init__(self, model, *, start_epoch=0, end_epoch=None, seed=0):
+        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        self.conf = torch.zeros(len(self.modalities))
+
+    def observe(self, out, target, batch) -> None:
+        probs = [out.unimodal_logits[m].detach().softmax(1) for m in self.modalities]
+        self.conf = self.conf + torch.stack([p.gather(1, target[:, None]).sum() for p in probs])
+
+    def adjust_gradients(self) -> None:
+        scale, self.conf = (self.conf.mean() / self.conf.clamp_min(1e-8)).clamp(0.5, 2.0), self.conf * 0
+        for i, m in enumerate(self.modalities):
+            for p in self.encoder_params(m):
+                if p.grad is not None:
+                    p.grad.mul_(scale[i])
+
+
+@pytest.mark.ddp
+def test_contract_ranks_agree_finds_a_statistic_that_is_not_all_reduced() -> None:
+    with pytest.raises(AssertionError, match="parameters of rank 1 and rank 0: encoders"):
+        em.testing.check_ranks_agree(RankLocal)
+
+
 def _failing_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_toy_batch, make_toy_model
 
@@ -14,9 +15,12 @@ import equimodal.testing
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom_balancer.md"
 
 
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+
+
 def test_custom_balancer_example_runs_and_scales_gradients() -> None:
-    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
-    exec(compile(code, str(DOC), "exec"), {})
+    exec(compile(_blocks()[0], str(DOC), "exec"), {})
     model = make_toy_model(2)
     twin = make_toy_model(2)
     batch, y = make_toy_batch(2, 16)
@@ -34,9 +38,17 @@ def test_custom_balancer_example_runs_and_scales_gradients() -> None:
 
 
 def test_custom_balancer_passes_the_contract_suite() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    blocks = _blocks()
     namespace: dict = {}
     exec(compile(blocks[0], str(DOC), "exec"), namespace)
     exec(compile(blocks[1], str(DOC), "exec"), namespace)  # check_balancer(ConfidenceScale)
     results = em.testing.check_balancer(namespace["ConfidenceScale"], modalities=(2,))
-    assert results["two_call_loop/M2"] == "honoured"
+    assert results["two_call_loop/M2"] == "honoured" and results["host_reads/M2"] == 0
+
+
+@pytest.mark.ddp
+def test_custom_balancer_keeps_ddp_ranks_identical() -> None:
+    """The example under two gloo processes, each on data of its own: its declared statistic is reduced."""
+    namespace: dict = {}
+    exec(compile(_blocks()[0], str(DOC), "exec"), namespace)
+    em.testing.check_ranks_agree(namespace["ConfidenceScale"])

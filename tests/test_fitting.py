@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from equimodal.engine.fitting import (
     StepContext,
     params_finite,
 )
-from equimodal.testing import ToyEncoder, toy_batch
+from equimodal.testing import HostReads, ToyEncoder, drive_step, toy_batch, toy_epoch_data
 
 
 class Flaky(nn.Module):
@@ -165,3 +166,63 @@ def test_the_running_training_accuracy_counts_each_forward_pass(tmp_path) -> Non
     cols = header.split(",")
     assert {"train_acc", "train_acc_fac", "train_acc_mor"} <= set(cols)
     assert 0.3 < float(rows[-1].split(",")[cols.index("train_acc")]) <= 1.0
+
+
+@pytest.mark.parametrize("name", em.list_balancers())
+def test_a_step_of_the_reference_fitter_that_logs_nothing_reads_nothing_on_the_host(name: str) -> None:
+    """Between two optimizer steps (after the first three: a first loss() checks the labels' range, own heads
+    are checked at the second step) the fitter reads nothing on the host, the balancer's statistics
+    included: they are summed on the device and read once per epoch."""
+    model = model_with(set())
+    model.validate_inputs = False  # the model's own input check reads the host; the trainer's models skip it
+    bal = em.create_balancer(name, model, **({"modality": "m0"} if name == "unimodal" else {}))
+    bal.start_epoch(0, toy_epoch_data(2))
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ctx = StepContext(model, bal, opt, scaler, 2, False, torch.device("cpu"))
+    seen: list[int] = []
+    with HostReads() as reads:
+        state = EpochFitter(ctx).fit(
+            loader(12), after_step=lambda state, check: seen.append(len(reads.calls))
+        )
+    per_step = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert len(seen) == 6 and per_step[2:] == [0, 0, 0], reads.calls
+    assert state.mean_stats() == _python_means(name)
+
+
+def _python_means(name: str) -> dict[str, float]:
+    """The epoch means as the fitter computed them before: each step's stats() summed on the host, in order
+    (the same run, driven by drive_step)."""
+    model = model_with(set())
+    bal = em.create_balancer(name, model, **({"modality": "m0"} if name == "unimodal" else {}))
+    bal.start_epoch(0, toy_epoch_data(2))
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    batches = loader(12)
+    for i in range(0, 12, 2):
+        merged = {k: torch.cat([b[k] for b, _ in batches[i : i + 2]]) for k in batches[i][0]}
+        drive_step(bal, model, merged, torch.cat([y for _, y in batches[i : i + 2]]), opt, micro_batches=2)
+        for k, v in bal.stats().items():
+            if math.isfinite(v):
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+    return {k: v / counts[k] for k, v in sums.items()}
+
+
+def test_statistic_sums_on_the_device_equal_the_sums_of_the_floats_and_resume() -> None:
+    rows = [
+        {"a": 0.1, "b": float("nan")},
+        {"a": 1e-17, "b": 2.5, "c": float("inf")},
+        {"a": 0.3, "c": 1.0},
+    ]
+    state = EpochState()
+    for row in rows:
+        state.add_stats(list(row), torch.tensor(list(row.values()), dtype=torch.float64))
+    expect_a = (0.0 + 0.1) + 1e-17 + 0.3  # in order: float addition is not associative
+    assert state.mean_stats() == {"a": expect_a / 3, "b": 2.5, "c": 1.0}
+    saved = state.to_dict()
+    assert saved["stat_counts"] == {"a": 3, "b": 1, "c": 1}
+    resumed = EpochState(**saved)
+    resumed.add_stats(["a"], torch.tensor([0.7], dtype=torch.float64))
+    assert resumed.mean_stats()["a"] == (expect_a + 0.7) / 4

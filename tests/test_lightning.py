@@ -76,9 +76,7 @@ def test_lightning_equals_the_reference_driver(name: str) -> None:
     train = whole if owned else micro
     data = em.EpochData(train=lambda: iter(train), heldout=lambda: iter(held), device=torch.device("cpu"))
     for epoch in range(2):
-        ref_bal.set_epoch(epoch)
-        if ref_bal.requirements.epoch_data:
-            ref_bal.prepare_epoch(data)
+        ref_bal.start_epoch(epoch, data)
         for x, y in whole:
             drive_step(ref_bal, twin, x, y, opt, micro_batches=accumulate)
     assert lit_bal.num_steps == ref_bal.num_steps == 6
@@ -96,7 +94,7 @@ def test_an_owned_step_accumulates_through_train_step_micro_batches() -> None:
     _trainer().fit(Module(model, lit_bal, micro_batches=2), train_dataloaders=loader)
     opt = optimizer_for(twin, ref_bal, LR)
     for epoch in range(2):
-        ref_bal.set_epoch(epoch)
+        ref_bal.start_epoch(epoch)
         for x, y in whole:
             drive_step(ref_bal, twin, x, y, opt, micro_batches=2)
     assert_same(snapshot(model, lit_bal), snapshot(twin, ref_bal), what="mla with micro_batches=2")

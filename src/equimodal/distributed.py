@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+Reduce = Literal["sum", "mean", "max", "min"]
+REDUCE_OPS: tuple[str, ...] = ("sum", "mean", "max", "min")
 
 
 def is_distributed() -> bool:
@@ -25,6 +31,39 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_flat(tensors: Sequence[Tensor], reduce: Reduce = "sum") -> list[Tensor]:
+    """Reduce several tensors of one dtype and device over all ranks in ONE flat collective.
+
+    Args:
+        tensors: the tensors (any shapes); they are not modified.
+        reduce: ``"sum"``, ``"mean"`` (the sum divided by the number of ranks), ``"max"`` or ``"min"``.
+
+    Returns:
+        The reduced tensors, of the given shapes; on a single process, the tensors themselves.
+    """
+    if reduce not in REDUCE_OPS:
+        raise ValueError(f"reduce must be one of {REDUCE_OPS}, found {reduce!r}.")
+    if not tensors or not is_distributed():
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(reduce, dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=op)
+    if reduce == "mean":
+        flat.div_(dist.get_world_size())
+    return [
+        part.view_as(t) for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True)
+    ]
+
+
+def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average the existing gradients of ``params`` over DDP ranks in one flat all-reduce (in place)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and is_distributed():
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:

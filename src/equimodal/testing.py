@@ -22,14 +22,20 @@ The checks:
 - :func:`check_accumulation`: k micro-batches give the update of one batch k times larger.
 - :func:`check_overflow_tolerated`: a dropped inf/NaN step (an AMP overflow, or a NaN micro-batch that a
   driver skips) does not raise and leaves the next steps finite.
-- :func:`check_two_call_loop`: a bare two-call loop (and the README's loop, which adds ``set_epoch`` and
+- :func:`check_two_call_loop`: a bare two-call loop (and the README's loop, which adds ``start_epoch`` and
   ``batch=``) either trains exactly as the fully driven method or raises
   :class:`~equimodal.balancers.DriverError` at its first call, naming the call it needs.
+- :func:`check_host_reads`: a step that logs nothing reads nothing on the host (``.item()``,
+  ``.tolist()``, ``.cpu()``, ``bool(t)``, ...), or at most the ``step_host_reads`` the balancer declares
+  for a host decision its method needs by nature.
 - :func:`check_aux_fusion`: a FiLM model (auxiliary unimodal heads) trains, or is refused at
   construction with a message naming the fusion.
+- :func:`check_ranks_agree` (not part of :func:`check_balancer`: it forks two processes): under DDP every
+  rank ends with the same parameters and state.
 
 :func:`drive_step` is the reference way to drive any balancer for one optimizer step: it reads
-``balancer.requirements`` and makes every call the balancer needs.
+``balancer.requirements`` and makes every call the balancer needs. :class:`HostReads` counts host reads
+(every one stalls a GPU until its queued work is done) over any block of code.
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ from __future__ import annotations
 import copy
 import io
 import re
+import traceback
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .balancers import Balancer, DriverError, EpochData, create_balancer
 from .balancers.base import split_batch
@@ -52,14 +62,17 @@ Options = Mapping[str, Any] | Callable[[nn.Module], Mapping[str, Any]] | None
 Params = dict[str, Tensor]
 
 __all__ = [
+    "HostReads",
     "ToyEncoder",
     "check_accumulation",
     "check_aux_fusion",
     "check_balancer",
     "check_deterministic",
     "check_finite_step",
+    "check_host_reads",
     "check_joint_outside_window",
     "check_overflow_tolerated",
+    "check_ranks_agree",
     "check_state_round_trip",
     "check_two_call_loop",
     "drive_step",
@@ -121,10 +134,8 @@ def build(spec: BalancerSpec, model: nn.Module, options: Options = None, **extra
 
 
 def start_epoch(balancer: Balancer, epoch: int, data: EpochData | None = None) -> None:
-    """``set_epoch`` and, when the balancer needs it, ``prepare_epoch`` with ``data`` (toy data by default)."""
-    balancer.set_epoch(epoch)
-    if balancer.requirements.epoch_data:
-        balancer.prepare_epoch(data or toy_epoch_data(len(balancer.modalities)))
+    """:meth:`~equimodal.Balancer.start_epoch` with ``data``, toy epoch data by default."""
+    balancer.start_epoch(epoch, data if data is not None else toy_epoch_data(len(balancer.modalities)))
 
 
 def optimizer_for(model: nn.Module, balancer: Balancer, lr: float = 0.1) -> torch.optim.Optimizer:
@@ -315,7 +326,7 @@ def check_overflow_tolerated(spec: BalancerSpec, num_modalities: int = 2, option
             )
 
 
-_NEEDED_CALL = re.compile(r"train_step\(|set_epoch\(|prepare_epoch\(|batch=")
+_NEEDED_CALL = re.compile(r"train_step\(|start_epoch\(|set_epoch\(|prepare_epoch\(|batch=")
 
 
 def _loop(balancer: Balancer, model: nn.Module, num: int, style: str, calls: list[int] | None = None) -> None:
@@ -329,7 +340,7 @@ def _loop(balancer: Balancer, model: nn.Module, num: int, style: str, calls: lis
         if style == "driven":
             start_epoch(balancer, epoch)
         elif style == "readme":
-            balancer.set_epoch(epoch)
+            balancer.start_epoch(epoch)
         for step in range(2):
             batch, y = toy_batch(num, 16, seed=100 * epoch + step)
             if style == "driven":
@@ -393,6 +404,237 @@ def check_aux_fusion(spec: BalancerSpec, options: Options = None) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------------ host reads
+HOST_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+"""The ``Tensor`` methods :class:`HostReads` counts: each copies device memory to the host."""
+
+SYNC_OPS = frozenset(
+    ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+     "unique_consecutive", "equal", "is_nonzero", "lift_fresh")
+)  # fmt: skip
+"""Operators the host waits for: those whose output size or value it needs (also boolean-mask indexing),
+and ``lift_fresh``, a tensor built from host values (``torch.tensor(...)``, ``t.new_tensor(...)``), whose
+copy to a GPU waits for the queued work (``torch.full``/``new_full`` fill on the device instead)."""
+
+
+def _bool_index(args: tuple[Any, ...]) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(t, Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices)
+
+
+class _SyncOps(TorchDispatchMode):
+    """Sees the operators that synchronise with the host, however they were reached (no ``Tensor`` method)."""
+
+    def __init__(self, reads: HostReads) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        name = func._overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and _bool_index(args)
+        if self.reads.depth == 0 and (name in SYNC_OPS or bool_index):
+            self.reads.add(f"aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads:
+    """Count host reads while the block runs: ``with HostReads() as reads: ...``; then ``reads.calls``.
+
+    On a GPU every read of a device value on the host (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``,
+    ``bool(t)``, ``float(t)``, ``int(t)``, ``t.__index__()``, ``torch.nonzero``, a boolean-mask index, ...)
+    waits for all queued work, and so does a tensor built from host values (``torch.tensor(...)``: its copy
+    to the GPU), so a training step should make none. This wraps those ``Tensor`` methods
+    with counters and watches the operators that synchronise (:data:`SYNC_OPS`) with a dispatch mode (a
+    dispatch mode alone misses ``tolist`` and ``cpu``). It works on the CPU, where nothing actually waits,
+    so the tests that use it need no GPU. Not re-entrant; the methods are restored on exit.
+
+    Attributes:
+        calls: one entry per read, ``"Tensor.item at ogm.py:120 (adjust_gradients)"``: what was called and
+            the innermost caller outside torch.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.depth = 0
+        self._saved: dict[str, Any] = {}
+        self._mode: _SyncOps | None = None
+
+    def add(self, what: str) -> None:
+        """Record one read of ``what`` with its caller."""
+        torch_dir = str(Path(torch.__file__).parent)
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename != __file__]
+        caller = next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), None)
+        where = f" at {Path(caller.filename).name}:{caller.lineno} ({caller.name})" if caller else ""
+        self.calls.append(what + where)
+
+    def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.depth == 0:
+                self.add(f"Tensor.{name}")
+            self.depth += 1
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        counted.host_reads = self  # type: ignore[attr-defined]
+        return counted
+
+    def __enter__(self) -> HostReads:
+        if hasattr(torch.Tensor.item, "host_reads"):
+            raise RuntimeError("HostReads blocks cannot be nested: one counts every read already.")
+        for name in HOST_METHODS:
+            if name in vars(torch.Tensor):
+                self._saved[name] = vars(torch.Tensor)[name]
+            setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        self._mode = _SyncOps(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(kind, error, tb)
+        for name in HOST_METHODS:
+            if name in self._saved:
+                setattr(torch.Tensor, name, self._saved[name])
+            else:
+                delattr(torch.Tensor, name)
+        self._saved.clear()
+
+
+def step_host_reads(
+    balancer: Balancer,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    target: Tensor,
+    optimizer: torch.optim.Optimizer,
+) -> list[str]:
+    """The host reads of one optimizer step that logs nothing (no ``stats()``).
+
+    Counted: ``loss``, ``backward`` and ``before_step`` (the model's forward and ``optimizer.step()`` are
+    the user's); for a balancer that owns its step, the whole ``train_step``.
+    """
+    if balancer.requirements.own_step:
+        with HostReads() as reads:
+            balancer.train_step(batch, target, optimizer)
+        return reads.calls
+    optimizer.zero_grad(set_to_none=True)
+    out = model(batch)
+    with HostReads() as reads:
+        balancer.loss(out, target, batch=batch).backward()
+        balancer.before_step()
+    optimizer.step()
+    return reads.calls
+
+
+def check_host_reads(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> int:
+    """A step that logs nothing reads the host at most ``balancer.step_host_reads`` times (0 unless the method
+    declares a host decision of its own); returns the count.
+
+    Measured at the fourth step: the first ``loss()`` reads the labels' range once, and heads of the
+    balancer's own are compared with the model at the second step to find an optimizer that does not
+    hold them. The toy model's own input check (``validate_inputs``: a read per modality in every
+    forward, the balancer's extra forwards included) is off, as in the reference trainer's models.
+    """
+    model = toy_model(num_modalities)
+    model.validate_inputs = False
+    balancer = build(spec, model, options)
+    start_epoch(balancer, 0)
+    optimizer = optimizer_for(model, balancer)
+    for seed in range(3):
+        drive_step(balancer, model, *toy_batch(num_modalities, 16, seed=seed), optimizer)
+    reads = step_host_reads(balancer, model, *toy_batch(num_modalities, 16, seed=3), optimizer)
+    budget = balancer.step_host_reads
+    assert len(reads) <= budget, (
+        f"{len(reads)} host read(s) in a step that logs nothing, {budget} declared (step_host_reads): "
+        + "; ".join(reads)
+    )
+    return len(reads)
+
+
+# ------------------------------------------------------------------------------------------ DDP ranks
+def _same(a: Any, b: Any, where: str) -> None:
+    """Assert two state values (tensors, plain data, nested) are identical."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):  # bit-identical; NaN (e.g. an EMA not started) too
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+        assert same and torch.equal(a.isnan(), b.isnan()), f"{where} differs between the ranks"
+    elif isinstance(a, Mapping) and isinstance(b, Mapping):
+        assert a.keys() == b.keys(), f"{where}: different entries {sorted(set(a) ^ set(b), key=str)}"
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where} differs between the ranks: {a!r} and {b!r}"
+
+
+def _rank_worker(
+    rank: int, spec: BalancerSpec, num_modalities: int, options: Options, world_size: int, folder: str
+) -> None:
+    """One DDP rank of :func:`check_ranks_agree`: two epochs of two steps on data of its own, then save."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world_size)
+    try:
+        model = toy_model(num_modalities)
+        balancer = build(spec, model, options, seed=3)
+        req = balancer.requirements
+        wrapped = DistributedDataParallel(model, find_unused_parameters=req.unused_parameters)
+        optimizer = optimizer_for(model, balancer)
+        for epoch in range(2):
+            start_epoch(balancer, epoch)
+            for step in range(2):
+                batch, y = toy_batch(num_modalities, 8, seed=1000 * rank + 10 * epoch + step)
+                if req.own_step:  # the owned step averages the gradients over ranks itself
+                    balancer.train_step(batch, y, optimizer)
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                balancer.loss(wrapped(batch), y, batch=batch).backward()
+                balancer.before_step()
+                optimizer.step()
+        result = {"params": snapshot(model, balancer), "state": balancer.state_dict()}
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+        del wrapped  # a DDP wrapper that outlives its gloo group can abort the process at exit
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def check_ranks_agree(
+    spec: BalancerSpec, num_modalities: int = 2, options: Options = None, world_size: int = 2
+) -> None:
+    """Under DDP every rank ends with the same parameters and balancer state.
+
+    ``world_size`` processes (gloo, on the CPU) train a DDP-wrapped toy model for two epochs of two steps,
+    each rank on data of its own, as under torchrun. DDP averages the gradients; what a balancer measures
+    on its own shard must be all-reduced (a declared statistic is) and its random draws must agree
+    (``self.generator``), or the ranks drift apart. The processes are forked (Linux), so a balancer class
+    defined in a script, a notebook or a test works as well as a registered name.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        args = (spec, num_modalities, options, world_size, folder)
+        mp.start_processes(_rank_worker, args=args, nprocs=world_size, join=True, start_method="fork")
+        results = [torch.load(Path(folder) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    for r, other in enumerate(results[1:], 1):
+        assert_same(
+            results[0]["params"], other["params"], exact=True, what=f"parameters of rank {r} and rank 0"
+        )
+        _same(results[0]["state"], other["state"], f"state_dict() of rank {r} and rank 0")
+
+
 CHECKS: dict[str, Callable[..., Any]] = {
     "finite_step": check_finite_step,
     "joint_outside_window": check_joint_outside_window,
@@ -401,6 +643,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "accumulation": check_accumulation,
     "overflow_tolerated": check_overflow_tolerated,
     "two_call_loop": check_two_call_loop,
+    "host_reads": check_host_reads,
 }
 
 

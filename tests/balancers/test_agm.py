@@ -45,7 +45,7 @@ def test_defaults_are_the_authors_runs() -> None:
     assert params["alpha"].default == 1.5  # author, CREMA-D, continuous modulation (issue thread)
     assert params["max_gap"].default == 10.0  # authors' 2-modality scripts; 7 is BalanceBenchmark's
     balancer = em.create_balancer("agm", make_toy_model(2))
-    assert (balancer.alpha, balancer.max_gap, balancer.end_epoch) == (1.5, 10.0, None)
+    assert (balancer.alpha, balancer.max_gap, balancer.last_epoch) == (1.5, 10.0, None)
     assert em.create_balancer("agm", make_toy_model(2), max_gap=None).max_gap is None
     with pytest.raises(ValueError, match="max_gap"):
         em.create_balancer("agm", make_toy_model(2), max_gap=float("inf"))

@@ -202,9 +202,9 @@ def test_gradient_accumulation_uses_accumulated_statistics_once() -> None:
     for half in (slice(0, 8), slice(8, 16)):
         part = {m: x[half] for m, x in batch.items()}
         (acc.loss(twin(part), y[half]) / 2).backward()
-    assert acc._sums.sums is not None and acc._sums.sums[0].item() == 16
+    assert acc.sig_sums is not None and acc.sig_sums[0].item() == 16
     acc.before_step()
-    assert acc._sums.sums is None  # used once, then reset
+    assert acc.sig_sums is None  # used once, then reset
     sb, sa = big.stats(), acc.stats()
     for key in sb:
         assert sa[key] == pytest.approx(sb[key], rel=1e-4, abs=1e-5), key
@@ -250,7 +250,7 @@ def test_inactive_outside_epoch_window() -> None:
     model = make_toy_model(2)
     balancer = em.create_balancer("amss", model, start_epoch=2, end_epoch=3)
     batch, y = make_toy_batch(2, 16, seed=0)
-    with pytest.raises(em.DriverError, match=r"epochs 2-3 only: call balancer.set_epoch\(epoch\)"):
+    with pytest.raises(em.DriverError, match=r"epochs 2-3 only: call balancer.start_epoch\(epoch\)"):
         balancer.loss(model(batch), y)
     balancer.set_epoch(0)
     balancer.loss(model(batch), y).backward()

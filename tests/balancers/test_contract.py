@@ -9,6 +9,7 @@ fully driven method or refuse at the first call with an error naming the call it
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -99,3 +100,80 @@ def test_check_balancer_catches_state_poisoned_by_a_dropped_step() -> None:
 
     with pytest.raises(AssertionError, match="after a dropped step \\(nan_batch\\)"):
         testing.check_overflow_tolerated(KeepsNaN)
+
+
+def test_host_reads_counts_every_kind_of_read_and_restores_the_tensor_methods() -> None:
+    t = torch.tensor([1.0, 0.0])
+    reads_before = {name: getattr(torch.Tensor, name) for name in testing.HOST_METHODS}
+    with testing.HostReads() as reads:
+        t.sum().item(), t.tolist(), t.cpu(), t.numpy(), bool(t[0]), float(t[0]), int(t[0])
+        [10, 20][t[1].long()]  # __index__
+        torch.nonzero(t), t[t > 0], torch.unique(t)  # synchronising operators, no Tensor method
+        t.new_tensor(2.0)  # host values: copied to a GPU, that copy waits (t.new_full((), 2.0) does not)
+        (t * 2 + 1).clamp_min(0).exp(), torch.where(t > 0, t, 0.0), t.new_full((), 2.0)  # none of these
+        with pytest.raises(RuntimeError, match="cannot be nested"), testing.HostReads():
+            pass
+    kinds = [c.split(" at ")[0] for c in reads.calls]
+    assert kinds == [
+        "Tensor.item", "Tensor.tolist", "Tensor.cpu", "Tensor.numpy", "Tensor.__bool__", "Tensor.__float__",
+        "Tensor.__int__", "Tensor.__index__", "aten.nonzero", "aten.index", "aten._unique2",
+        "aten.lift_fresh",
+    ]  # fmt: skip
+    assert all("test_contract.py" in c for c in reads.calls)  # the caller outside torch
+    assert {name: getattr(torch.Tensor, name) for name in testing.HOST_METHODS} == reads_before
+
+
+class ReadsTheHost(em.Balancer):
+    """Decides on the host whether to halve the gradients (one ``float()`` per step)."""
+
+    def __init__(self, model, *, start_epoch=0, end_epoch=None, seed=0):
+        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        self.add_stat("loss_sum", torch.zeros(()))
+
+    def observe(self, out, target, batch) -> None:
+        self.loss_sum += torch.nn.functional.cross_entropy(out.logits.detach(), target)
+
+    def adjust_gradients(self) -> None:
+        if float(self.loss_sum) > 0.5:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(0.5)
+
+
+def test_check_host_reads_finds_a_read_and_accepts_a_declared_budget() -> None:
+    with pytest.raises(AssertionError, match=r"1 host read\(s\).*Tensor.__float__ at test_contract.py"):
+        testing.check_host_reads(ReadsTheHost)
+
+    class Declared(ReadsTheHost):
+        step_host_reads = 1  # the halving is a host decision by design (a test of the budget)
+
+    assert testing.check_host_reads(Declared) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", em.list_balancers())
+def test_a_step_that_logs_nothing_does_not_synchronise_on_cuda(name: str) -> None:
+    """What check_host_reads counts on the CPU, checked by CUDA itself (``set_sync_debug_mode("error")``)."""
+    device = torch.device("cuda")
+    model = testing.toy_model(2).to(device)
+    model.validate_inputs = False
+    balancer = testing.build(name, model, OPTIONS.get(name))
+    testing.start_epoch(balancer, 0, dataclasses.replace(testing.toy_epoch_data(2), device=device))
+    optimizer = testing.optimizer_for(model, balancer)
+    steps = [testing.toy_batch(2, 16, seed=s) for s in range(4)]
+    steps = [({m: x.to(device) for m, x in batch.items()}, y.to(device)) for batch, y in steps]
+    for batch, y in steps[:3]:
+        testing.drive_step(balancer, model, batch, y, optimizer)
+    batch, y = steps[3]
+    optimizer.zero_grad(set_to_none=True)
+    out = None if balancer.requirements.own_step else model(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if out is None:
+            balancer.train_step(batch, y, optimizer)
+        else:
+            balancer.loss(out, y, batch=batch).backward()
+            balancer.before_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -381,7 +381,9 @@ def test_pmr_errors() -> None:
     with pytest.raises(em.DriverError, match=r"set_epoch\(epoch\)"):
         balancer.loss(model(batch), y)
     balancer.set_epoch(0)
-    with pytest.raises(em.DriverError, match=r"needs prepare_epoch\(EpochData"):
+    with pytest.raises(
+        em.DriverError, match=r"epoch data at each epoch start: call balancer.start_epoch\(epoch, Epo"
+    ):
         balancer.loss(model(batch), y)
     balancer.prepare_epoch(toy_epoch_data(2))
     out = model(batch)

@@ -23,7 +23,7 @@ def test_defaults_are_the_authors_runs() -> None:
     assert params["alpha"].default == 2.0  # CREMA-D concat runs in the authors' bash.sh
     assert params["momentum"].default == 0.0  # nearly every run in bash.sh; 0.2 is only argparse's
     balancer = em.create_balancer("pmr", make_toy_model(2))
-    assert (balancer.alpha, balancer.momentum, balancer.end_epoch) == (2.0, 0.0, 70)
+    assert (balancer.alpha, balancer.momentum, balancer.last_epoch) == (2.0, 0.0, 70)
 
 
 def test_default_prototypes_are_this_epochs_class_means() -> None:

@@ -25,7 +25,6 @@ from .sampling import (
     water_filling,
 )
 from .significance import (
-    SignificanceSums,
     batch_sums,
     feature_entropy_from_sums,
     feature_entropy_per_sample,
@@ -42,7 +41,6 @@ __all__ = [
     "MASK_STATS",
     "RATIO_FORMS",
     "GradientMasker",
-    "SignificanceSums",
     "UnitTensor",
     "batch_sums",
     "code_weights",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -171,58 +171,6 @@ def batch_sums(
     return torch.cat([n, ce_sum, ent.to(ce_sum.dtype), counts])
 
 
-class SignificanceSums:
-    """Additive sufficient statistics of AMSS's significance, accumulated over micro-batches.
-
-    The state is one flat tensor ``[n, ce_sum(M), entropy_sum(M), label_counts(C)]`` so that a single
-    ``all_reduce`` synchronises DDP ranks. Nothing here synchronises with the host.
-
-    Args:
-        modalities: modality names, in model order.
-        need_features: whether per-sample feature entropies are needed (``feature_entropy != "none"``).
-    """
-
-    def __init__(self, modalities: Sequence[str], *, need_features: bool = True) -> None:
-        self.modalities = list(modalities)
-        self.need_features = need_features
-        self.sums: Tensor | None = None
-
-    @property
-    def num_modalities(self) -> int:
-        """Number of modalities M."""
-        return len(self.modalities)
-
-    def add(
-        self, unimodal_logits: Mapping[str, Tensor], target: Tensor, features: Mapping[str, Tensor] | None
-    ) -> None:
-        """Add one micro-batch (unimodal logits ``(B, C)`` per modality, labels ``(B,)``, pooled features)."""
-        vec = batch_sums(unimodal_logits, target, features, self.modalities, need_features=self.need_features)
-        if self.sums is None:
-            self.sums = vec
-        elif self.sums.shape != vec.shape:
-            raise ValueError(
-                f"The number of classes changed between micro-batches (expected "
-                f"{self.sums.numel() - 1 - 2 * self.num_modalities}, found "
-                f"{vec.numel() - 1 - 2 * self.num_modalities}). Use one model output size for the whole run."
-            )
-        else:
-            self.sums += vec
-
-    def pop(self) -> Tensor | None:
-        """Return the accumulated sums (``None`` if nothing was added) and reset."""
-        out, self.sums = self.sums, None
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pending (not yet used) sums, on CPU."""
-        return {"sums": None if self.sums is None else self.sums.detach().cpu()}
-
-    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        sums = state.get("sums")
-        self.sums = None if sums is None else sums.to(device or sums.device)
-
-
 def significance_from_sums(
     sums: Tensor,
     num_modalities: int,
@@ -232,7 +180,7 @@ def significance_from_sums(
     offset: float = 0.5,
     fallback_offset: float | None = None,
 ) -> dict[str, Tensor]:
-    """Compute AMSS's significance from :class:`SignificanceSums` (after any DDP all-reduce).
+    """Compute AMSS's significance from summed :func:`batch_sums` (after any DDP all-reduce).
 
     Returns:
         A dict of tensors: ``rho`` ``(M,)``, ``mi`` ``(M,)`` (the bounds ``I_m``), ``ce`` ``(M,)``,

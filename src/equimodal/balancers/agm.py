@@ -7,13 +7,12 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import combinations
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_sum
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
@@ -105,9 +104,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             mod.train(flag)
 
 
-def scale_modality_gradients(balancer: Balancer, k: Mapping[str, float]) -> None:
-    """Multiply by ``k[m]`` what belongs to modality m: its encoder's gradients, its fusion-head column
-    blocks and its share of a head bias (the mean of its owners' ``k``), per :func:`head_blocks`.
+def scale_modality_gradients(balancer: Balancer, k: Mapping[str, float | Tensor]) -> None:
+    """Multiply by ``k[m]`` (a number or a 0-d device tensor) what belongs to modality m: its encoder's
+    gradients, its fusion-head column blocks and its share of a head bias (the mean of its owners' ``k``),
+    per :func:`head_blocks`.
 
     ``balancer`` must have ``head_blocks`` and ``head_biases`` from :func:`head_blocks` (AGM, MSLR).
     """
@@ -121,6 +121,24 @@ def scale_modality_gradients(balancer: Balancer, k: Mapping[str, float]) -> None
     for bias, owners in balancer.head_biases:  # type: ignore[attr-defined]
         if bias.grad is not None:
             bias.grad.mul_(sum(k[m] for m in owners) / len(owners))
+
+
+def clip_if(params: list[nn.Parameter], max_norm: float, condition: Tensor) -> None:
+    """``clip_grad_norm_(params, max_norm)`` where the 0-d bool ``condition`` holds, decided on the device.
+
+    Where it does not hold the gradients are multiplied by exactly 1 (a total norm of 0 gives a
+    coefficient clamped to 1), so no host read is needed to decide.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if hasattr(nn.utils, "get_total_norm"):  # torch >= 2.6: exactly clip_grad_norm_'s two parts
+        total = nn.utils.get_total_norm(grads)
+        nn.utils.clip_grads_with_norm_(params, max_norm, torch.where(condition, total, 0.0))
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = torch.clamp(max_norm / (torch.where(condition, total, 0.0) + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
 
 
 @register_balancer("agm")
@@ -166,7 +184,8 @@ class AGM(Balancer):
     columns and bias share when a modality's zero-filled input gives a zero feature; the hooks also
     leak small cross terms through the padded passes otherwise); the running means cover active
     steps only and are all-reduced under DDP; a non-finite step (AMP overflow) changes neither
-    gradients nor state.
+    gradients nor state. No host read per step: the coefficients and the clipping decision stay on the
+    device (``stats()``: ``k/<m>``, ``ratio/<m>``, ``score/<m>``).
     """
 
     scales_gradients: ClassVar[bool] = True
@@ -196,9 +215,9 @@ class AGM(Balancer):
         self.alpha = float(alpha)
         self.max_gap = None if max_gap is None else float(max_gap)
         self.clip = None if clip is None else float(clip)
-        self.running = torch.zeros(len(self.modalities), dtype=torch.float64)
-        self.count = 0
-        self._acc: Tensor | None = None  # [sum CE_1 .. sum CE_M, number of samples]
+        self.add_stat("ce_sums")  # [sum CE_1 .. sum CE_M, number of samples] over the step's micro-batches
+        self.add_state("running", torch.zeros(len(self.modalities), dtype=torch.float64))  # running means
+        self.add_state("count", torch.zeros((), dtype=torch.long))  # steps in the running means
         enc = {id(p) for m in self.modalities for p in self.encoder_params(m)}
         self._head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc]
         self.head_blocks, self.head_biases = head_blocks(model, self.modalities)
@@ -211,8 +230,7 @@ class AGM(Balancer):
             (-F.log_softmax(responses[m].float(), 1).gather(1, target[:, None])).clamp_max(limit).sum()
             for m in self.modalities
         ]
-        acc = torch.stack([*ce, ce[0].new_tensor(float(target.shape[0]))])
-        self._acc = acc if self._acc is None else self._acc + acc
+        self.accumulate("ce_sums", torch.stack([*ce, ce[0].new_full((), float(target.shape[0]))]))
 
     @torch.no_grad()
     def _coalitions(self, batch: Batch, out: MultimodalOutput) -> dict[frozenset[str], Tensor]:
@@ -228,39 +246,22 @@ class AGM(Balancer):
         return values
 
     def adjust_gradients(self) -> None:
-        """Scale modality m's gradients by ``k_m`` (:meth:`_scale`), update the running means, clip conditionally."""
-        acc, self._acc = self._acc, None
-        if acc is None:
+        """Scale modality m's gradients by ``k_m``, update the running means, clip conditionally."""
+        if self.ce_sums is None:  # no loss() since the last step
             return
-        acc = all_reduce_sum(acc.clone()).cpu().double()
+        acc = self.ce_sums.double()
         scores = acc[:-1] / acc[-1].clamp_min(1)
-        params = [p for m in self.modalities for p in self.encoder_params(m)] + self._head
-        if not (bool(torch.isfinite(scores).all()) and self.grads_finite(params)):
-            return  # AMP overflow step: GradScaler skips it, so leave everything alone
+        finite = self.step_finite  # a non-finite step: k = 1, no clipping, running means restored
         r, rbar, k = agm_coefficients(scores, self.running, self.alpha, self.max_gap)
         self.running = (self.running * self.count + scores) / (self.count + 1)
-        self.count += 1
-        self._scale(k.tolist())
+        self.count = self.count + 1
+        k = torch.where(finite, k, 1.0)
+        scale_modality_gradients(self, dict(zip(self.modalities, k.unbind(), strict=True)))
         if self.clip is not None and self._head:
             peaks = [p.grad.abs().amax() for p in self._head if p.grad is not None]
-            if peaks and float(torch.stack(peaks).amax()) > self.clip:  # one host sync for the whole head
-                nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.grad is not None], self.clip
-                )
-        self._stats = {f"k/{m}": float(k[i]) for i, m in enumerate(self.modalities)}
-        self._stats.update({f"ratio/{m}": float(r[i]) for i, m in enumerate(self.modalities)})
-        self._stats.update({f"score/{m}": float(scores[i]) for i, m in enumerate(self.modalities)})
-
-    def _scale(self, k: list[float]) -> None:
-        """Multiply by ``k_m`` the gradients of encoder m, of m's head columns and of m's bias share."""
-        scale_modality_gradients(self, dict(zip(self.modalities, k, strict=True)))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch, step count and the running means of the modality scores."""
-        return {**super().state_dict(), "running": self.running.clone(), "count": self.count}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.running = torch.as_tensor(state["running"], dtype=torch.float64).clone()
-        self.count = int(state["count"])
+            if peaks:
+                fire = finite & (torch.stack(peaks).amax() > self.clip)
+                clip_if([p for p in self.model.parameters() if p.grad is not None], self.clip, fire)
+        self.record("k", k)
+        self.record("ratio", r)
+        self.record("score", scores)

@@ -2,11 +2,12 @@
 Adaptively Masking Subnetworks", TPAMI 2025) as balancers.
 
 Per optimizer step: ``loss()`` accumulates each micro-batch's significance statistics (CE of the
-unimodal logits, feature entropies, label histogram); ``before_step()`` all-reduces them (DDP), turns
-them into update ratios ``k_m`` (the dominant modality keeps fewer units), then scores, samples and
-masks every unit tensor's gradient in place in one vectorised pass (:mod:`equimodal.amss`). The forward
-pass and the optimizer are untouched: masked units still move by momentum and weight decay, as in the
-official code (spec B9). Options, defaults and every deviation from the official code: ``docs/amss.md``.
+unimodal logits, feature entropies, label histogram; a declared statistic, which the base class
+all-reduces under DDP); ``before_step()`` turns them into update ratios ``k_m`` (the dominant modality
+keeps fewer units), then scores, samples and masks every unit tensor's gradient in place in one
+vectorised pass (:mod:`equimodal.amss`), with no host read. The forward pass and the optimizer are
+untouched: masked units still move by momentum and weight decay, as in the official code (spec B9).
+Options, defaults and every deviation from the official code: ``docs/amss.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..amss.significance import (
     LABEL_ENTROPY_MODES,
     FeatureEntropyMode,
     LabelEntropyMode,
-    SignificanceSums,
+    batch_sums,
     significance_from_sums,
 )
 from ..amss.units import (
@@ -53,7 +54,6 @@ from ..amss.units import (
     check_layer_kinds,
     discover_units,
 )
-from ..distributed import all_reduce_mean, all_reduce_sum
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .heads import UnimodalHeads
@@ -190,6 +190,15 @@ class AMSS(Balancer):
         end_epoch: last epoch in which it acts (``None``: no end).
         seed: seed of the sampling generator (identical on every DDP rank).
 
+    Statistics (``stats()``, recorded on the device every step, ``{}`` outside the window): per modality
+    ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio used: the fixed ``ratio`` when
+    one is set), ``kept_fraction/m`` (kept units / units), ``kept_grad_norm/m`` (norm of the kept part of
+    the gradient / full norm, before reweighting), ``mean_weight/m`` (mean weight of kept units: 1 for
+    AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted gradient / full norm); plus
+    ``label_entropy``, ``fallback`` (1 if the fallback fired) and ``nonfinite`` (1 if the step was left
+    unmasked for inf/NaN gradients; averaged over an epoch, these two are rates); per masked tensor
+    ``layer_kept/<modality>/<name>``, the fraction of its units kept; with own heads ``uni_loss/m``.
+
     Attributes:
         units: what is masked (public API): modality -> list of :class:`~equimodal.amss.units.UnitTensor`,
             one per masked parameter, with its ``modality``, ``name`` (qualified module name), ``kind`` (``"filters"``,
@@ -286,23 +295,21 @@ class AMSS(Balancer):
             max_weight=max_weight, code_bias=code_bias, code_block_norm=code_block_norm, score_floor=score_floor,
         )  # fmt: skip
         self._fallback_ratio = torch.tensor([float(fb[m]) for m in self.modalities])
-        self._uni_sum: Tensor | None = None  # the own heads' losses summed over this step's micro-batches
-        self._loss_ema: Tensor | None = (
-            None  # (2, M): fast and slow EMAs of those losses (significance="speed")
-        )
-        self._sums = SignificanceSums(self.modalities, need_features=feature_entropy != "none")
-        self._rho_ema: Tensor | None = None
-        self._counters = torch.zeros(3)  # fallback steps, non-finite steps, active steps
-        self._last: Tensor | None = None
         self._warned_no_loss = False
-        m = self.modalities
-        self._stat_names = (
-            [f"{s}/{x}" for s in ("rho", "mi", "k") for x in m]
-            + [f"{s}/{x}" for s in MASK_STATS for x in m]
-            + ["label_entropy", "fallback", "nonfinite"]
-            + [f"layer_kept/{u.modality}/{u.name}" for u in self.masker.tensors]
-            + ([f"uni_loss/{x}" for x in m] if self.own_heads is not None else [])
-        )
+        self._declare_state()
+        self._layer_keys = [f"{u.modality}/{u.name}" for u in self.masker.tensors]
+
+    def _declare_state(self) -> None:
+        """AMSS's statistics of a step and its state across steps (:meth:`~equimodal.Balancer.add_stat`)."""
+        num_m = len(self.modalities)
+        self.add_stat("sig_sums")  # [n, CE sums (M), feature-entropy sums (M), label counts (C)]
+        self.add_stat("uni_loss_sum", reduce="mean")  # the own heads' CEs summed over the micro-batches
+        self.add_state("rho_ema", torch.full((num_m,), math.nan))  # EMA of rho (NaN: none yet)
+        self.add_state("loss_ema", torch.full((2, num_m), math.nan))  # fast, slow EMAs of the heads' CEs
+        # fallback steps, non-finite steps, active steps: they count non-finite steps, so never rolled back
+        self.add_state("step_counts", torch.zeros(3), rollback=False)
+        if self.own_heads is not None:
+            self.add_state("own_heads", self.own_heads)
 
     def _own_heads(
         self,
@@ -344,63 +351,64 @@ class AMSS(Balancer):
             else out._replace(features={m: z.detach() for m, z in out.features.items()})
         )
         uni = torch.stack([F.cross_entropy(self.own_heads.logit(source, m), target) for m in self.modalities])
-        self._uni_sum = uni.detach() if self._uni_sum is None else self._uni_sum + uni.detach()
+        self.accumulate("uni_loss_sum", uni)
         return fused + (self.head_weight or 1.0) * uni.sum()
 
-    def _speed(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
-        """``significance="speed"``: per modality, how fast its own head's loss is falling, relative
-        (slow EMA - fast EMA) / slow EMA, normalised by the modalities' total; and whether it is ready."""
-        if self._uni_sum is None:
-            return None
-        loss = all_reduce_mean(self._uni_sum.to(device).float())
-        self._uni_sum = None
-        if self._loss_ema is None:
-            self._loss_ema = torch.stack([loss, loss])
-        ema = self._loss_ema.to(device)
+    def _speed(self, loss: Tensor) -> tuple[Tensor, Tensor]:
+        """``significance="speed"``: per modality, how fast its own head's loss (``loss``, this step's) is
+        falling, relative (slow EMA - fast EMA) / slow EMA, normalised by the modalities' total; and whether
+        it is ready."""
+        loss = loss.float()
+        ema = torch.where(torch.isnan(self.loss_ema), loss, self.loss_ema)  # the first step starts both EMAs
         ema = torch.stack([0.9 * ema[0] + 0.1 * loss, 0.99 * ema[1] + 0.01 * loss])
-        self._loss_ema = ema
+        self.loss_ema = ema
         speed = (ema[1] - ema[0]) / ema[1].clamp_min(1e-8)
         rho = speed / speed.abs().sum().clamp_min(1e-8)
-        ready = torch.as_tensor(self.num_steps > 20, device=device)
+        ready = torch.full((), self.num_steps > 20, dtype=torch.bool, device=loss.device)
         return rho, ready
 
     # ------------------------------------------------------------------ the two calls
     def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
-        """Record this micro-batch's significance statistics (``batch`` unused)."""
-        self._sums.add(out.unimodal_logits, target, out.features)
+        """Add this micro-batch's significance statistics (``batch`` unused)."""
+        stats = batch_sums(
+            out.unimodal_logits,
+            target,
+            out.features,
+            self.modalities,
+            need_features=self.feature_entropy != "none",
+        )
+        self.accumulate("sig_sums", stats)
 
     def adjust_gradients(self) -> None:
         """Compute the ratios from the accumulated statistics, then sample and mask the gradients in place."""
         device = self.masker.device
         sig = self._significance(device)
-        uni_loss = None
-        if self.own_heads is not None:
-            self.own_heads.all_reduce_grads()
-            self.own_heads.check_stepped(self.model)
-            uni_loss = self._uni_sum
-            if self.significance == "speed":
-                speed = self._speed(device)
-                if speed is not None:
-                    sig["rho"], ready = speed
-                    sig["fallback"] = ~ready
-            self._uni_sum = None
+        if self.significance == "speed" and self.uni_loss_sum is not None:
+            sig["rho"], ready = self._speed(self.uni_loss_sum)
+            sig["fallback"] = ~ready
         k = self._ratios(sig, device)
         mask_stats, finite = self.masker.apply(k, self.generator(device))
         flags = torch.stack([sig["fallback"].float(), (~finite).float()])
-        self._counters = self._counters.to(device) + torch.cat([flags, flags.new_ones(1)])
-        parts = [sig["rho"], sig["mi"], k, mask_stats.flatten(), sig["label_entropy"].view(1), flags]
-        parts.append(self.masker.kept_fraction_per_tensor())
+        self.step_counts = self.step_counts + torch.cat([flags, flags.new_ones(1)])
+        for name in ("rho", "mi", "k"):
+            self.record(name, sig[name] if name != "k" else k)
+        for name, row in zip(MASK_STATS, mask_stats, strict=True):
+            self.record(name, row)
+        self.record("label_entropy", sig["label_entropy"])
+        self.record("fallback", flags[0])
+        self.record("nonfinite", flags[1])
+        self.record("layer_kept", self.masker.kept_fraction_per_tensor(), keys=self._layer_keys)
         if self.own_heads is not None:
-            loss = uni_loss if uni_loss is not None else torch.full((len(self.modalities),), float("nan"))
-            parts.append(loss.to(device).float())
-        self._last = torch.cat(parts)
+            loss = self.uni_loss_sum
+            self.record(
+                "uni_loss", loss if loss is not None else torch.full((len(self.modalities),), math.nan)
+            )
 
     def _significance(self, device: torch.device) -> dict[str, Tensor]:
         """The significance of this step's accumulated statistics (fallback values when there are none)."""
-        sums = self._sums.pop()
-        if sums is not None:
+        if self.sig_sums is not None:
             return significance_from_sums(
-                all_reduce_sum(sums.to(device)), len(self.modalities), label_entropy_mode=self.label_entropy,
+                self.sig_sums, len(self.modalities), label_entropy_mode=self.label_entropy,
                 feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
             )  # fmt: skip
         if not self._warned_no_loss:
@@ -419,67 +427,20 @@ class AMSS(Balancer):
         """The update ratios ``k_m`` from the significance (its EMA with ``rho_momentum``; ``ratio`` if fixed)."""
         rho = sig["rho"]
         self._fallback_ratio = self._fallback_ratio.to(device)  # moved once, kept on the device
-        if self.rho_momentum > 0:
-            ema = (
-                rho
-                if self._rho_ema is None
-                else self.rho_momentum * self._rho_ema.to(device) + (1 - self.rho_momentum) * rho
-            )
-            self._rho_ema = rho = torch.where(torch.isfinite(ema), ema, rho)
+        if self.rho_momentum > 0:  # a NaN average (none yet) takes this step's rho
+            ema = self.rho_momentum * self.rho_ema + (1 - self.rho_momentum) * rho
+            self.rho_ema = rho = torch.where(torch.isfinite(ema), ema, rho)
         k = update_ratios(
             rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,
             fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
         )  # fmt: skip
         return fixed_ratios(self.ratio, k) if self.ratio is not None else k
 
-    # ------------------------------------------------------------------ observability and state
-    def stats(self) -> dict[str, float]:
-        """Last step's figures, for logging every step (one host sync; ``{}`` when inactive).
-
-        Per modality ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio used: the
-        fixed ``ratio`` when one is set), ``kept_fraction/m`` (kept units / units), ``kept_grad_norm/m``
-        (norm of the kept part of the gradient / full norm, before reweighting), ``mean_weight/m`` (mean
-        weight of kept units: 1 for AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted
-        gradient / full norm); plus ``label_entropy``, ``fallback`` (1 if the fallback fired) and
-        ``nonfinite`` (1 if the step was left unmasked for inf/NaN gradients; averaged over an epoch,
-        these two are rates); and per masked tensor ``layer_kept/<modality>/<name>``, the fraction of
-        its units kept.
-        """
-        if self._last is None or not self.active:
-            return {}
-        return dict(zip(self._stat_names, self._last.tolist(), strict=True))
-
+    # ------------------------------------------------------------------ observability
     def counters(self) -> dict[str, int]:
         """Cumulative ``fallback_steps``, ``nonfinite_steps`` and ``active_steps`` (one host sync)."""
         names = ("fallback_steps", "nonfinite_steps", "active_steps")
-        return {n: int(v) for n, v in zip(names, self._counters.tolist(), strict=True)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch, step count, the sampling generator's state, counters, rho EMA and pending statistics."""
-        state = super().state_dict()
-        state.update(
-            counters=self._counters.tolist(),
-            rho_ema=None if self._rho_ema is None else self._rho_ema.detach().cpu(),
-            significance=self._sums.state_dict(),
-        )
-        if self.own_heads is not None:
-            state.update(
-                own_heads=self.own_heads.state_dict(),
-                loss_ema=None if self._loss_ema is None else self._loss_ema.detach().cpu(),
-                uni_sum=None if self._uni_sum is None else self._uni_sum.detach().cpu(),
-            )
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the generator continues exactly where it stopped)."""
-        super().load_state_dict(state)
-        self._counters = torch.tensor(state.get("counters", [0.0, 0.0, 0.0]), dtype=torch.float32)
-        self._rho_ema = state.get("rho_ema")
-        self._sums.load_state_dict(state.get("significance", {}), self.masker.device)
-        if self.own_heads is not None:
-            self.own_heads.load_state_dict(state["own_heads"])
-            self._loss_ema, self._uni_sum = state.get("loss_ema"), state.get("uni_sum")
-        self._last = None
+        return {n: int(v) for n, v in zip(names, self.step_counts.tolist(), strict=True)}
 
 
 @register_balancer("amss_plus")

@@ -17,7 +17,7 @@ public call (a driver)     hook (a method overrides)       what the hook supplie
 ``loss(out, y, batch=)``   :meth:`observe`                 per-micro-batch statistics (no return value)
 ``loss(out, y, batch=)``   :meth:`objective`               the training objective (default: fused CE)
 ``before_step()``          :meth:`adjust_gradients`        in-place edits of ``.grad``
-``prepare_epoch(data)``    :meth:`on_epoch_start`          epoch-level work over train / held-out data
+``start_epoch(e, data)``   :meth:`on_epoch_start`          epoch-level work over train / held-out data
 ``train_step(b, y, opt)``  :meth:`own_step`                a whole optimisation step of its own
 ``predict(out)``           :meth:`fused_prediction`        evaluation logits (default: fused logits)
 ``predict_unimodal(out)``  :meth:`unimodal_prediction`     per-modality evaluation logits
@@ -29,19 +29,30 @@ and exposed in one place, :attr:`Balancer.requirements`. Every public call check
 loop, the reference trainer, Lightning) can silently run a different method than the one named:
 
 - a balancer that overrides :meth:`own_step` must be driven by :meth:`train_step`;
-- one that overrides :meth:`on_epoch_start` needs :meth:`prepare_epoch` at every epoch start (with
-  ``EpochData.heldout`` when ``heldout_fraction > 0``);
-- one with a bounded epoch window, epoch data, or its own :meth:`set_epoch` needs :meth:`set_epoch`;
+- one that overrides :meth:`on_epoch_start` needs its epoch data at every epoch start,
+  ``start_epoch(epoch, EpochData(...))`` (with ``EpochData.heldout`` when ``heldout_fraction > 0``);
+- one with a bounded epoch window, epoch data, or its own :meth:`set_epoch` needs :meth:`start_epoch`
+  (which calls :meth:`set_epoch`, then :meth:`prepare_epoch` where needed: the one epoch start of every
+  driver);
 - one with ``needs_batch = True`` needs ``loss(..., batch=inputs)``.
+
+What every method would otherwise have to remember is declared, not written (as torchmetrics' metrics
+declare ``add_state``; :mod:`~equimodal.balancers.state`): :meth:`Balancer.add_stat` declares a statistic
+that :meth:`observe` adds to per micro-batch, which the base class keeps on the gradients' device,
+all-reduces once per optimizer step (one flat collective per reduce op) and resets;
+:meth:`Balancer.add_state` declares persistent state, which ``state_dict``/``load_state_dict`` save and
+restore and which a non-finite step (an AMP overflow) leaves as it was, on the device. Figures for logging
+are recorded as device tensors (:meth:`Balancer.record`) and read on the host only when a driver asks
+(:meth:`Balancer.stats`), so a step that logs nothing reads nothing on the host;
+:func:`equimodal.testing.check_host_reads` counts it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,9 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_mean, is_distributed, make_generator
+from ..distributed import Reduce, all_reduce_grads, make_generator
 from ..types import MultimodalOutput, check_output, modality_names
 from .epoch_data import EpochData
+from .state import Declared
+from .step_check import StepCheck
 
 Batch = Mapping[str, Tensor]
 log = logging.getLogger(__name__)
@@ -88,11 +101,11 @@ class Requirements:
         lines = []
         if self.own_step:
             lines.append("train_step(batch, labels, optimizer) instead of loss()/before_step()")
-        if self.set_epoch:
-            lines.append("set_epoch(epoch) at the start of each epoch")
         if self.epoch_data:
             held = f" with heldout= {self.heldout_fraction:.0%} of train" if self.heldout_fraction else ""
-            lines.append(f"prepare_epoch(EpochData(...){held}) after each set_epoch")
+            lines.append(f"start_epoch(epoch, EpochData(...){held}) at the start of each epoch")
+        elif self.set_epoch:
+            lines.append("start_epoch(epoch) at the start of each epoch")
         if self.batch:
             lines.append("loss(out, labels, batch=inputs)")
         if self.parameters:
@@ -127,8 +140,8 @@ class Balancer:
     Args:
         model: a model satisfying the contract (``model.encoders`` ModuleDict; forward returns
             ``MultimodalOutput``).
-        start_epoch: first epoch (inclusive) in which the method acts.
-        end_epoch: last epoch (inclusive) in which it acts; ``None`` means no end.
+        start_epoch: first epoch (inclusive) in which the method acts (kept as ``first_epoch``).
+        end_epoch: last epoch (inclusive) in which it acts; ``None`` means no end (kept as ``last_epoch``).
         seed: seed of the balancer's random generator (identical on all DDP ranks).
 
     Class attributes a method may set (read only by :attr:`requirements`): ``needs_batch`` (its hooks
@@ -138,13 +151,16 @@ class Balancer:
     of each micro-batch, so with gradient accumulation each micro-batch decides for itself, as in PMR).
     ``name`` is set by :func:`~equimodal.register_balancer`. ``scales_gradients`` (the method acts by
     multiplying gradients, as OGM, AGM and MSLR do) makes :meth:`check_optimizer` warn under adaptive
-    optimizers, which cancel most of such a factor.
+    optimizers, which cancel most of such a factor. ``step_host_reads`` is the number of host reads a step
+    that logs nothing needs by the method's nature (a host decision; 0 for every built-in method), which
+    the contract suite holds it to (:func:`~equimodal.testing.check_host_reads`); say why where you set it.
     """
 
     name: ClassVar[str] = "base"
     needs_batch: ClassVar[bool] = False
     micro_batch_statistics: ClassVar[bool] = False
     scales_gradients: ClassVar[bool] = False
+    step_host_reads: ClassVar[int] = 0
     heldout_fraction: float = 0.0
     unused_parameters: bool = False
 
@@ -159,12 +175,17 @@ class Balancer:
             raise ValueError(
                 f"end_epoch ({end_epoch}) must be >= start_epoch ({start_epoch}), or None for no end."
             )
-        self.start_epoch = int(start_epoch)
-        self.end_epoch = None if end_epoch is None else int(end_epoch)
+        self.first_epoch = int(start_epoch)
+        self.last_epoch = None if end_epoch is None else int(end_epoch)
         self.seed = int(seed)
         self.epoch = 0
         self.num_steps = 0
-        self._stats: dict[str, float] = {}
+        self._declared = Declared()
+        self._records: dict[str, tuple[list[str], Tensor]] = {}
+        self._finite: Tensor | None = None
+        self._step_open = False
+        self._labels_checked = False
+        self._step_check: StepCheck | None = None
         self._gen: torch.Generator | None = None
         self._pending_gen_state: Tensor | None = None
         self._epoch_set = False
@@ -186,16 +207,20 @@ class Balancer:
     def requirements(self) -> Requirements:
         """What a driver must do for this balancer (see :class:`Requirements`)."""
         epoch_data = self.uses_epoch_data
-        bounded = self.start_epoch > 0 or self.end_epoch is not None
         return Requirements(
             own_step=self.overrides("own_step"),
             epoch_data=epoch_data,
-            set_epoch=bounded or epoch_data or self.overrides("set_epoch"),
+            set_epoch=self.bounded or epoch_data or self.overrides("set_epoch"),
             batch=bool(self.needs_batch),
             heldout_fraction=float(self.heldout_fraction) if epoch_data else 0.0,
             parameters=any(True for _ in self.parameters()),
             unused_parameters=bool(self.unused_parameters),
         )
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the epoch window starts after epoch 0 or ends."""
+        return self.first_epoch > 0 or self.last_epoch is not None
 
     def _check_driver(self, call: str, *, batch: object = True) -> None:
         """Raise :class:`DriverError` when ``call`` is made without what the balancer needs."""
@@ -206,20 +231,18 @@ class Balancer:
                 f"of loss()/before_step() (found a call to {call})."
             )
         if req.set_epoch and not self._epoch_set:
-            why = (
-                f"acts in epochs {self.start_epoch}-{'end' if self.end_epoch is None else self.end_epoch} only"
-                if self.start_epoch > 0 or self.end_epoch is not None
-                else "works per epoch"
-            )
+            end = "end" if self.last_epoch is None else self.last_epoch
+            why = f"acts in epochs {self.first_epoch}-{end} only" if self.bounded else "works per epoch"
             raise DriverError(
-                f"{self.name} {why}: call balancer.set_epoch(epoch) at the start of every epoch, before the "
-                f"first {call}."
+                f"{self.name} {why}: call balancer.start_epoch(epoch) (or set_epoch(epoch)) at the start of "
+                f"every epoch, before the first {call}."
             )
         if req.epoch_data and self._prepared_epoch != self.epoch:
             held = " and heldout= a part of train (never val/test)" if req.heldout_fraction else ""
             raise DriverError(
-                f"{self.name} needs prepare_epoch(EpochData(train=...{held}, device=...)) at each epoch start, "
-                f"after set_epoch(epoch); found {call} in epoch {self.epoch} without it."
+                f"{self.name} needs its epoch data at each epoch start: call balancer.start_epoch(epoch, "
+                f"EpochData(train=...{held}, device=...)), or set_epoch(epoch) then "
+                f"prepare_epoch(EpochData(...)); found {call} in epoch {self.epoch} without it."
             )
         if req.batch and batch is None:
             raise DriverError(
@@ -239,11 +262,25 @@ class Balancer:
         return self._loss(out, target, batch)
 
     def _loss(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
-        check_output(out, self.modalities, target)
+        self.validate_output(out, target)
+        if not self._step_open:  # the first micro-batch of an optimizer step
+            self._records.clear()
+            self._declared.to(self, self.device)
+            self._step_open = True
         if not self.active:
             return F.cross_entropy(out.logits, target) + Balancer.auxiliary_loss(self, out, target)
         self.observe(out, target, batch)
         return self.objective(out, target, batch) + self.auxiliary_loss(out, target)
+
+    def validate_output(self, out: MultimodalOutput, target: Tensor) -> None:
+        """Check a model output and its labels against the contract (raises naming what is wrong).
+
+        The labels' range needs a host read, so it is checked at the first call only (until one passes);
+        later calls check the output's shapes, which costs none (an out-of-range label then fails in the
+        cross-entropy itself).
+        """
+        check_output(out, self.modalities, None if self._labels_checked else target)
+        self._labels_checked = True
 
     def before_step(self) -> None:
         """Edit ``.grad`` in place once per optimizer step (after backward/unscale, before step)."""
@@ -252,8 +289,32 @@ class Balancer:
 
     def _step_gradients(self) -> None:
         self.num_steps += 1
+        if not self._step_open:  # a step without a loss() call
+            self._records.clear()
         if self.active:
+            self._declared.to(self, self.device)
+            self._declared.all_reduce(self)
+            self._own_parameters_step()
+            saved = self._declared.snapshot(self)
+            finite = self.step_finite if saved else None  # taken before the gradients are edited
             self.adjust_gradients()
+            if finite is not None:
+                self._declared.restore(self, saved, finite)
+        self._declared.reset_stats(self, self.device)
+        self._finite, self._step_open = None, False
+
+    def _own_parameters_step(self) -> None:
+        """Average the gradients of the balancer's own parameters over ranks (they are outside the user's
+        DDP wrapper) and check that the optimizer steps them (:mod:`~equimodal.balancers.step_check`)."""
+        own = list(self.parameters())
+        if not own:
+            return
+        all_reduce_grads(own)
+        if self._step_check is None:
+            self._step_check = StepCheck(self.name)
+        problem = self._step_check(own, self.model)
+        if problem is not None:
+            raise DriverError(problem)
 
     def train_step(
         self, batch: Batch, target: Tensor, optimizer: torch.optim.Optimizer, *, micro_batches: int = 1
@@ -263,8 +324,9 @@ class Balancer:
         Balancers that own their step run :meth:`own_step`; the others run the two calls (forward,
         :meth:`loss`, backward, :meth:`before_step`, ``optimizer.step()``). ``micro_batches`` splits the
         batch into that many chunks whose gradients are accumulated, each weighted by its share of the
-        samples, before the step (the update of the whole batch, but for batch-norm statistics). Gradients are zeroed before and after. Under DDP (the model here is not
-        wrapped) gradients are averaged over ranks before they are adjusted. Returns the mean loss.
+        samples, before the step (the update of the whole batch, but for batch-norm statistics). Gradients
+        are zeroed before and after. Under DDP (the model here is not wrapped) gradients are averaged over
+        ranks before they are adjusted. Returns the mean loss.
         """
         self._check_driver("train_step()")
         self.check_optimizer(optimizer)
@@ -277,6 +339,7 @@ class Balancer:
                 "optimizer with `torch.optim.SGD([*model.parameters(), *balancer.parameters()], ...)`."
             )
         if self.active and self.requirements.own_step:
+            self._records.clear()
             loss = self.own_step(batch, target, optimizer, micro_batches)
             self.num_steps += 1
             return loss
@@ -286,8 +349,7 @@ class Balancer:
             loss = self._loss(self.model(chunk), y, chunk) * (y.shape[0] / target.shape[0])
             loss.backward()
             losses.append(loss.detach())
-        if is_distributed():
-            all_reduce_grads([p for g in optimizer.param_groups for p in g["params"]])
+        all_reduce_grads([p for g in optimizer.param_groups for p in g["params"]])
         self._step_gradients()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -315,9 +377,31 @@ class Balancer:
             self._optimizer_warned = True
         return applies
 
-    # ------------------------------------------------------------------ schedule and state
+    # ------------------------------------------------------------------ schedule
+    def start_epoch(self, epoch: int, data: EpochData | None = None) -> None:
+        """Start epoch ``epoch`` (0-based): :meth:`set_epoch`, then :meth:`prepare_epoch` with ``data`` when
+        ``requirements.epoch_data`` says so. Every driver calls this at each epoch start.
+
+        An epoch is prepared once: when it already was (a run resumed mid-epoch restores that with
+        :meth:`load_state_dict`), ``data`` is not read again. ``data`` may be ``None`` for balancers that
+        need no epoch data.
+
+        Raises:
+            DriverError: the balancer needs epoch data and ``data`` is ``None``.
+        """
+        self.set_epoch(epoch)
+        if not self.requirements.epoch_data or self._prepared_epoch == self.epoch:
+            return
+        if data is None:
+            held = ", heldout=<a part of train>" if self.requirements.heldout_fraction else ""
+            raise DriverError(
+                f"{self.name} works on its epoch data at each epoch start: call balancer.start_epoch(epoch, "
+                f"EpochData(train=...{held}, device=...)) (found data=None)."
+            )
+        self.prepare_epoch(data)
+
     def set_epoch(self, epoch: int) -> None:
-        """Tell the balancer which epoch (0-based) is starting."""
+        """Tell the balancer which epoch (0-based) is starting (:meth:`start_epoch` calls it)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"set_epoch expects an epoch number >= 0, found {epoch!r}.")
         self.epoch = int(epoch)
@@ -326,7 +410,7 @@ class Balancer:
     def prepare_epoch(self, data: EpochData) -> None:
         """Epoch-level preparation, after :meth:`set_epoch`; calls :meth:`on_epoch_start` while active.
 
-        Harmless for balancers that need no epoch data (nothing happens).
+        Harmless for balancers that need no epoch data (nothing happens). :meth:`start_epoch` calls it.
         """
         if not isinstance(data, EpochData):
             raise TypeError(f"prepare_epoch expects an equimodal EpochData, found {type(data).__name__}.")
@@ -345,11 +429,95 @@ class Balancer:
 
     @property
     def active(self) -> bool:
-        """Whether the method acts in the current epoch (``start_epoch <= epoch <= end_epoch``)."""
-        return self.epoch >= self.start_epoch and (self.end_epoch is None or self.epoch <= self.end_epoch)
+        """Whether the method acts in the current epoch (``first_epoch <= epoch <= last_epoch``)."""
+        return self.epoch >= self.first_epoch and (self.last_epoch is None or self.epoch <= self.last_epoch)
 
+    # ------------------------------------------------------------------ declared statistics and state
+    def add_stat(self, name: str, default: Tensor | None = None, *, reduce: Reduce = "sum") -> None:
+        """Declare a statistic of one optimizer step, kept as ``self.<name>`` (call it in ``__init__``).
+
+        :meth:`observe` (or :meth:`objective`) adds to it per micro-batch, ``self.<name> += value`` or
+        :meth:`accumulate`; :meth:`adjust_gradients` reads it. The base class keeps it on the gradients'
+        device, reduces it over DDP ranks once per optimizer step, before :meth:`adjust_gradients` (one flat
+        collective per reduce op), and resets it to ``default`` after the step.
+
+        Args:
+            name: the attribute name.
+            default: its value at the start of every step; ``None`` (nothing seen yet) for a statistic
+                sized by the first value :meth:`accumulate` adds.
+            reduce: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"`` over ranks.
+        """
+        self._declared.add_stat(self, name, default, reduce)
+
+    def add_state(self, name: str, default: Any, *, rollback: bool = True, missing: str = "") -> None:
+        """Declare persistent state, kept as ``self.<name>``, saved and restored by :meth:`state_dict`
+        (call it in ``__init__``).
+
+        ``default`` is a tensor (kept on the gradients' device, saved on the CPU), plain data (numbers,
+        strings, lists, dicts, ``None``; copied), or an object with ``state_dict``/``load_state_dict`` such as
+        an ``nn.Module`` (saved by its ``state_dict``, loaded in place so an optimizer keeps its parameters).
+
+        Args:
+            name: the attribute name (also its key in :meth:`state_dict`).
+            default: the initial value.
+            rollback: a tensor state that :meth:`adjust_gradients` changes in a non-finite step (an AMP
+                overflow) is restored to its value before the step, on the device; ``False`` for a state
+                that must see such steps (e.g. a counter of them).
+            missing: what to do when a loaded state lacks this entry, appended to the error.
+        """
+        self._declared.add_state(self, name, default, rollback, missing)
+
+    def accumulate(self, name: str, value: Tensor) -> None:
+        """Add ``value`` to statistic ``name`` (a copy of ``value`` when the statistic holds ``None``)."""
+        self._declared.accumulate(self, name, value)
+
+    def record(self, name: str, value: Tensor, keys: Sequence[str] | None = None) -> None:
+        """Record a figure of this step for logging, as a device tensor (read only by :meth:`stats`).
+
+        A 0-d ``value`` is logged as ``name``; a vector as ``name/<key>`` for each of ``keys`` (default:
+        the modalities). A second record of ``name`` in the same step replaces the first.
+        """
+        value = value.detach()
+        if value.dim() == 0:
+            names = [name]
+        else:
+            keys = self.modalities if keys is None else list(keys)
+            if value.dim() != 1 or value.numel() != len(keys):
+                raise ValueError(
+                    f"record({name!r}, ...) expects a 0-d tensor or one value per key ({len(keys)}), found "
+                    f"shape {tuple(value.shape)}."
+                )
+            names = [f"{name}/{k}" for k in keys]
+        self._records[name] = (names, value)
+
+    @property
+    def step_finite(self) -> Tensor:
+        """A 0-d bool device tensor: whether this step's gradients and statistics are all finite.
+
+        Computed, without a host read, at its first use in a step (the base class uses it before
+        :meth:`adjust_gradients` when the balancer declared state to protect): read it before editing
+        gradients. A method keeps a non-finite step's gradients unchanged with ``torch.where(finite, ...)``.
+        """
+        if self._finite is None:
+            params = [*self.model.parameters(), *self.parameters()]
+            grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+            tensors = grads + self._declared.stat_tensors(self)
+            if not tensors:
+                self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+            else:
+                peaks = torch.stack(torch._foreach_norm(tensors, ord=float("inf")))
+                self._finite = torch.isfinite(peaks).all()
+        return self._finite
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter, where the declared tensors are kept."""
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Serializable state (epoch, steps, random generator); subclasses extend the dict returned here."""
+        """Serializable state: epoch, steps, random generator and every state :meth:`add_state` declared."""
         state: dict[str, Any] = {
             "epoch": self.epoch,
             "num_steps": self.num_steps,
@@ -359,6 +527,7 @@ class Balancer:
         gen_state = self._gen.get_state() if self._gen is not None else self._pending_gen_state
         if gen_state is not None:
             state["generator"] = gen_state.clone()
+        state.update(self._declared.save(self))
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -368,6 +537,7 @@ class Balancer:
         self._epoch_set = bool(state.get("epoch_set", True))
         self._prepared_epoch = state.get("prepared_epoch")
         self._gen, self._pending_gen_state = None, state.get("generator")
+        self._declared.load(self, state, self.name)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The balancer's random generator on ``device``, seeded with ``seed`` identically on every rank.
@@ -388,9 +558,23 @@ class Balancer:
                 self._pending_gen_state = None
         return self._gen
 
+    def stat_values(self) -> tuple[list[str], Tensor | None]:
+        """The names and values (one float64 device vector) of this step's :meth:`record` ed figures.
+
+        No host read: a driver accumulates them on the device (the reference trainer's epoch means).
+        ``(names, None)`` with no names when nothing was recorded.
+        """
+        if not self._records:
+            return [], None
+        parts = list(self._records.values())
+        device = parts[0][1].device
+        names = [n for ns, _ in parts for n in ns]
+        return names, torch.cat([v.reshape(-1).to(device, torch.float64) for _, v in parts])
+
     def stats(self) -> dict[str, float]:
-        """Per-step observability figures of the last step (e.g. ``k/audio``), for logging."""
-        return dict(self._stats)
+        """This step's recorded figures (e.g. ``k/audio``) as floats, for logging: one host read."""
+        names, values = self.stat_values()
+        return {} if values is None else dict(zip(names, values.tolist(), strict=True))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters the balancer owns (e.g. MLA's shared head); add them to the optimizer."""
@@ -407,7 +591,7 @@ class Balancer:
 
     # ------------------------------------------------------------------ hooks a method overrides
     def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
-        """Record this micro-batch's statistics for :meth:`adjust_gradients` (called while active)."""
+        """Add this micro-batch's statistics (declared by :meth:`add_stat`) (called while active)."""
 
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         """The training objective of one micro-batch while active; CE on the fused logits by default.
@@ -417,7 +601,8 @@ class Balancer:
         return F.cross_entropy(out.logits, target)
 
     def adjust_gradients(self) -> None:
-        """Edit the accumulated ``.grad`` in place once per optimizer step (called while active)."""
+        """Edit the accumulated ``.grad`` in place once per optimizer step (called while active), with the
+        statistics already reduced over ranks."""
 
     def on_epoch_start(self, data: EpochData) -> None:
         """Epoch-level work over ``data`` (called while active); overriding it requires epoch data."""
@@ -454,14 +639,6 @@ class Balancer:
         """Trainable parameters of one modality's encoder."""
         return [p for p in self.model.encoders[modality].parameters() if p.requires_grad]
 
-    @staticmethod
-    def grads_finite(params: Iterable[nn.Parameter]) -> bool:
-        """True when every existing gradient is finite (an AMP overflow step is not)."""
-        norms = [p.grad.detach().abs().amax() for p in params if p.grad is not None and p.grad.numel()]
-        if not norms:
-            return True
-        return math.isfinite(float(torch.stack(norms).amax()))
-
 
 def split_batch(batch: Batch, target: Tensor, chunks: int) -> list[tuple[dict[str, Tensor], Tensor]]:
     """Split a batch (every tensor entry with the labels' length) into ``chunks`` micro-batches."""
@@ -474,12 +651,3 @@ def split_batch(batch: Batch, target: Tensor, chunks: int) -> list[tuple[dict[st
         part = {k: v[lo:hi] if isinstance(v, Tensor) and v.shape[:1] == (n,) else v for k, v in batch.items()}
         out.append((part, target[lo:hi]))
     return out
-
-
-def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
-    """Average the existing gradients of ``params`` over DDP ranks in one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(part.view_as(g))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_sum, is_distributed
+from ..distributed import all_reduce_grads, all_reduce_sum
 from ..types import MultimodalOutput
-from .base import Balancer, Batch, EpochData, all_reduce_grads
+from .base import Balancer, Batch, EpochData
 from .epoch_data import Split
 from .heads import HeadsMode, UnimodalHeads, build_heads
 from .registry import register_balancer
@@ -65,8 +65,9 @@ class GradientBlending(Balancer):
     with every fusion, FiLM/gated/attention included. The heads are :meth:`parameters` (put them in the
     optimizer; a two-call loop whose optimizer steps the model but not them raises
     :class:`~equimodal.DriverError` at its second step), saved by :meth:`state_dict`, averaged over DDP
-    ranks in :meth:`before_step` (they are outside the DDP wrapper), and are what
-    :meth:`predict_unimodal` returns while the method is active. A unimodal copy trains its encoder
+    ranks in :meth:`before_step` by the base class (they are outside the DDP wrapper), and are what
+    :meth:`predict_unimodal` returns while the method is active (``stats()``: ``weight/<head>``). A
+    unimodal copy trains its encoder
     with its own head (as MultiBench's). ``heads="shared"``: the model's unimodal logits (concat column
     blocks or sum heads, which share the fused head's weights); auxiliary-head fusions are refused.
 
@@ -147,8 +148,11 @@ class GradientBlending(Balancer):
             heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
             num_classes=num_classes, seed=seed,
         )  # fmt: skip
-        self.weights: Tensor | None = None
-        self.weights_epoch: int | None = None
+        missing = "Build the balancer with heads='shared' to load a state saved without unimodal heads."
+        if self.heads is not None:
+            self.add_state("heads", self.heads, missing=missing)
+        self.add_state("weights", None)  # the head weights, set at each recomputation
+        self.add_state("weights_epoch", None)  # the epoch they were computed in
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The separate unimodal heads' parameters (none with ``heads="shared"``)."""
@@ -172,22 +176,21 @@ class GradientBlending(Balancer):
                 "G-Blending has no weights yet: call balancer.prepare_epoch(EpochData(train=..., "
                 "heldout=..., device=...)) after set_epoch(epoch)."
             )
-        w = self.weights.to(out.logits.device)
+        w = self.weights
         ce = [F.cross_entropy(self._head(out, k, self.heads), target) for k in range(len(w))]
         return (w * torch.stack(ce)).sum()
 
     def adjust_gradients(self) -> None:
-        """Average the separate heads' gradients over DDP ranks (the heads are outside the DDP wrapper)."""
-        if self.heads is not None:
-            self.heads.all_reduce_grads()
-            self.heads.check_stepped(self.model)
+        """Record the head weights (the base class averages the separate heads' gradients over ranks)."""
+        if self.weights is not None:
+            self.record("weight", self.weights, keys=self.head_names)
 
     def _due(self) -> bool:
         if self.weights_epoch == self.epoch:
             return False
         if self.weights is None:
             return True
-        return self.mode == "online" and (self.epoch - self.start_epoch) % self.super_epoch == 0
+        return self.mode == "online" and (self.epoch - self.first_epoch) % self.super_epoch == 0
 
     def _batches(self, data: EpochData, split: Split) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
         """One pass over ``split`` (at most ``max_batches`` batches), on ``data.device``."""
@@ -221,7 +224,7 @@ class GradientBlending(Balancer):
         """Deep copies of the model and the unimodal heads, trained for ``super_epoch_len`` epochs on
         train with head k's CE."""
         clone = copy.deepcopy(self.model).train()
-        heads = self.heads.copy() if self.heads is not None else None
+        heads = copy.deepcopy(self.heads)
         params = [p for p in clone.parameters() if p.requires_grad]
         if heads is not None:
             params += list(heads.parameters())
@@ -235,8 +238,7 @@ class GradientBlending(Balancer):
             for batch, y in self._batches(data, "train"):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self._head(clone(batch), k, heads), y).backward()
-                if is_distributed():  # the copy is not DDP-wrapped: average its gradients over ranks
-                    all_reduce_grads(params)
+                all_reduce_grads(params)  # the copy is not DDP-wrapped: average its gradients over ranks
                 opt.step()
         return clone, heads
 
@@ -259,35 +261,7 @@ class GradientBlending(Balancer):
                 end[1, k] = self._losses(clone, heads, data, "heldout")[k]
                 del clone, heads
         losses = torch.stack([*start, *end])  # already reduced over ranks by _losses
-        self.weights = blend_weights(*losses, estimator=self.estimator).cpu()
+        self.weights = blend_weights(*losses, estimator=self.estimator).to(self.device)
         self.weights_epoch = self.epoch
-        self._set_stats()
-        log.info("G-Blending weights at epoch %d: %s", self.epoch, self._stats)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, the current weights, the epoch they were computed in and the separate heads."""
-        weights = None if self.weights is None else self.weights.clone()
-        state = {**super().state_dict(), "weights": weights, "weights_epoch": self.weights_epoch}
-        if self.heads is not None:
-            state["heads"] = self.heads.state_dict()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the heads are loaded in place: the optimizer keeps its parameters)."""
-        super().load_state_dict(state)
-        self.weights = None if state["weights"] is None else state["weights"].clone().float().cpu()
-        self.weights_epoch = state["weights_epoch"]
-        if self.heads is not None:
-            if "heads" not in state:
-                raise ValueError(
-                    "This G-Blending state has no unimodal heads (saved with heads='shared' or by an older "
-                    "version); build the balancer with heads='shared' to load it."
-                )
-            self.heads.load_state_dict(state["heads"])
-        self._set_stats()
-
-    def _set_stats(self) -> None:
-        if self.weights is not None:
-            self._stats = {
-                f"weight/{h}": float(w) for h, w in zip(self.head_names, self.weights, strict=True)
-            }
+        weights = dict(zip(self.head_names, self.weights.tolist(), strict=True))  # once per recomputation
+        log.info("G-Blending weights at epoch %d: %s", self.epoch, weights)

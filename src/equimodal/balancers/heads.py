@@ -8,12 +8,12 @@ gated, attention fusions, whose unimodal logits come from auxiliary heads on det
 :class:`UnimodalHeads` is that head set, owned by the balancer rather than the model: its parameters are
 the balancer's :meth:`~equimodal.Balancer.parameters` (the optimizer must hold them), it reads the
 model's ``out.features`` (not detached, so each unimodal loss reaches its encoder), and it lives outside
-the user's DDP wrapper, so its gradients are averaged over ranks by the balancer (:meth:`all_reduce_grads`).
+the user's DDP wrapper, so the base class averages its gradients over ranks and checks that the optimizer
+steps it, as for every balancer's own parameters.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -21,10 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..distributed import is_distributed
 from ..types import MultimodalOutput
-from .base import all_reduce_grads
-from .step_check import StepCheck
 
 HeadsMode = Literal["separate", "shared"]
 HEADS_MODES: tuple[str, ...] = ("separate", "shared")
@@ -153,7 +150,6 @@ class UnimodalHeads:
         self.linears = nn.ModuleDict(linears)
         if ref is not None:
             self.linears.to(ref.device, ref.dtype)
-        self._check = StepCheck(method)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The heads' parameters (the optimizer must hold them)."""
@@ -184,28 +180,6 @@ class UnimodalHeads:
     def logits(self, out: MultimodalOutput) -> dict[str, Tensor]:
         """Every modality's logits through its own head."""
         return {m: self.logit(out, m) for m in self.linears}
-
-    def all_reduce_grads(self) -> None:
-        """Average the heads' gradients over DDP ranks (they are outside the user's DDP wrapper)."""
-        if is_distributed():
-            all_reduce_grads(list(self.parameters()))
-
-    def check_stepped(self, model: nn.Module) -> None:
-        """Raise :class:`DriverError` at the second optimizer step when the optimizer stepped ``model`` but
-        not the heads (see :mod:`~equimodal.balancers.step_check`: no host sync but at the comparisons,
-        none once the heads were seen to move; frozen heads are not checked).
-
-        Called once per ``before_step``, before the step, with the gradients already averaged over ranks.
-        """
-        self._check(list(self.parameters()), model)
-
-    def copy(self) -> UnimodalHeads:
-        """An independent deep copy of the heads (for G-Blending's model copies), with a fresh step check."""
-        check, self._check = self._check, StepCheck(self.method)
-        try:
-            return copy.deepcopy(self)
-        finally:
-            self._check = check
 
     def state_dict(self) -> dict[str, Tensor]:
         """The heads' weights (``"<modality>.weight"``, ``"<modality>.bias"``)."""

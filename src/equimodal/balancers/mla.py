@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_mean, is_distributed
-from ..types import MultimodalOutput, check_output
-from .base import Balancer, Batch, all_reduce_grads, split_batch
+from ..distributed import all_reduce_grads, all_reduce_mean
+from ..types import MultimodalOutput
+from .base import Balancer, Batch, split_batch
 from .registry import register_balancer
 
 
@@ -181,11 +181,11 @@ class MLA(Balancer):
             gen = torch.Generator().manual_seed(self.seed)
             self.head.weight.copy_(torch.randn(classes, d, generator=gen) * (2.0 / (d + classes)) ** 0.5)
             self.head.bias.zero_()
-        self.P = torch.eye(d, device=ref.device, dtype=ref.dtype)
-        self.num_updates = 0
-        self._step_in_epoch = 0
-        self._epoch_len: int | None = None
-        self._losses: dict[str, Tensor] = {}
+        self.add_state("head", self.head)
+        self.add_state("P", torch.eye(d, device=ref.device, dtype=ref.dtype))  # the OWM projector
+        self.add_state("num_updates", 0)  # optimizer steps taken through the head
+        self.add_state("step_in_epoch", 0)
+        self.add_state("epoch_len", None)  # steps of the previous epoch (``len`` in alpha_t)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The shared head's parameters, which the optimizer must hold."""
@@ -223,8 +223,8 @@ class MLA(Balancer):
 
     def set_epoch(self, epoch: int) -> None:
         """Start an epoch; the number of steps of the previous one becomes ``len`` in ``alpha_t``."""
-        if epoch != self.epoch and self._step_in_epoch:
-            self._epoch_len, self._step_in_epoch = self._step_in_epoch, 0
+        if epoch != self.epoch and self.step_in_epoch:
+            self.epoch_len, self.step_in_epoch = self.step_in_epoch, 0
         super().set_epoch(epoch)
 
     def own_step(
@@ -240,19 +240,20 @@ class MLA(Balancer):
         chunks = split_batch(batch, target, micro_batches)
         outs = [(self.model(x), y) for x, y in chunks]
         for out, y in outs:
-            check_output(out, self.modalities, y)
-        length = self.steps_per_epoch or self._epoch_len
-        alpha = 0.1 ** (1 + (self._step_in_epoch / length if length else 0.0))
+            self.validate_output(out, y)
+        length = self.steps_per_epoch or self.epoch_len
+        alpha = 0.1 ** (1 + (self.step_in_epoch / length if length else 0.0))
         n = target.shape[0]
+        losses = []
         for m in self.modalities:  # the head is applied after the previous modality's step, as in MLA
             loss = target.new_zeros((), dtype=torch.float32)
             for out, y in outs:
                 part = F.cross_entropy(self.head(self._feature(out, m)), y) * (y.shape[0] / n)
                 part.backward()
                 loss = loss + part.detach().float()
-            if is_distributed():  # the owned step bypasses DDP's wrapper: average the gradients here
-                all_reduce_grads([*self.encoder_params(m), *self.head.parameters()])
-            self._losses[m] = loss
+            # the owned step bypasses DDP's wrapper: average the gradients here (a no-op on one process)
+            all_reduce_grads([*self.encoder_params(m), *self.head.parameters()])
+            losses.append(loss)
             if self.projection and self.num_updates > 0 and self.head.weight.grad is not None:
                 feats = torch.cat([self._feature(out, m).detach() for out, _ in outs])
                 r = all_reduce_mean(feats.to(self.P.dtype).mean(0, keepdim=True))
@@ -261,29 +262,6 @@ class MLA(Balancer):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.num_updates += 1
-        self._step_in_epoch += 1
-        return torch.stack(list(self._losses.values())).mean()
-
-    def stats(self) -> dict[str, float]:
-        """Each modality's unimodal loss at the last step."""
-        return {f"loss/{m}": float(v) for m, v in self._losses.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, the projector, the shared head's weights and the epoch-length estimate."""
-        return {
-            **super().state_dict(),
-            "P": self.P.clone(),
-            "num_updates": self.num_updates,
-            "step_in_epoch": self._step_in_epoch,
-            "epoch_len": self._epoch_len,
-            "head": {k: v.clone() for k, v in self.head.state_dict().items()},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the head is loaded in place, so the optimizer keeps its parameters)."""
-        super().load_state_dict(state)
-        self.P = state["P"].to(self.P.device, self.P.dtype).clone()
-        self.num_updates = int(state["num_updates"])
-        self._step_in_epoch = int(state["step_in_epoch"])
-        self._epoch_len = state["epoch_len"]
-        self.head.load_state_dict(state["head"])
+        self.step_in_epoch += 1
+        self.record("loss", torch.stack(losses))
+        return torch.stack(losses).mean()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_mean, is_distributed
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .heads import HeadsMode, build_heads, require_encoder_unimodal_logits
@@ -73,13 +71,14 @@ class MMPareto(Balancer):
     per encoder and the norm rescale is applied per parameter tensor. Other loss terms added to the
     returned loss lose their encoder gradients (they are replaced). Under fp16 autocast the per-loss
     gradients are taken from unscaled losses and may underflow (bf16 is safe); a step whose gradients
-    are not finite is left untouched for GradScaler to skip. Under DDP the accumulated per-loss
-    gradients and the separate heads' gradients (the heads are outside the DDP wrapper) are averaged
-    over ranks in one all-reduce per step.
+    are not finite is left untouched for GradScaler to skip (decided on the device: the two-task solve
+    is closed-form, so a step reads nothing on the host). Under DDP the accumulated per-loss gradients
+    (a declared statistic) and the separate heads' gradients (outside the DDP wrapper) are averaged over
+    ranks by the base class.
 
     ``stats()``: per modality ``cos/<m>`` (cosine of ``g_mm`` and ``g_m``), ``w_mm/<m>`` (the weight of
     ``g_mm``) and ``conflict/<m>`` (1.0 when ``cos <= 0``, i.e. the min-norm branch ran, else 0.0; its
-    mean over an epoch is the rate at which the Pareto step acts), read in one device sync.
+    mean over an epoch is the rate at which the Pareto step acts).
 
     Args:
         model: a contract model; with ``heads="separate"`` its output must carry ``features``.
@@ -120,8 +119,12 @@ class MMPareto(Balancer):
             heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
             num_classes=num_classes, seed=seed,
         )  # fmt: skip
-        self._acc: dict[str, tuple[Tensor, Tensor]] = {}
-        self._tensor_stats: dict[str, Tensor] = {}
+        if self.heads is not None:
+            missing = "Build the balancer with heads='shared' to load a state saved without unimodal heads."
+            self.add_state("heads", self.heads, missing=missing)
+        # rows g_mm and g_m of every combined encoder (in `_params` order), weighted as the backward weights
+        # the loss; sized at the first micro-batch, averaged over ranks
+        self.add_stat("pareto_grads", reduce="mean")
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The separate unimodal heads' parameters (none with ``heads="shared"``)."""
@@ -149,9 +152,9 @@ class MMPareto(Balancer):
             return total
         every = [p for ps in self._params.values() for p in ps]
         g_all = torch.autograd.grad(l_mm, every, retain_graph=True, allow_unused=True)
-        pending, start = {}, 0
+        mm_parts, uni_parts, start = [], [], 0
         for m, params in self._params.items():
-            g_mm = self._flat(g_all[start : start + len(params)], params)
+            mm_parts.append(self._flat(g_all[start : start + len(params)], params))
             start += len(params)
             g_m = torch.autograd.grad(l_uni[m], params, retain_graph=True, allow_unused=True)
             if all(g is None for g in g_m):
@@ -160,79 +163,40 @@ class MMPareto(Balancer):
                     f"{source} do not depend on the encoder of {m!r}, so MMPareto cannot combine gradients. "
                     "Return them computed from the (non-detached) encoder output."
                 )
-            pending[m] = (g_mm, self._flat(g_m, params))
-        total.register_hook(lambda c: self._accumulate(pending, c))
+            uni_parts.append(self._flat(g_m, params))
+        grads = torch.cat([*mm_parts, *uni_parts]).view(2, -1)
+        # added with the weight the user's backward gives the loss (1/k, an AMP scale, or none if skipped)
+        total.register_hook(lambda c: self.accumulate("pareto_grads", grads.float() * c.detach().float()))
         return total
 
-    def _accumulate(self, pending: dict[str, tuple[Tensor, Tensor]], c: Tensor) -> None:
-        """Add one micro-batch's gradients, weighted as the user's backward weights the loss."""
-        c = c.detach().float()
-        for m, (g_mm, g_m) in pending.items():
-            if m in self._acc:
-                self._acc[m][0].add_(g_mm.float() * c)
-                self._acc[m][1].add_(g_m.float() * c)
-            else:
-                self._acc[m] = (g_mm.float() * c, g_m.float() * c)
-
-    def _all_reduce(self, acc: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        """Average the per-loss gradients and the separate heads' gradients over ranks in one all-reduce."""
-        head_grads = [p.grad for p in self.parameters() if p.grad is not None]
-        parts = [g for m in acc for g in acc[m]] + [g.reshape(-1).float() for g in head_grads]
-        flat = all_reduce_mean(torch.cat(parts)).split([t.numel() for t in parts])
-        for g, part in zip(head_grads, flat[2 * len(acc) :], strict=True):
-            g.copy_(part.view_as(g))
-        return {m: (flat[2 * i], flat[2 * i + 1]) for i, m in enumerate(acc)}
-
     def adjust_gradients(self) -> None:
-        """Replace each encoder's gradient by the rescaled Pareto combination (inf/NaN steps are skipped)."""
-        acc, self._acc = self._acc, {}
-        if acc and is_distributed():
-            acc = self._all_reduce(acc)
-        if self.heads is not None:  # after the all-reduce, so every rank reaches the same verdict
-            self.heads.check_stepped(self.model)
-        if not acc:
+        """Replace each encoder's gradient by the rescaled Pareto combination (inf/NaN steps: unchanged)."""
+        if self.pareto_grads is None:  # no backward of this balancer's loss since the last step
             return
-        grads = torch.cat([self._flat(tuple(p.grad for p in self._params[m]), self._params[m]) for m in acc])
-        b_sum = torch.cat([acc[m][0] + acc[m][1] for m in acc])
-        if not bool(torch.isfinite(grads).all() & torch.isfinite(b_sum).all()):  # the one sync
-            return
+        combined = list(self._params)
+        grads = torch.cat(
+            [self._flat(tuple(p.grad for p in self._params[m]), self._params[m]) for m in combined]
+        )
+        acc = self.pareto_grads
+        b_sum = acc[0] + acc[1]
+        finite = self.step_finite & torch.isfinite(b_sum).all()
         f = grads.float().dot(b_sum) / b_sum.dot(b_sum).clamp_min(torch.finfo().tiny)
-        for m, (g_mm, g_m) in acc.items():
+        sizes = [sum(p.numel() for p in self._params[m]) for m in combined]
+        cos, w_mm, conflicts = [], [], []
+        for m, g_mm, g_m in zip(combined, acc[0].split(sizes), acc[1].split(sizes), strict=True):
             w, conflict = pareto_step(g_mm, g_m)
-            self._tensor_stats[f"cos/{m}"] = F.cosine_similarity(g_mm, g_m, dim=0)
-            self._tensor_stats[f"w_mm/{m}"] = w[0]
-            self._tensor_stats[f"conflict/{m}"] = conflict.float()
+            cos.append(F.cosine_similarity(g_mm, g_m, dim=0))
+            w_mm.append(w[0])
+            conflicts.append(conflict.float())
             new_flat = 2 * (w[0] * g_mm + w[1] * g_m)
-            sizes = [p.numel() for p in self._params[m]]
-            for p, new in zip(self._params[m], new_flat.split(sizes), strict=True):
+            for p, new in zip(
+                self._params[m], new_flat.split([p.numel() for p in self._params[m]]), strict=True
+            ):
                 if p.grad is None:
                     continue
                 new = new.view_as(p)
                 new_norm = new.norm()
                 scale = torch.where(new_norm > 0, torch.maximum(f, p.grad.float().norm() / new_norm), 0.0)
-                p.grad.copy_(new * (self.gamma * scale))
-
-    def stats(self) -> dict[str, float]:
-        """Per modality at the last step: ``cos/<m>``, ``w_mm/<m>`` and ``conflict/<m>`` (one device sync)."""
-        if not self._tensor_stats:
-            return {}
-        values = torch.stack([v.detach().float().reshape(()) for v in self._tensor_stats.values()]).tolist()
-        return dict(zip(self._tensor_stats, values, strict=True))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters and, with separate heads, the heads' weights."""
-        state = super().state_dict()
-        if self.heads is not None:
-            state["heads"] = self.heads.state_dict()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the heads are loaded in place: the optimizer keeps its parameters)."""
-        super().load_state_dict(state)
-        if self.heads is not None:
-            if "heads" not in state:
-                raise ValueError(
-                    "This MMPareto state has no unimodal heads (saved with heads='shared' or by an older "
-                    "version); build the balancer with heads='shared' to load it."
-                )
-            self.heads.load_state_dict(state["heads"])
+                p.grad.copy_(torch.where(finite, new * (self.gamma * scale), p.grad))
+        for name, values in (("cos", cos), ("w_mm", w_mm), ("conflict", conflicts)):
+            self.record(name, torch.stack(values), keys=combined)

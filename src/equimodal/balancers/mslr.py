@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,9 @@ class MSLR(Balancer):
     reimplementation used test accuracy); the untrained model (before the first optimizer step) is
     not measured; the dynamic rule uses the accuracies stored so far, at least one, where the
     reimplementation waits until ``window`` are stored; the "smooth" variant is not implemented.
+
+    The scales change only at epoch starts (where the held-out accuracies are read on the host); a step
+    reads nothing on the host (``stats()``: ``scale/<m>``, ``heldout_acc/<m>``, ``warmup``).
     """
 
     scales_gradients: ClassVar[bool] = True
@@ -108,9 +111,10 @@ class MSLR(Balancer):
         self.window = window
         self.warmup_epochs = warmup_epochs
         self.initial = self._check_scales(scales)
-        self.scales = dict(self.initial)
-        self.memory: dict[str, list[float]] = {m: [] for m in self.modalities}
+        self.add_state("scales", dict(self.initial))  # per modality, a multiplier of the learning rate
+        self.add_state("memory", {m: [] for m in self.modalities})  # the last `window` held-out accuracies
         self._heldout_acc: dict[str, float] = {}
+        self._figures: tuple[tuple[float, ...], Tensor] | None = None  # the scales and figures on the device
         self.head_blocks, self.head_biases = head_blocks(model, self.modalities)
         self._aux_heads = self._find_aux_heads(model) if warmup_epochs else None
         self.unused_parameters = bool(warmup_epochs) and self._warmup_leaves_parameters_unused(model)
@@ -168,7 +172,7 @@ class MSLR(Balancer):
     @property
     def warming_up(self) -> bool:
         """Whether the current epoch is in the unimodal warm start."""
-        return self.active and self.epoch < self.start_epoch + self.warmup_epochs
+        return self.active and self.epoch < self.first_epoch + self.warmup_epochs
 
     # ------------------------------------------------------------------ hooks
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
@@ -193,15 +197,27 @@ class MSLR(Balancer):
 
     def adjust_gradients(self) -> None:
         """Multiply each modality's encoder, head-block and bias-share gradients by its scale."""
-        params = [p for m in self.modalities for p in self.encoder_params(m)]
-        params += [w for blocks in self.head_blocks.values() for w, _ in blocks]
-        if not self.grads_finite(params + [b for b, _ in self.head_biases]):
-            return  # AMP overflow step
-        if any(s != 1.0 for s in self.scales.values()):
-            scale_modality_gradients(self, self.scales)
-        self._stats = {f"scale/{m}": self.scales[m] for m in self.modalities}
-        self._stats.update({f"heldout_acc/{m}": a for m, a in self._heldout_acc.items()})
-        self._stats["warmup"] = float(self.warming_up)
+        figures = self._device_figures()
+        n = len(self.modalities)
+        if any(s != 1.0 for s in self.scales.values()):  # a non-finite step: 1, as if skipped
+            k = torch.where(self.step_finite, figures[:n], 1.0)
+            scale_modality_gradients(self, dict(zip(self.modalities, k.unbind(), strict=True)))
+        self.record("scale", figures[:n])
+        if self._heldout_acc:
+            self.record("heldout_acc", figures[n:-1], keys=list(self._heldout_acc))
+        self.record("warmup", figures[-1])
+
+    def _device_figures(self) -> Tensor:
+        """``[scales..., held-out accuracies..., warm-up flag]`` in float64 on the device, copied there only
+        when they change (at epoch starts)."""
+        values = (
+            *(self.scales[m] for m in self.modalities),
+            *self._heldout_acc.values(),
+            float(self.warming_up),
+        )
+        if self._figures is None or self._figures[0] != values or self._figures[1].device != self.device:
+            self._figures = (values, torch.tensor(values, dtype=torch.float64, device=self.device))
+        return self._figures[1]
 
     @torch.no_grad()
     def on_epoch_start(self, data: EpochData) -> None:
@@ -225,17 +241,3 @@ class MSLR(Balancer):
                 self.scales[m] = self.initial[m] * accuracy_ratio(self.memory[m], acc)
             self.memory[m] = [*self.memory[m], acc][-self.window :]
             self._heldout_acc[m] = acc
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch, step count, current scales and the accuracy memory."""
-        return {
-            **super().state_dict(),
-            "scales": dict(self.scales),
-            "memory": {m: list(v) for m, v in self.memory.items()},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.scales = {m: float(state["scales"][m]) for m in self.modalities}
-        self.memory = {m: [float(a) for a in state["memory"][m]] for m in self.modalities}

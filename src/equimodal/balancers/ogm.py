@@ -15,7 +15,6 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_sum
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .registry import register_balancer
@@ -44,9 +43,8 @@ def score_ratios(scores: Tensor, reference: str = "mean") -> Tensor:
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, found {reference!r}.")
     m = scores.shape[0]
-    others = (
-        scores[None, :].expand(m, m)[~torch.eye(m, dtype=torch.bool, device=scores.device)].view(m, m - 1)
-    )
+    j = torch.arange(m - 1, device=scores.device)[None, :]
+    others = scores[j + (j >= torch.arange(m, device=scores.device)[:, None]).long()]  # row i: all but i
     if reference == "mean":
         ref = others.mean(1)
     elif reference == "min":
@@ -109,7 +107,8 @@ class OGM(Balancer):
     Deviations from the reference code: any ``M >= 2`` (``reference`` above); the modulated set
     (``modulate``; ``"conv"`` is the reference's); scores summed over gradient-accumulation
     micro-batches and all-reduced under DDP; a step with non-finite gradients (AMP overflow) is left
-    untouched.
+    untouched (``k = 1``, no noise; OGM-GE's generator still advances). No host read per step: ``k`` and
+    ``rho`` are recorded on the device (``stats()``: ``k/<m>``, ``ratio/<m>``).
     """
 
     scales_gradients: ClassVar[bool] = True
@@ -140,7 +139,7 @@ class OGM(Balancer):
         self.reference = reference
         self.modulate = modulate
         self.targets: dict[str, list[nn.Parameter]] = {m: self._select(m) for m in self.modalities}
-        self._score_sum: Tensor | None = None
+        self.add_stat("scores")  # each modality's true-class score, summed over the step's micro-batches
 
     def _select(self, modality: str) -> list[nn.Parameter]:
         encoder = self.model.encoders[modality]
@@ -160,40 +159,38 @@ class OGM(Balancer):
         return params
 
     def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
-        """Accumulate each modality's true-class score over the micro-batches of the step."""
-        s = torch.stack([true_class_scores(out.unimodal_logits[m], target) for m in self.modalities])
-        self._score_sum = s if self._score_sum is None else self._score_sum + s
+        """Add each modality's true-class score."""
+        self.accumulate(
+            "scores",
+            torch.stack([true_class_scores(out.unimodal_logits[m], target) for m in self.modalities]),
+        )
 
     def adjust_gradients(self) -> None:
         """Scale (and for OGM-GE, perturb) the selected encoder gradients once per optimizer step."""
-        scores, self._score_sum = self._score_sum, None
-        if scores is None:
+        if self.scores is None:  # no loss() since the last step
             return
-        scores = all_reduce_sum(scores.clone())
-        params = [p for ps in self.targets.values() for p in ps]
-        if not (bool(torch.isfinite(scores).all()) and self.grads_finite(params)):
-            return  # AMP overflow step: GradScaler skips it, so leave everything alone
-        ratios = score_ratios(scores, self.reference)
-        coeffs = ogm_coefficients(ratios, self.alpha).tolist()
+        finite = self.step_finite
+        ratios = score_ratios(self.scores, self.reference)
+        coeffs = torch.where(finite, ogm_coefficients(ratios, self.alpha), 1.0)  # k = 1: as if skipped
+        gate = finite.float()
         for i, m in enumerate(self.modalities):
             for p in self.targets[m]:
                 if p.grad is None:
                     continue
-                noise = self._noise(p.grad) if self.gradient_noise else None
+                noise = self._noise(p.grad, gate) if self.gradient_noise else None
                 p.grad.mul_(coeffs[i])
                 if noise is not None:
                     p.grad.add_(noise)
-        self._stats = {f"k/{m}": float(coeffs[i]) for i, m in enumerate(self.modalities)}
-        self._stats.update(
-            {f"ratio/{m}": float(r) for m, r in zip(self.modalities, ratios.tolist(), strict=True)}
-        )
+        self.record("k", coeffs)
+        self.record("ratio", ratios)
 
-    def _noise(self, grad: Tensor) -> Tensor:
-        """``N(0, std(grad) + 1e-8)`` noise of ``grad``'s shape from the balancer's seeded generator."""
+    def _noise(self, grad: Tensor, gate: Tensor) -> Tensor:
+        """``N(0, std(grad) + 1e-8)`` noise of ``grad``'s shape from the balancer's seeded generator, times
+        ``gate`` (1, or 0 in a non-finite step)."""
         std = grad.std() if grad.numel() > 1 else grad.new_zeros(())
         gen = self.generator(grad.device)
         noise = torch.randn(grad.shape, generator=gen, device=gen.device, dtype=grad.dtype)
-        return noise.to(grad.device).mul_(std + 1e-8)
+        return noise.to(grad.device).mul_((std + 1e-8) * gate)
 
 
 @register_balancer("ogm_ge")

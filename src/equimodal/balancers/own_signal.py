@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +107,9 @@ class OwnSignal(Balancer):
             seed=seed,
             method=self.name,
         )
-        self._norms: Tensor | None = None  # running encoder gradient norms (normalize > 0)
-        self._last: dict[str, Tensor] = {}
+        self.add_state("heads", self.heads)
+        self.add_state("grad_norms", torch.zeros(len(self.modalities)))  # running encoder gradient norms
+        self.add_state("norm_steps", torch.zeros((), dtype=torch.long))  # steps averaged into them
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The unimodal heads' parameters (put them in the optimizer)."""
@@ -122,62 +123,31 @@ class OwnSignal(Balancer):
         if self.adapt == "starved":
             ratio = (uni.detach() / fused.detach().clamp_min(1e-6)).pow(self.power)
             w = w * ratio.clamp(max=self.max_weight)
-        self._last = {"weights": w.detach(), "uni": uni.detach(), "fused": fused.detach()}
+        self.record("w", w)
+        self.record("uni_loss", uni)
+        self.record("fused_loss", fused)
         return fused + (w * uni).sum()
 
     def adjust_gradients(self) -> None:
-        """Average the heads' gradients over ranks, check the optimizer holds them, equalise the encoders."""
-        self.heads.all_reduce_grads()
-        self.heads.check_stepped(self.model)
+        """With ``normalize``: scale each encoder's gradients towards the mean running gradient norm."""
         if self.normalize <= 0:
             return
         grads = {m: [p.grad for p in self.encoder_params(m) if p.grad is not None] for m in self.modalities}
         if not all(grads.values()):
             return
         norms = torch.stack([torch.stack(torch._foreach_norm(g)).norm() for g in grads.values()]).float()
-        # on the device, no host sync: an overflow step (left to the GradScaler) keeps the running norms
-        finite = torch.isfinite(norms).all()
-        previous = torch.ones_like(norms) if self._norms is None else self._norms
-        updated = norms if self._norms is None else self.momentum * previous + (1 - self.momentum) * norms
-        self._norms = torch.where(finite, updated, previous)
-        scale = (self._norms.mean() / self._norms.clamp_min(1e-12)).pow(self.normalize)
+        # an overflow step (left to the GradScaler) keeps the running norms: the base class restores them
+        ema = self.momentum * self.grad_norms + (1 - self.momentum) * norms
+        self.grad_norms = torch.where(self.norm_steps > 0, ema, norms)
+        self.norm_steps = self.norm_steps + 1
+        scale = (self.grad_norms.mean() / self.grad_norms.clamp_min(1e-12)).pow(self.normalize)
         # bounded: unbounded, a diverging encoder raises the mean norm and so every other encoder's scale
         # (on mfeat fac+mor at weight 2, starved, normalize 0.5 the scales reached 10^2 and the loss inf)
-        scale = scale.clamp(1.0 / self.max_scale, self.max_scale)
+        scale = torch.where(self.step_finite, scale.clamp(1.0 / self.max_scale, self.max_scale), 1.0)
         for i, m in enumerate(self.modalities):
             torch._foreach_mul_(grads[m], scale[i].to(grads[m][0].dtype))
-        self._last["scale"] = scale
+        self.record("scale", scale)
 
     def unimodal_prediction(self, out: MultimodalOutput) -> dict[str, Tensor]:
         """Each modality's own head (the reported per-modality accuracy while active)."""
         return self.heads.logits(out)
-
-    def stats(self) -> dict[str, float]:
-        """``w/<m>`` (the unimodal weights), ``uni_loss/<m>``, ``fused_loss`` and ``scale/<m>`` (one sync)."""
-        if not self._last or not self.active:
-            return {}
-        keys = [k for k in ("weights", "uni", "scale") if k in self._last]
-        values = torch.cat(
-            [self._last[k].float().reshape(-1) for k in keys] + [self._last["fused"].reshape(1)]
-        )
-        flat = values.tolist()
-        names = {"weights": "w", "uni": "uni_loss", "scale": "scale"}
-        out: dict[str, Any] = {}
-        for i, k in enumerate(keys):
-            for j, m in enumerate(self.modalities):
-                out[f"{names[k]}/{m}"] = flat[i * len(self.modalities) + j]
-        out["fused_loss"] = flat[-1]
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch, steps, the heads and the running gradient norms."""
-        state = super().state_dict()
-        state.update(heads=self.heads.state_dict(), norms=None if self._norms is None else self._norms.cpu())
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the heads in place)."""
-        super().load_state_dict(state)
-        self.heads.load_state_dict(state["heads"])
-        norms = state.get("norms")
-        self._norms = None if norms is None else norms.to(next(self.heads.parameters()).device)

@@ -4,8 +4,7 @@ Learning", CVPR 2023)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +74,9 @@ class PMR(Balancer):
     Deviations from the reference code: prototypes from the whole training split (the reference
     stops after the first 10% of batches, and so does BalanceBenchmark); classes absent from an
     epoch keep their old prototype (the reference divides by zero); any ``M >= 2``; scores
-    all-reduced under DDP so every rank picks the same weak modality. The paper's unreleased PER
-    term is not implemented.
+    all-reduced under DDP so every rank picks the same weak modality (one small all-reduce per
+    micro-batch: the choice is made there, not once per optimizer step). The paper's unreleased PER
+    term is not implemented. ``stats()``: ``weak/<m>``, ``pce/<m>``, ``score/<m>`` of the last micro-batch.
     """
 
     def __init__(
@@ -100,8 +100,7 @@ class PMR(Balancer):
         self.alpha = float(alpha)
         self.momentum = float(momentum)
         self.reference = reference
-        self.prototypes: dict[str, Tensor] | None = None
-        self._last: dict[str, Tensor] = {}
+        self.add_state("prototypes", None)  # per modality, the (C, d) class prototypes of this epoch
 
     micro_batch_statistics = True
 
@@ -155,22 +154,7 @@ class PMR(Balancer):
         scores = all_reduce_sum(torch.stack([true_class_scores(logits[m], target) for m in self.modalities]))
         weak = (score_ratios(scores, self.reference) < 1).float()
         pce = torch.stack([F.cross_entropy(logits[m], target) for m in self.modalities])
-        self._last = {"weak": weak, "pce": pce.detach(), "score": scores}
+        self.record("weak", weak)
+        self.record("pce", pce)
+        self.record("score", scores)
         return loss + self.alpha * (weak * pce).sum()
-
-    def stats(self) -> dict[str, float]:
-        """Per modality: whether it was weak, its prototype CE and prototype score (last micro-batch)."""
-        return {f"{k}/{m}": float(v[i]) for k, v in self._last.items() for i, m in enumerate(self.modalities)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch, step count and the prototypes."""
-        protos = None if self.prototypes is None else {m: c.clone() for m, c in self.prototypes.items()}
-        return {**super().state_dict(), "prototypes": protos}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        protos = state.get("prototypes")
-        self.prototypes = (
-            None if protos is None else {m: torch.as_tensor(c).clone() for m, c in protos.items()}
-        )

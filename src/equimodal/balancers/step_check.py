@@ -7,7 +7,7 @@ copy of a small sample of the model's trainable parameters; at the next one it c
 
 - The heads moved: the optimizer holds them; nothing is checked again (no more syncs).
 - The heads had a usable gradient and did not move while the model did: the optimizer stepped without
-  them, so :class:`DriverError` is raised, at the second step.
+  them, so the check returns what is wrong, and the balancer raises ``DriverError`` at the second step.
 - Nothing moved (a learning rate of 0 for every group during a warm-up, a step that GradScaler skipped)
   or the heads had no usable gradient: no verdict yet; the next comparison spans twice as many steps, so
   a long warm-up costs a logarithmic number of syncs.
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
-from .base import DriverError
 
 # Elements of the model's trainable parameters copied as the "did the optimizer step" reference: the
 # smallest tensors first (biases, norms), so the copy is small for any model size.
@@ -52,9 +50,11 @@ class _Snapshot:
 
 
 class StepCheck:
-    """Raise :class:`DriverError` when the optimizer steps the model but not the balancer's heads.
+    """Find an optimizer that steps the model but not the balancer's heads.
 
-    Call it once per optimizer step, in ``before_step`` (gradients ready, the step not yet taken).
+    Call it once per optimizer step, in ``before_step`` (gradients ready, the step not yet taken); the base
+    class does, for every balancer with parameters of its own, and raises ``DriverError`` with the message
+    it returns.
 
     Args:
         method: the balancer's name, for the error message.
@@ -68,20 +68,24 @@ class StepCheck:
         self._due = 0
         self._snap: _Snapshot | None = None
 
-    def __call__(self, heads: list[nn.Parameter], model: nn.Module) -> None:
-        """Snapshot or compare (see the module docstring); a no-op once the heads were seen to move."""
+    def __call__(self, heads: list[nn.Parameter], model: nn.Module) -> str | None:
+        """Snapshot or compare (see the module docstring); a no-op once the heads were seen to move.
+
+        Returns what is wrong (the optimizer does not hold the heads), or ``None``.
+        """
         trainable = [p for p in heads if p.requires_grad]
         if self.done or not trainable:
-            return
+            return None
         self._calls += 1
         if self._snap is not None and self._calls >= self._due:
-            self._compare(trainable)
+            problem = self._compare(trainable)
             self._snap = None
-            if self.done:
-                return
+            if self.done or problem is not None:
+                return problem
         if self._snap is None:
             self._snap = self._take(trainable, model)
             self._due = self._calls + self._window
+        return None
 
     def _take(self, heads: list[nn.Parameter], model: nn.Module) -> _Snapshot | None:
         """The heads, their gradient's usability and the model sample, copied on the device."""
@@ -104,12 +108,12 @@ class StepCheck:
             size += p.numel()
         return _Snapshot(_flat(heads), grad_ok, sample, [p.detach().clone() for p in sample])
 
-    def _compare(self, heads: list[nn.Parameter]) -> None:
-        """Read the window's verdict (one sync): done, raise, or widen the next window."""
+    def _compare(self, heads: list[nn.Parameter]) -> str | None:
+        """Read the window's verdict (one sync): done, the problem, or widen the next window."""
         snap = self._snap
         now = _flat(heads)
         if now.shape != snap.heads.shape or now.device != snap.heads.device:  # heads moved device: restart
-            return
+            return None
         changed = [
             (p.detach() != v).any().to(now.device) for p, v in zip(snap.params, snap.values, strict=True)
         ]
@@ -120,7 +124,7 @@ class StepCheck:
         if heads_moved:
             self.done = True
         elif grad_ok and model_stepped:
-            raise DriverError(
+            return (
                 f"{self.method} trains unimodal heads of its own, but the optimizer left them unchanged while it "
                 "stepped the model (at the last step they had a gradient): it does not hold them. Build it "
                 "with `torch.optim.SGD([*model.parameters(), *balancer.parameters()], ...)`. A second "
@@ -129,3 +133,4 @@ class StepCheck:
             )
         else:
             self._window *= 2
+        return None

@@ -29,7 +29,6 @@ an overflow (the forward pass is not scaled) and is handled as above. The epoch'
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +49,62 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient stopped the run (the message names where and what)."""
 
 
+class StatTotals:
+    """Per-name sums and counts of the finite values of a balancer's recorded statistics, on the device.
+
+    Each optimizer step adds its :meth:`~equimodal.Balancer.stat_values` in float64, name by name and in
+    step order, so the sums equal those of adding each step's floats on the host one by one; they are read
+    once (:meth:`read`), at the end of the epoch or for a checkpoint, instead of once per step.
+
+    Args:
+        sums: the sums so far (a resumed epoch's), by name.
+        counts: the number of finite values in each sum.
+    """
+
+    def __init__(self, sums: dict[str, float], counts: dict[str, int]) -> None:
+        self.names: list[str] = list(sums)
+        self.start = [[float(sums[n]) for n in self.names], [float(counts[n]) for n in self.names]]
+        self.totals: Tensor | None = None  # (2, names): sums, counts
+        self.where: dict[tuple[str, ...], Tensor] = {}  # a step's names -> their columns
+
+    def add(self, names: list[str], values: Tensor) -> None:
+        """Add one step's values (a float64 vector, one per name) to the sums of the finite ones."""
+        columns = self.where.get(tuple(names))
+        if columns is None or columns.device != values.device:
+            known = set(self.names)
+            self.names += [n for n in names if n not in known]
+            columns = torch.tensor([self.names.index(n) for n in names], device=values.device)
+            self.where[tuple(names)] = columns
+        if self.totals is None:
+            self.totals = torch.tensor(self.start, dtype=torch.float64, device=values.device).view(2, -1)
+        if self.totals.shape[1] < len(self.names) or self.totals.device != values.device:
+            grown = torch.zeros(2, len(self.names), dtype=torch.float64, device=values.device)
+            grown[:, : self.totals.shape[1]] = self.totals.to(values.device)
+            self.totals = grown
+        finite = torch.isfinite(values)
+        self.totals[0].index_add_(0, columns, torch.where(finite, values, 0.0))
+        self.totals[1].index_add_(0, columns, finite.to(torch.float64))
+
+    def read(self) -> tuple[dict[str, float], dict[str, int]]:
+        """The sums and counts by name (one host read); names without a finite value are left out."""
+        if self.totals is None:
+            return {n: s for n, s in zip(self.names, self.start[0], strict=True)}, {
+                n: int(c) for n, c in zip(self.names, self.start[1], strict=True)
+            }
+        sums, counts = self.totals.tolist()
+        kept = [(n, s, int(c)) for n, s, c in zip(self.names, sums, counts, strict=True) if c > 0]
+        return {n: s for n, s, _ in kept}, {n: c for n, _, c in kept}
+
+
 @dataclass
 class EpochState:
     """An epoch's progress: micro-batches consumed, optimizer steps, loss sum, statistic sums, skips.
 
     Everything in :meth:`to_dict` is plain Python, so it goes into a checkpoint as is. The loss of the
     latest micro-batches is summed on the device (``pending_loss``) and folded into ``loss_sum`` by
-    :meth:`settle`, which the trainer calls only when it needs the figure (a checkpoint, a log line).
+    :meth:`settle`, which the trainer calls only when it needs the figure (a checkpoint, a log line); the
+    balancer's statistics are summed on the device too (:class:`StatTotals`) and read into ``stat_sums``
+    and ``stat_counts`` by :meth:`settle_stats`.
     """
 
     batches: int = 0
@@ -69,17 +117,22 @@ class EpochState:
     correct: list[float] = field(default_factory=list)
     seen: int = 0
     step_rows: list[dict[str, float]] = field(default_factory=list)
-    last_stats: dict[str, float] = field(default_factory=dict, repr=False)
     pending_loss: Tensor | float = field(default=0.0, repr=False)
     pending_correct: Tensor | None = field(default=None, repr=False)
+    stat_totals: StatTotals | None = field(default=None, repr=False)
 
-    def add_stats(self, stats: dict[str, float]) -> None:
-        """Add one step's balancer statistics (non-finite values are left out of the sums)."""
-        self.last_stats = stats
-        for k, v in stats.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.stat_sums[k] = self.stat_sums.get(k, 0.0) + float(v)
-                self.stat_counts[k] = self.stat_counts.get(k, 0) + 1
+    def add_stats(self, names: list[str], values: Tensor | None) -> None:
+        """Add one step's balancer statistics (non-finite values are left out of the sums; no host read)."""
+        if values is None:
+            return
+        if self.stat_totals is None:
+            self.stat_totals = StatTotals(self.stat_sums, self.stat_counts)
+        self.stat_totals.add(names, values)
+
+    def settle_stats(self) -> None:
+        """Read the device-side statistic sums into ``stat_sums`` and ``stat_counts`` (one host read)."""
+        if self.stat_totals is not None:
+            self.stat_sums, self.stat_counts = self.stat_totals.read()
 
     def settle(self) -> None:
         """Fold the device-side loss sum and correct counts into the plain fields (one host sync)."""
@@ -113,6 +166,8 @@ class EpochState:
         }
 
     def mean_stats(self) -> dict[str, float]:
+        """The epoch's mean of each balancer statistic over its finite values (one host read)."""
+        self.settle_stats()
         return {k: v / self.stat_counts[k] for k, v in self.stat_sums.items()}
 
     @property
@@ -121,8 +176,9 @@ class EpochState:
         return self.loss_sum / max(self.batches, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """The checkpointable part (the pending loss settled first)."""
+        """The checkpointable part (the pending loss and the statistic sums settled first)."""
         self.settle()
+        self.settle_stats()
         return {
             "batches": self.batches, "steps": self.steps, "loss_sum": self.loss_sum, "skipped": self.skipped,
             "stat_sums": dict(self.stat_sums), "stat_counts": dict(self.stat_counts), "seconds": self.seconds,
@@ -311,7 +367,7 @@ class TwoCallSteps(_Steps):
         c.scaler.update()
         c.optimizer.zero_grad(set_to_none=True)
         self.state.steps += 1
-        self.state.add_stats(c.balancer.stats())
+        self.state.add_stats(*c.balancer.stat_values())
 
 
 class OwnedSteps(_Steps):
@@ -346,7 +402,7 @@ class OwnedSteps(_Steps):
         self.group.clear()
         self.micro = 0
         self.state.steps += 1
-        self.state.add_stats(self.ctx.balancer.stats())
+        self.state.add_stats(*self.ctx.balancer.stat_values())
         return loss.detach().float()
 
 

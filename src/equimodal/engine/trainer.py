@@ -5,7 +5,7 @@ when the run fails), :func:`build_run` (data, model, balancer, optimizer, schedu
 :class:`~equimodal.engine.checkpoint.Checkpointer` (resume, best, last), :class:`~equimodal.engine.fitting.EpochFitter`
 (one epoch; its step function chosen once from ``balancer.requirements``), :func:`validate_epoch` and
 :func:`final_summary` (the selected epoch evaluated once on test). It drives the balancer exactly as a
-user's own loop would (``set_epoch``, ``prepare_epoch`` when needed, ``loss``/``before_step`` or
+user's own loop would (``start_epoch``, ``loss``/``before_step`` or
 ``train_step``, ``predict``). Model selection uses the validation split only.
 
 Batches: ``data.batch_size`` is the *global* batch; under torchrun each of the W processes takes
@@ -418,25 +418,22 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
 
 # ---------------------------------------------------------------------------------------- per epoch
 def start_epoch(run: Run, epoch: int, resumed: EpochState | None = None) -> None:
-    """``set_epoch`` on the samplers and the balancer, and ``prepare_epoch`` when it needs epoch data.
+    """``set_epoch`` on the samplers, and the balancer's :meth:`~equimodal.Balancer.start_epoch`.
 
-    Resuming mid-epoch, the sampler skips the samples already trained on and ``prepare_epoch`` is not
-    called again (its result is part of the balancer's restored state).
+    Resuming mid-epoch, the sampler skips the samples already trained on, and the balancer does not
+    prepare the epoch again (its restored state says it was).
     """
     per_rank = run.cfg.data.batch_size // run.world
     skip = 0 if resumed is None else resumed.batches * per_rank
     run.loaders.train.sampler.set_epoch(epoch, start=skip)  # type: ignore[union-attr]
-    run.balancer.set_epoch(epoch)
-    if run.balancer.requirements.epoch_data and resumed is None:
-        run.loaders.epoch_train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        held = run.loaders.heldout
-        run.balancer.prepare_epoch(
-            EpochData(
-                train=lambda: iter(run.loaders.epoch_train),
-                heldout=(lambda: iter(held)) if held is not None else None,
-                device=run.device,
-            )
-        )
+    run.loaders.epoch_train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    held = run.loaders.heldout
+    data = EpochData(
+        train=lambda: iter(run.loaders.epoch_train),
+        heldout=(lambda: iter(held)) if held is not None else None,
+        device=run.device,
+    )
+    run.balancer.start_epoch(epoch, data)
 
 
 def validate_epoch(run: Run) -> EvalResult:
@@ -684,7 +681,9 @@ def fit_one_epoch(
 
     def after_step(state: EpochState, check: Callable[[], None]) -> None:
         state.seconds = done + time.perf_counter() - tic
-        run.log.step(state.step_rows, progress.steps + state.steps, epoch, state.last_stats)
+        step = progress.steps + state.steps
+        if t.stats_every and step % t.stats_every == 0:  # the only steps that read the statistics on the host
+            run.log.step(state.step_rows, step, epoch, run.balancer.stats())
         stopping = stop.requested(state.steps, run.world, run.device)
         if stopping or (t.checkpoint_every and state.steps % t.checkpoint_every == 0):
             check()  # never checkpoint past a non-finite step

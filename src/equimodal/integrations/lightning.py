@@ -17,12 +17,14 @@ calls ``balancer.loss`` in its ``training_step``; the callback does the rest::
 
 What the callback does for each kind of balancer (read from ``balancer.requirements``):
 
-- every balancer: ``set_epoch`` at each epoch start, ``before_step`` at ``on_before_optimizer_step``
-  (so ``accumulate_grad_batches`` works: one ``before_step`` per optimizer step), ``balancer.stats()``
-  logged after every batch, the balancer's state in Lightning checkpoints (as plain data, checked by
-  :func:`~equimodal.utils.io.plain_data`, so they load with ``torch.load(weights_only=True)``);
-- balancers that need epoch data (``pmr``, ``gblending``, ``mslr``): ``prepare_epoch`` at each epoch
-  start with ``EpochData(train=<the trainer's train dataloader>, heldout=<the callback's heldout>)``;
+- every balancer: ``start_epoch`` at each epoch start, ``before_step`` at ``on_before_optimizer_step``
+  (so ``accumulate_grad_batches`` works: one ``before_step`` per optimizer step), the balancer's recorded
+  statistics logged after every batch as device tensors (Lightning reads them only when it writes its
+  logs, so a step reads nothing on the host for them), the balancer's state in Lightning checkpoints (as
+  plain data, checked by :func:`~equimodal.utils.io.plain_data`, so they load with
+  ``torch.load(weights_only=True)``);
+- balancers that need epoch data (``pmr``, ``gblending``, ``mslr``): ``start_epoch`` prepares the epoch
+  with ``EpochData(train=<the trainer's train dataloader>, heldout=<the callback's heldout>)``;
   those that need a held-out part of train (``gblending``, ``mslr``) need ``BalancerCallback(heldout=...)``,
   a loader over samples removed from your training set (never val/test);
 - balancers that own their step (``mla``): the module uses manual optimisation and calls
@@ -75,7 +77,8 @@ class BalancerCallback(Callback):
 
     Args:
         attribute: name of the module attribute holding the balancer.
-        log_stats: log ``balancer.stats()`` (prefixed ``balancer/``) after every training batch.
+        log_stats: log the balancer's statistics (``stat_values()``, prefixed ``balancer/``) after every
+            training batch.
         heldout: a loader (any re-iterable) over a held-out part of train, for balancers whose
             ``requirements.heldout_fraction`` is positive.
         unpack: turns a loader batch into ``(inputs, labels)`` (see :func:`default_unpack`).
@@ -130,18 +133,13 @@ class BalancerCallback(Callback):
             )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        balancer = self._balancer(pl_module)
-        balancer.set_epoch(trainer.current_epoch)
-        if balancer.requirements.epoch_data:
-            train = trainer.train_dataloader
-            heldout = self.heldout
-            balancer.prepare_epoch(
-                EpochData(
-                    train=lambda: self._pairs(train),
-                    heldout=(lambda: self._pairs(heldout)) if heldout is not None else None,
-                    device=pl_module.device,
-                )
-            )
+        heldout = self.heldout
+        data = EpochData(
+            train=lambda: self._pairs(trainer.train_dataloader),
+            heldout=(lambda: self._pairs(heldout)) if heldout is not None else None,
+            device=pl_module.device,
+        )
+        self._balancer(pl_module).start_epoch(trainer.current_epoch, data)
 
     def _pairs(self, loader: Iterable[Any]) -> Iterator[tuple[Mapping[str, Tensor], Tensor]]:
         for batch in loader:
@@ -156,9 +154,10 @@ class BalancerCallback(Callback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.log_stats:
-            stats = self._balancer(pl_module).stats()
-            if stats:
-                pl_module.log_dict({f"balancer/{k}": v for k, v in stats.items()}, on_step=True)
+            names, values = self._balancer(pl_module).stat_values()
+            if values is not None:
+                stats = dict(zip((f"balancer/{n}" for n in names), values.unbind(), strict=True))
+                pl_module.log_dict(stats, on_step=True)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         state = self._balancer(pl_module).state_dict()
