@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -80,6 +81,9 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
       string) and refused otherwise (a bool for a number, ``2.5`` for an integer). A path is a string.
     - ``Literal[...]``: the value must be one of the choices.
     - ``X | None``: ``None`` is kept; without ``None`` in ``tp`` it is refused.
+    - a dataclass in ``tp`` (an options object a constructor takes, such as a part ``P``): its instances
+      are kept as they are; any other value is converted to the rest of ``tp`` (``P | float | None``: a
+      number or ``None``).
     - ``tuple[X, ...]``: a list, a tuple, one value or a comma-separated string; each item is an ``X``.
     - ``dict[K, X]``: a mapping whose values are ``X``.
     - any other type (a mapping, a module, a callable): accepted unchecked, as is any value of a union
@@ -97,6 +101,9 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return free_form(value)
     members = _union_args(tp)
+    parts = tuple(m for m in members if isinstance(m, type) and dataclasses.is_dataclass(m))
+    if parts:
+        return _part_or_rest(value, members, parts, where)
     if value is None:
         if type(None) in members:
             return None
@@ -108,6 +115,16 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
     if len(members) == 1 and (typing.get_origin(members[0]) or members[0]) in (dict, tuple):
         return _container(value, members[0], where)
     return _plain(value, members, where)
+
+
+def _part_or_rest(value: Any, members: tuple[Any, ...], parts: tuple[type, ...], where: str) -> Any:
+    """A value for a union holding dataclasses (``parts``): an instance of one as is, else the rest's."""
+    if isinstance(value, parts):
+        return value
+    rest = tuple(m for m in members if m not in parts)
+    if not rest or (value is not None and all(m is type(None) for m in rest)):
+        raise _mismatch(where, _expected_words(members), value)
+    return coerce_value(value, typing.Union[rest], where)  # noqa: UP007
 
 
 def free_form(value: Any) -> Any:
@@ -162,11 +179,13 @@ def _type_words(plain: set[type]) -> str:
 
 
 def _expected_words(members: tuple[Any, ...]) -> str:
-    """What a value of one of ``members`` is, in words (for the message refusing ``None``)."""
+    """What a value of one of ``members`` is, in words (for the message refusing a value)."""
     words = []
     for member in members:
         origin = typing.get_origin(member) or member
-        if member in _PLAIN:
+        if member is type(None):
+            words.append("None")
+        elif member in _PLAIN:
             words.append(_type_words({member}))
         elif origin is Literal:
             words.append(f"one of {', '.join(map(repr, typing.get_args(member)))}")
@@ -268,13 +287,22 @@ def _signature(factory: Callable[..., Any]) -> inspect.Signature:
 
 
 def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The option types of ``factory``: its type hints, and the types its signature carries as objects (a
+    ``__signature__`` that a constructor taking ``**options`` declares for them)."""
     target = factory.__init__ if isinstance(factory, type) else factory
     while isinstance(target, functools.partial):
         target = target.func
     try:
-        return typing.get_type_hints(target)
+        hints = typing.get_type_hints(target)
     except Exception:  # unresolvable annotations: check by defaults only
-        return {}
+        hints = {}
+    declared = _signature(factory).parameters.values()
+    hints.update(
+        (p.name, p.annotation)
+        for p in declared
+        if p.annotation is not _EMPTY and not isinstance(p.annotation, str)
+    )
+    return hints
 
 
 def option_parameters(factory: Callable[..., Any], skip: int = 0) -> dict[str, inspect.Parameter]:
