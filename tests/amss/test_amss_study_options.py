@@ -139,7 +139,7 @@ def test_fixed_ratio_overrides_the_fallback_and_the_clamp(name: str) -> None:
 def test_default_ratio_is_adaptive() -> None:
     model = make_toy_model(2)
     balancer = em.create_balancer("amss", model)
-    assert balancer.ratio is None
+    assert balancer.parts.ratio.fixed is None
     batch, y = make_toy_batch(2, 16, seed=0)
     balancer.loss(model(batch), y).backward()
     balancer.before_step()
@@ -302,7 +302,7 @@ def test_layer_kinds_conv_against_linear_and_report_matches_balancer() -> None:
             m: [u.name for u in us] for m, us in balancer.units.items()
         }
     report = describe_units(model, layer_kinds=["linear", "conv"], conv_units="weights")
-    assert report.options["layer_kinds"] == ("conv", "linear")
+    assert report.selection.layer_kinds == ("conv", "linear")
     assert "conv_units='weights', layer_kinds=('conv', 'linear'))" in str(report).splitlines()[0]
     assert "conv_units" not in str(describe_units(model)).splitlines()[0]  # defaults: as before
 
@@ -379,7 +379,7 @@ def test_strings_from_a_command_line_are_accepted() -> None:
     balancer = em.create_balancer(
         "amss", make_toy_model(2), ratio="0.3", layer_kinds="conv", conv_units="weights"
     )
-    assert balancer.ratio == 0.3
+    assert balancer.parts.ratio.fixed == 0.3
     assert {u.kind for us in balancer.units.values() for u in us} == {"filter_elements", "row_elements"}
 
 

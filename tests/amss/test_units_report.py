@@ -117,7 +117,7 @@ def test_options_are_checked_as_the_balancer_checks_them() -> None:
         describe_units(model, linear_rows="sometimes")
     with pytest.raises(ValueError, match="Balancer 'ogm_ge' masks no AMSS units"):
         describe_units(model, balancer="ogm_ge")
-    assert unit_options("uniform_mask", temperature=0.5)["mask_encoders"] is True
+    assert unit_options("uniform_mask", temperature=0.5).mask_encoders is True
     with pytest.raises(ValueError, match="no maskable units for modality 'm0'"):
         describe_units(model, mask_encoders=False, mask_fusion=False)
 

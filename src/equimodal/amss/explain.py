@@ -6,7 +6,7 @@ of its encoder and of its fusion-head block: masked ones with their unit kind an
 with the reason. ``equimodal units CONFIG`` prints it for a config, as ``equimodal train`` builds the
 model::
 
-    report = equimodal.amss.describe_units(model, linear_rows="auto")
+    report = equimodal.amss.describe_units(model, linear_rows="auto")   # or units=UnitSelection(...)
     print(report)                       # a plain-text listing
     report.totals()["audio"]            # {"tensors": 16, "units": 1920, ...}
     [r.name for r in report.unmasked("audio")]
@@ -22,19 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..types import modality_names
-from .units import LAYER_KINDS, EncoderScan, ModelScan, UnitTensor, scan_units
-
-UNIT_OPTIONS: tuple[str, ...] = (
-    "include",
-    "exclude",
-    "heads",
-    "linear_rows",
-    "mask_encoders",
-    "mask_fusion",
-    "conv_units",
-    "layer_kinds",
-)
-"""The balancer options that decide what is masked."""
+from .units import EncoderScan, ModelScan, UnitSelection, UnitTensor, scan_units
 
 BIAS = "bias: not masked (official code: weights only)"
 BIAS_OF_MASKED = "bias of a masked layer: not masked (official code: weights only)"
@@ -84,15 +72,14 @@ class UnitsReport:
         other: trained parameters outside the encoders and the modality blocks (fusion bias, FiLM
             layers, auxiliary heads, ...), all unmasked, with the reason.
         units: modality -> the masked tensors, exactly what the balancer masks (``balancer.units``).
-        options: the selection options used (defaults filled in; ``layer_kinds`` as the tuple of kinds
-            selected).
+        selection: the unit selection used (``balancer.parts.units``).
         frozen: parameters not listed because they do not require grad.
     """
 
     modalities: dict[str, tuple[ParamRow, ...]]
     other: tuple[ParamRow, ...]
     units: dict[str, list[UnitTensor]]
-    options: dict[str, Any]
+    selection: UnitSelection
     frozen: int
 
     def masked(self, modality: str) -> list[ParamRow]:
@@ -119,7 +106,7 @@ class UnitsReport:
         return out
 
     def __str__(self) -> str:
-        shown = {k: v for k, v in self.options.items() if k in _SHOWN and _NOT_SHOWN_WHEN.get(k, _NEVER) != v}
+        shown = self.selection.summary()
         lines = [f"AMSS units ({', '.join(f'{k}={v!r}' for k, v in shown.items())})"]
         sections = [(m, rows) for m, rows in self.modalities.items()] + [("other", self.other)]
         for title, rows in sections:
@@ -132,11 +119,6 @@ class UnitsReport:
                 f"{t['weights']} weights masked, {t['unmasked']} parameters not masked"
             )
         return "\n".join(lines)
-
-
-_SHOWN = ("linear_rows", "mask_encoders", "mask_fusion", "conv_units", "layer_kinds")
-_NEVER = object()
-_NOT_SHOWN_WHEN: dict[str, Any] = {"conv_units": "filters", "layer_kinds": LAYER_KINDS}  # the defaults
 
 
 def count_text(row: ParamRow) -> str:
@@ -154,12 +136,12 @@ def amss_balancers() -> list[str]:
     return [n for n in BALANCERS.names() if issubclass(BALANCERS.get(n), AMSS)]
 
 
-def unit_options(balancer: str = "amss", **options: Any) -> dict[str, Any]:
-    """The unit-selection options ``create_balancer(balancer, model, **options)`` would use.
+def unit_options(balancer: str = "amss", units: UnitSelection | None = None, **options: Any) -> UnitSelection:
+    """The unit selection ``create_balancer(balancer, model, units=units, **options)`` would use.
 
     Every option of the balancer is accepted and checked as ``create_balancer`` checks it (unknown
-    names fail with close matches); the ones in :data:`UNIT_OPTIONS` are returned, defaults filled in
-    from the balancer's signature, so a report never disagrees with the balancer.
+    names fail with close matches), and the selection is built as the balancer builds it (flat options,
+    the ``units`` part, a ``preset``), so a report never disagrees with the balancer.
     """
     from ..balancers.registry import BALANCERS
 
@@ -169,9 +151,9 @@ def unit_options(balancer: str = "amss", **options: Any) -> dict[str, Any]:
         raise ValueError(
             f"Balancer {balancer!r} masks no AMSS units; describe_units applies to {', '.join(family)}."
         )
-    checked = BALANCERS.check(balancer, options, complete=False)
-    defaults = BALANCERS.options(balancer)
-    return {k: checked.get(k, defaults[k]) for k in UNIT_OPTIONS}
+    given = options if units is None else {**options, "units": units}
+    checked = BALANCERS.check(balancer, given, complete=False)
+    return BALANCERS.get(balancer).parts_from(checked).units
 
 
 # ------------------------------------------------------------------------------ rows
@@ -265,7 +247,7 @@ def _encoder_rows(
             continue
         hit = masked.get(id(p))
         if hit is None:
-            note = _reason(name, modules, scan.encoders[m], bool(scan.options["mask_encoders"]), owners)
+            note = _reason(name, modules, scan.encoders[m], scan.selection.mask_encoders, owners)
             rows.append(_row(name, p, note))
         elif hit[0].modality != m:
             rows.append(_row(name, p, f"shared with {hit[0].modality!r}: masked there ({hit[0].name})"))
@@ -322,29 +304,33 @@ def _fusion_rows(
     return per_mod, other, frozen
 
 
-def describe_units(model: nn.Module, balancer: str = "amss", **options: Any) -> UnitsReport:
+def describe_units(
+    model: nn.Module, balancer: str = "amss", units: UnitSelection | None = None, **options: Any
+) -> UnitsReport:
     """List what AMSS will mask in ``model`` and why every other trained parameter is not.
 
     Args:
         model: a model following the contract (``model.encoders``; optionally ``model.fusion``).
         balancer: an AMSS-family balancer name (``amss``, ``amss_plus``, ``uniform_mask``); its
             defaults fill in the options not given.
-        **options: any of its options, checked as ``create_balancer`` checks them; those that select
-            units (:data:`UNIT_OPTIONS`) are used, e.g. ``linear_rows="auto"``, ``mask_fusion=False``,
-            ``exclude=[model.encoders["video"].stem]``.
+        units: the unit selection (:class:`~equimodal.amss.units.UnitSelection`), as the balancer's
+            ``units=`` part.
+        **options: any of the balancer's options, checked as ``create_balancer`` checks them; those that
+            select units (the flat fields of a ``UnitSelection``, and ``preset``) are used, e.g.
+            ``linear_rows="auto"``, ``mask_fusion=False``, ``exclude=[model.encoders["video"].stem]``.
 
     Returns:
         A :class:`UnitsReport`: per modality each trained parameter with its unit kind and count, or the
-        reason it is not masked; ``report.units`` equals ``create_balancer(balancer, model, **options).units``.
+        reason it is not masked; ``report.units`` equals ``create_balancer(balancer, model, ...).units``.
 
     Raises:
         ValueError / TypeError: as ``create_balancer`` would (an unknown option, a modality without
-            units, a parameter masked in two modalities, an unsupported reparametrization, ...).
+            units, a parameter masked in two modalities, an unsupported reparametrization, a flat
+            option together with ``units``, ...).
     """
-    opts = unit_options(balancer, **options)
+    selection = unit_options(balancer, units, **options)
     modalities = modality_names(model)
-    scan = scan_units(model, modalities, **opts)
-    opts["layer_kinds"] = scan.options["layer_kinds"]  # the kinds selected, as a tuple in a fixed order
+    scan = scan_units(model, modalities, selection)
     masked = {k: v for m in modalities for k, v in _masked_rows(scan.units[m]).items()}
     rows: dict[str, list[ParamRow]] = {}
     frozen = 0
@@ -355,4 +341,6 @@ def describe_units(model: nn.Module, balancer: str = "amss", **options: Any) -> 
     fusion_rows, other, n = _fusion_rows(model, scan, encoder_ids, masked)
     for m in modalities:
         rows[m] += fusion_rows[m]
-    return UnitsReport({m: tuple(r) for m, r in rows.items()}, tuple(other), scan.units, opts, frozen + n)
+    return UnitsReport(
+        {m: tuple(r) for m, r in rows.items()}, tuple(other), scan.units, selection, frozen + n
+    )

@@ -41,7 +41,8 @@ FEATURE_ENTROPY_MODES: tuple[str, ...] = ("mean", "none", "nv_code")
 NV_CODE_ENTROPY_DIVISOR = 40.0
 
 
-def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+def check_choice(name: str, value: object, valid: Sequence[object]) -> None:
+    """Raise a ``ValueError`` naming option ``name``, its choices and ``value`` unless ``value`` is one of them."""
     if value not in valid:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, found {value!r}.")
 
@@ -59,7 +60,7 @@ def label_entropy(counts: Tensor, mode: LabelEntropyMode = "exact") -> Tensor:
     Returns:
         A 0-d tensor (no host synchronisation).
     """
-    _check_choice("label_entropy", mode, LABEL_ENTROPY_MODES)
+    check_choice("label_entropy", mode, LABEL_ENTROPY_MODES)
     counts = counts.to(torch.float32) if not counts.is_floating_point() else counts
     p = counts / counts.sum().clamp_min(torch.finfo(counts.dtype).tiny)
     if mode == "av_code":
@@ -97,7 +98,7 @@ def feature_entropy_from_sums(
             bits divided by 40 (the three-modality code); ``"none"``: 1 (the text-image code has no
             denominator).
     """
-    _check_choice("feature_entropy", mode, FEATURE_ENTROPY_MODES)
+    check_choice("feature_entropy", mode, FEATURE_ENTROPY_MODES)
     if mode == "none":
         return torch.ones_like(entropy_sums)
     if mode == "nv_code":

@@ -14,46 +14,30 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from types import MappingProxyType
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..amss.masker import MASK_STATS, GradientMasker
-from ..amss.ratios import RatioForm, check_fixed_ratio, check_ratio_options, fixed_ratios, update_ratios
-from ..amss.sampling import (
-    INCLUSION_MODES,
-    REWEIGHT_MODES,
-    ROUNDINGS,
-    SAMPLERS,
-    SCORE_MODES,
-    InclusionMode,
-    ReweightMode,
-    Rounding,
-    SamplerName,
-    ScoreMode,
+from ..amss.parts import (
+    AMSSParts,
+    Preset,
+    RatioRule,
+    Sampler,
+    Significance,
+    SignificanceKind,
+    options_signature,
+    resolve_parts,
 )
-from ..amss.significance import (
-    FEATURE_ENTROPY_MODES,
-    LABEL_ENTROPY_MODES,
-    FeatureEntropyMode,
-    LabelEntropyMode,
-    batch_sums,
-    significance_from_sums,
-)
-from ..amss.units import (
-    ConvUnits,
-    LayerKinds,
-    LinearRows,
-    MaskFusion,
-    ModuleSelector,
-    check_conv_units,
-    check_layer_kinds,
-    discover_units,
-)
+from ..amss.ratios import fixed_ratios, update_ratios
+from ..amss.sampling import ReweightMode, SamplerName
+from ..amss.significance import batch_sums, significance_from_sums
+from ..amss.units import UnitSelection, discover_units
+from ..registry import option_parameters
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
 from .heads import UnimodalHeads
@@ -61,137 +45,43 @@ from .registry import register_balancer
 
 log = logging.getLogger(__name__)
 
-_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "label_entropy": LABEL_ENTROPY_MODES,
-        "feature_entropy": FEATURE_ENTROPY_MODES,
-        "score": SCORE_MODES,
-        "sampler": SAMPLERS,
-        "rounding": ROUNDINGS,
-        "reweight": REWEIGHT_MODES,
-        "inclusion": INCLUSION_MODES,
-    }
-)
-
-
-def _check_options(
-    given: Mapping[str, Any],
-    modalities: Sequence[str],
-    fallback_ratio: float | Mapping[str, float],
-    *,
-    temperature: float,
-    k_min: float,
-    k_max: float,
-    ratio_form: RatioForm,
-    conv_units: ConvUnits,
-    layer_kinds: LayerKinds,
-    rho_momentum: float,
-    max_weight: float | None,
-    code_bias: float,
-) -> Mapping[str, float]:
-    """Check AMSS's options (each error names what was expected); returns the fallback ratio per modality."""
-    for key, value in given.items():
-        if value not in _CHOICES[key]:
-            raise ValueError(f"{key} must be one of {', '.join(map(repr, _CHOICES[key]))}, found {value!r}.")
-    fb = fallback_ratio if isinstance(fallback_ratio, Mapping) else dict.fromkeys(modalities, fallback_ratio)
-    if set(fb) != set(modalities):
-        raise ValueError(
-            f"fallback_ratio must map every modality {list(modalities)}, found keys {sorted(fb)}."
-        )
-    for value in fb.values():
-        check_ratio_options(temperature, k_min, k_max, float(value), ratio_form)
-    check_conv_units(conv_units)
-    check_layer_kinds(layer_kinds)
-    if not 0.0 <= rho_momentum < 1.0:
-        raise ValueError(f"rho_momentum must lie in [0, 1), found {rho_momentum!r} (0 disables the EMA).")
-    if max_weight is not None and not max_weight >= 1.0:
-        raise ValueError(
-            f"max_weight must be >= 1 or None (no cap), found {max_weight!r}; 100 is the default."
-        )
-    if code_bias < 0:
-        raise ValueError(f"code_bias must be >= 0, found {code_bias!r} (0 audio-visual, 0.2 text-image).")
-    return fb
+_BASE_OPTIONS = tuple(option_parameters(Balancer, skip=1))  # start_epoch, end_epoch, seed
 
 
 @register_balancer("amss")
 class AMSS(Balancer):
     """AMSS (Yang et al., TPAMI 2025): keep a significance-dependent fraction of each modality's gradient units.
 
+    Its options are four parts (:mod:`equimodal.amss.parts`), each a frozen object that checks itself::
+
+        AMSS(model, ratio=RatioRule(temperature=0.5), sampler=Sampler("topk"),
+             units=UnitSelection(conv_units="input_channels"))
+
     Args:
         model: a model following the contract; its encoders' units (and fusion-head blocks) are masked.
-        temperature: softmax temperature ``T`` of the ratios (0.2 audio-visual / three-modality, 0.5 text-image).
-        ratio_form: ``"one_minus_softmax"`` (default), ``"softmax_neg"`` or ``"softmax_own"`` (bug B1).
-        ratio_bias: ``beta`` added to the ratios before clamping.
-        k_min: lower bound of the ratios, in (0, 1].
-        k_max: upper bound of the ratios, in (0, 1].
-        ratio: a fixed update ratio ``k`` in (0, 1] used for every modality at every step instead of the
-            significance-based ratios (the paper's fixed-ratio ablation, ``k`` in {0.1, 0.3, 0.5, 0.7,
-            0.9}); ``None`` (default): adaptive ratios. ``temperature``, ``ratio_form``, ``ratio_bias``,
-            ``k_min``/``k_max`` and ``fallback_ratio`` then do not act; the significance is still computed
-            and logged (``rho/m``, ``mi/m``, ``fallback``) and ``k/m`` reports ``ratio``. Works with every
-            sampler (``adaptive``, ``uniform`` and ``topk`` keep ``ceil(ratio * N)`` units per group;
-            ``poisson`` keeps that many on average; ``bernoulli`` ignores ratios).
-        label_entropy: ``"exact"`` (nats, default), ``"exact_bits"`` or ``"av_code"`` (the AV quirk).
-        feature_entropy: ``"mean"`` (default), ``"nv_code"`` or ``"none"``.
-        offset: offset ``c`` of ``rho_m = (I_m + c) / H_m``.
-        fallback_offset: threshold offset of the fallback test ``any(I_m + offset' <= 0)``; ``None``: ``offset``.
-        fallback_ratio: ratio used when the fallback fires or a ratio is not finite (a float or a
-            per-modality mapping).
-        rho_momentum: EMA momentum of ``rho`` (0: per step, as in the code).
-        stable_softmax: stable softmax (default) or the code's raw ``exp``.
-        score: unit score ``"gn"`` (default), ``"gn_wn"`` or ``"sqrt_gn"``.
-        sampler: ``"adaptive"``, ``"topk"``, ``"uniform"``, ``"bernoulli"`` or ``"poisson"``;
-            ``None``: the class default (``"uniform"`` for ``uniform_mask``, else ``"adaptive"``).
-        rounding: ``"ceil"`` (default) or ``"floor"`` for the kept count.
-        reweight: ``"none"``, ``"inverse_inclusion"`` or ``"code"`` (official, unstable); ``None``: the
-            class default (``"inverse_inclusion"`` for ``amss_plus``, else ``"none"``).
-        inclusion: the adaptive sampler's inclusion probability, ``"conditional"`` (exact) or ``"first_order"``.
-        max_weight: cap of the inverse-inclusion weights (``None``: uncapped). Default 100: with the score
-            floor it rarely binds (see ``score_floor``).
-        score_floor: defensive floor added to every unit's score, as a fraction of its group's mean score
-            (:func:`~equimodal.amss.sampling.floored_scores`); ``None``: the class default, 0.1 for
-            ``amss_plus`` (with inverse-inclusion weights), else 0. It bounds the inclusion probabilities
-            from below, so the inverse-inclusion weights stay bounded and the expected masked gradient
-            stays within 2 % of the true gradient at every ratio 0.1-0.9 (the former cap of 10 without a
-            floor lost 10-20 % at ``k = 0.1``; ``tests/amss/test_amss_reweight.py``).
-        code_bias: ``b`` of the official weight ``1 / (q + 1/N + b)``.
-        code_block_norm: normalise the official weight's ``q`` over a whole fusion block (text-image code).
-        mask_encoders: mask the encoders' units (``False`` reproduces the three-modality code, bug B3).
-        mask_fusion: the fusion head's blocks: ``True``/``"concat"`` (default) the column blocks of a head
-            the modalities share, as the official text-image code (concat); ``"all"`` also the
-            per-modality heads of sum/weighted/channel fusion; ``False`` none (the AV code, bug B2).
-        linear_rows: plain ``Linear`` output rows: ``True`` (default: every Linear of an encoder, wherever
-            it sits), ``False`` (none) or ``"auto"`` (the official rule: only in encoders without convs).
-        conv_units: the unit of a conv weight: ``"filters"`` (default, the official code: an output filter
-            ``W[o]``), ``"input_channels"`` (every weight reading one input channel, ``W[:, c]``; in a
-            grouped conv only the filters of the channel's group read it), or ``"weights"`` (every single
-            weight is a unit, scored by its squared gradient; one sampling group per output filter, so
-            ``ceil(k n)`` of each filter's ``n = in/groups * prod(kernel)`` weights are kept).
-        layer_kinds: the kinds of layers whose units are masked, any of ``"conv"``, ``"attention"`` (q/k/v
-            and output projections of any attention), ``"linear"`` (every other Linear's rows: FFN
-            neurons, MLPs, projections) and ``"rnn"``, as a collection or a comma-separated string;
-            ``None`` (default): all. Units of other kinds are left unmasked (``describe_units`` says so).
-            Applies on top of ``include``/``exclude``/``linear_rows``; the fusion head follows
-            ``mask_fusion`` only.
-        include: callable ``(name, module) -> bool`` or modules; replaces the default unit selection.
-        exclude: callable or modules never masked (with their submodules).
-        heads: ``{linear: (num_heads, "rows" | "cols")}`` for separate q/k/v/o projections.
-        significance: ``"confidence"`` (the paper's mutual-information rate of each modality's unimodal
-            logits) or ``"speed"`` (equimodal's: how fast each modality's own head's loss is falling,
-            relative; the faster-learning modality counts as dominant and is masked more, which protects
-            the slow learner). ``"speed"`` uses heads of AMSS's own (below), trained on detached features
-            when ``head_weight`` is 0.
-        head_weight: weight of a unimodal loss per encoder through a linear head of AMSS's own on its
-            features (0: none, the paper's AMSS). With own heads, put ``balancer.parameters()`` in the
-            optimizer (the reference trainer does).
-        feature_dims: feature size per modality for the own heads, for encoders without ``out_dim``.
-        num_classes: number of classes for the own heads, for models without ``num_classes``.
+        ratio: how the update ratios follow from the significance (:class:`~equimodal.amss.parts.RatioRule`),
+            or a fixed update ratio ``k`` in (0, 1] (``RatioRule(fixed=k)``); ``None``: the defaults.
+        significance: how the significance is measured (:class:`~equimodal.amss.parts.Significance`), or
+            its kind, ``"confidence"`` (default) or ``"speed"``. With own heads (``head_weight > 0`` or
+            ``"speed"``) put ``balancer.parameters()`` in the optimizer (the reference trainer does).
+        sampler: how units are scored, sampled and reweighted (:class:`~equimodal.amss.parts.Sampler`), or
+            a sampler name; ``None``: the class default (``"uniform"`` for ``uniform_mask``, else
+            ``"adaptive"``; reweighting ``"inverse_inclusion"`` with a score floor of 0.1 for
+            ``amss_plus``, else none).
+        units: which units are masked (:class:`~equimodal.amss.units.UnitSelection`); ``None``: the defaults.
+        preset: ``"official_code"``, ``"official_av"``, ``"official_it"`` or ``"official_nv"``: switch on
+            what only reproduces the official code, or one official script
+            (:data:`~equimodal.amss.parts.PRESETS`, ``docs/amss.md``); a flat option overrides a switch.
         start_epoch: first epoch in which the method acts.
         end_epoch: last epoch in which it acts (``None``: no end).
         seed: seed of the sampling generator (identical on every DDP rank).
+        **options: flat options, each a field of one part (:data:`~equimodal.amss.parts.FLAT_OPTIONS`:
+            ``temperature=0.5`` is ``ratio=RatioRule(temperature=0.5)``), as a config passes them
+            (``--set balancer.options.temperature=0.5``); a flat option together with its part is an
+            error. ``inspect.signature(AMSS)`` lists them with their types and defaults.
 
     Statistics (``stats()``, recorded on the device every step, ``{}`` outside the window): per modality
-    ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio used: the fixed ``ratio`` when
+    ``m``: ``rho/m``, ``mi/m`` (the bound ``I_m``), ``k/m`` (update ratio used: the fixed ratio when
     one is set), ``kept_fraction/m`` (kept units / units), ``kept_grad_norm/m`` (norm of the kept part of
     the gradient / full norm, before reweighting), ``mean_weight/m`` (mean weight of kept units: 1 for
     AMSS) and ``grad_norm_ratio/m`` (norm of the masked, reweighted gradient / full norm); plus
@@ -200,6 +90,7 @@ class AMSS(Balancer):
     ``layer_kept/<modality>/<name>``, the fraction of its units kept; with own heads ``uni_loss/m``.
 
     Attributes:
+        parts: the four parts in use (:class:`~equimodal.amss.parts.AMSSParts`), class defaults filled in.
         units: what is masked (public API): modality -> list of :class:`~equimodal.amss.units.UnitTensor`,
             one per masked parameter, with its ``modality``, ``name`` (qualified module name), ``kind`` (``"filters"``,
             ``"rows"``, ``"head_rows"``, ``"head_cols"``, ``"gate_rows"``, ``"row_elements"``, ``"input_channels"``,
@@ -214,90 +105,59 @@ class AMSS(Balancer):
         self,
         model: nn.Module,
         *,
-        temperature: float = 0.2,
-        ratio_form: RatioForm = "one_minus_softmax",
-        ratio_bias: float = 0.0,
-        k_min: float = 0.1,
-        k_max: float = 0.9,
-        ratio: float | None = None,
-        label_entropy: LabelEntropyMode = "exact",
-        feature_entropy: FeatureEntropyMode = "mean",
-        offset: float = 0.5,
-        fallback_offset: float | None = None,
-        fallback_ratio: float | Mapping[str, float] = 0.5,
-        rho_momentum: float = 0.0,
-        stable_softmax: bool = True,
-        score: ScoreMode = "gn",
-        sampler: SamplerName | None = None,
-        rounding: Rounding = "ceil",
-        reweight: ReweightMode | None = None,
-        inclusion: InclusionMode = "conditional",
-        max_weight: float | None = 100.0,
-        score_floor: float | None = None,
-        code_bias: float = 0.0,
-        code_block_norm: bool = False,
-        mask_encoders: bool = True,
-        mask_fusion: MaskFusion = True,
-        linear_rows: LinearRows = True,
-        conv_units: ConvUnits = "filters",
-        layer_kinds: LayerKinds = None,
-        include: ModuleSelector | None = None,
-        exclude: ModuleSelector | None = None,
-        heads: Mapping[nn.Module, tuple[int, str]] | None = None,
-        significance: Literal["confidence", "speed"] = "confidence",
-        head_weight: float = 0.0,
-        feature_dims: Mapping[str, int] | None = None,
-        num_classes: int | None = None,
+        ratio: RatioRule | float | None = None,
+        significance: Significance | SignificanceKind = "confidence",
+        sampler: Sampler | SamplerName | None = None,
+        units: UnitSelection | None = None,
+        preset: Preset | None = None,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         seed: int = 0,
+        **options: Any,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
-        self.significance, self.head_weight = significance, float(head_weight)
-        self.own_heads = self._own_heads(model, significance, head_weight, seed, feature_dims, num_classes)
-        sampler = self.default_sampler if sampler is None else sampler
-        reweight = self.default_reweight if reweight is None else reweight
-        given = dict(
-            label_entropy=label_entropy, feature_entropy=feature_entropy, score=score, sampler=sampler,
-            rounding=rounding, reweight=reweight, inclusion=inclusion,
-        )  # fmt: skip
-        fb = _check_options(
-            given, self.modalities, fallback_ratio, temperature=temperature, k_min=k_min, k_max=k_max,
-            ratio_form=ratio_form, conv_units=conv_units, layer_kinds=layer_kinds, rho_momentum=rho_momentum,
-            max_weight=max_weight, code_bias=code_bias,
-        )  # fmt: skip
-        self.ratio = check_fixed_ratio(ratio)
-        if score_floor is None:
-            score_floor = self.default_score_floor if reweight == "inverse_inclusion" else 0.0
-        if not (math.isfinite(score_floor) and score_floor >= 0):
-            raise ValueError(
-                f"score_floor must be a finite number >= 0, found {score_floor!r} (0: no floor)."
-            )
-        if reweight == "code":
+        parts = dict(ratio=ratio, significance=significance, sampler=sampler, units=units, preset=preset)
+        self.parts = self.parts_from({**options, **parts})
+        self._fallback_ratio = torch.tensor(self.parts.ratio.fallback_ratios(self.modalities))
+        self.own_heads = self._own_heads(model, seed)
+        if self.parts.sampler.reweight == "code":
             log.warning(
                 "AMSS+: reweight='code' reproduces the official weights 1/(q + 1/N + b), which are not unbiased and "
                 "amplify gradients ~N/2 times when b = 0 (they diverged in our SGD runs, see docs/amss.md); prefer the default."
             )
-        self.temperature, self.ratio_form, self.ratio_bias = float(temperature), ratio_form, float(ratio_bias)
-        self.k_min, self.k_max, self.stable_softmax = float(k_min), float(k_max), bool(stable_softmax)
-        self.label_entropy, self.feature_entropy = label_entropy, feature_entropy
-        self.offset, self.fallback_offset, self.rho_momentum = (
-            float(offset),
-            fallback_offset,
-            float(rho_momentum),
-        )
-        self.units = discover_units(
-            model, self.modalities, include=include, exclude=exclude, heads=heads, linear_rows=linear_rows,
-            mask_encoders=mask_encoders, mask_fusion=mask_fusion, conv_units=conv_units, layer_kinds=layer_kinds,
-        )  # fmt: skip
-        self.masker = GradientMasker(
-            self.units, score=score, sampler=sampler, rounding=rounding, reweight=reweight, inclusion=inclusion,
-            max_weight=max_weight, code_bias=code_bias, code_block_norm=code_block_norm, score_floor=score_floor,
-        )  # fmt: skip
-        self._fallback_ratio = torch.tensor([float(fb[m]) for m in self.modalities])
+        self.units = discover_units(model, self.modalities, self.parts.units)
+        self.masker = self._masker()
         self._warned_no_loss = False
         self._declare_state()
         self._layer_keys = [f"{u.modality}/{u.name}" for u in self.masker.tensors]
+
+    @classmethod
+    def parts_from(cls, options: Mapping[str, Any]) -> AMSSParts:
+        """The parts this balancer builds from its keyword options, class defaults filled in.
+
+        Args:
+            options: part objects, flat options and ``preset``, as the constructor takes them (the base
+                class's ``start_epoch``, ``end_epoch`` and ``seed`` are ignored).
+
+        Raises:
+            TypeError / ValueError: as the constructor (see :func:`~equimodal.amss.parts.resolve_parts`).
+        """
+        given = {k: v for k, v in options.items() if k not in _BASE_OPTIONS and k != "preset"}
+        parts = resolve_parts(
+            given, preset=options.get("preset"), reweights=cls.default_reweight != "none",
+            where=f"Balancer {cls.name!r}",
+        )  # fmt: skip
+        sampler = parts.sampler.resolved(cls.default_sampler, cls.default_reweight, cls.default_score_floor)
+        return replace(parts, sampler=sampler)
+
+    def _masker(self) -> GradientMasker:
+        """The gradient masker of :attr:`units`, as the sampler part says."""
+        s = self.parts.sampler
+        return GradientMasker(
+            self.units, score=s.score, sampler=s.name, rounding=s.rounding, reweight=s.reweight,
+            inclusion=s.inclusion, max_weight=s.max_weight, code_bias=s.code_bias,
+            code_block_norm=s.code_block_norm, score_floor=s.score_floor,
+        )  # fmt: skip
 
     def _declare_state(self) -> None:
         """AMSS's statistics of a step and its state across steps (:meth:`~equimodal.Balancer.add_stat`)."""
@@ -311,27 +171,14 @@ class AMSS(Balancer):
         if self.own_heads is not None:
             self.add_state("own_heads", self.own_heads)
 
-    def _own_heads(
-        self,
-        model: nn.Module,
-        significance: str,
-        head_weight: float,
-        seed: int,
-        feature_dims: Mapping[str, int] | None,
-        num_classes: int | None,
-    ) -> UnimodalHeads | None:
+    def _own_heads(self, model: nn.Module, seed: int) -> UnimodalHeads | None:
         """Unimodal heads of AMSS's own: for ``head_weight > 0`` (a unimodal loss per encoder) and for
         ``significance="speed"`` (the heads' learning speed is the significance); else ``None``."""
-        if significance not in ("confidence", "speed"):
-            raise ValueError(f"significance must be 'confidence' or 'speed', found {significance!r}.")
-        if not (math.isfinite(head_weight) and head_weight >= 0):
-            raise ValueError(
-                f"head_weight must be a finite number >= 0, found {head_weight!r} (0: no own heads)."
-            )
-        if head_weight == 0 and significance == "confidence":
+        sig = self.parts.significance
+        if not sig.own_heads:
             return None
         return UnimodalHeads(
-            model, self.modalities, feature_dims=feature_dims, num_classes=num_classes, seed=seed,
+            model, self.modalities, feature_dims=sig.feature_dims, num_classes=sig.num_classes, seed=seed,
             method=self.name,
         )  # fmt: skip
 
@@ -345,14 +192,15 @@ class AMSS(Balancer):
         fused = F.cross_entropy(out.logits, target)
         if self.own_heads is None:
             return fused
+        head_weight = self.parts.significance.head_weight
         source = (
             out
-            if self.head_weight > 0 or out.features is None
+            if head_weight > 0 or out.features is None
             else out._replace(features={m: z.detach() for m, z in out.features.items()})
         )
         uni = torch.stack([F.cross_entropy(self.own_heads.logit(source, m), target) for m in self.modalities])
         self.accumulate("uni_loss_sum", uni)
-        return fused + (self.head_weight or 1.0) * uni.sum()
+        return fused + (head_weight or 1.0) * uni.sum()
 
     def _speed(self, loss: Tensor) -> tuple[Tensor, Tensor]:
         """``significance="speed"``: per modality, how fast its own head's loss (``loss``, this step's) is
@@ -375,7 +223,7 @@ class AMSS(Balancer):
             target,
             out.features,
             self.modalities,
-            need_features=self.feature_entropy != "none",
+            need_features=self.parts.significance.feature_entropy != "none",
         )
         self.accumulate("sig_sums", stats)
 
@@ -383,7 +231,7 @@ class AMSS(Balancer):
         """Compute the ratios from the accumulated statistics, then sample and mask the gradients in place."""
         device = self.masker.device
         sig = self._significance(device)
-        if self.significance == "speed" and self.uni_loss_sum is not None:
+        if self.parts.significance.kind == "speed" and self.uni_loss_sum is not None:
             sig["rho"], ready = self._speed(self.uni_loss_sum)
             sig["fallback"] = ~ready
         k = self._ratios(sig, device)
@@ -407,9 +255,10 @@ class AMSS(Balancer):
     def _significance(self, device: torch.device) -> dict[str, Tensor]:
         """The significance of this step's accumulated statistics (fallback values when there are none)."""
         if self.sig_sums is not None:
+            sig = self.parts.significance
             return significance_from_sums(
-                self.sig_sums, len(self.modalities), label_entropy_mode=self.label_entropy,
-                feature_entropy_mode=self.feature_entropy, offset=self.offset, fallback_offset=self.fallback_offset,
+                self.sig_sums, len(self.modalities), label_entropy_mode=sig.label_entropy,
+                feature_entropy_mode=sig.feature_entropy, offset=sig.offset, fallback_offset=sig.fallback_offset,
             )  # fmt: skip
         if not self._warned_no_loss:
             log.warning(
@@ -425,16 +274,16 @@ class AMSS(Balancer):
 
     def _ratios(self, sig: dict[str, Tensor], device: torch.device) -> Tensor:
         """The update ratios ``k_m`` from the significance (its EMA with ``rho_momentum``; ``ratio`` if fixed)."""
-        rho = sig["rho"]
+        rule, rho = self.parts.ratio, sig["rho"]
         self._fallback_ratio = self._fallback_ratio.to(device)  # moved once, kept on the device
-        if self.rho_momentum > 0:  # a NaN average (none yet) takes this step's rho
-            ema = self.rho_momentum * self.rho_ema + (1 - self.rho_momentum) * rho
+        if rule.momentum > 0:  # a NaN average (none yet) takes this step's rho
+            ema = rule.momentum * self.rho_ema + (1 - rule.momentum) * rho
             self.rho_ema = rho = torch.where(torch.isfinite(ema), ema, rho)
         k = update_ratios(
-            rho, self.temperature, form=self.ratio_form, bias=self.ratio_bias, k_min=self.k_min, k_max=self.k_max,
-            fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=self.stable_softmax,
+            rho, rule.temperature, form=rule.form, bias=rule.bias, k_min=rule.k_min, k_max=rule.k_max,
+            fallback=sig["fallback"], fallback_ratio=self._fallback_ratio, stable=rule.stable_softmax,
         )  # fmt: skip
-        return fixed_ratios(self.ratio, k) if self.ratio is not None else k
+        return fixed_ratios(rule.fixed, k) if rule.fixed is not None else k
 
     # ------------------------------------------------------------------ observability
     def counters(self) -> dict[str, int]:
@@ -469,3 +318,6 @@ class UniformMask(AMSS):
     """
 
     default_sampler: ClassVar[SamplerName] = "uniform"
+
+
+AMSS.__init__.__signature__ = options_signature(AMSS.__init__)  # type: ignore[attr-defined]

@@ -197,12 +197,7 @@ def cmd_units(args: argparse.Namespace) -> int:
         console.print(f"Balancer {name!r} masks no units; showing what 'amss' would mask with its defaults.")
         name, options = "amss", {}
     report = describe_units(model, balancer=name, **options)
-    keys = ["linear_rows", "mask_encoders", "mask_fusion"]
-    if report.options.get("conv_units", "filters") != "filters":
-        keys.append("conv_units")
-    if report.options.get("layer_kinds") is not None and len(report.options["layer_kinds"]) < 4:
-        keys.append("layer_kinds")
-    shown = ", ".join(f"{k}={report.options[k]!r}" for k in keys)
+    shown = ", ".join(f"{k}={v!r}" for k, v in report.selection.summary().items())
     console.print(f"{cfg.data.name} / {name} / {cfg.model.fusion} fusion: {shown}", highlight=False)
     for table in rich_tables(report):
         console.print(table)
