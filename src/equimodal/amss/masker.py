@@ -193,6 +193,21 @@ class GradientMasker:
         """
         lay = self.layout()
         grads = [[t.grad for t in u.tensors] for u in self.tensors]
+        sq, scores, finite = self._scores(lay, grads)
+        n = keep_counts(ratios.to(lay.device)[lay.row_modality], lay.row_units, self.rounding)
+        keep, pi = sample_units(
+            scores, n, sampler=self.sampler, generator=generator, valid=lay.valid, inclusion=self.inclusion
+        )
+        mu = self._weights(lay, keep, pi, scores)
+        mu = torch.where(finite, mu, torch.ones_like(mu))
+        self._mask_grads(lay, grads, mu)
+        self._keep = keep
+        stats = self._statistics(lay, keep, sq, mu)
+        return torch.where(finite, stats, torch.ones_like(stats)), finite
+
+    def _scores(self, lay: _Layout, grads: list[list[Tensor | None]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Each unit's squared gradient norm (non-finite entries zeroed), its score, and whether every
+        norm was finite (a 0-d bool tensor)."""
         for u, gs, out in zip(self.tensors, grads, lay.norm_grids, strict=True):
             u.write_unit_norms_(gs, out)
         sq = lay.norms.square_()
@@ -203,20 +218,20 @@ class GradientMasker:
             for u, out in zip(self.tensors, lay.weight_grids, strict=True):
                 u.write_unit_norms_(u.tensors, out)
             wsq = lay.weight_norms.square_()
-        scores = floored_scores(unit_scores(sq, self.score, wsq), self.score_floor, lay.valid)
-        n = keep_counts(ratios.to(lay.device)[lay.row_modality], lay.row_units, self.rounding)
-        keep, pi = sample_units(
-            scores, n, sampler=self.sampler, generator=generator, valid=lay.valid, inclusion=self.inclusion
-        )
+        return sq, floored_scores(unit_scores(sq, self.score, wsq), self.score_floor, lay.valid), finite
+
+    def _weights(self, lay: _Layout, keep: Tensor, pi: Tensor, scores: Tensor) -> Tensor:
+        """The weight of every unit: 0 when dropped, else 1 (AMSS) or the AMSS+ weight of ``reweight``."""
         if self.reweight == "inverse_inclusion":
-            mu = inverse_inclusion_weights(keep, pi, self.max_weight)
-        elif self.reweight == "code":
+            return inverse_inclusion_weights(keep, pi, self.max_weight)
+        if self.reweight == "code":
             block_sum = scores.new_zeros(lay.num_blocks).index_add_(0, lay.row_block, scores.sum(1))
             q = scores / block_sum[lay.row_block].clamp_min(torch.finfo(scores.dtype).tiny).unsqueeze(1)
-            mu = code_weights(keep, q, lay.row_code_units, self.code_bias)
-        else:
-            mu = keep.to(scores.dtype)
-        mu = torch.where(finite, mu, torch.ones_like(mu))
+            return code_weights(keep, q, lay.row_code_units, self.code_bias)
+        return keep.to(scores.dtype)
+
+    def _mask_grads(self, lay: _Layout, grads: list[list[Tensor | None]], mu: Tensor) -> None:
+        """Multiply every gradient in place by its units' weights ``mu`` (one ``_foreach_mul_``)."""
         lay.masks.copy_(mu)
         pairs = [
             (u.unit_view(g), v)
@@ -227,15 +242,17 @@ class GradientMasker:
         targets, views = [t for t, _ in pairs], [v for _, v in pairs]
         if targets:
             torch._foreach_mul_(targets, views)
-        self._keep = keep
-        keepf = keep.to(scores.dtype)
+
+    def _statistics(self, lay: _Layout, keep: Tensor, sq: Tensor, mu: Tensor) -> Tensor:
+        """The ``(len(MASK_STATS), M)`` statistics of one step (see :data:`MASK_STATS`)."""
+        keepf = keep.to(sq.dtype)
         per_row = torch.stack(
             [keepf.sum(1), sq.sum(1), (sq * keepf).sum(1), (mu * keepf).sum(1), (sq * mu * mu).sum(1)], 1
         )
         per_mod = per_row.new_zeros(len(self.modalities), 5).index_add_(0, lay.row_modality, per_row)
         kept, total_sq, kept_sq, weight_sum, weighted_sq = per_mod.unbind(1)
         tiny = torch.finfo(per_mod.dtype).tiny
-        stats = torch.stack(
+        return torch.stack(
             [
                 kept / lay.units_per_modality,
                 (kept_sq / total_sq.clamp_min(tiny)).sqrt(),
@@ -243,4 +260,3 @@ class GradientMasker:
                 (weighted_sq / total_sq.clamp_min(tiny)).sqrt(),
             ]
         )
-        return torch.where(finite, stats, torch.ones_like(stats)), finite

@@ -194,13 +194,7 @@ def sample_units(
     expo = torch.empty_like(scores).exponential_(generator=generator)
     ones = torch.ones_like(scores)
     if sampler in ("bernoulli", "poisson"):
-        uniform = torch.exp(-expo)  # Uniform(0, 1) from the same draws
-        if sampler == "poisson":
-            pi = water_filling(scores, num_keep, valid)
-        else:
-            total = scores.sum(1, keepdim=True)
-            pi = torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), 0.0)
-        return valid & (uniform < pi), pi
+        return _independent(scores, expo, num_keep, valid, sampler)
     neg_inf = torch.full_like(scores, -math.inf)
     positive = valid & (scores > 0)
     if sampler == "adaptive":
@@ -219,15 +213,36 @@ def sample_units(
         return keep, (n.to(scores.dtype) / num_valid.clamp_min(1).to(scores.dtype)).expand_as(scores)
     if sampler == "topk":
         return keep, ones
+    pi = _adaptive_inclusion(scores, values, n, num_valid, inclusion)
+    return keep, torch.where(positive, pi, ones)
+
+
+def _independent(
+    scores: Tensor, expo: Tensor, num_keep: Tensor, valid: Tensor, sampler: str
+) -> tuple[Tensor, Tensor]:
+    """``"bernoulli"`` and ``"poisson"``: each unit kept on its own, with probability ``q_j`` or the
+    water-filled ``pi_j``, from the uniform variates ``exp(-expo)``; returns ``(keep, pi)``."""
+    uniform = torch.exp(-expo)  # Uniform(0, 1) from the same draws
+    if sampler == "poisson":
+        pi = water_filling(scores, num_keep, valid)
+    else:
+        total = scores.sum(1, keepdim=True)
+        pi = torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), 0.0)
+    return valid & (uniform < pi), pi
+
+
+def _adaptive_inclusion(
+    scores: Tensor, values: Tensor, n: Tensor, num_valid: Tensor, inclusion: str
+) -> Tensor:
+    """The adaptive sampler's inclusion probabilities: threshold-conditional on ``kappa``, the
+    ``(n+1)``-th largest of the sorted keys ``values`` (exact), or the first-order ``min(1, n q_j)``."""
     if inclusion == "first_order":
         total = scores.sum(1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-        pi = (n.to(scores.dtype) * scores / total).clamp(max=1.0)
-    else:
-        kappa = values.gather(1, n.clamp(max=width - 1))
-        has_next = (n < num_valid) & (kappa > 0)
-        inv_kappa = torch.where(has_next, 1.0 / kappa, torch.full_like(kappa, math.inf))
-        pi = -torch.expm1(-scores * inv_kappa)
-    return keep, torch.where(positive, pi, ones)
+        return (n.to(scores.dtype) * scores / total).clamp(max=1.0)
+    kappa = values.gather(1, n.clamp(max=scores.shape[1] - 1))
+    has_next = (n < num_valid) & (kappa > 0)
+    inv_kappa = torch.where(has_next, 1.0 / kappa, torch.full_like(kappa, math.inf))
+    return -torch.expm1(-scores * inv_kappa)
 
 
 def inverse_inclusion_weights(keep: Tensor, pi: Tensor, max_weight: float | None = 10.0) -> Tensor:
