@@ -21,12 +21,13 @@ the command line prints a compact table that fits 80 columns.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from ..engine.config import Config
 from ..reporting.figures import results_figure, save_figure
 from ..reporting.folders import ComparisonFiles
 from ..reporting.tables import table_notes
@@ -62,9 +63,9 @@ class ComparisonResult:
     rows: list[dict[str, Any]]
     raw: dict[str, dict[str, dict[str, float]]]
     runs: dict[str, dict[int, Path]]
-    failures: list[RunFailure] = field(default_factory=list)
-    out: Path = Path(".")
-    files: dict[str, Path] = field(default_factory=dict)
+    failures: list[RunFailure]
+    out: Path
+    files: dict[str, Path]
 
 
 def summarise(
@@ -122,7 +123,7 @@ def _plan(
     rows: tuple[Sequence[str], Sequence[str | tuple[str, Sequence[str]]], bool],
     seeds: int,
     overrides: Sequence[str],
-) -> tuple[str | None, Any, list[str], list[RunSpec]]:
+) -> tuple[str | None, Config, list[str], list[RunSpec]]:
     """The recipe's source, its config, the modalities and every run (``rows``: balancers, variants and
     whether to add the references); every name is checked here, before anything is written."""
     from ..data import load_dataset

@@ -17,7 +17,9 @@ file, so it can be mailed or attached to a paper's supplement. What it shows:
 - for a **diagnosis folder** (``equimodal diagnose``): the verdict, what to try, the per-modality table
   and the per-modality curves.
 
-Several folders give one page, a section each. The page carries a one-line script that, once loaded,
+Every folder is read through its files' module (:class:`~equimodal.engine.run_folder.RunFolder`,
+:mod:`equimodal.reporting.folders`) and drawn from the data alone (a diagnosis from its JSON): the page
+knows nothing of the commands that wrote the folders. Several folders give one page, a section each. The page carries a one-line script that, once loaded,
 counts the figures that decoded (``<body data-figures="loaded/total">``); the tests open it in headless
 Chromium and check that count.
 """
