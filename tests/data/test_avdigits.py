@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from equimodal.data import avdigits, load_dataset
-from equimodal.data.avdigits import (
+from equimodal.data import load_dataset
+from equimodal.data.avdigits import loader as avdigits
+from equimodal.data.avdigits.loader import (
     pair_by_label,
     place_in_window,
     read_digit_images,
@@ -143,7 +144,7 @@ def test_remove_pca_energy_removes_leading_directions() -> None:
     [
         ({"pca_energy": 1.0}, ValueError, r"`pca_energy` in \[0.0, 1.0\)"),
         ({"audio_noise": -1}, ValueError, "`audio_noise` in"),
-        ({"audio_noise": "loud"}, TypeError, "option 'audio_noise' expects a number"),
+        ({"audio_noise": "loud"}, TypeError, "option 'audio_noise': expected a number"),
     ],
 )
 def test_hard_bad_options(options: dict[str, object], error: type[Exception], message: str) -> None:

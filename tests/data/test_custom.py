@@ -162,14 +162,19 @@ def test_npz_object_arrays_get_a_fix(tmp_path: Path) -> None:
 
 def test_standardize_must_be_a_bool(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", **_toy_arrays())
-    with pytest.raises(TypeError, match="option 'standardize' expects true or false"):
-        load_dataset("custom_npz", path=tmp_path / "d.npz", standardize=1)
+    with pytest.raises(TypeError, match="option 'standardize': expected true or false, found int 2"):
+        load_dataset("custom_npz", path=tmp_path / "d.npz", standardize=2)
     with pytest.raises(
-        TypeError, match="option 'standardize' expects true or false, found the string 'maybe'"
+        TypeError, match="option 'standardize': expected true or false, found the string 'maybe'"
     ):
         load_dataset("custom_npz", path=tmp_path / "d.npz", standardize="maybe")
     assert (
         load_dataset("custom_npz", path=tmp_path / "d.npz", standardize="no").info["options"]["standardize"]
+        is False
+    )
+    # 1 and 0 (YAML reads `--set data.options.standardize=1` as the integer) mean what "1" and "0" mean
+    assert (
+        load_dataset("custom_npz", path=tmp_path / "d.npz", standardize=0).info["options"]["standardize"]
         is False
     )
 

@@ -38,7 +38,7 @@ def test_missing_required_option() -> None:
 def test_string_options_are_coerced_to_the_default_type() -> None:
     ds = load_dataset("mfeat", seed="2", views="fac,mor", pix_image="false")
     assert ds.info["options"] == {"seed": 2, "views": "fac,mor", "pix_image": False}
-    with pytest.raises(TypeError, match="option 'seed' expects an integer"):
+    with pytest.raises(TypeError, match="option 'seed': expected an integer"):
         load_dataset("mfeat", seed="two")
 
 

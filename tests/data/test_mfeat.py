@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from equimodal.data import load_dataset, mfeat
+from equimodal.data import load_dataset
 from equimodal.data.base import make_loader
 from equimodal.data.mfeat import MFEAT_DIMS, MFEAT_VIEWS, parse_views, read_mfeat_arrays
+from equimodal.data.mfeat import loader as mfeat
 
 
 @pytest.fixture(scope="module")
@@ -123,5 +124,5 @@ def test_bad_views(views: object, error: type[Exception], message: str) -> None:
 
 
 def test_bad_pix_image_option() -> None:
-    with pytest.raises(TypeError, match="option 'pix_image' expects true or false"):
+    with pytest.raises(TypeError, match="option 'pix_image': expected true or false"):
         load_dataset("mfeat", pix_image=[1])

@@ -280,7 +280,7 @@ def test_mistyped_options_are_named() -> None:
         ValueError, match=r"option 'readout' must be one of 'last', 'mean'.*Did you mean 'mean'"
     ):
         create_fusion("ml_lstm", {"a": 4, "b": 4}, 3, readout="maen")
-    with pytest.raises(TypeError, match=r"option 'layers' expects an integer"):
+    with pytest.raises(TypeError, match=r"option 'layers': expected an integer"):
         create_fusion("ml_lstm", {"a": 4, "b": 4}, 3, layers=1.5)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['modulated'\]"):
         create_fusion("affine", {"a": 4, "b": 4}, 3, modulated="b")

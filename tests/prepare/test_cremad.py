@@ -298,7 +298,7 @@ def test_official_preset_trains_one_epoch(prepared: Path, tmp_path: Path) -> Non
 
 
 def test_training_frame_is_drawn_from_the_generator(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import equimodal.data.cremad as cremad
+    import equimodal.data.cremad.loader as cremad
     from equimodal.data.transforms import resize
 
     monkeypatch.setattr(cremad, "frame_transform", lambda image, size, generator: resize(image, size))

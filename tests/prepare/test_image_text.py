@@ -13,9 +13,8 @@ import torch
 
 from equimodal.cli import main
 from equimodal.data import load_dataset
-from equimodal.data import sarcasm as sarcasm_data
-from equimodal.data import twitter15 as twitter_data
-from equimodal.data.image_text import LazyEncoders
+from equimodal.data.image_text import SARCASM, TWITTER15
+from equimodal.data.image_text.loader import LazyEncoders
 from equimodal.prepare import prepare
 
 PIL = pytest.importorskip("PIL.Image")
@@ -229,8 +228,8 @@ def test_loader_reads_token_ids_and_normalised_images(prepared: dict[str, Path])
     assert with_special.train[0][0]["text"].tolist() == [2, *ids, 3] + [0] * (6 - len(ids))
     assert image.shape == (3, 20, 20) and image.dtype == torch.float32
     right = image[:, 10, -1]  # the uniform colour (0, 200, 90) away from the stripe, normalised
-    expected = (torch.tensor([0.0, 200.0, 90.0]) / 255 - torch.tensor(sarcasm_data.MEAN)) / torch.tensor(
-        sarcasm_data.STD
+    expected = (torch.tensor([0.0, 200.0, 90.0]) / 255 - torch.tensor(SARCASM.mean)) / torch.tensor(
+        SARCASM.std
     )
     torch.testing.assert_close(right, expected, atol=0.08, rtol=0)
     again, _ = ds.train[0]  # no augmentation: the training read is deterministic
@@ -244,7 +243,7 @@ def test_twitter15_loader_uses_its_own_statistics(prepared: dict[str, Path]) -> 
     inputs, _ = ds.val[0]
     assert inputs["text"].shape == (128,) and inputs["image"].shape == (3, 224, 224)
     assert ds.num_classes == 3 and ds.class_names == ["negative", "neutral", "positive"]
-    assert ds.info["mean"] == list(twitter_data.MEAN) and ds.info["std"] == list(twitter_data.STD)
+    assert ds.info["mean"] == list(TWITTER15.mean) and ds.info["std"] == list(TWITTER15.std)
 
 
 def test_loader_errors_name_the_fix(prepared: dict[str, Path], tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import torch
 from equimodal.cli import main
 from equimodal.data import load_dataset
 from equimodal.data.base import SampleKey
+from equimodal.data.kinetics_sounds.prepare import match_version, read_lists
 from equimodal.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from equimodal.prepare import PREPARERS, prepare
 from equimodal.prepare.base import carve_val
-from equimodal.prepare.kinetics_sounds import match_version, read_lists
 from equimodal.prepare.media import video_frames
 
 av = pytest.importorskip("av")
@@ -267,7 +267,7 @@ def test_loader_shapes_randomness_and_determinism(prepared: tuple[Path, Path]) -
 def test_training_crop_and_flip_are_shared_by_the_clip(tmp_path: Path) -> None:
     from PIL import Image
 
-    from equimodal.data.kinetics_sounds import KineticsSoundsReader
+    from equimodal.data.kinetics_sounds.loader import KineticsSoundsReader
 
     noise = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     (tmp_path / "f").mkdir()

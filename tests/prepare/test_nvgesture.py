@@ -15,9 +15,9 @@ import torch
 from equimodal.cli import main
 from equimodal.data import load_dataset
 from equimodal.data.base import SampleKey
+from equimodal.data.nvgesture.prepare import dequantize_flow, parse_line, quantize_flow
 from equimodal.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from equimodal.prepare import prepare
-from equimodal.prepare.nvgesture import dequantize_flow, parse_line, quantize_flow
 
 av = pytest.importorskip("av")
 pytest.importorskip("cv2")

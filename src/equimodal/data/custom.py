@@ -233,54 +233,15 @@ def build_custom_dataset(
             f"{name}: found no modality data besides {LABEL!r}/{SPLIT!r}. Add one array (or column group) "
             "per modality."
         )
-    _check_not_scalar(name, LABEL, labels, None)
-    listed = np.asarray(labels).tolist()
-    missing = missing_label_error(name, listed, range(len(listed)), "row", "(Rows are 0-based indices.)")
-    if missing is not None:
-        raise missing
-    y, class_names = encode_labels(labels)
-    n = y.shape[0]
-    for m, a in arrays.items():
-        _check_not_scalar(name, m, a, n)
-    if split is not None:
-        _check_not_scalar(name, SPLIT, split, n)
-    counts = {m: int(np.shape(a)[0]) for m, a in arrays.items()}
-    if any(c != n for c in counts.values()) or (split is not None and np.shape(split)[0] != n):
-        extra = f", split {np.shape(split)[0]}" if split is not None else ""
-        raise ValueError(
-            f"{name}: every modality needs one row per label ({n} labels), found rows {counts}{extra}. "
-            "Make all arrays share the first dimension (samples in the same order)."
-        )
-    clean: dict[str, np.ndarray] = {}
-    for m, a in arrays.items():
-        a = np.asarray(a)
-        if a.dtype.kind not in "biuf":
-            raise TypeError(
-                f"{name}: modality {m!r} must be numeric, found dtype {a.dtype}. Encode it as numbers."
-            )
-        a = a.astype(np.float64)
-        if a.ndim == 1:
-            a = a[:, None]
-        bad = int((~np.isfinite(a)).sum())
-        if bad:
-            raise ValueError(
-                f"{name}: modality {m!r} holds {bad} non-finite values (NaN or inf). Clean or impute them first."
-            )
-        clean[m] = a
-    index: Indices = (
-        split_from_assignment(split) if split is not None else stratified_split(y, fractions, seed)
-    )
-    if split is None and (index[1].size == 0 or index[2].size == 0):
-        raise ValueError(
-            f"{name}: {n} rows are too few for a train/val/test split with fractions "
-            f"{tuple(round(f, 6) for f in fractions)} "
-            f"(found {[int(i.size) for i in index]} rows). Add data or provide a `split`."
-        )
-    _check_classes_in_splits(name, y, class_names, index, fractions if split is None else None)
+    y, class_names = _checked_labels(name, labels)
+    _check_row_counts(name, arrays, split, y.shape[0])
+    clean = {m: _numeric_rows(name, m, a) for m, a in arrays.items()}
+    index = _split_index(name, y, class_names, split, seed, fractions)
     if standardize:
         clean = {m: _standardize_nd(a, index[0]) for m, a in clean.items()}
     train, val, test = make_splits(clean, y, index)
     num_classes = len(class_names) if class_names is not None else int(y.max()) + 1
+    by_seed = f"stratified by seed {fractions}"
     return MultimodalDataset(
         name=name,
         train=train,
@@ -295,11 +256,74 @@ def build_custom_dataset(
             "licence": "user data",
             "attribution": "",
             "options": options,
-            "split": f"from the file's {SPLIT!r} entry"
-            if split is not None
-            else f"stratified by seed {fractions}",
+            "split": f"from the file's {SPLIT!r} entry" if split is not None else by_seed,
         },
     )
+
+
+def _checked_labels(name: str, labels: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    """The labels as class indices and names (:func:`encode_labels`), after refusing missing ones."""
+    _check_not_scalar(name, LABEL, labels, None)
+    listed = np.asarray(labels).tolist()
+    missing = missing_label_error(name, listed, range(len(listed)), "row", "(Rows are 0-based indices.)")
+    if missing is not None:
+        raise missing
+    return encode_labels(labels)
+
+
+def _check_row_counts(name: str, arrays: Mapping[str, np.ndarray], split: np.ndarray | None, n: int) -> None:
+    """Every modality (and the split) has one row per label."""
+    for m, a in arrays.items():
+        _check_not_scalar(name, m, a, n)
+    if split is not None:
+        _check_not_scalar(name, SPLIT, split, n)
+    counts = {m: int(np.shape(a)[0]) for m, a in arrays.items()}
+    if any(c != n for c in counts.values()) or (split is not None and np.shape(split)[0] != n):
+        extra = f", split {np.shape(split)[0]}" if split is not None else ""
+        raise ValueError(
+            f"{name}: every modality needs one row per label ({n} labels), found rows {counts}{extra}. "
+            "Make all arrays share the first dimension (samples in the same order)."
+        )
+
+
+def _numeric_rows(name: str, modality: str, array: np.ndarray) -> np.ndarray:
+    """A modality's array as finite float64 rows (a vector per sample becomes ``(N, 1)``)."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name}: modality {modality!r} must be numeric, found dtype {a.dtype}. Encode it as numbers."
+        )
+    a = a.astype(np.float64)
+    if a.ndim == 1:
+        a = a[:, None]
+    bad = int((~np.isfinite(a)).sum())
+    if bad:
+        raise ValueError(
+            f"{name}: modality {modality!r} holds {bad} non-finite values (NaN or inf). Clean or impute them first."
+        )
+    return a
+
+
+def _split_index(
+    name: str,
+    y: np.ndarray,
+    class_names: list[str] | None,
+    split: np.ndarray | None,
+    seed: int,
+    fractions: tuple[float, float, float],
+) -> Indices:
+    """The train/val/test rows: from the given split, or stratified by ``seed``; every split non-empty."""
+    index: Indices = (
+        split_from_assignment(split) if split is not None else stratified_split(y, fractions, seed)
+    )
+    if split is None and (index[1].size == 0 or index[2].size == 0):
+        raise ValueError(
+            f"{name}: {y.shape[0]} rows are too few for a train/val/test split with fractions "
+            f"{tuple(round(f, 6) for f in fractions)} "
+            f"(found {[int(i.size) for i in index]} rows). Add data or provide a `split`."
+        )
+    _check_classes_in_splits(name, y, class_names, index, fractions if split is None else None)
+    return index
 
 
 def _check_not_scalar(name: str, what: str, a: object, n: int | None) -> None:
@@ -675,6 +699,35 @@ CSV_LAYOUT = (
 )
 
 
+def _feature_block(cells: np.ndarray, cols: list[str], lines: list[int], where: str) -> np.ndarray:
+    """One modality's cells as float64; the first cell that is not a number is named (line, column)."""
+    block = np.char.strip(cells)
+    try:
+        return block.astype(np.float64)
+    except ValueError:
+        for r, row in enumerate(block):
+            for c, v in zip(cols, row, strict=True):
+                try:
+                    float(v)
+                except ValueError:
+                    raise ValueError(
+                        f"{where} line {lines[r]}, column {c!r}: expected a number, found {str(v)!r}. "
+                        "Fill empty cells and remove non-numeric values."
+                    ) from None
+        raise
+
+
+def _csv_labels(cells: np.ndarray, lines: list[int], where: str) -> np.ndarray:
+    """The label column: integers when every label is one, else the stripped strings; none missing."""
+    label_text = np.char.strip(cells)
+    missing = missing_label_error(where, label_text.tolist(), lines, "line")
+    if missing is not None:
+        raise missing
+    if all(re.fullmatch(r"[+-]?\d+", v) for v in label_text.tolist()):
+        return label_text.astype(np.int64)
+    return label_text
+
+
 @register_dataset("custom_csv")
 def load_custom_csv(
     *,
@@ -718,32 +771,13 @@ def load_custom_csv(
     groups = _group_columns(header, modalities, where)
     col = {h: i for i, h in enumerate(header)}
     table = np.array(rows, dtype=str)
-    arrays: dict[str, np.ndarray] = {}
-    for m, cols in groups.items():
-        block = np.char.strip(table[:, [col[c] for c in cols]])
-        try:
-            arrays[m] = block.astype(np.float64)
-        except ValueError:
-            for r, row in enumerate(block):
-                for c, v in zip(cols, row, strict=True):
-                    try:
-                        float(v)
-                    except ValueError:
-                        raise ValueError(
-                            f"{where} line {lines[r]}, column {c!r}: expected a number, found {str(v)!r}. "
-                            "Fill empty cells and remove non-numeric values."
-                        ) from None
-            raise
+    arrays = {
+        m: _feature_block(table[:, [col[c] for c in cols]], cols, lines, where) for m, cols in groups.items()
+    }
     _check_finite_cells(arrays, groups, col, table, lines, where)
-    label_text = np.char.strip(table[:, col[LABEL]])
-    missing = missing_label_error(where, label_text.tolist(), lines, "line")
-    if missing is not None:
-        raise missing
+    labels = _csv_labels(table[:, col[LABEL]], lines, where)
     if not allow_duplicates:
         _check_duplicate_rows(arrays, lines, where)
-    labels: np.ndarray = label_text
-    if all(re.fullmatch(r"[+-]?\d+", v) for v in label_text.tolist()):
-        labels = label_text.astype(np.int64)
     split = np.char.strip(table[:, col[SPLIT]]) if SPLIT in col else None
     if split is not None and all(v.isdigit() for v in split.tolist()):
         split = split.astype(np.int64)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import transforms
+from .transforms import maybe_hflip, random_resized_crop
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,8 @@ def augment_image(
     if generator is None or augment == "none":
         return image
     if augment == "crop_flip":
-        image = transforms.random_resized_crop(image, image.shape[-1], generator)
-    return transforms.maybe_hflip(image, generator)
+        image = random_resized_crop(image, image.shape[-1], generator)
+    return maybe_hflip(image, generator)
 
 
 # ---------------------------------------------------------------------------------------- dispatch

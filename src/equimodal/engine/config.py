@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import math
 import re
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..registry import unknown_name_error
+from ..registry import coerce_value, unknown_name_error
 
 
 @dataclass(frozen=True)
@@ -133,80 +132,24 @@ FLOAT_WHY = (
     "float32 arithmetic overflows beyond that once the value is scaled, e.g. by Adam's bias correction"
 )
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+INT_LIMIT = 2**31
+"""Integer fields (and the items of integer lists) are below this in magnitude."""
 
 
-def _numbers_in(value: Any) -> Any:
-    """Free-form option values: turn number-like strings (YAML 1.1 reads ``1e-3`` as a string) into floats."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {k: _numbers_in(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers_in(v) for v in value]
-    return value
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Coerce ``value`` to the annotated type ``tp`` or raise a clear error naming ``where``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], where)
+def _field_value(value: Any, tp: Any, where: str) -> Any:
+    """A field's value: a section (a dataclass) from a mapping, anything else by
+    :func:`~equimodal.registry.coerce_value`, with integers below :data:`INT_LIMIT` in magnitude."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise TypeError(
                 f"{where}: expected a mapping of options, found {type(value).__name__} {value!r}."
             )
-        return _from_mapping(tp, value, where)
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{where}: expected a mapping, found {type(value).__name__} {value!r}.")
-        return {k: _numbers_in(v) for k, v in value.items()}
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-        if isinstance(value, (int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, found {type(value).__name__} {value!r}.")
-        (elem, *_rest) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(v, elem, where) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise TypeError(f"{where}: expected true or false, found {value!r}.")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise TypeError(f"{where}: expected a number, found the boolean {value!r}.")
-        try:
-            number = float(value) if isinstance(value, str) else value
-            if tp is int:
-                if float(number) != int(float(number)):
-                    raise ValueError
-                if abs(float(number)) >= 2**31:
-                    raise ValueError(
-                        f"{where}: expected an integer of magnitude below 2**31, found {value!r}."
-                    )
-                return int(float(number))
-            return float(number)
-        except ValueError as err:
-            if str(err).startswith(where):
-                raise
-            raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
-        except (TypeError, OverflowError):
-            raise TypeError(f"{where}: expected {tp.__name__}, found {value!r}.") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TypeError(f"{where}: expected a string, found {type(value).__name__} {value!r}.")
-        return str(value)
-    return value
+        return _from_mapping(tp, value, where)  # type: ignore[arg-type]
+    result = coerce_value(value, tp, where)
+    items = result if isinstance(result, tuple) else (result,)
+    if any(isinstance(i, int) and not isinstance(i, bool) and abs(i) >= INT_LIMIT for i in items):
+        raise ValueError(f"{where}: expected an integer of magnitude below 2**31, found {value!r}.")
+    return result
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -216,7 +159,7 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
     for key, value in data.items():
         if key not in names:
             raise unknown_name_error(f"key in {where}" if where else "config key", str(key), names)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+        kwargs[key] = _field_value(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
 
@@ -240,14 +183,37 @@ def _choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
 def validate_config(cfg: Config) -> None:
     """Check every value's range and choice before any work starts (names the key, the rule, the value).
 
+    The sections are checked in order (data, optim, train), then the registered names and their
+    options, then the range of every float option; the first rule broken is raised.
+
     Raises:
         ValueError: e.g. ``train.epochs: expected an integer >= 1, found 0.``
     """
-    d, o, t = cfg.data, cfg.optim, cfg.train
+    _check_data(cfg.data)
+    _check_optim(cfg.optim, cfg.train.epochs)
+    _check_train(cfg.train)
+    _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
+    _check(bool(cfg.data.name), "data.name", "a registered dataset name", cfg.data.name)
+    check_registered(cfg)
+    for where, options in (
+        ("data.options", cfg.data.options),
+        ("model.fusion_options", cfg.model.fusion_options),
+        ("model.encoders", cfg.model.encoders),
+        ("balancer.options", cfg.balancer.options),
+    ):
+        _check_float_range(where, options)
+
+
+def _check_data(d: DataConfig) -> None:
+    """Batch sizes, workers and prefetching."""
     _check(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", d.eval_batch_size)
     _check(d.num_workers >= -1, "data.num_workers", "-1 (automatic) or an integer >= 0", d.num_workers)
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", d.prefetch_factor)
+
+
+def _check_optim(o: OptimConfig, epochs: int) -> None:
+    """The optimizer, its rates and betas, and the schedule (whose peak rate depends on ``epochs``)."""
     _choice("optimizer (optim.name)", o.name, ("sgd", "adam", "adamw"))
     _check(
         math.isfinite(o.lr) and o.lr > 0,
@@ -260,12 +226,8 @@ def validate_config(cfg: Config) -> None:
         o.lr <= FLOAT_LIMIT, "optim.lr", f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})", o.lr, "Try 0.01 (SGD)."
     )
     _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
-    _check(
-        o.betas == () or (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)),
-        "optim.betas",
-        "two numbers in [0, 1) (or none: torch's default)",
-        list(o.betas),
-    )
+    two_betas = o.betas == () or (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas))
+    _check(two_betas, "optim.betas", "two numbers in [0, 1) (or none: torch's default)", list(o.betas))
     _check(
         o.betas == () or o.name in ("adam", "adamw"),
         "optim.betas",
@@ -273,24 +235,24 @@ def validate_config(cfg: Config) -> None:
         list(o.betas),
         "Set optim.name=adam or adamw, or drop optim.betas.",
     )
+    decay = o.weight_decay
+    _check(math.isfinite(decay) and decay >= 0, "optim.weight_decay", "a finite number >= 0", decay)
     _check(
-        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
-        "optim.weight_decay",
-        "a finite number >= 0",
-        o.weight_decay,
-    )
-    _check(
-        o.weight_decay <= FLOAT_LIMIT,
+        decay <= FLOAT_LIMIT,
         "optim.weight_decay",
         f"at most {FLOAT_LIMIT:.0e} ({FLOAT_WHY})",
-        o.weight_decay,
+        decay,
         "Typical values: 1e-4 (SGD), 1e-2 (AdamW).",
     )
     _choice("schedule (optim.schedule)", o.schedule, ("none", "step", "multistep", "cosine"))
     _check(o.step_size >= 1, "optim.step_size", "an integer >= 1", o.step_size)
     _check(all(m >= 1 for m in o.milestones), "optim.milestones", "epochs >= 1", list(o.milestones))
     _check(math.isfinite(o.gamma) and o.gamma > 0, "optim.gamma", "a finite number > 0", o.gamma)
-    _check_peak_lr(o, t.epochs)
+    _check_peak_lr(o, epochs)
+
+
+def _check_train(t: TrainConfig) -> None:
+    """Epochs, seed, device and the run-level switches."""
     _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
     _check(
@@ -303,12 +265,8 @@ def validate_config(cfg: Config) -> None:
     _check(t.grad_accum >= 1, "train.grad_accum", "an integer >= 1", t.grad_accum)
     _check(t.num_threads >= 0, "train.num_threads", "0 (torch's default) or an integer >= 1", t.num_threads)
     _choice("train.on_nonfinite value", t.on_nonfinite, ("stop", "skip"))
-    _check(
-        t.checkpoint_every >= 0,
-        "train.checkpoint_every",
-        "0 (epoch ends only) or an integer >= 1",
-        t.checkpoint_every,
-    )
+    every = t.checkpoint_every
+    _check(every >= 0, "train.checkpoint_every", "0 (epoch ends only) or an integer >= 1", every)
     _check(t.log_every >= 0, "train.log_every", "0 (one line per epoch) or an integer >= 1", t.log_every)
     _check(t.stats_every >= 0, "train.stats_every", "0 (no steps.csv) or an integer >= 1", t.stats_every)
     _check(
@@ -317,16 +275,6 @@ def validate_config(cfg: Config) -> None:
         f"an epoch in 0..{t.epochs - 1} (train.epochs is {t.epochs})",
         t.select_from,
     )
-    _check(bool(cfg.balancer.name), "balancer.name", "a registered balancer name", cfg.balancer.name)
-    _check(bool(d.name), "data.name", "a registered dataset name", d.name)
-    check_registered(cfg)
-    for where, options in (
-        ("data.options", d.options),
-        ("model.fusion_options", cfg.model.fusion_options),
-        ("model.encoders", cfg.model.encoders),
-        ("balancer.options", cfg.balancer.options),
-    ):
-        _check_float_range(where, options)
 
 
 def _scheduled_decays(o: OptimConfig, epochs: int) -> int:
@@ -405,11 +353,35 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 PRESET_DIR = Path(__file__).parents[1] / "configs"
+"""The presets not tied to one dataset (``amss_av.yaml``, ...) and the studies (``studies/``)."""
+DATASET_DIR = Path(__file__).parents[1] / "data"
+"""The built-in dataset folders: each holds its dataset's presets, ``data/<folder>/<preset>.yaml``."""
+
+
+def preset_files() -> dict[str, Path]:
+    """Every shipped preset by name: ``configs/*.yaml`` and each dataset folder's ``data/*/*.yaml``.
+
+    Raises:
+        ValueError: two preset files share a name (the name would be ambiguous).
+    """
+    found: dict[str, Path] = {}
+    for path in sorted([*PRESET_DIR.glob("*.yaml"), *DATASET_DIR.glob("*/*.yaml")]):
+        if path.stem in found:
+            raise ValueError(
+                f"Two presets are named {path.stem!r}: {found[path.stem]} and {path}. Rename one of them."
+            )
+        found[path.stem] = path
+    return found
+
+
+def preset_path(name: str | Path) -> Path | None:
+    """The shipped preset named ``name``, or ``None`` when there is none."""
+    return preset_files().get(str(name))
 
 
 def list_presets() -> list[str]:
     """Names of the YAML presets shipped with the package."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(preset_files())
 
 
 def _read_yaml(path: Path) -> Any:
@@ -436,8 +408,8 @@ def load_config(source: str | Path | None = None, overrides: Iterable[str] = ())
         if path.is_dir():
             raise ValueError(f"Config {str(source)!r} is a folder; pass a YAML file or a preset name.")
         if not path.exists():
-            preset = PRESET_DIR / f"{source}.yaml"
-            if not preset.exists():
+            preset = preset_path(source)
+            if preset is None:
                 close = difflib.get_close_matches(str(source), list_presets(), n=3)
                 hint = f" Did you mean {close}?" if close else ""
                 raise FileNotFoundError(
@@ -465,7 +437,7 @@ def resolve_recipe(config: str | None, dataset: str | None) -> tuple[str | None,
     """
     if dataset is None:
         return config, []
-    if config is None and (PRESET_DIR / f"{dataset}.yaml").is_file():
+    if config is None and preset_path(dataset) is not None:
         return dataset, []
     return config, [f"data.name={dataset}"]
 
@@ -474,7 +446,7 @@ def describe_recipe(source: str | None, cfg: Config) -> str:
     """One line naming where a run's recipe comes from and its main figures (optimizer, batch, epochs)."""
     if source is None:
         origin = "the default config"
-    elif (PRESET_DIR / f"{source}.yaml").is_file() and not Path(source).exists():
+    elif preset_path(source) is not None and not Path(source).exists():
         origin = f"preset {source!r}"
     else:
         origin = repr(str(source))

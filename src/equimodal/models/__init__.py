@@ -1,5 +1,8 @@
 """Models: the multimodal classifier, fusion heads and encoders."""
 
+# The built-in encoders and fusions: importing a module registers what it defines (``encoders`` and
+# ``fusion`` hold the small ones; bert needs the optional transformers, imported when one is built).
+from . import bert, encoders, fusion, i3d, resnet50  # noqa: F401
 from .classifier import MultimodalClassifier
 from .encoders import create_encoder, list_encoders, register_encoder
 from .fusion import Fusion, create_fusion, list_fusions, register_fusion
@@ -14,6 +17,3 @@ __all__ = [
     "register_encoder",
     "register_fusion",
 ]
-
-# Encoders of the paper's workloads (importing registers them; bert needs the optional transformers).
-from . import bert, i3d, resnet50  # noqa: E402,F401

@@ -1,14 +1,14 @@
 """``equimodal prepare <dataset> --raw DIR --out DIR``: raw downloads into the layout the loaders read.
 
-Preparers are registered with :func:`register_preparer` (one per dataset, in ``equimodal.prepare.<name>``)
-and run by :func:`prepare`. The machinery they share (parallel, resumable, atomic, fault-tolerant work,
-the prepared layout) is in :mod:`equimodal.prepare.base`. This module stays light: the preparers (and
-the media libraries they need) are imported only when one is asked for.
+Preparers are registered with :func:`register_preparer` (one per dataset, in the dataset's folder,
+``equimodal/data/<name>/prepare.py``, imported with :mod:`equimodal.data`) and run by :func:`prepare`.
+The machinery they share (parallel, resumable, atomic, fault-tolerant work, the prepared layout) is in
+:mod:`equimodal.prepare.base`, the media decoding in :mod:`equimodal.prepare.media`; the media libraries
+are imported only when a preparer runs.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ Preparer = Callable[..., dict[str, Any]]
 PREPARERS: Registry[Preparer] = Registry(
     "preparer", skip=2, example="equimodal prepare {name} --raw DIR --out DIR --set {key}=..."
 )
-MODULES = ("cremad", "kinetics_sounds", "sarcasm", "twitter15", "nvgesture")
 
 
 def register_preparer(name: str, *, overwrite: bool = False) -> Callable[[Preparer], Preparer]:
@@ -29,14 +28,8 @@ def register_preparer(name: str, *, overwrite: bool = False) -> Callable[[Prepar
     return PREPARERS.decorator(name, overwrite=overwrite)
 
 
-def _load_all() -> None:
-    for module in MODULES:
-        importlib.import_module(f"{__name__}.{module}")
-
-
 def list_preparers() -> list[str]:
     """The datasets ``equimodal prepare`` knows."""
-    _load_all()
     return PREPARERS.names()
 
 
@@ -52,7 +45,6 @@ def prepare(
     from ..utils.claim import claim_folder
     from .base import default_workers
 
-    _load_all()
     raw, out = Path(raw).expanduser(), Path(out).expanduser()
     if not raw.is_dir():
         raise FileNotFoundError(

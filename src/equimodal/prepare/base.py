@@ -46,6 +46,12 @@ SPLITS = ("train", "val", "test")
 """The splits of a prepared layout; each must hold clips (every loader reads all three)."""
 
 
+def prepare_logger(dataset: str) -> logging.Logger:
+    """The logger of ``dataset``'s preparer, ``equimodal.prepare.<dataset>``: the command line prints the
+    INFO lines of ``equimodal.prepare`` (counts, summaries) off a terminal, wherever the preparer lives."""
+    return logging.getLogger(f"{__package__}.{dataset}")
+
+
 class PrepareError(ValueError):
     """A raw input that cannot be used; the message names the file and what is wrong with it."""
 

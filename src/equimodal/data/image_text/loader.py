@@ -1,6 +1,6 @@
-"""What the image-text loaders (``sarcasm``, ``twitter15``) share: the reader and the default encoders.
+"""The image-text loader (``sarcasm``, ``twitter15``): the reader, the default encoders, the loader.
 
-A prepared folder (:mod:`equimodal.prepare.image_text`) holds one text file and one JPEG per sample.
+A prepared folder (:mod:`equimodal.data.image_text.prepare`) holds one text file and one JPEG per sample.
 Each sample is read as the official text-image pipeline reads it:
 
 - ``text``: the tokenizer's ids of the text, cut or zero-padded to ``max_tokens`` (``(max_tokens,)``
@@ -33,14 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models.encoders import create_encoder
-from .base import MultimodalDataset
-from .media import TEXT_INSTALL, MediaError, decoded, read_image, require, token_ids
-from .prepared import Rows, load_prepared
-from .transforms import normalize
+from ...models.encoders import create_encoder
+from ..base import MultimodalDataset
+from ..media import TEXT_INSTALL, MediaError, decoded, read_image, require, token_ids
+from ..prepared import Rows, load_prepared
+from ..transforms import normalize
+from .spec import ImageTextSpec, Triple
 
 MODALITIES = ("text", "image")
-Triple = tuple[float, float, float]
 
 
 class TextTokenizer:
@@ -243,25 +243,42 @@ def _reader(
 
 
 def load_image_text(
-    dataset: str,
+    spec: ImageTextSpec,
+    /,
     *,
     root: str,
-    seed: int,
     tokenizer: str,
-    max_tokens: int,
-    special_tokens: bool,
-    image_size: int,
-    bert: str | None,
-    resnet50: str | None,
-    mean: Triple,
-    std: Triple,
+    seed: int = 0,
+    max_tokens: int = 128,
+    special_tokens: bool = False,
+    image_size: int = 224,
+    bert: str | None = None,
+    resnet50: str | None = None,
 ) -> MultimodalDataset:
-    """An image-text dataset from its prepared folder (see the module docstring for the options).
+    """The image-text dataset ``spec`` describes, from a folder its preparer wrote (modalities ``text``, ``image``).
+
+    Registered for each dataset with ``spec`` bound (``load_dataset("sarcasm", root=...)``).
+
+    Args:
+        spec: what differs between the datasets (name, classes, image mean and std, ...).
+        root: the prepared folder.
+        tokenizer: a local ``tokenizer.json`` or tokenizer folder (bert-base-uncased's in the official
+            recipe); required, nothing is downloaded.
+        seed: recorded for the splits' samplers (there is no random transform).
+        max_tokens: token ids per text, zero-padded (official 128).
+        special_tokens: add the tokenizer's special tokens (``[CLS]``/``[SEP]``); the official code adds
+            none (``tokenize`` + ``convert_tokens_to_ids``).
+        image_size: side of the square image (official 224).
+        bert: local BERT checkpoint folder of the default text encoder (required unless
+            ``model.encoders.text`` replaces it).
+        resnet50: local file with torchvision ``resnet50`` weights for the default image encoder
+            (``None``: random init; the official model starts from ImageNet weights).
 
     Raises:
-        FileNotFoundError / ValueError: not a prepared folder of ``dataset``, a bad tokenizer, or
+        FileNotFoundError / ValueError: not a prepared folder of the dataset, a bad tokenizer, or
             ``max_tokens`` / ``image_size`` below 1.
     """
+    dataset, mean, std = spec.dataset, spec.mean, spec.std
     if max_tokens < 1 or image_size < 1:
         raise ValueError(
             f"{dataset}: max_tokens and image_size must be >= 1, found max_tokens={max_tokens}, "

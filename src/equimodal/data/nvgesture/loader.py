@@ -1,7 +1,7 @@
 """``nvgesture``: NVGesture (25 hand gestures; RGB, depth and optical flow clips) from a prepared folder.
 
 Prepare the folder first with ``equimodal prepare nvgesture --raw DIR --out DIR`` (layout:
-:mod:`equimodal.prepare.nvgesture`). Each sample is three clips, channels first ``(C, T, H, W)``:
+:mod:`equimodal.data.nvgesture.prepare`). Each sample is three clips, channels first ``(C, T, H, W)``:
 
 - ``rgb`` (C = 3): ImageNet mean/std normalised;
 - ``depth`` (C = 1): scaled to [0, 1], not normalised;
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models.i3d import InceptionI3D
-from ..prepare.base import read_layout
-from ..prepare.nvgesture import COLUMNS, DATASET, dequantize_flow
-from .base import MultimodalDataset
-from .prepared import Rows, load_prepared
-from .registry import register_dataset
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Box, center_crop_box, frame_window, random_crop_box
+from ...models.i3d import InceptionI3D
+from ...prepare.base import read_layout
+from ..base import MultimodalDataset
+from ..prepared import Rows, load_prepared
+from ..registry import register_dataset
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, Box, center_crop_box, frame_window, random_crop_box
+from .prepare import COLUMNS, DATASET, dequantize_flow
 
 MAX_START = 16
 """Latest first frame of a training window (official: start in [0, 16] of 80 frames)."""

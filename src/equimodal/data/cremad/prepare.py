@@ -29,7 +29,6 @@ dropped (listed as skipped).
 from __future__ import annotations
 
 import csv
-import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -39,22 +38,22 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import register_preparer
-from .base import (
+from ...prepare import register_preparer
+from ...prepare.base import (
     Item,
     Report,
     carve_val,
     check_resume_settings,
+    prepare_logger,
     run_items,
     save_frame_folder,
     save_npy,
     write_layout,
 )
-from .media import check_flv_complete, official_spectrogram, read_wav, resample, video_frames
-
-log = logging.getLogger(__name__)
+from ...prepare.media import check_flv_complete, official_spectrogram, read_wav, resample, video_frames
 
 DATASET = "cremad"
+log = prepare_logger(DATASET)
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 """The emotion codes in the official code's index order (the loader uses the sorted names instead)."""
 BROKEN = frozenset(

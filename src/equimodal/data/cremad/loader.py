@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MultimodalDataset
-from .media import MediaError, frame_positions, list_frames, read_npy, read_rgb
-from .prepared import ReaderFactory, Rows, load_prepared
-from .registry import register_dataset
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, maybe_hflip, normalize, random_resized_crop, resize
+from ..base import MultimodalDataset
+from ..media import MediaError, frame_positions, list_frames, read_npy, read_rgb
+from ..prepared import ReaderFactory, Rows, load_prepared
+from ..registry import register_dataset
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, maybe_hflip, normalize, random_resized_crop, resize
+from .prepare import DATASET
 
-DATASET = "cremad"
 MODALITIES = ("audio", "visual")
 SPECTROGRAM_SHAPE = (257, 188)
 
@@ -117,7 +117,7 @@ def _reader(frames: int, image_size: int) -> ReaderFactory:
 
 def default_encoders() -> dict[str, nn.Module]:
     """The official CREMA-D pair: ResNet18 from scratch with GELU, 1 input channel (audio) and 3 (visual)."""
-    from ..models.encoders import create_encoder
+    from ...models.encoders import create_encoder
 
     return {
         "audio": create_encoder("resnet18", in_channels=1, activation="gelu"),

@@ -33,30 +33,29 @@ gives 1001 frames here), and frame folders extracted by an unpublished script. F
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from . import register_preparer
-from .base import (
+from ...prepare import register_preparer
+from ...prepare.base import (
     Item,
     PrepareError,
     Report,
     carve_val,
     check_resume_settings,
+    prepare_logger,
     run_items,
     save_frame_folder,
     save_npy,
     write_layout,
 )
-from .media import official_spectrogram, read_audio_track, resample, resize_frame, video_frames
-
-log = logging.getLogger(__name__)
+from ...prepare.media import official_spectrogram, read_audio_track, resample, resize_frame, video_frames
 
 DATASET = "kinetics_sounds"
+log = prepare_logger(DATASET)
 SPLITS = ("train", "val", "test")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 COLUMNS = ("audio", "visual")

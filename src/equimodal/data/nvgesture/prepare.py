@@ -37,7 +37,6 @@ Differences from the official pipeline (spec sections 10 and 11):
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,22 +44,22 @@ from typing import Any
 
 import numpy as np
 
-from . import register_preparer
-from .base import (
+from ...prepare import register_preparer
+from ...prepare.base import (
     Item,
     PrepareError,
     Report,
     carve_val,
     check_resume_settings,
+    prepare_logger,
     run_items,
     save_npy,
     write_layout,
 )
-from .media import iter_video_frames
-
-log = logging.getLogger(__name__)
+from ...prepare.media import iter_video_frames
 
 DATASET = "nvgesture"
+log = prepare_logger(DATASET)
 NUM_CLASSES = 25
 LIST_NAMES = {
     "train": ("nvgesture_train_correct_cvpr2016_v2.lst", "nvgesture_train_correct_v2.lst"),

@@ -1,4 +1,4 @@
-"""What the image-text preparers (``sarcasm``, ``twitter15``) share: tsv splits, texts and images.
+"""The image-text preparer (``sarcasm``, ``twitter15``): tsv splits, texts and images.
 
 Raw layout (the AMSS text-image code's, spec section 10): one tsv per split with a header row naming
 the columns ``Label``, ``String`` (the text) and ``ImageID``, plus a folder of images::
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,19 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
+from ...prepare.base import (
     Item,
     PrepareError,
     Report,
     check_resume_settings,
+    prepare_logger,
     run_items,
     save_jpeg,
     save_text,
     write_layout,
 )
-from .media import resize_frame
-
-log = logging.getLogger(__name__)
+from ...prepare.media import resize_frame
+from .spec import ImageTextSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 COLUMNS = ("text", "image")
@@ -61,36 +60,6 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "target": ("target", "aspect", "entity"),
 }
 TARGET_MARK = "$T$"
-
-
-@dataclass(frozen=True)
-class ImageTextSpec:
-    """What differs between the image-text datasets.
-
-    Attributes:
-        dataset: the dataset name (``prepare.json``, the loader).
-        labels: raw label -> class name; names sort in the order of the raw labels.
-        splits: split -> accepted tsv file names, the first one the canonical name.
-        official_counts: the official split sizes (a warning when the prepared counts differ).
-        target: the tsv has an aspect-target column that replaces ``$T$`` in the text (Twitter-2015).
-        source: where the raw release comes from (recorded).
-    """
-
-    dataset: str
-    labels: Mapping[str, str]
-    splits: Mapping[str, tuple[str, ...]]
-    official_counts: Mapping[str, int]
-    target: bool
-    source: str
-
-    def __post_init__(self) -> None:
-        # The loader numbers classes in the sorted order of their names; it must be the raw labels' order.
-        by_raw = [self.labels[k] for k in sorted(self.labels)]
-        if by_raw != sorted(self.labels.values()):
-            raise ValueError(
-                f"{self.dataset}: class names {by_raw} must sort in the order of their raw labels "
-                f"{sorted(self.labels)}, so that class indices equal the official labels."
-            )
 
 
 @dataclass(frozen=True)
@@ -326,9 +295,32 @@ def _plan(
 
 
 def prepare_image_text(
-    spec: ImageTextSpec, raw: Path, out: Path, *, workers: int, image_size: int, image_dir: str
+    spec: ImageTextSpec,
+    raw: Path,
+    out: Path,
+    /,
+    *,
+    workers: int,
+    image_size: int = 256,
+    image_dir: str = "images",
 ) -> dict[str, Any]:
-    """Prepare an image-text dataset (see the module docstring); returns the ``prepare.json`` info."""
+    """Prepare the image-text dataset ``spec`` describes: texts as UTF-8 files, images as RGB JPEG.
+
+    Registered for each dataset with ``spec`` bound (``equimodal prepare sarcasm ...``); the layout and
+    what is skipped are in the module docstring.
+
+    Args:
+        spec: what differs between the datasets (labels, split files, the target column, ...).
+        raw: the folder holding the tsv files and the image folder.
+        out: the prepared folder (resumable).
+        workers: processes converting images.
+        image_size: shorter side of the saved images (0: original size); the loader resizes to 224 x 224.
+        image_dir: the image folder, relative to ``raw`` (Twitter-2015's release names it
+            ``twitter2015_images``).
+
+    Returns:
+        What ``prepare.json`` holds.
+    """
     if image_size < 0:
         raise ValueError(f"image_size must be >= 0 (0 keeps the original size), found {image_size}.")
     split_files = find_split_files(raw, spec)
@@ -396,7 +388,7 @@ def _finish(
         out, spec.dataset, manifest, COLUMNS, options=options, report=Report(failed=skipped), extra=extra
     )
     if info["counts"] != dict(spec.official_counts):
-        log.warning(
+        prepare_logger(spec.dataset).warning(
             "%s: prepared %s rows, the official split has %s (%d rows skipped, listed in %s).",
             spec.dataset, info["counts"], dict(spec.official_counts), len(skipped), out / "prepare.json",
         )  # fmt: skip
