@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from equimodal.experiments.compare import bootstrap_ci
+from equimodal.reporting.statistics import bootstrap_ci
 
 
 def runs_of(folders: list[Path], label: str) -> tuple[dict[int, dict[str, Any]], int]:

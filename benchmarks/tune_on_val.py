@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from equimodal.balancers import get_balancer_class
-from equimodal.experiments.compare import _run_one
+from equimodal.experiments.execution import run_one
 
 
 def main() -> None:
@@ -54,11 +54,11 @@ def main() -> None:
     print(f"{len(jobs)} runs to do")
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            for done, err in pool.imap_unordered(_run_one, jobs):
+            for done, err in pool.imap_unordered(run_one, jobs):
                 print(done, err or "")
     else:
         for job in jobs:
-            print(*_run_one(job))
+            print(*run_one(job))
     rows = []
     for label, outs in settings.items():
         vals = [

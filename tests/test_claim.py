@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from equimodal.cli import main
-from equimodal.engine.run_folder import RunFolderError, clear_run, has_outputs
+from equimodal.engine.run_folder import RunFolder, RunFolderError
 from equimodal.prepare.base import save_frame_folder
 from equimodal.utils.claim import CLAIM_FILE, FOREIGN_STALE_SECONDS, Owner, _look, _take_over, claim_folder
 
@@ -208,9 +208,9 @@ def test_the_claim_is_released_after_success_and_failure_and_ignored_by_the_run_
     assert cli(["train", *sets("train.epochs=1"), "--out", str(out)], capsys)[0] == 0
     assert not (out / CLAIM_FILE).exists()
     with claim_folder(out):
-        assert has_outputs(out)
-        clear_run(out, config=True)
-        assert not has_outputs(out) and (out / CLAIM_FILE).exists()  # the claim is no run output
+        assert RunFolder(out).has_outputs()
+        RunFolder(out).clear(config=True)
+        assert not RunFolder(out).has_outputs() and (out / CLAIM_FILE).exists()  # the claim is no run output
 
 
 def test_the_claim_is_released_after_sigterm(tmp_path: Path) -> None:

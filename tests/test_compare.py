@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -11,39 +10,27 @@ import yaml
 from rich.console import Console
 
 from equimodal.cli import main
-from equimodal.engine.run_folder import RunFolderError
-from equimodal.experiments.compare import (
-    RunSpec,
-    bootstrap_ci,
-    ensemble_accuracy,
-    finished_summary,
-    gap_closed,
-    parse_variant,
-    results_figure,
-    results_table,
-    run_compare,
-    run_config,
-    run_specs,
-    summarise,
-)
-
-
-def _write(path, logits, labels, counts) -> None:
-    path.mkdir(parents=True)
-    np.savez(path / "predictions.npz", test_logits=logits, test_labels=labels, train_label_counts=counts)
+from equimodal.engine.run_folder import RunFolder, RunFolderError
+from equimodal.experiments import compare
+from equimodal.experiments.comparison import summarise
+from equimodal.experiments.specs import RunSpec, finished_summary, parse_variant, run_config, run_specs
+from equimodal.reporting.figures import results_figure
+from equimodal.reporting.statistics import bootstrap_ci, ensemble_accuracy, gap_closed
+from equimodal.reporting.tables import results_table
 
 
 def test_product_rule_uses_all_branches(tmp_path) -> None:
     labels = np.array([0, 1, 1, 0])
     a = np.log(np.array([[0.6, 0.4], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]]))
     b = np.log(np.array([[0.7, 0.3], [0.1, 0.9], [0.45, 0.55], [0.45, 0.55]]))
-    _write(tmp_path / "a", a, labels, np.array([5, 5]))
-    _write(tmp_path / "b", b, labels, np.array([5, 5]))
+    counts = np.array([5, 5])
     # product: [0.42,0.12]->0, [0.06,0.36]->1, [0.09,0.44]->1, [0.405,0.055]->0
-    assert ensemble_accuracy([tmp_path / "a", tmp_path / "b"], "product") == 1.0
+    assert ensemble_accuracy([a, b], labels, counts, "product") == 1.0
     # mean: sample 2 -> [0.35, 0.65] -> 1 ; sample 4 -> [0.675, 0.325] -> 0
-    assert ensemble_accuracy([tmp_path / "a", tmp_path / "b"], "mean") == 1.0
-    assert ensemble_accuracy([tmp_path / "a"], "product") == 0.75
+    assert ensemble_accuracy([a, b], labels, counts, "mean") == 1.0
+    assert ensemble_accuracy([a], labels, counts, "product") == 0.75
+    with pytest.raises(ValueError, match="Unknown ensemble rule 'max'; expected 'product' or 'mean'"):
+        ensemble_accuracy([a, b], labels, counts, "max")
 
 
 def test_gap_closed_is_ratio_of_paired_means() -> None:
@@ -108,7 +95,7 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
 
     fraction = lambda s: 0.9 if s.label == "amss" else 1.0  # noqa: E731 - as if amss held 10 % out
     _fake_runs(tmp_path, specs, summary_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y], fraction)
-    columns, rows = summarise(tmp_path, specs, ["a", "b"], True)
+    rows = summarise(tmp_path, specs, ["a", "b"], True).rows
     by = {r["method"]: r for r in rows}
     assert by["amss"]["test acc"] == "84.5 ± 0.7"  # 0.84, 0.85
     assert (by["amss"]["train data"], by["none"]["train data"]) == ("90 %", "100 %")
@@ -128,7 +115,7 @@ def test_no_gap_gives_no_fraction(tmp_path) -> None:
 
     # every branch is perfect: the ensemble equals joint training (1.0), so there is no gap to close
     _fake_runs(tmp_path, specs, summary_of, lambda y: 2 * np.eye(2)[y])
-    _, rows = summarise(tmp_path, specs, ["a", "b"], True)
+    rows = summarise(tmp_path, specs, ["a", "b"], True).rows
     assert {r["method"]: r for r in rows}["amss"]["gap closed [95% CI]"] == "n/a (no gap)"
 
 
@@ -143,26 +130,16 @@ def test_a_run_with_another_config_is_not_reused(tmp_path) -> None:
     assert finished_summary(tmp_path, spec, other) is None
 
 
-# ---------------------------------------------------------------- run_compare end to end
+# ---------------------------------------------------------------- compare end to end
 
 BASE = ["data.options.views=fac,mor", "train.epochs=1", "train.probe=false"]
 
 
-def _args(out, **kw) -> argparse.Namespace:
-    values = {
-        "config": None,
-        "dataset": None,
-        "balancers": "none",
-        "seeds": 1,
-        "set": list(BASE),
-        "out": str(out),
-        "no_references": True,
-        "variant": None,
-        "jobs": 1,
-        "threads": 1,
-    }
+def _compare(out, **kw):
+    """``compare`` of joint training, one seed, no references, on the fast mfeat pair (``kw`` changes it)."""
+    values = {"balancers": ("none",), "seeds": 1, "overrides": list(BASE), "out": out, "references": False}
     values.update(kw)
-    return argparse.Namespace(**values)
+    return compare(**values)
 
 
 def _finished(root, spec, config, test, marker: str = "") -> None:
@@ -188,7 +165,7 @@ def test_a_folder_of_another_config_is_refused_before_any_training(tmp_path, cap
     (tmp_path / "none" / "seed0" / "notes.txt").write_text("mine")
     before = sorted(p.name for p in (tmp_path / "none" / "seed0").iterdir())
     with pytest.raises(RunFolderError) as err:
-        run_compare(_args(tmp_path))
+        _compare(tmp_path)
     message = str(err.value)
     assert "none/seed0: optim.lr: 0.3 there, " in message
     assert "another --out" in message and "--overwrite" in message and "Nothing was trained" in message
@@ -209,7 +186,7 @@ def test_a_run_that_wrote_only_its_config_is_retrained_under_the_new_one(tmp_pat
     run.mkdir(parents=True)
     old = run_config(None, RunSpec(spec.label, (*spec.overrides, "optim.lr=0.3"), 0))
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    assert run_compare(_args(tmp_path)) == 0
+    assert _compare(tmp_path).failures == []
     assert json.loads((run / "summary.json").read_text())["config"]["optim"]["lr"] != 0.3
 
 
@@ -219,7 +196,7 @@ def test_overwrite_retrains_a_folder_of_another_config_from_scratch(tmp_path) ->
     _finished(tmp_path, spec, old, {"test_acc": 0.5}, marker="old run")
     (tmp_path / "none" / "seed0" / "notes.txt").write_text("mine")
     (tmp_path / "none" / "seed0" / "last.pt").write_bytes(b"not a checkpoint")  # resuming it would fail
-    assert run_compare(_args(tmp_path, overwrite=True)) == 0
+    assert _compare(tmp_path, overwrite=True).failures == []
     run = tmp_path / "none" / "seed0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"] == run_config(None, spec) and "marker" not in summary
@@ -241,7 +218,7 @@ def test_overwrite_retrains_a_folder_of_another_config_from_scratch(tmp_path) ->
 )
 def test_counts_below_one_are_refused_first(tmp_path, change, message) -> None:
     with pytest.raises(ValueError, match=message):
-        run_compare(_args(tmp_path / "out", **change))
+        _compare(tmp_path / "out", **change)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--seeds must be"):
         run_specs([], ["none"], ["a"], 0, False)
@@ -256,7 +233,7 @@ def test_a_single_seed_has_no_spread_and_no_interval(tmp_path) -> None:
 
     rng = np.random.default_rng(0)
     _fake_runs(tmp_path, specs, summary_of, lambda y: rng.normal(size=(20, 2)) + 2 * np.eye(2)[y])
-    _, rows = summarise(tmp_path, specs, ["a", "b"], True)
+    rows = summarise(tmp_path, specs, ["a", "b"], True).rows
     by = {r["method"]: r for r in rows}
     assert by["amss"]["test acc"] == "84.0" and by["amss"]["a unimodal"] == "60.0"
     assert by["amss"]["Δacc vs none (pp)"] == "+4.00 [n/a (1 seed)]"
@@ -277,7 +254,8 @@ def test_the_terminal_table_fits_80_columns_and_the_files_have_every_column(
         test = {"test_acc": acc, "test_f1": acc, "test_acc_fac": 0.61, "test_acc_mor": 0.52,
                 "test_probe_fac": 0.63, "test_probe_mor": 0.55, "test_imbalance": 0.123}  # fmt: skip
         _finished(tmp_path, s, run_config(None, s), test)
-    assert run_compare(_args(tmp_path, balancers="none,amss,amss_plus", seeds=3, no_references=False)) == 0
+    assert main(["compare", "--out", str(tmp_path), "--balancers", "none,amss,amss_plus", "--seeds", "3",
+                 *[a for s in BASE for a in ("--set", s)]]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "0 to run" in printed
     assert "…" not in printed and max(len(line) for line in printed.splitlines()) <= 80
@@ -334,7 +312,6 @@ def test_dataset_runs_the_recipe_train_runs(
 ):
     """``compare --dataset X`` trains X's preset (as ``train X``, ``diagnose X`` and run_results.sh do),
     not the default config's lr, batch and epochs with data.name swapped; it says which recipe it runs."""
-    import equimodal.experiments.compare as compare
     from equimodal.engine.config import config_to_dict, load_config
 
     seen: dict[str, object] = {}
@@ -343,10 +320,9 @@ def test_dataset_runs_the_recipe_train_runs(
         seen["configs"] = [run_config(cfg_source, s) for s in specs]
         raise _Stop
 
-    monkeypatch.setattr(compare, "execute_runs", fake_execute)
-    args = _args(tmp_path, dataset=dataset, config=config, set=[])
+    monkeypatch.setattr("equimodal.experiments.comparison.execute_runs", fake_execute)
     with pytest.raises(_Stop):
-        run_compare(args)
+        _compare(tmp_path, dataset=dataset, config=config, overrides=[], console=Console())
     want = load_config(
         source, [f"data.name={data_name}", "balancer.name=none", "train.seed=0", "train.progress=0"]
     )
@@ -356,15 +332,13 @@ def test_dataset_runs_the_recipe_train_runs(
 
 
 def test_a_damaged_recorded_config_is_a_difference_naming_the_file(tmp_path) -> None:
-    from equimodal.experiments.compare import _recorded_config
-
-    folder = tmp_path / "none" / "seed0"
-    folder.mkdir(parents=True)
-    (folder / "metrics.csv").write_text("epoch\n0\n")
-    (folder / "config.yaml").write_text("optim: {lr: 0.1\n")
-    assert list(_recorded_config(folder) or {}) == [
+    folder = RunFolder(tmp_path / "none" / "seed0")
+    folder.path.mkdir(parents=True)
+    (folder.path / "metrics.csv").write_text("epoch\n0\n")
+    (folder.path / "config.yaml").write_text("optim: {lr: 0.1\n")
+    assert list(folder.recorded_config() or {}) == [
         "(config.yaml is damaged: expected ',' or '}', but got '<stream end>')"
     ]
-    (folder / "config.yaml").unlink()
-    (folder / "summary.json").write_text('{"config": {"optim"')
-    assert list(_recorded_config(folder) or {}) == ["(summary.json is damaged: truncated or not JSON)"]
+    (folder.path / "config.yaml").unlink()
+    (folder.path / "summary.json").write_text('{"config": {"optim"')
+    assert list(folder.recorded_config() or {}) == ["(summary.json is damaged: truncated or not JSON)"]

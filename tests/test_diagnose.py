@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from equimodal.cli import main
-from equimodal.experiments.diagnose import (
+from equimodal.experiments.diagnosis import (
     Diagnosis,
     Interval,
     ModalityFigures,
-    _paired,
     analyse,
     diagnose,
     epochs_to,
+    paired_interval,
     verdict,
 )
 from equimodal.reporting.html import write_report
@@ -26,11 +26,13 @@ SETS = ["data.options.views=fac,mor", "train.epochs=4", "train.progress=false"]
 def test_speed_and_paired_intervals() -> None:
     assert epochs_to([0.2, 0.5, 0.95, 1.0, 0.98]) == 3.0  # first epoch at 90 % of the best
     assert epochs_to([]) != epochs_to([])  # NaN
-    two = _paired({0: 0.90, 1: 0.80}, {0: 0.85, 1: 0.80})
+    two = paired_interval({0: 0.90, 1: 0.80}, {0: 0.85, 1: 0.80})
     assert two.mean == pytest.approx(2.5) and two.low < 0 < two.high  # t interval with 1 dof: wide
-    many = _paired({s: 0.9 + 0.001 * s for s in range(8)}, {s: 0.85 for s in range(8)})
+    many = paired_interval({s: 0.9 + 0.001 * s for s in range(8)}, {s: 0.85 for s in range(8)})
     assert many.significant and str(many).startswith("+5.35 [")
-    assert not _paired({0: 0.9}, {0: 0.8}).significant and "1 seed" in str(_paired({0: 0.9}, {0: 0.8}))
+    assert not paired_interval({0: 0.9}, {0: 0.8}).significant and "1 seed" in str(
+        paired_interval({0: 0.9}, {0: 0.8})
+    )
 
 
 def _figures(alone: float, probe: float, deficit: Interval, speed: float) -> ModalityFigures:
@@ -85,7 +87,7 @@ def test_reading_a_compare_folder_and_missing_runs(tmp_path: Path) -> None:
     cmp = tmp_path / "cmp"
     assert main(["compare", *[x for s in SETS for x in ("--set", s)], "--balancers", "none", "--seeds", "2",
                  "--out", str(cmp)]) == 0  # fmt: skip
-    diag = diagnose(None, SETS, runs=cmp)
+    diag = diagnose(overrides=SETS, runs=cmp).diagnosis
     assert diag.seeds == 2 and (cmp / "diagnosis.md").is_file()
     assert diag.modalities["fac"].grad_share != diag.modalities["fac"].grad_share  # not logged there: NaN
     with pytest.raises(
@@ -150,7 +152,7 @@ def test_the_printed_diagnosis_fits_80_columns(tmp_path: Path, capsys, monkeypat
     diag = Diagnosis("avdigits_hard", 10, 87.6, 91.1, Interval(3.0, 1.0, 5.0), mods)
     diag.verdict, diag.recommendation = verdict(diag)
     diag.curves = {name: {"alone": [0.5, 0.7]} for name in [*mods, "fused"]}
-    monkeypatch.setattr("equimodal.experiments.diagnose.analyse", lambda root, modalities, joint_label: diag)
+    monkeypatch.setattr("equimodal.experiments.diagnosis.analyse", lambda root, modalities, joint_label: diag)
     code = main(["diagnose", *[x for s in SETS for x in ("--set", s)], "--runs", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0 and "Verdict. Imbalance:" in " ".join(printed.split())

@@ -170,7 +170,7 @@ def test_a_damaged_run_file_is_named_with_the_fix(
     ],
 )
 def test_damaged_comparison_files_are_named(tmp_path, name: str, how: str, expected: str) -> None:
-    from equimodal.experiments.compare import RunSpec, finished_summary
+    from equimodal.experiments.specs import RunSpec, finished_summary
     from equimodal.reporting.html import build_page, run_section
 
     folder = _comparison(tmp_path / "cmp")

@@ -27,7 +27,9 @@ from rich.console import Console
 
 import equimodal
 from equimodal.cli import main
-from equimodal.experiments import compare
+from equimodal.experiments import estimate
+from equimodal.experiments.execution import execute_runs
+from equimodal.experiments.specs import run_specs
 from equimodal.utils.interrupt import Interrupted, StopRequest
 from equimodal.utils.workers import Hooks, run_tasks
 
@@ -359,16 +361,14 @@ def test_runs_are_named_when_they_start_and_the_time_is_estimated(tmp_path: Path
 
 
 def test_an_estimate_that_cannot_be_made_says_so_and_fails_nothing(tmp_path: Path, monkeypatch) -> None:
-    def broken(*_args: object, **_kw: object) -> compare.RunCost:
+    def broken(*_args: object, **_kw: object) -> estimate.RunCost:
         raise RuntimeError("no device")
 
-    monkeypatch.setattr(compare, "timed_step", broken)
+    monkeypatch.setattr(estimate, "timed_step", broken)
     console = Console(record=True, width=200)
-    specs = compare.run_specs(["train.epochs=1", "train.probe=false", "data.options.views=fac,mor"], ["none"],
-                              ["fac", "mor"], 1, False)  # fmt: skip
-    _, failures = compare.execute_runs(
-        tmp_path, specs, None, jobs=1, threads=1, overwrite=False, console=console
-    )
+    specs = run_specs(["train.epochs=1", "train.probe=false", "data.options.views=fac,mor"], ["none"],
+                      ["fac", "mor"], 1, False)  # fmt: skip
+    _, failures = execute_runs(tmp_path, specs, None, jobs=1, threads=1, overwrite=False, console=console)
     text = console.export_text()
     assert failures == [] and "no time estimate (RuntimeError: no device)" in text
     assert (tmp_path / "none" / "seed0" / "summary.json").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from equimodal.cli import main
-from equimodal.experiments.study import file_stem, list_studies, load_study, paired_delta, study_specs
+from equimodal.experiments.studies import file_stem, list_studies, load_study, paired_delta, study_specs
 
 TINY = """
 title: "A tiny study"

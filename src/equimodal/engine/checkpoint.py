@@ -22,7 +22,7 @@ import torch
 
 from ..utils.io import atomic_torch_save, plain_data
 from .fitting import EpochState
-from .run_folder import RunFolderError
+from .run_folder import RunFolder, RunFolderError
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,11 @@ class Checkpointer:
 
     @property
     def last_path(self) -> Path | None:
-        return None if self.out is None else self.out / "last.pt"
+        return None if self.out is None else RunFolder(self.out).last
 
     @property
     def best_path(self) -> Path | None:
-        return None if self.out is None else self.out / "best.pt"
+        return None if self.out is None else RunFolder(self.out).best
 
     def _load(self, path: Path, device: torch.device) -> dict[str, Any]:
         """Read a checkpoint as data only (``weights_only=True``); a bad file is an error naming it and the fix.

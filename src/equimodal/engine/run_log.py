@@ -11,31 +11,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_write_text
+from .run_folder import RunFolder
 
 TENSORBOARD_INSTALL = "pip install 'equimodal[tensorboard]'"
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as CSV (columns: the union of every row's keys, in order of appearance)."""
-    keys: list[str] = []
-    seen: set[str] = set()
-    for r in rows:
-        for k in r:
-            if k not in seen:
-                seen.add(k)
-                keys.append(k)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def open_tensorboard(folder: Path) -> Any:
@@ -60,9 +42,12 @@ class RunLog:
     """
 
     def __init__(self, out: Path | None, *, every: int, tensorboard: bool, main: bool) -> None:
-        self.out, self.every, self.main = out, every, main
+        self.folder = None if out is None else RunFolder(out)
+        self.every, self.main = every, main
         self.writer = (
-            open_tensorboard(out / "tensorboard") if tensorboard and out is not None and main else None
+            open_tensorboard(self.folder.tensorboard)
+            if tensorboard and self.folder is not None and main
+            else None
         )
 
     def step(self, rows: list[dict[str, Any]], global_step: int, epoch: int, stats: dict[str, float]) -> None:
@@ -78,10 +63,10 @@ class RunLog:
 
     def epoch(self, row: dict[str, Any], step_rows: list[dict[str, Any]]) -> None:
         """After an epoch: rewrite ``steps.csv`` and mirror the epoch's metrics row to TensorBoard."""
-        if self.out is None or not self.main:
+        if self.folder is None or not self.main:
             return
         if step_rows:
-            write_rows(self.out / "steps.csv", step_rows)
+            self.folder.write_steps(step_rows)
         if self.writer is not None:
             epoch = int(row["epoch"])
             for key, value in row.items():

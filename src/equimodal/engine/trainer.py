@@ -13,20 +13,18 @@ Batches: ``data.batch_size`` is the *global* batch; under torchrun each of the W
 same updates as one process (up to float rounding; the batch-norm running statistics that every process
 evaluates and saves are rank 0's, see :func:`validate_epoch`).
 
-Outputs (all written atomically by rank 0) in the run folder: ``config.yaml``, ``metrics.csv`` (a row
-per epoch), ``steps.csv`` (the balancer's per-step statistics, :mod:`equimodal.engine.run_log`), ``best.pt``,
-``last.pt`` (for resuming), ``predictions.npz``, ``summary.json``, ``skipped.csv`` when the dataset
-skipped bad rows, and ``tensorboard/`` with ``train.tensorboard``.
+Outputs (all written atomically by rank 0, through :class:`~equimodal.engine.run_folder.RunFolder`) in
+the run folder: ``config.yaml``, ``metrics.csv`` (a row per epoch), ``steps.csv`` (the balancer's
+per-step statistics, :mod:`equimodal.engine.run_log`), ``best.pt``, ``last.pt`` (for resuming),
+``predictions.npz``, ``summary.json``, ``skipped.csv`` when the dataset skipped bad rows, and
+``tensorboard/`` with ``train.tensorboard``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import importlib.util
-import io
-import json
 import logging
 import os
 import random
@@ -56,13 +54,12 @@ from ..models.encoders import create_encoder
 from ..types import check_batch
 from ..utils.claim import claim_folder
 from ..utils.interrupt import Interrupted, StopRequest, stop_signals
-from ..utils.io import atomic_savez, atomic_write_text
 from .checkpoint import Checkpointer, Progress
-from .config import Config, config_to_dict, save_config
+from .config import Config, config_to_dict
 from .evaluation import EvalResult, evaluate, linear_probes, removal_accuracy
 from .fitting import EpochFitter, EpochState, NonFiniteError, StepContext, params_finite
-from .run_folder import RunFolderError, check_run_folder, clear_run
-from .run_log import TENSORBOARD_INSTALL, RunLog, write_rows
+from .run_folder import RunFolder, RunFolderError
+from .run_log import TENSORBOARD_INSTALL, RunLog
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +232,7 @@ def stratified_holdout(labels: Tensor, fraction: float, generator: torch.Generat
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
-def _balancer_kwargs(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+def balancer_kwargs(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
     """The configured options, plus ``seed=train.seed`` when the balancer takes a seed."""
     kwargs = dict(options)
     if "seed" in BALANCERS.options(name):
@@ -374,7 +371,7 @@ def build_parts(
     """The model on ``device``, its balancer, and whether AMP is used; checks that they fit the config."""
     model = build_model(cfg, dataset).to(device)
     balancer = create_balancer(
-        cfg.balancer.name, model, **_balancer_kwargs(cfg.balancer.name, cfg.balancer.options, cfg.train.seed)
+        cfg.balancer.name, model, **balancer_kwargs(cfg.balancer.name, cfg.balancer.options, cfg.train.seed)
     )
     use_amp = cfg.train.amp and device.type == "cuda"
     check_balancer_fits(cfg, balancer, use_amp)
@@ -503,7 +500,7 @@ def final_summary(run: Run, progress: Progress) -> dict[str, Any]:
 def write_outputs(
     out: Path, run: Run, summary: dict[str, Any], evals: tuple[EvalResult, EvalResult], skipped: list
 ) -> None:
-    """predictions.npz, summary.json and (when rows were skipped) skipped.csv, atomically."""
+    """The predictions, the summary and (when rows were skipped) the skipped rows, atomically."""
     ds, (val, test) = run.dataset, evals
     labels = run.train_split.labels
     arrays: dict[str, Any] = dict(
@@ -513,14 +510,11 @@ def write_outputs(
     )  # fmt: skip
     if ds.class_names:
         arrays["class_names"] = np.array([str(c) for c in ds.class_names])
-    atomic_savez(out / "predictions.npz", **arrays)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    folder = RunFolder(out)
+    folder.write_predictions(arrays)
+    folder.write_summary(summary)
     if skipped:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(skipped[0]))
-        writer.writeheader()
-        writer.writerows(skipped)
-        atomic_write_text(out / "skipped.csv", buf.getvalue())
+        folder.write_skipped(skipped)
 
 
 def _progress_bar(enabled: bool, total: int, done: int) -> Any:
@@ -544,10 +538,11 @@ def prepare_run_folder(out: Path, cfg: Config, *, overwrite: bool, resume: bool)
     With ``overwrite`` (or ``resume=False``) the folder's previous run files are removed first, so nothing
     of the old run is mixed into the new one. Called by the process that holds the folder's claim.
     """
-    same = check_run_folder(out, config_to_dict(cfg), overwrite=overwrite)
+    folder = RunFolder(out)
+    same = folder.check(config_to_dict(cfg), overwrite=overwrite)
     if not same or not resume:
-        clear_run(out)
-    save_config(cfg, out / "config.yaml")
+        folder.clear()
+    folder.write_config(cfg)
     return same and resume
 
 
@@ -564,7 +559,7 @@ def claimed_run_folder(
 
     Raises:
         RunFolderError: another process holds the folder (see :func:`~equimodal.utils.claim.claim_folder`), or
-            :func:`~equimodal.engine.run_folder.check_run_folder` refused it.
+            :meth:`~equimodal.engine.run_folder.RunFolder.check` refused it.
     """
     (rank, world), failure = where, None
     if out is None:  # nothing is saved: nothing to claim
@@ -712,7 +707,7 @@ def fit_one_epoch(
     progress.steps += state.steps
     progress.step_rows.extend(state.step_rows)
     if run.out is not None and run.main:
-        write_rows(run.out / "metrics.csv", progress.rows)
+        RunFolder(run.out).write_metrics(progress.rows)
     run.log.epoch(row, progress.step_rows)
     ckpt.save_last(run.parts(), progress, epoch)
     if on_epoch is not None:

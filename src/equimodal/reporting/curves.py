@@ -16,35 +16,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_write_bytes, read_csv_numbers, read_json
+from ..engine.run_folder import METRICS, RunFolder
+from ..utils.io import atomic_write_bytes
+from .figures import pyplot
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
-    """Rows of ``run/metrics.csv`` as floats (clear errors when the folder is not a run folder or the file
-    is truncated or damaged)."""
-    path = Path(run) / "metrics.csv"
-    if not path.exists():
+    """A run's epoch rows as floats (clear errors when the folder is not a run folder or the file is
+    truncated, damaged or not all numbers)."""
+    folder = RunFolder(run)
+    if not folder.metrics.exists():
         raise FileNotFoundError(
-            f"No metrics.csv in {run}: expected a run folder written by `equimodal train --out DIR`."
+            f"No {METRICS} in {run}: expected a run folder written by `equimodal train --out DIR`."
         )
-    rows = read_csv_numbers(path, numbers_only=True)
+    rows = folder.read_metrics(numbers_only=True)
     if not rows:
         raise ValueError(
-            f"{path} has no epoch rows yet (it is written after each epoch): let the run finish its first "
-            "epoch, then report it."
+            f"{folder.metrics} has no epoch rows yet (it is written after each epoch): let the run finish its "
+            "first epoch, then report it."
         )
     return rows
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("equimodal report needs matplotlib: pip install 'equimodal[plots]'") from exc
-    return plt
 
 
 def _balancer_keys(keys: list[str]) -> list[str]:
@@ -56,8 +47,8 @@ def _balancer_keys(keys: list[str]) -> list[str]:
 def _draw_run(axes: Sequence[Any], run: Path, rows: list[dict[str, float]], label: str | None) -> None:
     epochs = [r["epoch"] for r in rows]
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    summary = run / "summary.json"
-    chosen = read_json(summary).get("selected_epoch") if summary.exists() else None
+    folder = RunFolder(run)
+    chosen = folder.read_summary(keys=()).get("selected_epoch") if folder.summary.exists() else None
     for k in ["val_acc"] + [k for k in keys if k.startswith("val_acc_")]:
         axes[0].plot(
             epochs,
@@ -94,7 +85,7 @@ def curves_figure(runs: Sequence[str | Path]) -> Any:
         raise ValueError("report needs at least one run folder (written by `equimodal train --out DIR`).")
     paths = [Path(r) for r in runs]
     tables = [read_metrics(p) for p in paths]  # every folder is checked before anything is drawn
-    plt = _pyplot()
+    plt = pyplot()
     panels = 3 if any(_balancer_keys(list(t[0])) for t in tables) else 2
     fig, grid = plt.subplots(len(paths), panels, figsize=(4.5 * panels, 3.4 * len(paths)), squeeze=False)
     for axes, path, rows in zip(grid, paths, tables, strict=True):
@@ -107,7 +98,7 @@ def _check_target(out: Path, fig: Any) -> str:
     """The image format for ``out`` (from its suffix), or a ValueError saying what to pass."""
     if out.is_dir():
         raise ValueError(
-            f"--out {str(out)!r} is a folder; pass an image file path, e.g. {str(out / 'curves.png')!r} "
+            f"--out {str(out)!r} is a folder; pass an image file path, e.g. {str(RunFolder(out).curves)!r} "
             "(several runs go into one figure there, a row per run)."
         )
     formats = fig.canvas.get_supported_filetypes()
@@ -139,7 +130,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> list
         ValueError: no run, a run without epoch rows, ``out`` is a folder or not an image path.
         FileNotFoundError: a folder that is not a run folder. ImportError: matplotlib is missing.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if out is not None:
         fig = curves_figure(runs)
         try:
@@ -152,7 +143,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> list
     for run in runs:
         fig = curves_figure([run])
         try:
-            written.append(_save(fig, Path(run) / "curves.png", "png"))
+            written.append(_save(fig, RunFolder(run).curves, "png"))
         finally:
             plt.close(fig)
     if not written:

@@ -17,7 +17,9 @@ file, so it can be mailed or attached to a paper's supplement. What it shows:
 - for a **diagnosis folder** (``equimodal diagnose``): the verdict, what to try, the per-modality table
   and the per-modality curves.
 
-Several folders give one page, a section each. The page carries a one-line script that, once loaded,
+Every folder is read through its files' module (:class:`~equimodal.engine.run_folder.RunFolder`,
+:mod:`equimodal.reporting.folders`) and drawn from the data alone (a diagnosis from its JSON): the page
+knows nothing of the commands that wrote the folders. Several folders give one page, a section each. The page carries a one-line script that, once loaded,
 counts the figures that decoded (``<body data-figures="loaded/total">``); the tests open it in headless
 Chromium and check that count.
 """
@@ -34,17 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.io import (
-    DAMAGED,
-    TABLES_FIX,
-    atomic_write_text,
-    read_csv_numbers,
-    read_csv_text,
-    read_json,
-    read_npz,
-    read_text,
-)
-from .curves import _pyplot
+from ..engine.run_folder import REPORT, STEPS, SUMMARY, RunFolder
+from ..utils.io import DAMAGED, atomic_write_text
+from .figures import diagnosis_figure, pyplot, results_figure
+from .folders import TABLES_FIX, ComparisonFiles, DiagnosisFiles, StudyFiles, folder_kind
+from .statistics import paired_differences
+from .tables import DIAGNOSIS_HEADER, diagnosis_cells, t_interval_text
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -63,40 +60,10 @@ CHECK = (
 )
 
 
-# ------------------------------------------------------------------------------------------- reading
-def read_csv_rows(path: Path) -> list[dict[str, float]]:
-    """A CSV of numbers as a list of dicts (empty cells left out; non-numbers kept as text); a missing
-    file gives no rows, a damaged one an error naming it (:func:`~equimodal.utils.io.read_csv_numbers`)."""
-    if not path.is_file():
-        return []
-    return read_csv_numbers(path)
-
-
-def folder_kind(path: Path) -> str:
-    """``"diagnosis"`` (``diagnosis.json``), ``"compare"`` (``results.json``), ``"study"`` (``study.json``),
-    ``"run"`` (``metrics.csv``),
-    or a ValueError saying what is expected."""
-    if (path / "diagnosis.json").is_file():
-        return "diagnosis"
-    if (path / "results.json").is_file():
-        return "compare"
-    if (path / "study.json").is_file():
-        return "study"
-    if (path / "metrics.csv").is_file():
-        return "run"
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run folder or a comparison folder.")
-    raise ValueError(
-        f"{str(path)!r} holds neither metrics.csv (a run folder, from `equimodal train --out DIR`) nor "
-        "results.json (a comparison, from `equimodal compare --out DIR`) nor diagnosis.json (from "
-        "`equimodal diagnose --out DIR`) nor study.json (from `equimodal study NAME --out DIR`)."
-    )
-
-
 # ------------------------------------------------------------------------------------------- figures
 def figure_html(fig: Any, caption: str) -> str:
     """The figure as an embedded PNG with its caption (the figure is closed)."""
-    plt = _pyplot()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -125,7 +92,7 @@ def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[fl
 
 def accuracy_figure(rows: list[dict[str, Any]], modalities: list[str], chosen: int | None) -> Any:
     """Fused and per-modality accuracy over epochs: validation solid, running training accuracy dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     names = ["fused", *modalities]
     fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 2.8), squeeze=False, sharey=True)
     epochs = _series(rows, "epoch")
@@ -144,7 +111,7 @@ def accuracy_figure(rows: list[dict[str, Any]], modalities: list[str], chosen: i
 
 def imbalance_figure(rows: list[dict[str, Any]], modalities: list[str]) -> Any:
     """The spread of the per-modality accuracies (max - min) over epochs, and the training loss."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
     epochs = _series(rows, "epoch")
     for split in ("val", "train"):
@@ -190,7 +157,7 @@ def steps_figure(steps: list[dict[str, Any]], modalities: list[str]) -> Any | No
     groups = stat_groups(keys, modalities)
     if not groups:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(4, len(groups))
     nrows = -(-len(groups) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.5 * nrows), squeeze=False)
@@ -214,12 +181,12 @@ def layers_figure(steps: list[dict[str, Any]]) -> Any | None:
     keys = [k for k in dict.fromkeys(k for r in steps for k in r) if k.startswith("layer_kept/")]
     if not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.array([_series(steps, k) for k in keys])
     fig, ax = plt.subplots(figsize=(9, 0.8 + 0.22 * len(keys)))
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis")
     ax.set_yticks(range(len(keys)), [k[len("layer_kept/") :] for k in keys], fontsize=6)
-    ax.set_xlabel("recorded step (steps.csv row)", fontsize=8)
+    ax.set_xlabel(f"recorded step ({STEPS} row)", fontsize=8)
     fig.colorbar(image, ax=ax, label="kept fraction")
     fig.tight_layout()
     return fig
@@ -227,7 +194,7 @@ def layers_figure(steps: list[dict[str, Any]]) -> Any | None:
 
 def confusion_figure(labels: np.ndarray, logits: np.ndarray, names: Sequence[str]) -> Any:
     """Row-normalised confusion matrix (true class by row) with the counts written in each cell."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(names)
     counts = np.zeros((k, k), dtype=int)
     np.add.at(counts, (labels.astype(int), logits.argmax(1)), 1)
@@ -249,7 +216,7 @@ def confusion_figure(labels: np.ndarray, logits: np.ndarray, names: Sequence[str
 
 def modalities_figure(test: dict[str, Any], modalities: list[str]) -> Any:
     """Per modality on test: its unimodal accuracy, its linear probe, and the fused accuracy without it."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = [("unimodal head", "test_acc_{}"), ("linear probe", "test_probe_{}"),
              ("fused without it", "test_removed_{}")]  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(modalities) + 1.5), 2.8))
@@ -288,10 +255,11 @@ def summary_table(summary: dict[str, Any], modalities: list[str]) -> str:
 
 def run_section(run: Path) -> str:
     """The HTML of one run folder (see the module docstring)."""
-    rows = read_csv_rows(run / "metrics.csv")
+    folder = RunFolder(run)
+    rows = folder.read_metrics()
     if not rows:
-        raise ValueError(f"{run / 'metrics.csv'} has no epoch rows yet: let the run finish an epoch first.")
-    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+        raise ValueError(f"{folder.metrics} has no epoch rows yet: let the run finish an epoch first.")
+    summary = folder.read_summary(keys=()) if folder.summary.is_file() else {}
     config = summary.get("config", {})
     modalities = summary.get("modalities") or sorted(
         {k[len("val_acc_") :] for k in rows[0] if k.startswith("val_acc_")}
@@ -305,7 +273,7 @@ def run_section(run: Path) -> str:
         parts.append(f"<p>Epoch {chosen} selected on validation accuracy, then evaluated once on test.</p>")
         parts.append(summary_table(summary, modalities))
     else:
-        parts.append("<p class=note>No summary.json: the run has not finished; curves so far.</p>")
+        parts.append(f"<p class=note>No {SUMMARY}: the run has not finished; curves so far.</p>")
     parts.append(
         figure_html(
             accuracy_figure(rows, modalities, chosen),
@@ -318,29 +286,28 @@ def run_section(run: Path) -> str:
             "Imbalance over epochs (spread of the per-modality accuracies) and the training loss.",
         )
     )  # noqa: E501
-    steps = read_csv_rows(run / "steps.csv")
+    steps = folder.read_steps()
     name = config.get("balancer", {}).get("name", summary.get("balancer", "the balancer"))
     for fig, caption in (
         (
             steps_figure(steps, modalities),
-            f"The statistics {name} reports at each optimizer step (steps.csv; running mean).",
+            f"The statistics {name} reports at each optimizer step ({STEPS}; running mean).",
         ),  # noqa: E501
         (layers_figure(steps), "Kept fraction of each masked layer over the recorded steps (AMSS)."),
     ):
         if fig is not None:
             parts.append(figure_html(fig, caption))
     if not steps:
-        parts.append(f"<p class=note>No per-step statistics ({name} reports none, or steps.csv is off).</p>")
-    parts += _test_figures(run, summary, modalities)
+        parts.append(f"<p class=note>No per-step statistics ({name} reports none, or {STEPS} is off).</p>")
+    parts += _test_figures(folder, summary, modalities)
     return "\n".join(parts)
 
 
-def _test_figures(run: Path, summary: dict[str, Any], modalities: list[str]) -> list[str]:
+def _test_figures(folder: RunFolder, summary: dict[str, Any], modalities: list[str]) -> list[str]:
     """The confusion matrix and the per-modality bars of a finished run."""
     parts = []
-    preds = run / "predictions.npz"
-    if preds.is_file():
-        data = read_npz(preds, keys=("test_labels", "test_logits"))
+    if folder.predictions.is_file():
+        data = folder.read_predictions(keys=("test_labels", "test_logits"))
         labels, logits = data["test_labels"], data["test_logits"]
         names = [str(c) for c in data["class_names"]] if "class_names" in data else None
         names = names or [str(i) for i in range(logits.shape[1])]
@@ -360,26 +327,9 @@ def _test_figures(run: Path, summary: dict[str, Any], modalities: list[str]) -> 
     return parts
 
 
-def paired_differences(raw: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, float, float, float]]:
-    """Per method, the mean paired (same seed) test-accuracy difference to ``none`` in pp, with a 95 %
-    bootstrap interval over seeds (NaN with one seed)."""
-    from ..experiments.compare import bootstrap_ci
-
-    joint = raw.get("none", {})
-    out = []
-    for label, runs in raw.items():
-        seeds = [s for s in runs if s in joint and label != "none"]
-        if not seeds:
-            continue
-        d = np.array([100 * (runs[s]["test_acc"] - joint[s]["test_acc"]) for s in seeds])
-        lo, hi = bootstrap_ci(d[:, None], lambda r: float(r.mean()))
-        out.append((label, float(d.mean()), lo, hi))
-    return out
-
-
 def differences_figure(diffs: list[tuple[str, float, float, float]]) -> Any:
     """Paired differences to joint training with their intervals (horizontal bars)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.3 * len(diffs)))
     y = np.arange(len(diffs))
     means = [d[1] for d in diffs]
@@ -399,14 +349,14 @@ def method_curves_figure(folder: Path, labels: Sequence[str]) -> Any | None:
     """Each method's validation accuracy over epochs, the mean over its seeds' run folders."""
     curves = {}
     for label in labels:
-        runs = [read_csv_rows(p / "metrics.csv") for p in sorted((folder / label).glob("seed*"))]
+        runs = [RunFolder(p).read_metrics() for p in sorted((folder / label).glob("seed*"))]
         runs = [r for r in runs if r]
         if runs and not label.startswith(("unimodal_", "ensemble_")):
             length = min(len(r) for r in runs)
             curves[label] = np.nanmean([_series(r[:length], "val_acc", 100) for r in runs], 0)
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for label, curve in curves.items():
         ax.plot(range(len(curve)), curve, lw=1.5 if label == "none" else 1, ls="--" if label == "none" else "-",
@@ -419,16 +369,13 @@ def method_curves_figure(folder: Path, labels: Sequence[str]) -> Any | None:
 
 def compare_section(folder: Path) -> str:
     """The HTML of a comparison folder: its table, accuracy per method, paired differences, curves."""
-    from ..experiments.compare import results_figure
-
-    raw = read_json(folder / "results.json")
+    files = ComparisonFiles(folder)
+    raw = files.read_raw()
     parts = [f"<h2>Comparison</h2><p class=path>{html.escape(str(folder))}</p>"]
-    table = folder / "results.csv"
-    if table.is_file():
-        header, rows = read_csv_text(table)
-        parts.append(table_html(header, [cells for _, cells in rows]))
-    notes = read_text(folder / "results.md").split("\n\n", 1)[1:] if (folder / "results.md").is_file() else []
-    parts += [f"<p class=note>{html.escape(n.strip())}</p>" for n in notes if n.strip()]
+    table = files.read_table()
+    if table is not None:
+        parts.append(table_html(*table))
+    parts += [f"<p class=note>{html.escape(n.strip())}</p>" for n in files.read_notes() if n.strip()]
     parts.append(
         figure_html(
             results_figure(raw),
@@ -450,45 +397,39 @@ def compare_section(folder: Path) -> str:
 
 
 def diagnosis_section(folder: Path) -> str:
-    """The HTML of a diagnosis folder: verdict, what to try, the per-modality table and the curves."""
-    from ..experiments.diagnose import Diagnosis, Interval, ModalityFigures, diagnosis_figure
-
-    path = folder / "diagnosis.json"
-    raw = read_json(path, keys=("modalities", "headroom"))
+    """The HTML of a diagnosis folder: verdict, what to try, the per-modality table and the curves, all
+    drawn from its JSON."""
+    files = DiagnosisFiles(folder)
+    raw = files.read()
     try:
-        mods = {
-            m: ModalityFigures(**{**f, "probe_deficit": Interval(**f["probe_deficit"])})
-            for m, f in raw.pop("modalities").items()
-        }
-        diag = Diagnosis(**{**raw, "headroom": Interval(**raw["headroom"]), "modalities": mods})
-    except (TypeError, KeyError, AttributeError) as err:
+        rows = [diagnosis_cells(m, f) for m, f in raw["modalities"].items()]
+        headroom = t_interval_text(**raw["headroom"])
+        figure = diagnosis_figure(raw.get("curves", {}), list(raw["modalities"]))
+        head = [
+            f"<h2>Diagnosis: {html.escape(str(raw['dataset']))} ({raw['seeds']} seeds)</h2>",
+            f"<p class=path>{html.escape(str(folder))}</p>",
+            f"<p><b>Verdict.</b> {html.escape(raw.get('verdict', ''))}</p>",
+            f"<p><b>What to try.</b> {html.escape(raw.get('recommendation', ''))}</p>",
+            f"<p>Joint training {raw['joint']:.1f} %, product-rule ensemble {raw['ensemble']:.1f} %, headroom "
+            f"{html.escape(headroom)} pp.</p>",
+        ]
+    except (TypeError, KeyError, AttributeError, ValueError) as err:
         raise ValueError(
-            f"{str(path)!r} is not a diagnosis ({type(err).__name__}: {err}): {DAMAGED}. {TABLES_FIX}"
+            f"{str(files.json)!r} is not a diagnosis ({type(err).__name__}: {err}): {DAMAGED}. {TABLES_FIX}"
         ) from None
-    header = ["modality", "alone", "head in joint", "probe in joint", "probe deficit (pp)",
-              "epochs to 90 % alone", "in joint", "grad share, first 5 epochs", "grad share, all"]  # fmt: skip
-    rows = [[m, f"{f.alone:.1f}", f"{f.head:.1f}", f"{f.probe:.1f}", str(f.probe_deficit), f"{f.speed_alone:.1f}",
-             f"{f.speed_joint:.1f}", f"{f.grad_share_early:.2f}", f"{f.grad_share:.2f}"] for m, f in mods.items()]  # fmt: skip
-    return "\n".join([
-        f"<h2>Diagnosis: {html.escape(diag.dataset)} ({diag.seeds} seeds)</h2>",
-        f"<p class=path>{html.escape(str(folder))}</p>",
-        f"<p><b>Verdict.</b> {html.escape(diag.verdict)}</p>",
-        f"<p><b>What to try.</b> {html.escape(diag.recommendation)}</p>",
-        f"<p>Joint training {diag.joint:.1f} %, product-rule ensemble {diag.ensemble:.1f} %, headroom "
-        f"{html.escape(str(diag.headroom))} pp.</p>",
-        table_html(header, rows),
-        figure_html(diagnosis_figure(diag), "Validation accuracy per modality: the branch trained alone and "
-                    "its head inside joint training; last panel: the joint model."),
-    ])  # fmt: skip
+    caption = (
+        "Validation accuracy per modality: the branch trained alone and its head inside joint training; "
+        "last panel: the joint model."
+    )
+    return "\n".join([*head, table_html(DIAGNOSIS_HEADER, rows), figure_html(figure, caption)])
 
 
 def study_section(folder: Path) -> str:
     """The HTML of a study folder: its markdown (claim, setting, tables per part) and its figure."""
-    raw = read_json(folder / "study.json", keys=("study",))
-    stem = raw["study"] + ("_full" if raw.get("mode") == "full" else "")
-    md_path, png = folder / f"{stem}.md", folder / f"{stem}.png"
-    if not md_path.is_file():
-        raise FileNotFoundError(f"{str(md_path)!r} is missing: rerun `equimodal study` to write it.")
+    files = StudyFiles(folder)
+    raw = files.read()
+    stem = StudyFiles.stem(raw["study"], raw.get("mode", "quick"))
+    markdown, png = files.read_markdown(stem), files.tables(stem).figure
     out: list[str] = [f"<p class=path>{html.escape(str(folder))}</p>"]
     table: list[list[str]] = []
 
@@ -497,7 +438,7 @@ def study_section(folder: Path) -> str:
             out.append(table_html(table[0], table[2:] if len(table) > 1 else []))
             table.clear()
 
-    for line in read_text(md_path, TABLES_FIX).splitlines():
+    for line in markdown.splitlines():
         if line.startswith("|"):
             table.append([c.strip() for c in line.strip().strip("|").split("|")])
             continue
@@ -552,9 +493,9 @@ def write_report(folders: Sequence[str | Path], out: str | Path | None = None) -
     if out is None:
         if len(paths) > 1:
             raise ValueError(
-                f"{len(paths)} folders go into one page: pass --out PAGE.html (e.g. --out report.html)."
+                f"{len(paths)} folders go into one page: pass --out PAGE.html (e.g. --out {REPORT})."
             )
-        target = paths[0] / "report.html"
+        target = paths[0] / REPORT
     else:
         target = Path(out)
         if target.is_dir():

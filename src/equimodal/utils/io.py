@@ -7,9 +7,10 @@ file, what happened and the fix (:func:`write_error`); the temporary file is rem
 version of the file, if any, is kept.
 
 The readers (:func:`read_json`, :func:`read_csv_numbers`, :func:`read_npz`) are for the files that
-commands write and others read back (``summary.json``, ``metrics.csv``, ``predictions.npz``,
-``results.json``, ...): a file that is truncated, damaged or not what it should be is a ``ValueError``
-naming it, what is wrong and the fix the caller passes (how to write it again).
+commands write and others read back (a run's summary and metrics, a comparison's results, ...; their
+names and fixes live with their folders, :mod:`equimodal.engine.run_folder` and
+:mod:`equimodal.reporting.folders`): a file that is truncated, damaged or not what it should be is a
+``ValueError`` naming it, what is wrong and the fix the caller passes (how to write it again).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,6 +95,24 @@ def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
     _atomic(Path(path), lambda f: f.write(data), sync=sync)
 
 
+def atomic_write_csv(
+    path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> None:
+    """Write ``rows`` as CSV with a header, atomically.
+
+    Args:
+        path: the file.
+        rows: one mapping per row; a key a row lacks is an empty cell.
+        columns: the header; default the union of every row's keys, in order of appearance.
+    """
+    header = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def atomic_savez(path: Path, **arrays: Any) -> None:
     """``numpy.savez_compressed`` through a temporary file and an atomic rename."""
     _atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))
@@ -112,48 +131,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- reading
 DAMAGED = "the file is truncated, damaged or not one equimodal wrote"
-RESUME_FIX = (
-    "Rerun `equimodal train` with the run's config.yaml and --out set to its folder: it resumes from "
-    "last.pt and writes summary.json and predictions.npz again."
-)
-RETRAIN_FIX = (
-    "Restore it from a copy, or train the run again (`equimodal train` with its config.yaml and --no-resume)."
-)
-TABLES_FIX = (
-    "Rerun the command that wrote the folder (`equimodal compare`, `study` or `diagnose` with the same "
-    "options and --out): finished runs are kept and the file is written again."
-)
-RUN_FILE_FIXES = {
-    "summary.json": RESUME_FIX, "predictions.npz": RESUME_FIX, "metrics.csv": RETRAIN_FIX,
-    "steps.csv": RETRAIN_FIX, "results.json": TABLES_FIX, "results.csv": TABLES_FIX, "results.md": TABLES_FIX,
-    "diagnosis.json": TABLES_FIX, "study.json": TABLES_FIX,
-}  # fmt: skip
-"""How to get each run or results file back when it is damaged (named in the readers' errors)."""
 
 
-def file_fix(path: Path) -> str:
-    """The fix :data:`RUN_FILE_FIXES` gives for ``path``'s name (for a study's own files, the tables')."""
-    return RUN_FILE_FIXES.get(Path(path).name, TABLES_FIX)
-
-
-def read_text(path: Path, fix: str | None = None) -> str:
-    """The UTF-8 text of ``path``; otherwise a ``ValueError`` naming it and ``fix`` (default :func:`file_fix`)."""
+def read_text(path: Path, fix: str) -> str:
+    """The UTF-8 text of ``path``; otherwise a ``ValueError`` naming it and ``fix`` (how to write it again)."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{str(path)!r} is not UTF-8 text (byte {err.start}): {DAMAGED}. {fix or file_fix(path)}"
-        ) from None
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {err.start}): {DAMAGED}. {fix}") from None
 
 
-def read_json(path: Path, fix: str | None = None, *, keys: Sequence[str] = ()) -> dict[str, Any]:
+def read_json(path: Path, fix: str, *, keys: Sequence[str] = ()) -> dict[str, Any]:
     """The JSON object in ``path``, which must hold ``keys`` (dotted for nested ones: ``"test.test_acc"``).
 
     Raises:
-        ValueError: not UTF-8 JSON, not an object, or a key missing; names the file and ``fix`` (default
-            :func:`file_fix`).
+        ValueError: not UTF-8 JSON, not an object, or a key missing; names the file and ``fix``.
     """
-    fix = fix or file_fix(path)
     try:
         data = json.loads(read_text(path, fix))
     except json.JSONDecodeError as err:
@@ -170,19 +163,13 @@ def read_json(path: Path, fix: str | None = None, *, keys: Sequence[str] = ()) -
     return data
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    """A finished run's ``summary.json`` (it must hold ``test.test_acc``); see :func:`read_json`."""
-    return read_json(path, keys=("test.test_acc",))
-
-
-def read_csv_text(path: Path, fix: str | None = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def read_csv_text(path: Path, fix: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header of a CSV file and its rows as ``(file line, cells)`` (blank lines skipped).
 
     Raises:
         ValueError: not UTF-8, no header, or a row whose width differs from the header's (a truncated
-            file); names the file, its line and ``fix`` (default :func:`file_fix`).
+            file); names the file, its line and ``fix``.
     """
-    fix = fix or file_fix(path)
     try:
         with Path(path).open(newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
@@ -202,12 +189,9 @@ def read_csv_text(path: Path, fix: str | None = None) -> tuple[list[str], list[t
     return header, rows
 
 
-def read_csv_numbers(
-    path: Path, fix: str | None = None, *, numbers_only: bool = False
-) -> list[dict[str, Any]]:
+def read_csv_numbers(path: Path, fix: str, *, numbers_only: bool = False) -> list[dict[str, Any]]:
     """The rows of a CSV file as dicts: numbers as floats, empty cells left out, other text kept (or,
     with ``numbers_only``, a ``ValueError`` naming the file, line and column); see :func:`read_csv_text`."""
-    fix = fix or file_fix(path)
     header, rows = read_csv_text(path, fix)
     parsed: list[dict[str, Any]] = []
     for line, cells in rows:
@@ -228,14 +212,12 @@ def read_csv_numbers(
     return parsed
 
 
-def read_npz(path: Path, fix: str | None = None, *, keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
+def read_npz(path: Path, fix: str, *, keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` file ``path`` (no pickle), which must hold ``keys``.
 
     Raises:
-        ValueError: not an ``.npz`` archive, a damaged one, or an array missing; names the file and ``fix``
-            (default :func:`file_fix`).
+        ValueError: not an ``.npz`` archive, a damaged one, or an array missing; names the file and ``fix``.
     """
-    fix = fix or file_fix(path)
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):

@@ -1,4 +1,4 @@
-"""``equimodal diagnose``: does a multimodal model suffer from modality imbalance, where, and how much?
+"""Does a multimodal model suffer from modality imbalance, where, and how much? (``equimodal diagnose``)
 
 It trains, under the same budget and seeds, the joint model (``none`` with ``monitor=True``, which logs
 each encoder's share of the gradient norm) and each modality's branch alone (``unimodal``), or reads
@@ -17,36 +17,30 @@ and the **headroom**: the product-rule ensemble of the separately trained branch
 paired by seed, with its interval. The verdict says whether there is imbalance worth fixing (the
 headroom's interval above zero), which encoder is under-trained (the largest probe deficit whose interval
 is above zero) and what to try, from the evidence in ``docs/diagnose.md``. It writes ``diagnosis.md``,
-``diagnosis.json`` and ``diagnosis.png`` (per-modality learning curves) into the output folder;
-``equimodal report`` renders a diagnosis folder too.
+``diagnosis.json`` (everything above, the curves too: what ``equimodal report`` draws the folder's page
+from) and ``diagnosis.png`` (per-modality learning curves) into the output folder
+(:class:`~equimodal.reporting.folders.DiagnosisFiles`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich import box
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from ..engine.preflight import figures_missing
+from ..engine.run_folder import SUMMARY, RunFolder
+from ..reporting.figures import diagnosis_figure, save_figure
+from ..reporting.folders import DiagnosisFiles
+from ..reporting.statistics import ensemble_accuracy, t_interval
+from ..reporting.tables import DIAGNOSIS_HEADER, diagnosis_cells, markdown_table, t_interval_text
 from ..utils.claim import claim_folder
-from ..utils.io import atomic_write_text, read_summary
-from .compare import (
-    RunsFailed,
-    RunSpec,
-    check_count,
-    ensemble_accuracy,
-    execute_runs,
-    finished_summary,
-    print_failures,
-)
+from .execution import RunsFailed, execute_runs
+from .specs import RunSpec, check_seeds, finished_summary
 
 SPEED_FRACTION = 0.9
 EARLY_EPOCHS = 5
@@ -66,9 +60,7 @@ class Interval:
         return bool(np.isfinite(self.low) and self.low > 0)
 
     def __str__(self) -> str:
-        if not np.isfinite(self.low):
-            return f"{self.mean:+.2f} (1 seed: no interval)"
-        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+        return t_interval_text(self.mean, self.low, self.high)
 
 
 @dataclass
@@ -87,7 +79,8 @@ class ModalityFigures:
 
 @dataclass
 class Diagnosis:
-    """The result of :func:`diagnose` (also ``diagnosis.json``)."""
+    """A diagnosis (also ``diagnosis.json``): the headroom, the figures per modality, the verdict, the
+    mean validation curves (``{modality or "fused": {label: values}}``)."""
 
     dataset: str
     seeds: int
@@ -100,13 +93,25 @@ class Diagnosis:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
-# Student's t 0.975 quantiles for 1..30 degrees of freedom (beyond: the normal 1.96).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)  # fmt: skip
+@dataclass(frozen=True)
+class DiagnosisResult:
+    """What :func:`diagnose` returns.
+
+    Attributes:
+        diagnosis: the verdict, the headroom and the per-modality figures (the table's rows:
+            ``diagnosis.modalities``, one :class:`ModalityFigures` per modality).
+        runs: the run folders it read, ``{label: {seed: path}}`` (``joint`` or ``none``, ``unimodal_<m>``).
+        out: the folder the diagnosis was written to.
+        files: ``markdown``, ``json`` and, when drawn, ``figure``.
+    """
+
+    diagnosis: Diagnosis
+    runs: dict[str, dict[int, Path]]
+    out: Path
+    files: dict[str, Path]
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> Interval:
+def paired_interval(a: Mapping[int, float], b: Mapping[int, float]) -> Interval:
     """Mean of ``a - b`` over the seeds both have (in pp), with a Student-t 95 % interval.
 
     A t interval rather than the bootstrap of ``compare``: with the few seeds a diagnosis usually has,
@@ -114,29 +119,16 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> Interval:
     honestly (two seeds: 12.7 standard errors).
     """
     seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return Interval(float("nan"), float("nan"), float("nan"))
-    d = 100 * np.array([a[s] - b[s] for s in seeds])
-    if d.size < 2:
-        return Interval(float(d.mean()), float("nan"), float("nan"))
-    t = T975[d.size - 2] if d.size - 1 <= len(T975) else 1.96
-    half = t * float(d.std(ddof=1)) / np.sqrt(d.size)
-    return Interval(float(d.mean()), float(d.mean() - half), float(d.mean() + half))
+    return Interval(*t_interval(100 * np.array([a[s] - b[s] for s in seeds], dtype=float)))
 
 
-def _metrics(folder: Path) -> list[dict[str, float]]:
-    from ..reporting.html import read_csv_rows
-
-    return read_csv_rows(folder / "metrics.csv")
-
-
-def _finite_mean(values: list[float]) -> float:
+def _finite_mean(values: Sequence[float]) -> float:
     """The mean of the finite values (NaN when there are none, e.g. gradient shares not logged)."""
     finite = [float(v) for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def epochs_to(curve: list[float], fraction: float = SPEED_FRACTION) -> float:
+def epochs_to(curve: Sequence[float], fraction: float = SPEED_FRACTION) -> float:
     """The first epoch (counted from 1) at which ``curve`` reaches ``fraction`` of its maximum."""
     values = np.asarray(curve, dtype=float)
     if values.size == 0 or not np.isfinite(values).any():
@@ -145,9 +137,13 @@ def epochs_to(curve: list[float], fraction: float = SPEED_FRACTION) -> float:
     return float(np.argmax(values >= target) + 1)
 
 
-def _mean_curve(folders: list[Path], key: str) -> list[float]:
-    curves = [[r.get(key, np.nan) for r in _metrics(f)] for f in folders]
-    curves = [c for c in curves if c]
+def _curve(folder: Path, key: str) -> list[float]:
+    """One run's ``key`` per epoch (NaN where it was not logged)."""
+    return [r.get(key, np.nan) for r in RunFolder(folder).read_metrics()]
+
+
+def _mean_curve(folders: Sequence[Path], key: str) -> list[float]:
+    curves = [c for c in (_curve(f, key) for f in folders) if c]
     if not curves:
         return []
     length = min(len(c) for c in curves)
@@ -158,9 +154,21 @@ def _mean_curve(folders: list[Path], key: str) -> list[float]:
 def _seed_folders(root: Path, label: str) -> dict[int, Path]:
     found = {}
     for folder in sorted((root / label).glob("seed*")):
-        if (folder / "summary.json").is_file() and folder.name[4:].isdigit():
+        if RunFolder(folder).finished and folder.name[4:].isdigit():
             found[int(folder.name[4:])] = folder
     return found
+
+
+def _test_accuracy(folder: Path) -> float:
+    return float(RunFolder(folder).read_summary()["test"]["test_acc"])
+
+
+def _product_ensemble(folders: Sequence[Path]) -> float:
+    """The product-rule ensemble's test accuracy of one seed's branches."""
+    keys = ("test_logits", "test_labels", "train_label_counts")
+    preds = [RunFolder(f).read_predictions(keys=keys) for f in folders]
+    logits = [p["test_logits"] for p in preds]
+    return ensemble_accuracy(logits, preds[0]["test_labels"], preds[0]["train_label_counts"], "product")
 
 
 def analyse(root: Path, modalities: list[str], joint_label: str = "joint") -> Diagnosis:
@@ -174,17 +182,17 @@ def analyse(root: Path, modalities: list[str], joint_label: str = "joint") -> Di
     missing = [f"unimodal_{m}" for m, f in alone.items() if not f] + ([joint_label] if not joint else [])
     if missing:
         raise FileNotFoundError(
-            f"{root} lacks finished runs of {missing}: expected run folders <label>/seed<k> with summary.json "
+            f"{root} lacks finished runs of {missing}: expected run folders <label>/seed<k> with {SUMMARY} "
             "(as `equimodal compare` or `equimodal diagnose` write them)."
         )
-    summaries = {s: read_summary(f / "summary.json") for s, f in joint.items()}
+    summaries = {s: RunFolder(f).read_summary() for s, f in joint.items()}
     joint_acc = {s: float(v["test"]["test_acc"]) for s, v in summaries.items()}
     seeds = sorted(set(joint).intersection(*(set(a) for a in alone.values())))
-    ensemble = {s: ensemble_accuracy([alone[m][s] for m in modalities], "product") for s in seeds}
+    ensemble = {s: _product_ensemble([alone[m][s] for m in modalities]) for s in seeds}
     diag = Diagnosis(
         dataset=str(next(iter(summaries.values())).get("dataset", "?")), seeds=len(seeds),
         joint=100 * float(np.mean(list(joint_acc.values()))), ensemble=100 * float(np.mean(list(ensemble.values()))),
-        headroom=_paired(ensemble, joint_acc),
+        headroom=paired_interval(ensemble, joint_acc),
     )  # fmt: skip
     for m in modalities:
         diag.modalities[m] = modality_figures(m, alone[m], joint, summaries)
@@ -198,25 +206,23 @@ def analyse(root: Path, modalities: list[str], joint_label: str = "joint") -> Di
 
 
 def modality_figures(
-    m: str, alone: dict[int, Path], joint: dict[int, Path], summaries: dict[int, dict[str, Any]]
+    m: str, alone: Mapping[int, Path], joint: Mapping[int, Path], summaries: Mapping[int, dict[str, Any]]
 ) -> ModalityFigures:
     """Alone / head / probe accuracy, probe deficit, learning speeds and gradient shares of one modality."""
-    alone_acc = {s: float(read_summary(f / "summary.json")["test"]["test_acc"]) for s, f in alone.items()}
+    alone_acc = {s: _test_accuracy(f) for s, f in alone.items()}
     probe = {s: float(v["test"].get(f"test_probe_{m}", np.nan)) for s, v in summaries.items()}
     head = [float(v["test"].get(f"test_acc_{m}", np.nan)) for v in summaries.values()]
-    shares = [[r.get(f"bal_grad_share/{m}", np.nan) for r in _metrics(f)] for f in joint.values()]
-    early = [_finite_mean(s[:EARLY_EPOCHS]) for s in shares]
-    overall = [_finite_mean(s) for s in shares]
+    shares = [_curve(f, f"bal_grad_share/{m}") for f in joint.values()]
     return ModalityFigures(
         alone=100 * float(np.mean(list(alone_acc.values()))),
         head=100 * float(np.nanmean(head)),
         probe=100 * float(np.nanmean(list(probe.values()))),
-        probe_deficit=_paired(alone_acc, probe),
-        speed_alone=float(np.nanmean([epochs_to([r.get("val_acc", np.nan) for r in _metrics(f)]) for f in alone.values()])),
-        speed_joint=float(np.nanmean([epochs_to([r.get(f"val_acc_{m}", np.nan) for r in _metrics(f)]) for f in joint.values()])),
-        grad_share_early=_finite_mean(early),
-        grad_share=_finite_mean(overall),
-    )  # fmt: skip
+        probe_deficit=paired_interval(alone_acc, probe),
+        speed_alone=float(np.nanmean([epochs_to(_curve(f, "val_acc")) for f in alone.values()])),
+        speed_joint=float(np.nanmean([epochs_to(_curve(f, f"val_acc_{m}")) for f in joint.values()])),
+        grad_share_early=_finite_mean([_finite_mean(s[:EARLY_EPOCHS]) for s in shares]),
+        grad_share=_finite_mean([_finite_mean(s) for s in shares]),
+    )
 
 
 def verdict(diag: Diagnosis) -> tuple[str, str]:
@@ -241,6 +247,11 @@ def verdict(diag: Diagnosis) -> tuple[str, str]:
             f"from joint training, an interval that includes zero{few}.",
             "Keep joint training (balancer none); rebalancing has nothing measurable to win back here.",
         )
+    return _imbalance_verdict(diag)
+
+
+def _imbalance_verdict(diag: Diagnosis) -> tuple[str, str]:
+    """The verdict when the headroom is above zero: which encoder is under-trained, if any."""
     under = {m: f for m, f in diag.modalities.items() if f.probe_deficit.significant}
     strongest = max(diag.modalities, key=lambda m: diag.modalities[m].alone)
     if not under:
@@ -282,124 +293,35 @@ RECOMMENDATION = (
 
 
 # --------------------------------------------------------------------------------------------- output
-def diagnosis_markdown(diag: Diagnosis) -> str:
-    """The diagnosis as markdown: the verdict, the per-modality table and the headroom."""
-    rows = [
-        "| modality | alone | head in joint | probe in joint | probe deficit (pp) | epochs to 90 % alone | "
-        "in joint | grad share, first 5 epochs | grad share, all |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m, f in diag.modalities.items():
-        rows.append(
-            f"| {m} | {f.alone:.1f} | {f.head:.1f} | {f.probe:.1f} | {f.probe_deficit} | {f.speed_alone:.1f} | "
-            f"{f.speed_joint:.1f} | {f.grad_share_early:.2f} | {f.grad_share:.2f} |"
-        )
+def diagnosis_markdown(diag: Diagnosis, figure: str | None) -> str:
+    """The diagnosis as markdown: the verdict, the per-modality table and the headroom, and the figure
+    (its file name; None: none)."""
+    rows = [diagnosis_cells(m, f) for m, f in asdict(diag)["modalities"].items()]
     return "\n".join([
         f"# Diagnosis: {diag.dataset} ({diag.seeds} seed{'s' if diag.seeds != 1 else ''})", "",
         f"**Verdict.** {diag.verdict}", "", f"**What to try.** {diag.recommendation}", "",
         f"Joint training {diag.joint:.1f} %, product-rule ensemble of the branches trained alone "
         f"{diag.ensemble:.1f} %, headroom {diag.headroom} pp (paired by seed, Student-t 95 % interval). "
-        "Test accuracies in %, means over seeds.", "", *rows, "", "![curves](diagnosis.png)", "",
+        "Test accuracies in %, means over seeds.", "", markdown_table(DIAGNOSIS_HEADER, rows), "",
+        *([f"![curves]({figure})", ""] if figure else [""]),
     ])  # fmt: skip
-
-
-TERMINAL_COLUMNS = (
-    "modality", "alone", "head", "probe", "probe deficit\n(pp)", "speed\nalone", "speed\njoint", "grad\nearly",
-    "grad\nall",
-)  # fmt: skip
-TERMINAL_LEGEND = (
-    "alone: test accuracy (%) of the branch trained alone; head, probe: the joint model's unimodal head and "
-    "a linear probe on its frozen encoder; probe deficit: alone minus probe, paired by seed (95 % "
-    "interval); speed: epochs to 90 % of the best validation accuracy; grad: the encoder's share of the "
-    "gradient norm in joint training, first 5 epochs and all."
-)
-
-
-def diagnosis_table(diag: Diagnosis) -> Table:
-    """The per-modality figures as a rich table that fits 80 columns (long cells wrap, none is cut)."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    for name in TERMINAL_COLUMNS:
-        table.add_column(
-            Text(name),
-            justify="left" if name == "modality" else "right",
-            overflow="fold",
-            min_width=15 if name.startswith("probe deficit") else None,  # "+11.50 [+9.00," on one line
-        )
-    for m, f in diag.modalities.items():
-        cells = [
-            m, f"{f.alone:.1f}", f"{f.head:.1f}", f"{f.probe:.1f}", str(f.probe_deficit), f"{f.speed_alone:.1f}",
-            f"{f.speed_joint:.1f}", f"{f.grad_share_early:.2f}", f"{f.grad_share:.2f}",
-        ]  # fmt: skip
-        table.add_row(*[Text(c) for c in cells])  # Text, not markup: "[+1.00, +2.00]" is no style tag
-    return table
-
-
-def print_diagnosis(console: Console, diag: Diagnosis, folder: Path) -> None:
-    """The diagnosis on the terminal: wrapped paragraphs and a table within the console's width.
-
-    ``diagnosis.md`` holds the same as Markdown, with its wide table on one line per modality.
-    """
-    seeds = f"{diag.seeds} seed{'s' if diag.seeds != 1 else ''}"
-    paragraphs = [
-        Text(f"Diagnosis: {diag.dataset} ({seeds})", style="bold"),
-        Text.assemble(("Verdict. ", "bold"), diag.verdict),
-        Text.assemble(("What to try. ", "bold"), diag.recommendation),
-        Text(
-            f"Joint training {diag.joint:.1f} %, product-rule ensemble of the branches trained alone "
-            f"{diag.ensemble:.1f} %, headroom {diag.headroom} pp (paired by seed, Student-t 95 % interval)."
-        ),
-    ]
-    for text in paragraphs:
-        console.print(text, overflow="fold")
-        console.print()
-    console.print(diagnosis_table(diag))
-    console.print(Text(TERMINAL_LEGEND), overflow="fold")
-    console.print(Text(f"Written: {folder / 'diagnosis.md'}, .json and .png"), overflow="fold")
-
-
-def diagnosis_figure(diag: Diagnosis) -> Any:
-    """Per modality: validation accuracy of the branch alone and of its head inside joint training."""
-    from ..reporting.curves import _pyplot
-
-    plt = _pyplot()
-    names = [m for m in diag.modalities]
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.4 * (len(names) + 1), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], [*names, "fused"], strict=True):
-        for label, curve in diag.curves.get(name, {}).items():
-            ax.plot(range(len(curve)), [100 * v for v in curve], label=label)  # epochs from 0, as metrics.csv
-        ax.set(title=name, xlabel="epoch", ylim=(0, 100))
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("validation accuracy (%)")
-    fig.tight_layout()
-    return fig
 
 
 def write_diagnosis(diag: Diagnosis, out: Path) -> str:
     """Write ``diagnosis.md``, ``diagnosis.json`` and ``diagnosis.png`` into ``out``; returns the markdown."""
-    from ..reporting.curves import _pyplot
-
-    drawn = figures_missing() is None
-    text = diagnosis_markdown(diag)
-    if not drawn:
-        text = text.replace("![curves](diagnosis.png)\n", "")
-    atomic_write_text(out / "diagnosis.md", text)
-    atomic_write_text(out / "diagnosis.json", json.dumps(asdict(diag), indent=2, default=float))
-    if not drawn:
-        (out / "diagnosis.png").unlink(missing_ok=True)  # an earlier figure would not match the tables
-        return text
-    fig = diagnosis_figure(diag)
-    tmp = out / ".diagnosis.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    _pyplot().close(fig)
-    tmp.replace(out / "diagnosis.png")
+    files = DiagnosisFiles(out)
+    text = diagnosis_markdown(diag, files.figure.name if figures_missing() is None else None)
+    raw = asdict(diag)
+    files.write(text, raw)
+    save_figure(files.figure, lambda: diagnosis_figure(raw["curves"], list(raw["modalities"])), dpi=110)
     return text
 
 
 # ------------------------------------------------------------------------------------------------ run
 def diagnose(
-    config: str | None = None,
-    overrides: list[str] | None = None,
     *,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
     seeds: int = 3,
     out: str | Path = "runs/diagnose",
     runs: str | Path | None = None,
@@ -407,39 +329,56 @@ def diagnose(
     threads: int = 1,
     overwrite: bool = False,
     console: Console | None = None,
-) -> Diagnosis:
+) -> DiagnosisResult:
     """Train (or read, with ``runs=`` a ``compare`` folder) and diagnose; see the module docstring.
 
-    With ``runs`` nothing is trained: its ``none/seed*`` and ``unimodal_<m>/seed*`` folders are read (no
-    gradient shares then, unless they were logged). Returns the :class:`Diagnosis`, also written to
-    ``out`` (or ``runs``).
+    Args:
+        config: a YAML file or a shipped preset; None: the default config.
+        overrides: ``section.key=value`` overrides for every run.
+        seeds: seeds per run (the headroom's interval needs >= 2).
+        out: the folder of the runs and of the diagnosis (claimed for the whole call).
+        runs: a ``compare`` folder to read instead of training: its ``none/seed*`` and
+            ``unimodal_<m>/seed*`` runs (no gradient shares then, unless they were logged); the
+            diagnosis is written there.
+        jobs: runs in parallel (processes). threads: torch threads per run.
+        overwrite: retrain run folders that hold a run of another config.
+        console: where to print each run's progress; None prints nothing.
+
+    Raises:
+        RunsFailed: a run did not finish (the diagnosis needs every one; ``.failures`` names them).
+        FileNotFoundError: ``runs`` lacks a finished joint run or branch.
+        ValueError, RunFolderError, PreflightError, Interrupted: as :func:`~equimodal.experiments.compare`.
     """
     from ..data import load_dataset
     from ..engine.config import load_config
 
-    console = console or Console()
-    base = list(overrides or [])
+    console = console or Console(quiet=True)
+    base = list(overrides)
     cfg = load_config(config, base)
     modalities = load_dataset(cfg.data.name, seed=0, **cfg.data.options).modalities
     root = Path(runs if runs is not None else out)
+    joint_label = "none" if runs is not None else "joint"
     with claim_folder(root):  # one diagnosis per folder: a second is refused, naming this one
-        if runs is not None:
-            diag = analyse(root, modalities, joint_label="none")
-        else:
-            check_count(seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
-            diag = train_and_analyse(
-                root, (config, base), modalities, seeds, (jobs, threads, overwrite), console
+        if runs is None:
+            train_runs(
+                root, (config, base), modalities, check_seeds(seeds), (jobs, threads, overwrite), console
             )
+        diag = analyse(root, modalities, joint_label=joint_label)
         write_diagnosis(diag, root)
-    print_diagnosis(console, diag, root)
-    return diag
+    files = DiagnosisFiles(root)
+    written = {"markdown": files.markdown, "json": files.json, "figure": files.figure}
+    labels = [joint_label, *(f"unimodal_{m}" for m in modalities)]
+    return DiagnosisResult(
+        diag, {label: _seed_folders(root, label) for label in labels}, root,
+        {k: p for k, p in written.items() if p.is_file()},
+    )  # fmt: skip
 
 
-def train_and_analyse(
+def train_runs(
     root: Path, recipe: tuple[str | None, list[str]], modalities: list[str], seeds: int,
     execution: tuple[int, int, bool], console: Console,
-) -> Diagnosis:  # fmt: skip
-    """Train the joint run and each modality's branch for every seed into ``root``, then analyse them.
+) -> None:  # fmt: skip
+    """Train the joint run and each modality's branch for every seed into ``root``.
 
     Raises:
         RunsFailed: a run did not finish (the diagnosis needs every one).
@@ -453,20 +392,10 @@ def train_and_analyse(
     expected, failures = execute_runs(
         root, specs, config, jobs=jobs, threads=threads, overwrite=overwrite, console=console
     )
-    print_failures(console, failures)
     unfinished = [s for s in specs if finished_summary(root, s, expected[s]) is None]
     if unfinished:
         raise RunsFailed(
             f"{len(unfinished)} run(s) did not finish (see above), and the diagnosis needs every one. "
-            "Rerun the same command to retry them (finished runs are kept)."
+            "Rerun the same command to retry them (finished runs are kept).",
+            failures,
         )
-    return analyse(root, modalities)
-
-
-def run_diagnose(args: argparse.Namespace) -> int:
-    """CLI entry of ``equimodal diagnose``."""
-    diagnose(
-        args.config, list(args.set or []), seeds=args.seeds, out=args.out, runs=args.runs, jobs=args.jobs,
-        threads=args.threads, overwrite=args.overwrite,
-    )  # fmt: skip
-    return 0
