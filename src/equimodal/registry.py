@@ -67,6 +67,15 @@ def unknown_name_error(kind: str, name: str, valid: list[str]) -> ValueError:
     return ValueError(f"Unknown {kind} {name!r}.{hint} Valid {kind} names: {', '.join(sorted(valid))}.")
 
 
+def unknown_options_error(where: str, unknown: list[str], valid: list[str], shown: str = "") -> TypeError:
+    """Build the error for unknown option names: the closest valid name for each, and the valid ones
+    (``shown``, e.g. with their defaults; default: ``valid``)."""
+    close = {k: close_matches(k, valid) for k in unknown}
+    hint = "".join(f" Did you mean {' or '.join(map(repr, c))} for {k!r}?" for k, c in close.items() if c)
+    listing = shown or ", ".join(valid) or "(none)"
+    return TypeError(f"{where} got unknown option(s) {unknown}.{hint} Valid options: {listing}.")
+
+
 # ------------------------------------------------------------------------------------------- coercion
 def coerce_value(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` to the annotated type ``tp``: the one conversion of config values and options.
@@ -353,10 +362,8 @@ def check_options(
     valid = option_parameters(factory, skip)
     unknown = [k for k in options if k not in valid]
     if unknown:
-        close = {k: close_matches(k, list(valid)) for k in unknown}
-        hint = "".join(f" Did you mean {' or '.join(map(repr, c))} for {k!r}?" for k, c in close.items() if c)
         shown = ", ".join(f"{k}={p.default!r}" if p.default is not _EMPTY else k for k, p in valid.items())
-        raise TypeError(f"{where} got unknown option(s) {unknown}.{hint} Valid options: {shown or '(none)'}.")
+        raise unknown_options_error(where, unknown, list(valid), shown)
     missing = [k for k, p in valid.items() if p.default is _EMPTY and k not in options]
     if missing and complete:
         how = example.format(key=missing[0]) if example else f"{missing[0]}=..."

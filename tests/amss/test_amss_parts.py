@@ -20,6 +20,7 @@ from equimodal.amss.parts import FLAT_OPTIONS, PARTS, PRESETS, RatioRule, Sample
 from equimodal.amss.units import UnitSelection, discover_units, encoder_units
 from equimodal.balancers.amss import AMSS
 from equimodal.balancers.registry import BALANCERS
+from equimodal.engine.config import load_config
 
 
 # ------------------------------------------------------------------------------------ the parts
@@ -324,7 +325,20 @@ def test_the_unit_selection_is_the_one_argument_of_discovery_and_report() -> Non
     assert unit_options("amss", preset="official_nv").mask_encoders is False
     with pytest.raises(TypeError, match="a UnitSelection or keyword options, found both"):
         discover_units(model, ["m0", "m1"], sel, conv_units="weights")
-    with pytest.raises(TypeError, match="unit-selection option.*Did you mean 'linear_rows'"):
+    with pytest.raises(
+        TypeError, match=r"UnitSelection got unknown option\(s\) \['linear_row'\]. Did you mean 'linear_rows'"
+    ):
         encoder_units(model.encoders["m0"], "m0", linear_row=False)
     with pytest.raises(ValueError, match="both set UnitSelection.conv_units"):
         describe_units(model, units=sel, conv_units="weights")
+
+
+def test_a_configs_flat_options_are_checked_through_the_mapping() -> None:
+    cfg = load_config("amss_nv", ["balancer.options.preset=official_nv", "balancer.options.ratio=0.3"])
+    assert cfg.balancer.options["preset"] == "official_nv"  # the shipped preset's options, and a preset, pass
+    with pytest.raises(TypeError, match="unknown option.*Did you mean 'temperature'"):
+        load_config("amss_av", ["balancer.options.temprature=0.5"])
+    with pytest.raises(ValueError, match="option 'conv_units' must be one of .* Did you mean 'filters'"):
+        load_config("amss_av", ["balancer.options.conv_units=filter"])
+    with pytest.raises(TypeError, match="option 'k_min': expected a number"):
+        load_config("amss_av", ["balancer.options.k_min=low"])

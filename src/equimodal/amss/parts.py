@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ..registry import close_matches
+from ..registry import unknown_options_error
 from .ratios import RatioForm, check_fixed_ratio, check_ratio_options
 from .sampling import (
     INCLUSION_MODES,
@@ -335,13 +335,7 @@ def _split(options: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict
     """``options`` as the part objects given (by part name) and the flat options given (by flat name)."""
     unknown = [k for k in options if k not in FLAT_OPTIONS and k not in PARTS]
     if unknown:
-        valid = [*PARTS, *(k for k in FLAT_OPTIONS if k not in PARTS)]
-        hints = "".join(
-            f" Did you mean {' or '.join(map(repr, c))} for {k!r}?"
-            for k in unknown
-            if (c := close_matches(k, valid))
-        )
-        raise TypeError(f"{where} got unknown option(s) {unknown}.{hints} Valid options: {', '.join(valid)}.")
+        raise unknown_options_error(where, unknown, [*PARTS, *(k for k in FLAT_OPTIONS if k not in PARTS)])
     parts, flat = {}, {}
     for key, value in options.items():
         if key in PARTS and isinstance(value, PARTS[key]):

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 from torch import nn
 
-from ...registry import close_matches
+from ...registry import unknown_options_error
 
 HeadLayout = Literal["rows", "cols"]
 ModuleSelector = Union[Callable[[str, nn.Module], bool], Collection[nn.Module]]  # noqa: UP007
@@ -221,14 +221,7 @@ def unit_selection(selection: UnitSelection | None = None, **options: Any) -> Un
     """
     unknown = [k for k in options if k not in UNIT_OPTIONS]
     if unknown:
-        hints = "".join(
-            f" Did you mean {' or '.join(map(repr, c))} for {k!r}?"
-            for k in unknown
-            if (c := close_matches(k, list(UNIT_OPTIONS)))
-        )
-        raise TypeError(
-            f"Unknown unit-selection option(s) {unknown}.{hints} Valid options: {', '.join(UNIT_OPTIONS)}."
-        )
+        raise unknown_options_error("UnitSelection", unknown, list(UNIT_OPTIONS))
     if selection is None:
         return UnitSelection(**options)
     if not isinstance(selection, UnitSelection):
