@@ -8,13 +8,16 @@ their own:
 - :mod:`.significance`: label entropy, feature entropy, mutual-information rate, additive statistics;
 - :mod:`.ratios`: update ratios ``k_m`` for any M >= 2;
 - :mod:`.sampling`: unit scores, keep counts, the five samplers, inclusion probabilities, weights;
-- :mod:`.units`: mask units found by module type, with a selection API;
+- :mod:`.units`: mask units found by module type, with a selection API (:class:`UnitSelection`);
 - :mod:`.masker`: the vectorised gradient masker;
+- :mod:`.parts`: the balancer's options as parts (:class:`RatioRule`, :class:`Significance`,
+  :class:`Sampler`, :class:`UnitSelection`), the flat-option mapping and the presets;
 - :func:`describe_units` (from :mod:`equimodal.amss.explain`): what will be masked, and why the rest is not.
 """
 
 from .explain import UnitsReport, describe_units  # after .units, which it reads
 from .masker import MASK_STATS, GradientMasker
+from .parts import AMSSParts, RatioRule, Sampler, Significance
 from .ratios import RATIO_FORMS, update_ratios
 from .sampling import (
     code_weights,
@@ -33,11 +36,16 @@ from .significance import (
     significance,
     significance_from_sums,
 )
-from .units import UnitTensor, discover_units, encoder_units, fusion_units
+from .units import UnitSelection, UnitTensor, discover_units, encoder_units, fusion_units
 
 __all__ = [
     "UnitsReport",
     "describe_units",
+    "AMSSParts",
+    "RatioRule",
+    "Sampler",
+    "Significance",
+    "UnitSelection",
     "MASK_STATS",
     "RATIO_FORMS",
     "GradientMasker",

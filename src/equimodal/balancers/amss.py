@@ -7,7 +7,8 @@ all-reduces under DDP); ``before_step()`` turns them into update ratios ``k_m`` 
 keeps fewer units), then scores, samples and masks every unit tensor's gradient in place in one
 vectorised pass (:mod:`equimodal.amss`), with no host read. The forward pass and the optimizer are
 untouched: masked units still move by momentum and weight decay, as in the official code (spec B9).
-Options, defaults and every deviation from the official code: ``docs/amss.md``.
+Options are four parts (:mod:`equimodal.amss.parts`) or their flat names; defaults, presets and every
+deviation from the official code: ``docs/amss.md``.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ class AMSS(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
-        parts = dict(ratio=ratio, significance=significance, sampler=sampler, units=units, preset=preset)
-        self.parts = self.parts_from({**options, **parts})
+        given = dict(ratio=ratio, significance=significance, sampler=sampler, units=units, preset=preset)
+        self.parts = self.parts_from({**options, **given})
         self._fallback_ratio = torch.tensor(self.parts.ratio.fallback_ratios(self.modalities))
         self.own_heads = self._own_heads(model, seed)
         if self.parts.sampler.reweight == "code":
