@@ -149,6 +149,9 @@ def test_every_part_field_has_exactly_one_flat_option_in_the_signature() -> None
         if name not in PARTS:  # ratio, sampler, significance: the part or its plain shorthand
             assert params[name].default == default, name
     assert BALANCERS.options("amss_plus")["max_weight"] == 100.0
+    assert (
+        "temperature" in inspect.signature(AMSS.__init__).parameters
+    )  # what benchmarks/tune_on_val.py reads
 
 
 def train_step(balancer: AMSS, model: nn.Module, seed: int = 0) -> list[Tensor]:

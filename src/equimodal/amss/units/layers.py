@@ -12,6 +12,13 @@ from .weights import join, make_unit, trainable, weight_of
 def heads_of_linear(
     name: str, module: nn.Module, num_heads: int, layout: str, modality: str
 ) -> UnitTensor | None:
+    """The head units of a Linear declared as a head projection: ``out/H`` consecutive rows each
+    (``"rows"``: q, k, v) or ``in/H`` consecutive columns (``"cols"``: the output projection).
+
+    Raises:
+        TypeError: the module is not an ``nn.Linear``.
+        ValueError: ``num_heads`` does not divide the split dimension.
+    """
     if not isinstance(module, nn.Linear):
         raise TypeError(
             f"Heads were declared on {name} ({type(module).__name__}); only nn.Linear is supported."
@@ -29,6 +36,8 @@ def heads_of_linear(
 
 
 def mha_units(name: str, mha: nn.MultiheadAttention, modality: str) -> list[UnitTensor]:
+    """The heads of ``nn.MultiheadAttention``: ``E/H`` rows of q, k and v (``in_proj_weight``, three
+    groups, or the separate ``q/k/v_proj_weight``) and ``E/H`` columns of ``out_proj``."""
     h = mha.num_heads
     if mha.embed_dim % h:
         raise ValueError(f"{name}: num_heads {h} does not divide embed_dim {mha.embed_dim}.")
