@@ -13,7 +13,7 @@ import equimodal as em
 from equimodal.engine.config import load_config
 from equimodal.models import create_fusion, list_fusions, register_fusion
 from equimodal.models.fusion import ConcatFusion
-from equimodal.registry import FALSE_WORDS, TRUE_WORDS, coerce_option, coerce_value
+from equimodal.registry import FALSE_WORDS, TRUE_WORDS, Registry, coerce_option, coerce_value
 
 # kind -> (list, create with one good option set, a good option name, a close typo of it, a bad value)
 KINDS: dict[str, tuple[Callable[[], list[str]], Callable[..., Any], str, str, str, Any]] = {
@@ -142,3 +142,32 @@ def test_literal_choices_and_untyped_options() -> None:
     assert coerce_option("W", "k", "2", 1) == 2  # no annotation: the default's type
     with pytest.raises(TypeError, match="W option 'k': expected an integer, found the string 'a'"):
         coerce_option("W", "k", "a", 1)
+
+
+def test_a_class_inherits_the_options_it_passes_on_with_kwargs() -> None:
+    """A subclass that ends in ``**options`` (passed to ``super().__init__``) has its own options and its
+    bases', checked and coerced by name and type; one without ``**`` stops the chain."""
+    reg: Registry[type] = Registry("widget", skip=1)  # the model, as for balancers
+
+    class Base:
+        def __init__(self, model: object, *, start: int = 0, seed: int = 0) -> None:
+            self.start, self.seed = start, seed
+
+    @reg.decorator("mid")
+    class Mid(Base):
+        def __init__(self, model: object, *, alpha: float = 1.0, start: int = 5, **options: object) -> None:
+            super().__init__(model, start=start, **options)
+            self.alpha = alpha
+
+    @reg.decorator("closed")
+    class Closed(Mid):
+        def __init__(self, model: object, *, beta: bool = False) -> None:
+            super().__init__(model)
+
+    assert reg.options("mid") == {"alpha": 1.0, "start": 5, "seed": 0}  # the subclass's default wins
+    assert reg.check("mid", {"seed": "3", "alpha": "0.5"}) == {"seed": 3, "alpha": 0.5}
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['sed'\]\. Did you mean 'seed'"):
+        reg.check("mid", {"sed": 1})
+    with pytest.raises(TypeError, match="option 'seed'"):
+        reg.check("mid", {"seed": "many"})
+    assert reg.options("closed") == {"beta": False}

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -290,38 +291,68 @@ def _from_scalar(value: Any, plain: set[type]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ options
-def _signature(factory: Callable[..., Any]) -> inspect.Signature:
-    target = factory.__init__ if isinstance(factory, type) else factory
-    return inspect.signature(target)
+def _targets(factory: Callable[..., Any]) -> list[Callable[..., Any]]:
+    """The callables whose keyword parameters are ``factory``'s options.
+
+    A function is its own target. A class's ``__init__`` is, and when it ends in ``**options`` that it
+    passes on to ``super().__init__``, so is the next ``__init__`` up its MRO, and so on (a balancer
+    writes only its own options and inherits the window and seed of :class:`~equimodal.Balancer`, as
+    pytorch-metric-learning's losses inherit their reducer options). An ``__init__``'s signature is what
+    ``inspect.signature`` gives: a ``__signature__`` it declares counts (one that lists the keywords its
+    ``**options`` takes for itself ends the walk).
+    """
+    if not isinstance(factory, type):
+        return [factory]
+    targets = []
+    for cls in factory.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None or cls is object:
+            continue
+        targets.append(init)
+        params = inspect.signature(init).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return targets
+
+
+def _open_ended(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory`` takes any keyword (its last target ends in ``**kwargs``): nothing to check."""
+    params = inspect.signature(_targets(factory)[-1]).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
-    """The option types of ``factory``: its type hints, and the types its signature carries as objects (a
-    ``__signature__`` that a constructor taking ``**options`` declares for them)."""
-    target = factory.__init__ if isinstance(factory, type) else factory
-    while isinstance(target, functools.partial):
-        target = target.func
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: check by defaults only
-        hints = {}
-    declared = _signature(factory).parameters.values()
-    hints.update(
-        (p.name, p.annotation)
-        for p in declared
-        if p.annotation is not _EMPTY and not isinstance(p.annotation, str)
-    )
+    """The option types of ``factory``: the type hints of its targets (see :func:`_targets`), and the types
+    a target's signature carries as objects (a ``__signature__`` that a constructor taking ``**options``
+    for itself declares for them)."""
+    hints: dict[str, Any] = {}
+    for target in reversed(_targets(factory)):  # a subclass's annotation wins
+        while isinstance(target, functools.partial):
+            target = target.func
+        with contextlib.suppress(Exception):  # unresolvable annotations: check by defaults only
+            hints.update(typing.get_type_hints(target))
+        declared = inspect.signature(target).parameters.values()
+        hints.update(
+            (p.name, p.annotation)
+            for p in declared
+            if p.annotation is not _EMPTY and not isinstance(p.annotation, str)
+        )
     return hints
 
 
 def option_parameters(factory: Callable[..., Any], skip: int = 0) -> dict[str, inspect.Parameter]:
-    """The keyword options of ``factory`` (a class or function), after ``skip`` leading positional ones."""
-    params = list(_signature(factory).parameters.values())
-    if isinstance(factory, type):
-        params = params[1:]  # self
-    params = params[skip:]
+    """The keyword options of ``factory`` (a class or function), after ``skip`` leading positional ones;
+    for a class, its ``__init__``'s and those it passes on with ``**options`` (see :func:`_targets`)."""
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name: p for p in params if p.kind in kinds}
+    found: dict[str, inspect.Parameter] = {}
+    for target in _targets(factory):
+        params = list(inspect.signature(target).parameters.values())
+        if isinstance(factory, type):
+            params = params[1:]  # self
+        for p in params[skip:]:
+            if p.kind in kinds and p.name not in found:
+                found[p.name] = p
+    return found
 
 
 def coerce_option(where: str, key: str, value: Any, default: Any, annotation: Any = None) -> Any:
@@ -356,8 +387,7 @@ def check_options(
         example: how a user passes an option, with ``{key}`` for its name (for the missing-option hint).
         complete: whether ``options`` must hold every required option (``False``: check what is given).
     """
-    sig_params = _signature(factory).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig_params):
+    if _open_ended(factory):
         return dict(options)
     valid = option_parameters(factory, skip)
     unknown = [k for k in options if k not in valid]

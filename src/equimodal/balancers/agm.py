@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import combinations
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -199,11 +199,9 @@ class AGM(Balancer):
         alpha: float = 1.5,
         max_gap: float | None = 10.0,
         clip: float | None = 1.0,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(
                 f"alpha must be a positive finite number, found {alpha!r} (the authors use 1.5-4.0)."

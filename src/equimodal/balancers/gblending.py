@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -120,11 +120,9 @@ class GradientBlending(Balancer):
         heads: HeadsMode = "separate",
         feature_dims: Mapping[str, int] | None = None,
         num_classes: int | None = None,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         choices = {"mode": (mode, ("online", "offline")), "estimator": (estimator, ("delta", "multibench"))}
         choices["copy_optimizer"] = (copy_optimizer, ("adamw", "adam", "sgd"))
         for key, (value, valid) in choices.items():
@@ -146,7 +144,7 @@ class GradientBlending(Balancer):
         self.heads_mode = heads
         self.heads = build_heads(
             heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
-            num_classes=num_classes, seed=seed,
+            num_classes=num_classes, seed=self.seed,
         )  # fmt: skip
         missing = "Build the balancer with heads='shared' to load a state saved without unimodal heads."
         if self.heads is not None:

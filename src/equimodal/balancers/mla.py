@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -153,11 +153,9 @@ class MLA(Balancer):
         steps_per_epoch: int | None = None,
         feature_dim: int | None = None,
         num_classes: int | None = None,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         if inference not in ("dynamic", "fixed"):
             raise ValueError(f"inference must be 'dynamic' or 'fixed', found {inference!r}.")
         n = len(self.modalities)

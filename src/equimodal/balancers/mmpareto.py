@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,11 +100,9 @@ class MMPareto(Balancer):
         heads: HeadsMode = "separate",
         feature_dims: Mapping[str, int] | None = None,
         num_classes: int | None = None,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0, found {gamma}. The reference value is 1.5.")
         self.gamma = float(gamma)
@@ -117,7 +116,7 @@ class MMPareto(Balancer):
         self.heads_mode = heads
         self.heads = build_heads(
             heads, model, self.modalities, method=self.name, feature_dims=feature_dims,
-            num_classes=num_classes, seed=seed,
+            num_classes=num_classes, seed=self.seed,
         )  # fmt: skip
         if self.heads is not None:
             missing = "Build the balancer with heads='shared' to load a state saved without unimodal heads."

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +96,9 @@ class MSLR(Balancer):
         mode: Literal["keep", "dynamic"] = "dynamic",
         window: int = 5,
         warmup_epochs: int = 5,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         if mode not in ("keep", "dynamic"):
             raise ValueError(f"mode must be 'keep' or 'dynamic', found {mode!r}.")
         if not (isinstance(window, int) and window >= 1):

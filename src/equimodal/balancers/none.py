@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -29,11 +31,9 @@ class JointTraining(Balancer):
         model: nn.Module,
         *,
         monitor: bool = False,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         self.monitor = bool(monitor)
 
     def adjust_gradients(self) -> None:

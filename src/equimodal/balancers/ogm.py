@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -122,11 +122,10 @@ class OGM(Balancer):
         alpha: float = 0.8,
         reference: Reference = "mean",
         modulate: Literal["weights", "conv", "all"] = "weights",
-        start_epoch: int = 0,
         end_epoch: int | None = 50,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, end_epoch=end_epoch, **options)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(
                 f"alpha must be a positive finite number, found {alpha!r} (the paper uses 0.1-0.8)."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +68,9 @@ class OwnSignal(Balancer):
         max_scale: float = 4.0,
         feature_dims: Mapping[str, int] | None = None,
         num_classes: int | None = None,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         for key, value, low in (
             ("weight", weight, 0.0),
             ("power", power, 0.0),
@@ -104,7 +102,7 @@ class OwnSignal(Balancer):
             self.modalities,
             feature_dims=feature_dims,
             num_classes=num_classes,
-            seed=seed,
+            seed=self.seed,
             method=self.name,
         )
         self.add_state("heads", self.heads)

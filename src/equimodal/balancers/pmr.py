@@ -4,7 +4,7 @@ Learning", CVPR 2023)."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -86,11 +86,10 @@ class PMR(Balancer):
         alpha: float = 2.0,
         momentum: float = 0.0,
         reference: PMRReference = "mean",
-        start_epoch: int = 0,
         end_epoch: int | None = 70,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, end_epoch=end_epoch, **options)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, found {alpha!r} (the paper uses 1-3).")
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,11 +39,9 @@ class Unimodal(Balancer):
         model: nn.Module,
         *,
         modality: str | None = None,
-        start_epoch: int = 0,
-        end_epoch: int | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, seed=seed)
+        super().__init__(model, **options)
         if modality is None:
             raise ValueError(
                 f"The 'unimodal' balancer needs modality=, one of {self.modalities}; found none. "
