@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from steptime import device_sync, timed_step
 
 import equimodal as em
 from equimodal.models.encoders import create_encoder
@@ -69,7 +68,7 @@ def main() -> None:
         args.rounds, args.warmup = 3, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
 
     model, batch, y = build(args.frame, device, args.batch)
     balancers = {name: em.create_balancer(name, model, seed=0) for name in METHODS}
@@ -88,22 +87,10 @@ def main() -> None:
     mask_t: dict[str, list[float]] = {m: [] for m in METHODS}
     for r in range(args.warmup + args.rounds):
         for name in METHODS:
-            bal = balancers[name]
-            sync()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            bal.loss(model(batch), y).backward()
-            sync()
-            t1 = time.perf_counter()
-            bal.before_step()
-            sync()
-            t2 = time.perf_counter()
-            opt.step()
-            sync()
-            t3 = time.perf_counter()
+            whole, masking = timed_step(model, balancers[name], opt, batch, y, sync)
             if r >= args.warmup:
-                step_t[name].append(t3 - t0)
-                mask_t[name].append(t2 - t1)
+                step_t[name].append(whole)
+                mask_t[name].append(masking)
         if r >= args.warmup:
             log.info(
                 "round %d: %s",

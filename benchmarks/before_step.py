@@ -34,11 +34,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from steptime import device_sync, timed_step
 from torch import Tensor, nn
 
 import equimodal as em
@@ -139,7 +138,7 @@ def parse_args() -> argparse.Namespace:
 def timed_rounds(args, model, batches, balancers, opt, units, device) -> dict[str, Any]:
     """Step every method (and the naive masking loop) once per round, in rotating order; returns the
     whole-step times and ratios to the plain step per method, and the masking times."""
-    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     naive_gen = torch.Generator(device=device).manual_seed(0)
     step: dict[str, list[float]] = {m: [] for m in METHODS}
     ratio: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -152,25 +151,13 @@ def timed_rounds(args, model, batches, balancers, opt, units, device) -> dict[st
         shift = r % len(items)
         for name in items[shift:] + items[:shift]:
             bal = balancers["none" if name == "naive" else name]
-            sync()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            bal.loss(model(x), y).backward()
-            sync()
-            t1 = time.perf_counter()
-            if name == "naive":
-                naive_mask(units, naive_gen)
-            else:
-                bal.before_step()
-            sync()
-            t2 = time.perf_counter()
-            if name != "naive":
-                opt.step()
-                sync()
-            t3 = time.perf_counter()
-            this[name] = t3 - t0
+            naive_step = name == "naive"
+            masking = (lambda: naive_mask(units, naive_gen)) if naive_step else None
+            this[name], masked = timed_step(
+                model, bal, opt, x, y, sync, masking=masking, update=not naive_step
+            )
             if r >= args.warmup:
-                (naive if name == "naive" else mask[name]).append(t2 - t1)
+                (naive if naive_step else mask[name]).append(masked)
         if r >= args.warmup:
             for name in METHODS:
                 step[name].append(this[name])

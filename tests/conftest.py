@@ -6,6 +6,9 @@ the same ones; the names below are the tests' short aliases.
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,7 +19,16 @@ torch.set_num_threads(1)
 make_toy_model = toy_model
 make_toy_batch = toy_batch
 
-__all__ = ["ToyEncoder", "make_toy_batch", "make_toy_model", "toy_epoch_data"]
+__all__ = ["ToyEncoder", "make_toy_batch", "make_toy_model", "toy_epoch_data", "write_csv"]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    """A CSV file of ``header`` and ``rows`` (a custom dataset's table, a prepared folder's manifest)."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -104,8 +104,11 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
         torch.testing.assert_close(losses[0], losses[2], rtol=1e-3, atol=1e-4, msg=f"{name}: train_loss")
         for k in r0:
             assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ in {k}"
-            # G-Blending's weights are ratios of loss differences, which amplify float rounding
-            tol = {"rtol": 1e-3, "atol": 1e-4} if name == "gblending" else {"rtol": 1e-4, "atol": 1e-5}
+            # G-Blending's weights are ratios of loss differences of head copies whose gradients are
+            # averaged over ranks, which amplify float rounding: on an AMD EPYC its epoch-0 weights differed
+            # by 1.5e-4 relative between 2 ranks and 1 process, and the parameters by 3.2e-4 after 2 epochs
+            # (every other balancer: below 3e-7)
+            tol = {"rtol": 1e-2, "atol": 1e-3} if name == "gblending" else {"rtol": 1e-4, "atol": 1e-5}
             torch.testing.assert_close(
                 r0[k], single[k], **tol, msg=lambda m, k=k, name=name: f"{name} {k}: {m}"
             )

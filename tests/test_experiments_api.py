@@ -180,7 +180,8 @@ def _modules() -> dict[str, tuple[Path, bool]]:
 
 
 def _imports(name: str, path: Path, package: bool, modules: dict[str, tuple[Path, bool]]) -> set[str]:
-    """The package's modules that ``name`` imports, at module level or in a function."""
+    """The package's modules that ``name`` imports, at module level or in a function, with the packages
+    that hold them (their ``__init__`` runs first)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -199,7 +200,9 @@ def _imports(name: str, path: Path, package: bool, modules: dict[str, tuple[Path
                 target = target.rpartition(".")[0]
             if target.startswith("equimodal") and target != name:
                 found.add(target)
-    return found
+    # importing a.b.c runs the packages a.b and a first: those of ``name``'s own ancestors are running already
+    parents = {".".join(t.split(".")[:i]) for t in found for i in range(2, t.count(".") + 1)}
+    return found | {p for p in parents if p in modules and not (name + ".").startswith(p + ".")}
 
 
 def _layer(name: str) -> int:

@@ -40,7 +40,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar
 
 from .plugins import PLUGINS, PluginClashError
@@ -78,6 +78,19 @@ def unknown_options_error(where: str, unknown: list[str], valid: list[str], show
 
 
 # ------------------------------------------------------------------------------------------- coercion
+def name_list(value: Any, container: type = Collection) -> list[str] | None:
+    """Names given as ``"a, b"`` (a command line's form) or as a ``container`` of strings, as a list;
+    ``None`` when ``value`` is neither (the caller raises its own error, naming its option).
+
+    Pass ``container=Sequence`` where the order matters: a set's order changes from run to run.
+    """
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, container) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
 def coerce_value(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` to the annotated type ``tp``: the one conversion of config values and options.
 

@@ -14,107 +14,51 @@ from conftest import make_toy_batch, make_toy_model
 from torch import Tensor, nn
 
 import equimodal as em
-from equimodal.amss import describe_units
-from equimodal.amss.explain import unit_options
+from equimodal.amss.explain import describe_units, unit_options
 from equimodal.amss.parts import FLAT_OPTIONS, PARTS, PRESETS, RatioRule, Sampler, Significance, resolve_parts
 from equimodal.amss.units import UnitSelection, discover_units, encoder_units
 from equimodal.balancers.amss import AMSS
 from equimodal.balancers.registry import BALANCERS
 from equimodal.engine.config import load_config
 
-
 # ------------------------------------------------------------------------------------ the parts
+# (build, what the message names, the value found): a ValueError but for the three TypeErrors below
+BAD_VALUES: list[tuple[Any, str, str]] = [
+    (lambda: RatioRule(temperature=0.0), "temperature must be a finite number > 0", "0.0"),
+    (lambda: RatioRule(k_min=0.0), r"k_min must lie in \(0, 1\]", "0.0"),
+    (lambda: RatioRule(k_min=0.8, k_max=0.5), r"k_min \(0.8\) must be <= k_max", "0.5"),
+    (lambda: RatioRule(form="softmax"), "ratio form must be one of 'one_minus_softmax'", "'softmax'"),
+    (lambda: RatioRule(fixed=1.5), r"ratio must lie in \(0, 1\]", "1.5"),
+    (lambda: RatioRule(fallback={"m0": 0.0}), r"fallback_ratio must lie in \(0, 1\]", "0.0"),
+    (lambda: RatioRule(momentum=1.0), r"rho_momentum \(RatioRule.momentum\) must lie in \[0, 1\)", "1.0"),
+    (lambda: Significance("probe"), "significance must be 'confidence' or 'speed'", "'probe'"),
+    (lambda: Significance(label_entropy="bits"), "label_entropy must be one of 'exact'", "'bits'"),
+    (lambda: Significance(feature_entropy="max"), "feature_entropy must be one of 'mean'", "'max'"),
+    (lambda: Significance(head_weight=-1.0), "head_weight must be a finite number >= 0", "-1.0"),
+    (lambda: Sampler("random"), "sampler must be one of 'adaptive', 'topk'", "'random'"),
+    (lambda: Sampler(score="fisher"), "score must be one of 'gn'", "'fisher'"),
+    (lambda: Sampler(rounding="round"), "rounding must be one of 'ceil', 'floor'", "'round'"),
+    (lambda: Sampler(reweight="unbiased"), "reweight must be one of 'none'", "'unbiased'"),
+    (lambda: Sampler(inclusion="exact"), "inclusion must be one of 'conditional'", "'exact'"),
+    (lambda: Sampler(max_weight=0.5), "max_weight must be >= 1 or None", "0.5"),
+    (lambda: Sampler(score_floor=math.nan), "score_floor must be a finite number >= 0", "nan"),
+    (lambda: Sampler(code_bias=-0.1), "code_bias must be >= 0", "-0.1"),
+    (lambda: UnitSelection(mask_encoders="yes"), "mask_encoders must be True or False", "'yes'"),
+    (lambda: UnitSelection(mask_fusion="some"), "mask_fusion must be True, False, 'concat'", "'some'"),
+    (lambda: UnitSelection(linear_rows="never"), "linear_rows must be True, False or 'auto'", "'never'"),
+    (lambda: UnitSelection(conv_units="rows"), "conv_units must be one of 'filters'", "'rows'"),
+    (lambda: UnitSelection(layer_kinds="ffn"), r"unknown layer kind\(s\)", "'ffn'"),
+    (lambda: UnitSelection(heads={nn.Linear(2, 2): (2, "diag")}), "head declaration", "'diag'"),
+]
+BAD_TYPES: list[tuple[Any, str, str]] = [
+    (lambda: UnitSelection(include=3), "include must be a callable", "int"),
+    (lambda: UnitSelection(heads=[nn.Linear(2, 2)]), "heads must map Linear modules", "list"),
+]
+
+
 @pytest.mark.parametrize(
     ("build", "exc", "option", "found"),
-    [
-        (lambda: RatioRule(temperature=0.0), ValueError, "temperature must be a finite number > 0", "0.0"),
-        (lambda: RatioRule(k_min=0.0), ValueError, r"k_min must lie in \(0, 1\]", "0.0"),
-        (lambda: RatioRule(k_min=0.8, k_max=0.5), ValueError, r"k_min \(0.8\) must be <= k_max", "0.5"),
-        (
-            lambda: RatioRule(form="softmax"),
-            ValueError,
-            "ratio form must be one of 'one_minus_softmax'",
-            "'softmax'",
-        ),
-        (lambda: RatioRule(fixed=1.5), ValueError, r"ratio must lie in \(0, 1\]", "1.5"),
-        (lambda: RatioRule(fallback={"m0": 0.0}), ValueError, r"fallback_ratio must lie in \(0, 1\]", "0.0"),
-        (
-            lambda: RatioRule(momentum=1.0),
-            ValueError,
-            r"rho_momentum \(RatioRule.momentum\) must lie in \[0, 1\)",
-            "1.0",
-        ),
-        (
-            lambda: Significance("probe"),
-            ValueError,
-            "significance must be 'confidence' or 'speed'",
-            "'probe'",
-        ),
-        (
-            lambda: Significance(label_entropy="bits"),
-            ValueError,
-            "label_entropy must be one of 'exact'",
-            "'bits'",
-        ),
-        (
-            lambda: Significance(feature_entropy="max"),
-            ValueError,
-            "feature_entropy must be one of 'mean'",
-            "'max'",
-        ),
-        (
-            lambda: Significance(head_weight=-1.0),
-            ValueError,
-            "head_weight must be a finite number >= 0",
-            "-1.0",
-        ),
-        (lambda: Sampler("random"), ValueError, "sampler must be one of 'adaptive', 'topk'", "'random'"),
-        (lambda: Sampler(score="fisher"), ValueError, "score must be one of 'gn'", "'fisher'"),
-        (lambda: Sampler(rounding="round"), ValueError, "rounding must be one of 'ceil', 'floor'", "'round'"),
-        (lambda: Sampler(reweight="unbiased"), ValueError, "reweight must be one of 'none'", "'unbiased'"),
-        (lambda: Sampler(inclusion="exact"), ValueError, "inclusion must be one of 'conditional'", "'exact'"),
-        (lambda: Sampler(max_weight=0.5), ValueError, "max_weight must be >= 1 or None", "0.5"),
-        (
-            lambda: Sampler(score_floor=math.nan),
-            ValueError,
-            "score_floor must be a finite number >= 0",
-            "nan",
-        ),
-        (lambda: Sampler(code_bias=-0.1), ValueError, "code_bias must be >= 0", "-0.1"),
-        (
-            lambda: UnitSelection(mask_encoders="yes"),
-            ValueError,
-            "mask_encoders must be True or False",
-            "'yes'",
-        ),
-        (
-            lambda: UnitSelection(mask_fusion="some"),
-            ValueError,
-            "mask_fusion must be True, False, 'concat'",
-            "'some'",
-        ),
-        (
-            lambda: UnitSelection(linear_rows="never"),
-            ValueError,
-            "linear_rows must be True, False or 'auto'",
-            "'never'",
-        ),
-        (
-            lambda: UnitSelection(conv_units="rows"),
-            ValueError,
-            "conv_units must be one of 'filters'",
-            "'rows'",
-        ),
-        (lambda: UnitSelection(layer_kinds="ffn"), ValueError, r"unknown layer kind\(s\)", "'ffn'"),
-        (lambda: UnitSelection(include=3), TypeError, "include must be a callable", "int"),
-        (lambda: UnitSelection(heads=[nn.Linear(2, 2)]), TypeError, "heads must map Linear modules", "list"),
-        (
-            lambda: UnitSelection(heads={nn.Linear(2, 2): (2, "diag")}),
-            ValueError,
-            "head declaration",
-            "'diag'",
-        ),
-    ],
+    [(b, ValueError, o, f) for b, o, f in BAD_VALUES] + [(b, TypeError, o, f) for b, o, f in BAD_TYPES],
 )
 def test_a_part_checks_itself_naming_the_option_and_what_was_found(
     build: Any, exc: type, option: str, found: str

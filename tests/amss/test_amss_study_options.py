@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
 import equimodal as em
-from equimodal.amss import describe_units
+from equimodal.amss.explain import describe_units
 from equimodal.amss.masker import GradientMasker
 from equimodal.amss.units import UnitTensor, discover_units, encoder_units
 from equimodal.balancers.amss import AMSS

@@ -126,13 +126,19 @@ def test_adaptive_optimizers_are_recognised() -> None:
     assert is_adaptive_optimizer(MyLion(params, lr=0.1))
 
 
+def _scaling_balancer(
+    name: str,
+) -> tuple[torch.nn.Module, em.Balancer, dict[str, torch.Tensor], torch.Tensor]:
+    """A toy model, ``name`` on it at epoch 0 (MSLR in ``keep`` mode) and a batch."""
+    model = make_toy_model(2)
+    balancer = em.create_balancer(name, model, **({"mode": "keep"} if name == "mslr" else {}))
+    balancer.set_epoch(0)
+    return model, balancer, *make_toy_batch(2, 16)
+
+
 @pytest.mark.parametrize("name", ["ogm", "ogm_ge", "agm", "mslr"])
 def test_scaling_balancers_warn_once_under_adam_in_train_step(name: str) -> None:
-    model = make_toy_model(2)
-    options = {"mode": "keep"} if name == "mslr" else {}
-    balancer = em.create_balancer(name, model, **options)
-    balancer.set_epoch(0)
-    batch, y = make_toy_batch(2, 16)
+    model, balancer, batch, y = _scaling_balancer(name)
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     with pytest.warns(RuntimeWarning, match="multiplying gradients") as record:
         balancer.train_step(batch, y, adam)
@@ -143,11 +149,7 @@ def test_scaling_balancers_warn_once_under_adam_in_train_step(name: str) -> None
 
 @pytest.mark.parametrize("name", ["ogm", "agm", "mslr"])
 def test_no_warning_under_sgd(name: str) -> None:
-    model = make_toy_model(2)
-    options = {"mode": "keep"} if name == "mslr" else {}
-    balancer = em.create_balancer(name, model, **options)
-    balancer.set_epoch(0)
-    batch, y = make_toy_batch(2, 16)
+    model, balancer, batch, y = _scaling_balancer(name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not balancer.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_csv
 
 from equimodal.data import load_dataset
 from equimodal.data.base import make_loader
@@ -24,14 +24,6 @@ def _toy_arrays(n: int = 60, classes: int = 3, seed: int = 0) -> dict[str, np.nd
     }
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
 def _toy_csv(path: Path, n: int = 30, split: bool = False, label_names: bool = False) -> Path:
     rng = np.random.default_rng(1)
     audio = [f"audio_{i}" for i in range(12)]  # audio_10, audio_11 sort after audio_9
@@ -45,7 +37,7 @@ def _toy_csv(path: Path, n: int = 30, split: bool = False, label_names: bool = F
         if split:
             row.append(("train", "train", "val", "test")[r % 4])
         rows.append(row)
-    return _write_csv(path, header, rows)
+    return write_csv(path, header, rows)
 
 
 # ---------------------------------------------------------------- npz
@@ -229,7 +221,7 @@ def test_csv_explicit_groups_string_labels_and_seeded_split(tmp_path: Path) -> N
 
 def test_csv_integer_split_column(tmp_path: Path) -> None:
     rows = [[r % 2, r, -r, r % 3] for r in range(12)]
-    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "split"], rows)
+    path = write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "split"], rows)
     ds = load_dataset("custom_csv", path=path, standardize=False)
     assert ds.test.inputs["a"].flatten().tolist() == [2.0, 5.0, 8.0, 11.0]
 
@@ -293,7 +285,7 @@ def test_csv_integer_split_column(tmp_path: Path) -> None:
     ],
 )
 def test_csv_bad_inputs(tmp_path: Path, header, rows, options, error: type[Exception], message: str) -> None:
-    path = _write_csv(tmp_path / "bad.csv", header, rows)
+    path = write_csv(tmp_path / "bad.csv", header, rows)
     with pytest.raises(error, match=message):
         load_dataset("custom_csv", path=path, **options)
 
@@ -341,7 +333,7 @@ def _rows_with_labels(labels: list[object]) -> list[list[object]]:
 
 def test_a_class_of_one_sample_without_a_split_is_refused(tmp_path: Path) -> None:
     labels = ["cat"] * 10 + ["dog"] * 10 + ["eel"]
-    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], _rows_with_labels(labels))
+    path = write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], _rows_with_labels(labels))
     with pytest.raises(ValueError) as err:
         load_dataset("custom_csv", path=path)
     message = str(err.value)
@@ -361,7 +353,7 @@ def test_a_class_of_one_sample_without_a_split_is_refused(tmp_path: Path) -> Non
 def test_a_class_missing_from_a_chosen_split_is_allowed_with_a_warning(tmp_path: Path) -> None:
     labels = ["cat"] * 10 + ["dog"] * 10 + ["eel"]
     rows = [[*r, s] for r, s in zip(_rows_with_labels(labels), ["train", "val", "test"] * 7, strict=True)]
-    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "split"], rows)
+    path = write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "split"], rows)
     with pytest.warns(UserWarning, match=r"class 'eel' \(1 sample\): none in train or val\. A class missing"):
         ds = load_dataset("custom_csv", path=path)
     assert ds.class_names == ["cat", "dog", "eel"] and len(ds.test) == 7
@@ -370,7 +362,7 @@ def test_a_class_missing_from_a_chosen_split_is_allowed_with_a_warning(tmp_path:
 def test_a_lone_column_near_another_prefix_is_a_typo(tmp_path: Path) -> None:
     header = ["label", *[f"audio_{i}" for i in range(13)], "audoi_0", "video_0", "video_1"]
     rows = [[r % 2, *range(13), 1, 2, r] for r in range(20)]
-    path = _write_csv(tmp_path / "d.csv", header, rows)
+    path = write_csv(tmp_path / "d.csv", header, rows)
     with pytest.raises(ValueError) as err:
         load_dataset("custom_csv", path=path)
     message = str(err.value)
@@ -382,11 +374,11 @@ def test_a_lone_column_near_another_prefix_is_a_typo(tmp_path: Path) -> None:
     )
     assert ds.input_shapes() == {"audio": (13,), "audoi": (1,), "video": (2,)}
     # one-column modalities whose names are not alike stay accepted
-    ok = _write_csv(
+    ok = write_csv(
         tmp_path / "ok.csv", ["label", "age_0", "video_0", "video_1"], [[r % 2, r, 1, 2] for r in range(20)]
     )
     assert load_dataset("custom_csv", path=ok).input_shapes() == {"age": (1,), "video": (2,)}
-    alike = _write_csv(
+    alike = write_csv(
         tmp_path / "alike.csv", ["label", "sensor1_0", "sensor2_0"], [[r % 2, r, -r] for r in range(20)]
     )
     assert load_dataset("custom_csv", path=alike).input_shapes() == {"sensor1": (1,), "sensor2": (1,)}
@@ -398,7 +390,7 @@ def test_a_nan_cell_is_named_by_line_and_column(tmp_path: Path) -> None:
     rows[4][2] = "nan"
     rows[4][3] = "NaN"
     rows[9][1] = "nan"
-    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "b_1"], rows)
+    path = write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0", "b_1"], rows)
     # data row 4 is file line 6 (the header is line 1); a_0 belongs to another modality than b_0
     with pytest.raises(
         ValueError,
@@ -433,7 +425,7 @@ def test_a_scalar_in_an_npz_is_named_as_such(tmp_path: Path, change: dict, messa
 
 def test_a_missing_label_in_a_csv_is_named_by_line(tmp_path: Path) -> None:
     labels: list[object] = ["cat", "dog"] * 8 + ["nan", "", "NaN", "<NA>"]
-    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], _rows_with_labels(labels))
+    path = write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], _rows_with_labels(labels))
     with pytest.raises(ValueError) as err:
         load_dataset("custom_csv", path=path)
     message = str(err.value)
@@ -465,7 +457,7 @@ def test_repeated_csv_rows_are_an_error_unless_allowed(tmp_path: Path) -> None:
         ["dog", 3.0, -3.0],
         ["cat", "2", "-2.0"],
     ]  # the features of lines 5 and 4 again, written otherwise
-    path = _write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], rows)
+    path = write_csv(tmp_path / "d.csv", ["label", "a_0", "b_0"], rows)
     with pytest.raises(ValueError) as err:
         load_dataset("custom_csv", path=path)
     message = str(err.value)

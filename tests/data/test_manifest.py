@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import write_csv
 from PIL import Image
 
 from equimodal.data import load_dataset
@@ -63,14 +64,6 @@ def _image(path: Path, value: int, size: int = 16, mode: str = "RGB") -> Path:
 
 def _wav(path: Path, wave: np.ndarray, rate: int = RATE, subtype: str | None = None) -> Path:
     sf.write(str(path), wave, rate, subtype=subtype)
-    return path
-
-
-def _write_manifest(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
     return path
 
 
@@ -119,7 +112,7 @@ def _manifest(
     table = [
         [r["label"], *[r[c] for c in columns]] + ([split[i]] if split else []) for i, r in enumerate(rows)
     ]
-    return _write_manifest(root / name, header, table)
+    return write_csv(root / name, header, table)
 
 
 def _opts(root: Path, **extra: object) -> dict[str, object]:
@@ -443,7 +436,7 @@ def test_skip_bad_emptying_a_class_is_an_error(
 def _simple(tmp: Path, header: list[str], rows: list[list[object]]) -> Path:
     for i in range(3):
         np.save(tmp / f"{i}.npy", np.zeros(3))
-    return _write_manifest(tmp / "m.csv", header, rows)
+    return write_csv(tmp / "m.csv", header, rows)
 
 
 @pytest.mark.parametrize(
@@ -474,13 +467,13 @@ def test_missing_manifest_and_small_class_and_npy_shapes(tmp_path: Path) -> None
     with pytest.raises(
         ValueError, match=r"column 'x' holds .npy arrays of different shapes: \(4,\) .* \(5,\) \(row 6"
     ):
-        load_dataset("manifest", path=str(_write_manifest(tmp_path / "m.csv", ["label", "x", "y"], rows)))
+        load_dataset("manifest", path=str(write_csv(tmp_path / "m.csv", ["label", "x", "y"], rows)))
     np.save(tmp_path / "5.npy", np.zeros(4))
     rows = [[0 if i < 9 else 1, f"{i}.npy", "0.npy"] for i in range(12)]  # class 1 has 3 rows: 2/1/0
     with pytest.raises(
         ValueError, match=r"class 1 has 3 rows, too few .*\(it gets 2/1/0 train/val/test rows\)"
     ):
-        load_dataset("manifest", path=str(_write_manifest(tmp_path / "m.csv", ["label", "x", "y"], rows)))
+        load_dataset("manifest", path=str(write_csv(tmp_path / "m.csv", ["label", "x", "y"], rows)))
 
 
 def test_text_column_needs_tokenizer_option(media: tuple[Path, list[dict[str, str]]]) -> None:
@@ -534,7 +527,7 @@ def _npy_rows(tmp: Path, labels: list[str]) -> list[list[object]]:
 
 def test_a_nan_label_is_an_error_not_a_class(tmp_path: Path) -> None:
     labels = ["cat", "dog"] * 6 + ["nan", "NaN", "<NA>", "nan"]  # before: 'nan' became a fourth class
-    path = _write_manifest(tmp_path / "m.csv", ["label", "x", "y"], _npy_rows(tmp_path, labels))
+    path = write_csv(tmp_path / "m.csv", ["label", "x", "y"], _npy_rows(tmp_path, labels))
     with pytest.raises(ValueError) as err:
         load_dataset("manifest", path=str(path))
     message = str(err.value)
@@ -550,7 +543,7 @@ def test_a_sample_listed_twice_is_an_error_naming_its_rows(tmp_path: Path) -> No
     from equimodal.cli import main
 
     rows = _npy_rows(tmp_path, ["cat", "dog", "eel"] * 4)
-    path = _write_manifest(tmp_path / "dup.csv", ["label", "x", "y"], [*rows, ["dog", "./x1.npy", "y1.npy"]])
+    path = write_csv(tmp_path / "dup.csv", ["label", "x", "y"], [*rows, ["dog", "./x1.npy", "y1.npy"]])
     with pytest.raises(ValueError) as err:
         load_dataset("manifest", path=str(path))
     message = str(err.value)
@@ -562,7 +555,7 @@ def test_a_sample_listed_twice_is_an_error_naming_its_rows(tmp_path: Path) -> No
     args = ["train", "--set", "data.name=manifest", "--set", f"data.options.path={path}"]
     assert main(args) == 2  # the CLI's exit code for bad input, no traceback
     # the same file in one column only (one y shared by two x) is a sample of its own
-    shared = _write_manifest(
+    shared = write_csv(
         tmp_path / "shared.csv", ["label", "x", "y"], [*rows[:-1], ["eel", "x11.npy", "y1.npy"]]
     )
     assert len(load_dataset("manifest", path=str(shared)).train) > 0

@@ -299,11 +299,12 @@ def test_official_preset_trains_one_epoch(prepared: Path, tmp_path: Path) -> Non
 
 def test_training_frame_is_drawn_from_the_generator(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import equimodal.data.cremad.loader as cremad
+    from equimodal.data.media import read_rgb
     from equimodal.data.transforms import resize
 
     monkeypatch.setattr(cremad, "frame_transform", lambda image, size, generator: resize(image, size))
     reader = load_dataset("cremad", root=str(prepared), image_size=16).train.reader
-    first, second = (resize(cremad.read_rgb(f), 16) for f in sorted((prepared / reader.visual[0]).iterdir()))
+    first, second = (resize(read_rgb(f), 16) for f in sorted((prepared / reader.visual[0]).iterdir()))
     picks = [reader(0, torch.Generator().manual_seed(s))["visual"] for s in range(12)]
     assert all(torch.equal(p, first) or torch.equal(p, second) for p in picks)
     assert any(torch.equal(p, first) for p in picks) and any(torch.equal(p, second) for p in picks)

@@ -80,44 +80,14 @@ def test_prepare_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureF
             ]
             return write_layout(out, "toy_prepare", rows, ["m"], options={"level": level}, report=report)
 
-        assert (
-            main(["prepare", "toy_prepare", "--raw", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
-            == 2
-        )
+        def cli(raw: Path, *extra: str) -> int:
+            return main(["prepare", "toy_prepare", "--raw", str(raw), "--out", str(tmp_path / "o"), *extra])
+
+        assert cli(tmp_path / "missing") == 2
         assert "No raw toy_prepare folder at" in " ".join(capsys.readouterr().err.split())
-        assert (
-            main(
-                [
-                    "prepare",
-                    "toy_prepare",
-                    "--raw",
-                    str(tmp_path),
-                    "--out",
-                    str(tmp_path / "o"),
-                    "--set",
-                    "levle=2",
-                ]
-            )
-            == 2
-        )
+        assert cli(tmp_path, "--set", "levle=2") == 2
         assert "Did you mean 'level'" in " ".join(capsys.readouterr().err.split())
-        assert (
-            main(
-                [
-                    "prepare",
-                    "toy_prepare",
-                    "--raw",
-                    str(tmp_path),
-                    "--out",
-                    str(tmp_path / "o"),
-                    "--set",
-                    "level=3",
-                    "--workers",
-                    "1",
-                ]
-            )
-            == 0
-        )
+        assert cli(tmp_path, "--set", "level=3", "--workers", "1") == 0
         printed = capsys.readouterr().out
         assert (
             "1 unusable input(s) were skipped" in printed and "c-1: input raw/c-1.wav is corrupt" in printed

@@ -12,35 +12,19 @@ their own:
 - :mod:`.masker`: the vectorised gradient masker;
 - :mod:`.parts`: the balancer's options as parts (:class:`RatioRule`, :class:`Significance`,
   :class:`Sampler`, :class:`UnitSelection`), the flat-option mapping and the presets;
-- :func:`describe_units` (from :mod:`equimodal.amss.explain`): what will be masked, and why the rest is not.
+- :mod:`.explain`: :func:`~equimodal.amss.explain.describe_units`, what will be masked and why the rest
+  is not. It is not imported here: it builds the balancer through the registry, a layer above this package.
+
+The functions of :mod:`.sampling` and :mod:`.significance` are used from their modules
+(``equimodal.amss.sampling.water_filling``); this package exports the parts and classes.
 """
 
-from .explain import UnitsReport, describe_units  # after .units, which it reads
 from .masker import MASK_STATS, GradientMasker
 from .parts import AMSSParts, RatioRule, Sampler, Significance
 from .ratios import RATIO_FORMS, update_ratios
-from .sampling import (
-    code_weights,
-    inverse_inclusion_weights,
-    keep_counts,
-    sample_units,
-    unit_scores,
-    water_filling,
-)
-from .significance import (
-    batch_sums,
-    feature_entropy_from_sums,
-    feature_entropy_per_sample,
-    label_entropy,
-    mutual_information_rate,
-    significance,
-    significance_from_sums,
-)
 from .units import UnitSelection, UnitTensor, discover_units, encoder_units, fusion_units
 
 __all__ = [
-    "UnitsReport",
-    "describe_units",
     "AMSSParts",
     "RatioRule",
     "Sampler",
@@ -50,21 +34,8 @@ __all__ = [
     "RATIO_FORMS",
     "GradientMasker",
     "UnitTensor",
-    "batch_sums",
-    "code_weights",
     "discover_units",
     "encoder_units",
-    "feature_entropy_from_sums",
-    "feature_entropy_per_sample",
     "fusion_units",
-    "inverse_inclusion_weights",
-    "keep_counts",
-    "label_entropy",
-    "mutual_information_rate",
-    "sample_units",
-    "significance",
-    "significance_from_sums",
-    "unit_scores",
     "update_ratios",
-    "water_filling",
 ]

@@ -6,7 +6,7 @@ of its encoder and of its fusion-head block: masked ones with their unit kind an
 with the reason. ``equimodal units CONFIG`` prints it for a config, as ``equimodal train`` builds the
 model::
 
-    report = equimodal.amss.describe_units(model, linear_rows="auto")   # or units=UnitSelection(...)
+    report = equimodal.amss.explain.describe_units(model, linear_rows="auto")   # or units=UnitSelection(...)
     print(report)                       # a plain-text listing
     report.totals()["audio"]            # {"tensors": 16, "units": 1920, ...}
     [r.name for r in report.unmasked("audio")]

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from ..engine.preflight import PLOTS_INSTALL
 from ..experiments import ComparisonResult, compare
+from ..registry import name_list
 from ..reporting.tables import results_table, table_notes
 from .common import add_config, add_execution, add_set, command, print_failures
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     result = compare(
         config=args.config, dataset=args.dataset, seeds=args.seeds, out=args.out, jobs=args.jobs,
-        balancers=[b.strip() for b in args.balancers.split(",") if b.strip()], threads=args.threads,
+        balancers=name_list(args.balancers), threads=args.threads,
         overwrite=args.overwrite, references=not args.no_references, variants=args.variant or (),
         overrides=args.set or (), console=console,
     )  # fmt: skip

@@ -50,10 +50,12 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
 
+from ..registry import name_list
 from .base import MultimodalDataset
 from .registry import register_dataset
 from .splits import Indices, check_seed, make_splits, split_from_assignment, stratified_split
@@ -212,20 +214,19 @@ def build_custom_dataset(
     arrays: Mapping[str, np.ndarray],
     labels: np.ndarray,
     split: np.ndarray | None,
-    *,
-    seed: int,
-    fractions: tuple[float, float, float],
-    standardize: bool,
-    options: dict[str, object],
+    options: dict[str, Any],
 ) -> MultimodalDataset:
     """Validate per-modality arrays, labels and an optional split, and assemble the dataset.
 
-    ``options`` (the loader's resolved options, including ``path``) are recorded in ``info``.
+    ``options`` are the loader's resolved options, recorded in ``info``: they hold at least ``path``,
+    ``seed`` (of the stratified split), ``val_fraction``, ``test_fraction`` and ``standardize``.
 
     Raises:
         ValueError: no modality, row counts that differ, non-numeric or non-finite values, bad labels
             or a bad split.
     """
+    seed, standardize = options["seed"], options["standardize"]
+    fractions = _check_fractions(options["val_fraction"], options["test_fraction"])
     if not isinstance(standardize, bool):
         raise TypeError(f"Expected `standardize` to be True or False, found {standardize!r}.")
     if not arrays:
@@ -397,11 +398,8 @@ def _check_classes_in_splits(
 def _select(names: str | Sequence[str] | None, available: list[str], what: str) -> list[str]:
     if names is None:
         return available
-    if isinstance(names, str):
-        chosen = [s.strip() for s in names.split(",") if s.strip()]
-    elif isinstance(names, Sequence) and all(isinstance(s, str) for s in names):
-        chosen = list(names)
-    else:
+    chosen = name_list(names, Sequence)
+    if chosen is None:
         raise TypeError(f"Expected `modalities` as a list of names or 'a,b', found {type(names).__name__}.")
     missing = [m for m in chosen if m not in available]
     if missing or not chosen:
@@ -437,7 +435,7 @@ def load_custom_npz(
             not 0..C-1, a bad split (see :func:`build_custom_dataset`).
     """
     seed = check_seed(seed)
-    fractions = _check_fractions(val_fraction, test_fraction)
+    _check_fractions(val_fraction, test_fraction)  # before reading the file
     p = _resolve_path(path, ".npz", NPZ_LAYOUT)
     try:
         npz = np.load(p, allow_pickle=False)
@@ -469,16 +467,7 @@ def load_custom_npz(
         "test_fraction": test_fraction,
         "standardize": standardize,
     }
-    return build_custom_dataset(
-        "custom_npz",
-        arrays,
-        labels,
-        split,
-        seed=seed,
-        fractions=fractions,
-        standardize=standardize,
-        options=options,
-    )
+    return build_custom_dataset("custom_npz", arrays, labels, split, options)
 
 
 def parse_modality_groups(modalities: str | Mapping[str, str | Sequence[str]]) -> dict[str, str | list[str]]:
@@ -760,7 +749,7 @@ def load_custom_csv(
     if not isinstance(allow_duplicates, bool):
         raise TypeError(f"Expected `allow_duplicates` to be True or False, found {allow_duplicates!r}.")
     seed = check_seed(seed)
-    fractions = _check_fractions(val_fraction, test_fraction)
+    _check_fractions(val_fraction, test_fraction)  # before reading the file
     p = _resolve_path(path, "CSV", CSV_LAYOUT)
     header, rows, lines = read_csv_table(p, delimiter)
     where = repr(str(p))
@@ -791,13 +780,4 @@ def load_custom_csv(
         "delimiter": delimiter,
         "allow_duplicates": allow_duplicates,
     }
-    return build_custom_dataset(
-        "custom_csv",
-        arrays,
-        labels,
-        split,
-        seed=seed,
-        fractions=fractions,
-        standardize=standardize,
-        options=options,
-    )
+    return build_custom_dataset("custom_csv", arrays, labels, split, options)

@@ -316,11 +316,20 @@ def read_frames(
     a folder with fewer images than ``frames`` repeats its last image) and each is read as
     :func:`read_image` does.
     """
+    chosen = choose_frames(folder, frames, generator)
+    return torch.stack([read_image(path, size=size, mode=mode) for path in chosen])
+
+
+def choose_frames(folder: Path, frames: int, generator: torch.Generator | None = None) -> list[Path]:
+    """The ``frames`` image files of ``folder`` that :func:`frame_positions` picks (sorted by name).
+
+    Raises:
+        MediaError: ``folder`` is not a folder holding image files.
+    """
     files = list_frames(folder) if folder.is_dir() else []
     if not files:
         raise MediaError(f"is not a folder holding image files ({', '.join(IMAGE_SUFFIXES)})")
-    chosen = frame_positions(len(files), frames, generator)
-    return torch.stack([read_image(files[i], size=size, mode=mode) for i in chosen])
+    return [files[i] for i in frame_positions(len(files), frames, generator)]
 
 
 # -------------------------------------------------------------------------------------------- text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,6 +39,27 @@ def check_file(path: Path, what: str) -> None:
         raise PrepareError(f"{what} {str(path)!r} is empty (0 bytes)")
 
 
+@contextmanager
+def open_video(path: Path) -> Iterator[tuple[ModuleType, Any]]:
+    """``(av, container)`` for a video file, closed on exit; an error while it is open (PyAV raises
+    ``av.error.*`` on truncated or corrupt containers) becomes a :class:`PrepareError` naming the file.
+
+    Raises:
+        PrepareError: the file is missing, empty or cannot be decoded.
+    """
+    check_file(path, "video file")
+    av = require("av", VIDEO_INSTALL)
+    try:
+        with av.open(str(path)) as container:
+            yield av, container
+    except PrepareError:
+        raise
+    except Exception as err:
+        raise PrepareError(
+            f"video file {str(path)!r} cannot be decoded ({type(err).__name__}: {err})"
+        ) from err
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """A wav/flac file as mono float32 in [-1, 1] and its sample rate (channels averaged)."""
     check_file(path, "audio file")
@@ -53,25 +75,14 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 def read_audio_track(path: Path) -> tuple[np.ndarray, int]:
     """The audio track of a video file as mono float32 and its sample rate (PyAV, downmixed by FFmpeg)."""
-    check_file(path, "video file")
-    av = require("av", VIDEO_INSTALL)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise PrepareError(f"video file {str(path)!r} has no audio track")
-            stream = container.streams.audio[0]
-            rate = int(stream.rate or stream.codec_context.sample_rate)
-            mono = av.AudioResampler(format="fltp", layout="mono", rate=rate)
-            parts = [
-                out.to_ndarray()[0] for frame in container.decode(stream) for out in mono.resample(frame)
-            ]
-            parts += [out.to_ndarray()[0] for out in mono.resample(None)]
-    except PrepareError:
-        raise
-    except Exception as err:  # av.error.* on truncated or corrupt containers
-        raise PrepareError(
-            f"video file {str(path)!r} cannot be decoded ({type(err).__name__}: {err})"
-        ) from err
+    with open_video(path) as (av, container):
+        if not container.streams.audio:
+            raise PrepareError(f"video file {str(path)!r} has no audio track")
+        stream = container.streams.audio[0]
+        rate = int(stream.rate or stream.codec_context.sample_rate)
+        mono = av.AudioResampler(format="fltp", layout="mono", rate=rate)
+        parts = [out.to_ndarray()[0] for frame in container.decode(stream) for out in mono.resample(frame)]
+        parts += [out.to_ndarray()[0] for out in mono.resample(None)]
     if not parts or not sum(len(p) for p in parts):
         raise PrepareError(f"video file {str(path)!r} has an empty audio track")
     return np.concatenate(parts).astype(np.float32), rate
@@ -114,19 +125,10 @@ def iter_video_frames(path: Path) -> Iterator[Any]:
     Raises:
         PrepareError: the file is missing, empty, has no video track or cannot be decoded.
     """
-    check_file(path, "video file")
-    av = require("av", VIDEO_INSTALL)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise PrepareError(f"video file {str(path)!r} has no video track")
-            yield from container.decode(container.streams.video[0])
-    except PrepareError:
-        raise
-    except Exception as err:  # av.error.* on truncated or corrupt containers
-        raise PrepareError(
-            f"video file {str(path)!r} cannot be decoded ({type(err).__name__}: {err})"
-        ) from err
+    with open_video(path) as (_, container):
+        if not container.streams.video:
+            raise PrepareError(f"video file {str(path)!r} has no video track")
+        yield from container.decode(container.streams.video[0])
 
 
 class NearestPicker:
@@ -198,17 +200,13 @@ def check_flv_complete(path: Path) -> None:
     duration its header declares; without a declared duration, the file must end on a complete tag
     (its last four bytes give the size of the tag before them).
     """
-    av = require("av", VIDEO_INSTALL)
-    try:
-        with av.open(str(path)) as container:
-            declared = container.duration / 1e6 if container.duration else None
-            stream = container.streams.video[0] if container.streams.video else None
-            end = 0.0
-            for packet in container.demux(stream) if stream is not None else ():
-                if packet.pts is not None and packet.time_base is not None:
-                    end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
-    except Exception as err:  # av.error.* on corrupt containers
-        raise PrepareError(f"video file {str(path)!r} cannot be read ({type(err).__name__}: {err})") from err
+    with open_video(path) as (_, container):
+        declared = container.duration / 1e6 if container.duration else None
+        stream = container.streams.video[0] if container.streams.video else None
+        end = 0.0
+        for packet in container.demux(stream) if stream is not None else ():
+            if packet.pts is not None and packet.time_base is not None:
+                end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
     if declared is not None:
         if end < declared - max(0.25, 0.1 * declared):
             raise PrepareError(

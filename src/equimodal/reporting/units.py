@@ -1,4 +1,4 @@
-"""The AMSS units report (:func:`equimodal.amss.describe_units`) as rich tables, for ``equimodal units``."""
+"""The AMSS units report (:func:`equimodal.amss.explain.describe_units`) as rich tables, for ``equimodal units``."""
 
 from __future__ import annotations
 

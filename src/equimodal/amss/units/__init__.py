@@ -65,7 +65,7 @@ Layer kinds (``layer_kinds``): every unit has a layer kind, ``"conv"`` (Conv1d/2
 ``output.dense``, Linear layers declared as head projections), ``"linear"`` (every other Linear's rows:
 FFN neurons, MLPs, projections) or ``"rnn"`` (RNN hidden units and LSTM projections). ``layer_kinds``
 (default ``None``: all four) masks only the units of the kinds it names; the others are left unmasked
-and listed with the reason by :func:`~equimodal.amss.describe_units`. It applies after
+and listed with the reason by :func:`~equimodal.amss.explain.describe_units`. It applies after
 ``include`` / ``exclude`` and ``linear_rows`` (a Linear is masked only when both allow it), and never to
 the fusion head (``mask_fusion`` decides that). A modality with no unit of the selected kinds is masked
 through its fusion-head block only (with a warning), or refused when it has none.
@@ -99,8 +99,8 @@ callable ``(name, module) -> bool`` or a collection of modules), ``heads`` (``{l
 "rows" | "cols")}``, or the attribute ``amss_heads = (num_heads, "rows" | "cols")`` on the module),
 ``linear_rows``, ``conv_units``, ``layer_kinds``, ``mask_encoders`` and ``mask_fusion``; the balancer
 (``units=``), :func:`discover_units`, :func:`scan_units`, :func:`encoder_units` and
-:func:`equimodal.amss.describe_units` take it (or keyword shortcuts that build one).
-:func:`~equimodal.amss.describe_units` lists what is masked and why everything else is not.
+:func:`equimodal.amss.explain.describe_units` take it (or keyword shortcuts that build one).
+:func:`~equimodal.amss.explain.describe_units` lists what is masked and why everything else is not.
 
 The package's modules follow these seams: :mod:`.tensor` (a masked tensor and its views),
 :mod:`.selection` (the unit-selection part and its checks), :mod:`.weights` (the tensors behind a weight,

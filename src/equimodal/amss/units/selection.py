@@ -2,7 +2,7 @@
 
 One frozen object holds the eight options that decide what is masked; the balancer, the unit discovery
 (:func:`~equimodal.amss.units.discover_units`, :func:`~equimodal.amss.units.scan_units`,
-:func:`~equimodal.amss.units.encoder_units`) and the report (:func:`~equimodal.amss.describe_units`) all
+:func:`~equimodal.amss.units.encoder_units`) and the report (:func:`~equimodal.amss.explain.describe_units`) all
 take it, so what a report shows is what the balancer masks. It checks itself when built: each error
 names the option, what was expected and what was found.
 """
@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 from torch import nn
 
-from ...registry import unknown_options_error
+from ...registry import name_list, unknown_options_error
 
 HeadLayout = Literal["rows", "cols"]
 ModuleSelector = Union[Callable[[str, nn.Module], bool], Collection[nn.Module]]  # noqa: UP007
@@ -60,11 +60,8 @@ def check_layer_kinds(layer_kinds: LayerKinds) -> tuple[str, ...]:
     """
     if layer_kinds is None:
         return LAYER_KINDS
-    if isinstance(layer_kinds, str):
-        given = [k.strip() for k in layer_kinds.split(",") if k.strip()]
-    elif isinstance(layer_kinds, Collection) and all(isinstance(k, str) for k in layer_kinds):
-        given = list(layer_kinds)
-    else:
+    given = name_list(layer_kinds)
+    if given is None:
         raise ValueError(
             f"layer_kinds must be None (every kind) or a collection of {', '.join(map(repr, LAYER_KINDS))}, "
             f"found {layer_kinds!r}."

@@ -25,18 +25,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..base import MultimodalDataset
-from ..media import MediaError, frame_positions, list_frames, read_npy, read_rgb
-from ..prepared import ReaderFactory, Rows, load_prepared
+from ..prepared import SpectrogramFramesReader
 from ..registry import register_dataset
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, crop, maybe_hflip, normalize, resize, resized_crop_box
 from .prepare import DATASET
 
-MODALITIES = ("audio", "visual")
 FREQUENCIES = 257
 
 
@@ -55,77 +54,26 @@ def clip_transform(clip: Tensor, size: int, generator: torch.Generator | None) -
 
 
 @dataclass(frozen=True)
-class KineticsSoundsReader:
-    """Reads clip ``i`` of a prepared Kinetics-Sounds folder: ``reader(i, generator) -> {"audio", "visual"}``.
+class KineticsSoundsReader(SpectrogramFramesReader):
+    """Reads clip ``i`` of a prepared Kinetics-Sounds folder: ``reader(i, generator) -> {"audio",
+    "visual"}``; ``spectrogram_shape`` is the shape ``prepare.json`` records (``None``: ``(257, T)``)."""
 
-    It holds paths and settings only, so it pickles into ``DataLoader`` workers.
-    """
-
-    root: Path
-    keys: tuple[str, ...]
-    audio: tuple[str, ...]
-    visual: tuple[str, ...]
     frames: int = 3
-    image_size: int = 224
     spectrogram_shape: tuple[int, int] | None = None
+    dataset: ClassVar[str] = DATASET
 
-    def __call__(self, index: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-        return {"audio": self.read_audio(index), "visual": self.read_visual(index, generator)}
+    def spectrogram_problem(self, spec: Tensor) -> str | None:
+        expected = self.spectrogram_shape
+        if spec.dim() != 2 or spec.shape[0] != FREQUENCIES or (expected and tuple(spec.shape) != expected):
+            return f"holds shape {tuple(spec.shape)}, expected {expected or (FREQUENCIES, 'T')}"
+        return None
 
-    def _fail(self, index: int, column: str, err: MediaError) -> ValueError:
-        return ValueError(
-            f"{self.root / 'manifest.csv'}: clip {self.keys[index]!r}, {column} file "
-            f"{getattr(self, column)[index]!r} {err}. Delete that file or folder and rerun `equimodal prepare "
-            f"kinetics_sounds` with the same --out and options, so that the clip is prepared again."
-        )
-
-    def read_audio(self, index: int) -> Tensor:
-        """The clip's spectrogram as ``(1, 257, T)`` float32."""
-        try:
-            spec = read_npy(self.root / self.audio[index])
-            expected = self.spectrogram_shape
-            if (
-                spec.dim() != 2
-                or spec.shape[0] != FREQUENCIES
-                or (expected and tuple(spec.shape) != expected)
-            ):
-                want = expected or (FREQUENCIES, "T")
-                raise MediaError(f"holds shape {tuple(spec.shape)}, expected {want}")
-        except MediaError as err:
-            raise self._fail(index, "audio", err) from err
-        return spec.unsqueeze(0)
-
-    def read_visual(self, index: int, generator: torch.Generator | None) -> Tensor:
-        """``frames`` transformed frames ``(frames, 3, S, S)``; a folder with fewer repeats its last one."""
-        folder = self.root / self.visual[index]
-        files = list_frames(folder) if folder.is_dir() else []
-        try:
-            if not files:
-                raise MediaError("is not a folder holding frame images")
-            chosen = frame_positions(len(files), self.frames, generator)
-            images = [read_rgb(files[i]) for i in chosen]
-        except MediaError as err:
-            raise self._fail(index, "visual", err) from err
+    def transform_frames(self, images: list[Tensor], generator: torch.Generator | None) -> Tensor:
+        """``(frames, 3, S, S)``, one crop and flip for the clip; frames of another size are resized to
+        the first one's first."""
         size = images[0].shape[-2:]
         images = [im if im.shape[-2:] == size else resize(im, tuple(size)) for im in images]
         return clip_transform(torch.stack(images), self.image_size, generator)
-
-
-def _reader(frames: int, image_size: int, shape: tuple[int, int] | None) -> ReaderFactory:
-    """The factory :func:`load_prepared` calls with the manifest rows and the folder."""
-
-    def build(rows: Rows, folder: Path) -> KineticsSoundsReader:
-        return KineticsSoundsReader(
-            folder,
-            tuple(r["key"] for r in rows),
-            tuple(r["audio"] for r in rows),
-            tuple(r["visual"] for r in rows),
-            frames=frames,
-            image_size=image_size,
-            spectrogram_shape=shape,
-        )
-
-    return build
 
 
 def _spectrogram_shape(root: str) -> tuple[int, int] | None:
@@ -136,17 +84,6 @@ def _spectrogram_shape(root: str) -> tuple[int, int] | None:
         return int(shape[0]), int(shape[1])
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # load_prepared reports a missing or foreign folder
-
-
-def default_encoders() -> dict[str, nn.Module]:
-    """The official Kinetics-Sounds pair: ResNet18 from scratch with GELU, audio 1 input channel and
-    visual 3 (frames run as one batch, pooled over frames and space)."""
-    from ...models.encoders import create_encoder
-
-    return {
-        "audio": create_encoder("resnet18", in_channels=1, activation="gelu"),
-        "visual": create_encoder("resnet18", in_channels=3, activation="gelu"),
-    }
 
 
 @register_dataset(DATASET)
@@ -166,16 +103,11 @@ def load_kinetics_sounds(
         FileNotFoundError / ValueError: ``root`` is not a prepared Kinetics-Sounds folder (naming the
             prepare command), an empty split, or ``frames`` / ``image_size`` below 1 / 8.
     """
-    if frames < 1:
-        raise ValueError(f"frames must be >= 1 (official: 3), found {frames}.")
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8 (official: 224), found {image_size}.")
-    return load_prepared(
-        DATASET,
+    return KineticsSoundsReader.load(
         root,
-        modalities=MODALITIES,
-        reader=_reader(frames, image_size, _spectrogram_shape(root)),
-        encoders=default_encoders,
         seed=seed,
-        info={"frames": frames, "image_size": image_size},
+        official_frames=3,
+        frames=frames,
+        image_size=image_size,
+        spectrogram_shape=_spectrogram_shape(root),
     )
