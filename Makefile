@@ -30,7 +30,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-test-slow: venv  # the marked heavier tests (full-size dataset presets, full-width I3D): about a minute
+test-slow: venv  # the marked heavier tests (full-size presets, full-width I3D, signal and DDP cases): minutes
 	$(PY) -m pytest -q -m slow
 
 # The report page rendered in headless Chromium (Debian's chromium package, installed here when missing).

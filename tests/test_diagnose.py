@@ -47,7 +47,7 @@ def test_verdicts_follow_the_headroom_and_the_deficits() -> None:
     assert (
         "'image' encoder is under-trained" in text and "the stronger modality alone and learns slower" in text
     )
-    assert "own_signal" in todo and "mmpareto" in todo
+    assert "multitask" in todo and "mmpareto" in todo
     # the weaker modality under-trained (the CREMA-D-like case)
     diag.modalities = {
         "image": _figures(78, 64, Interval(14, 13, 15), 17),
@@ -133,7 +133,7 @@ def test_only_a_deficit_above_zero_names_an_under_trained_encoder(side: str) -> 
         text, todo = verdict(Diagnosis("avd", 5, 87.6, 91.1, Interval(3.0, 1.0, 5.0), mods))
         if side == "above zero":
             assert "'audio' encoder is under-trained" in text and f"it is {role} and learns slower" in text
-            assert "own_signal" in todo
+            assert "multitask" in todo
         else:
             assert "no encoder's probe is significantly below its branch alone" in text
             assert "late-fusion ensemble" in todo
@@ -172,3 +172,27 @@ def test_a_damaged_summary_is_named_with_the_fix(tmp_path: Path) -> None:
         ValueError, match=r"joint/seed0/summary.json' is not valid JSON .*Rerun `equimodal train`"
     ):
         analyse(tmp_path, ["a", "b"])
+
+
+@pytest.mark.slow
+def test_a_task_that_needs_both_modalities_together_is_told_to_keep_joint_training(
+    tmp_path: Path, capsys
+) -> None:
+    """Built as the outside task where balancers lost: joint training far above the ensemble. Here the label is
+    the XOR of one sign per modality, which a FiLM head learns jointly and neither branch can alone."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, v = rng.normal(size=(2, 800, 4)).astype(np.float32)
+    np.savez(tmp_path / "xor.npz", a=a, v=v, label=((a[:, 0] > 0) ^ (v[:, 0] > 0)).astype(np.int64))
+    sets = ["data.name=custom_npz", f"data.options.path={tmp_path / 'xor.npz'}", "model.fusion=film"]
+    sets += ["train.epochs=20", "train.progress=false", "data.batch_size=32"]
+    out = tmp_path / "dg"
+    assert (
+        main(["diagnose", *[x for s in sets for x in ("--set", s)], "--seeds", "3", "--out", str(out)]) == 0
+    )
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Verdict. No imbalance to fix: joint training beats the ensemble" in text
+    assert "Keep joint training (balancer none)" in text
+    raw = json.loads((out / "diagnosis.json").read_text())
+    assert raw["headroom"]["high"] < -20  # measured: -40.62 [-45.28, -35.97] pp

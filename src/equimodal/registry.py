@@ -415,6 +415,15 @@ def check_options(
     return {k: coerce_option(where, k, v, valid[k].default, hints.get(k)) for k, v in options.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A name that builds another registered item with some options as its defaults."""
+
+    target: str
+    note: str
+    options: dict[str, Any]
+
+
 class Registry(Generic[T]):
     """Maps names to classes or factory functions; one implementation of every name and option check.
 
@@ -433,6 +442,7 @@ class Registry(Generic[T]):
         self.example = example
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
+        self._aliases: dict[str, Alias] = {}
 
     def register(self, name: str, item: T, *, overwrite: bool = False) -> T:
         """Register ``item`` under ``name`` (refuses a taken name unless ``overwrite``).
@@ -474,16 +484,30 @@ class Registry(Generic[T]):
 
         return add
 
+    def alias(self, name: str, target: str, note: str, **options: Any) -> None:
+        """Let ``name`` build ``target`` with ``options`` as its defaults (an earlier name, or a known
+        setting under a name of its own); ``note`` says what it is, for listings."""
+        if name in self._items or name in self._aliases:
+            raise ValueError(f"A {self.kind} named {name!r} is already registered; an alias needs a free name.")
+        self._aliases[name] = Alias(target, note, options)
+
+    def aliases(self) -> dict[str, Alias]:
+        """The aliases: ``{name: Alias(target, note, options)}``."""
+        return dict(self._aliases)
+
     def get(self, name: str) -> T:
-        """Return the item registered as ``name`` or raise a helpful ``ValueError``."""
+        """Return the item registered as ``name`` (or that alias ``name`` builds) or raise a helpful
+        ``ValueError``."""
         PLUGINS.load()
+        name = self._aliases[name].target if name in self._aliases else name
         if name not in self._items:
-            raise unknown_name_error(self.kind, str(name), list(self._items))
+            raise unknown_name_error(self.kind, str(name), [*self._items, *self._aliases])
         return self._items[name]
 
     def options(self, name: str) -> dict[str, Any]:
         """The options of ``name`` and their defaults (``inspect.Parameter.empty`` when required)."""
-        return {k: p.default for k, p in option_parameters(self.get(name), self.skip).items()}
+        found = {k: p.default for k, p in option_parameters(self.get(name), self.skip).items()}
+        return {**found, **self._aliases[name].options} if name in self._aliases else found
 
     def check(self, name: str, options: Mapping[str, Any], *, complete: bool = True) -> dict[str, Any]:
         """Validate and coerce ``options`` for ``name`` without building anything.
@@ -493,6 +517,8 @@ class Registry(Generic[T]):
         """
         factory = self.get(name)
         example = self.example.format(name=name, key="{key}") if self.example else ""
+        if name in self._aliases:
+            options = {**self._aliases[name].options, **options}
         return check_options(
             f"{self.kind.capitalize()} {name!r}",
             factory,
@@ -518,7 +544,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         PLUGINS.load()
-        return name in self._items
+        return name in self._items or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

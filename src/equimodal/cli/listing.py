@@ -1,4 +1,5 @@
-"""``equimodal list``: the registered names of one kind, one per line."""
+"""``equimodal list``: the registered names of one kind, one per line (a balancer's alias follows the
+names, with what it builds after it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ KINDS = ("balancers", "datasets", "models", "fusions", "presets", "studies")
 def run(args: argparse.Namespace) -> int:
     """Print the names of ``args.what``."""
     from ..balancers import list_balancers
+    from ..balancers.registry import BALANCERS
     from ..data import list_datasets
     from ..engine.config import list_presets
     from ..experiments.studies import list_studies
@@ -30,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in what[args.what]():
         print(name)
+    if args.what == "balancers":
+        for name, alias in BALANCERS.aliases().items():
+            preset = ", ".join(f"{k}={v!r}" for k, v in alias.options.items())
+            print(f"{name}  (alias: {alias.target} with {preset}: {alias.note})")
     return 0
 
 

@@ -283,12 +283,13 @@ def _imbalance_verdict(diag: Diagnosis) -> tuple[str, str]:
 
 
 RECOMMENDATION = (
-    "Give every encoder a training signal of its own: try balancer `own_signal` (a unimodal loss per "
-    "encoder through a head of its own; about the cost of joint training), then `mmpareto` (the same "
+    "Give every encoder a training signal of its own: try the multitask baseline, balancer `multitask` (a "
+    "unimodal loss per encoder through a head of its own; about the cost of joint training; `own_signal` "
+    "is it with weight 2), then `mmpareto` (the same "
     "losses with a Pareto step, about twice the cost) or `mla` (alternating unimodal steps). "
     "Confidence-based methods (`ogm_ge`, `amss`) slow the modality they judge dominant, which does not "
     "train the under-trained encoder and, when that is the stronger modality, slows it further. Compare "
-    "them on validation data: `equimodal compare CONFIG --balancers none,own_signal,mmpareto,mla`."
+    "them on validation data: `equimodal compare CONFIG --balancers none,multitask,mmpareto,mla`."
 )
 
 

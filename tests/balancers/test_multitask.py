@@ -1,4 +1,4 @@
-"""own_signal: the fused CE plus each encoder's CE through a head of its own, starved-loss weights and
+"""multitask (alias own_signal: weight 2): the fused CE plus each encoder's CE through a head of its own, starved-loss weights and
 per-encoder gradient-norm equalisation."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from equimodal.testing import drive_step, optimizer_for
 
 
 def _fixed(**options: object) -> em.Balancer:
-    return em.create_balancer("own_signal", make_toy_model(3), **options)
+    return em.create_balancer("multitask", make_toy_model(3), **options)
 
 
 def test_loss_is_fused_plus_weighted_own_head_losses() -> None:
@@ -114,7 +114,7 @@ def test_refuses_bad_options() -> None:
 
 def test_heads_left_out_of_the_optimizer_raise() -> None:
     model = make_toy_model(2)
-    bal = em.create_balancer("own_signal", model)
+    bal = em.create_balancer("multitask", model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the heads are missing
     batch, y = make_toy_batch(2)
     with pytest.raises(DriverError, match="optimizer"):
@@ -140,20 +140,20 @@ def test_runs_on_fusions_that_cannot_be_split(fusion: str) -> None:
             loss.backward()
             bal.before_step()
             opt.step()
-        if name == "own_signal":
+        if name == "multitask":
             assert set(bal.predict_unimodal(model(batch))) == set(bal.modalities)
         return losses
 
     joint = fused_losses("none")
-    own = fused_losses("own_signal", adapt="starved", normalize=0.5)
+    own = fused_losses("multitask", weight=2.0, adapt="starved", normalize=0.5)  # own_signal's weight
     assert own[-1] < own[0] and own[-1] <= joint[-1] + 0.02
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_trains_the_under_trained_encoder_more_than_joint_training(seed: int) -> None:
     """A toy imbalance: m1 carries the label without noise (fit first), m0 carries it through noise. After
-    joint training the fused loss no longer teaches m0's encoder; with own_signal it does: a linear probe
-    on m0's features is more accurate (seeds 0-4 measured: 0.49-0.55 joint, 0.61-0.64 own_signal)."""
+    joint training the fused loss no longer teaches m0's encoder; with multitask it does: a linear probe
+    on m0's features is more accurate (seeds 0-4 measured: 0.49-0.55 joint, 0.61-0.64 with weight 2, starved, normalize 0.5)."""
     g = torch.Generator().manual_seed(seed)
     n, classes = 256, 4
     y = torch.randint(0, classes, (n,), generator=g)
@@ -184,5 +184,17 @@ def test_trains_the_under_trained_encoder_more_than_joint_training(seed: int) ->
         return float((head(z).argmax(1) == y).float().mean())
 
     joint = probe_accuracy("none")
-    own = probe_accuracy("own_signal", weight=2.0, adapt="starved", normalize=0.5)
+    own = probe_accuracy("multitask", weight=2.0, adapt="starved", normalize=0.5)
     assert own > joint + 0.05
+
+
+def test_own_signal_is_the_multitask_baseline_with_weight_two_and_listed_as_an_alias(capsys) -> None:
+    from equimodal.cli import main
+
+    own, base = (em.create_balancer(n, make_toy_model(2)) for n in ("own_signal", "multitask"))
+    assert type(own) is type(base) and (own.weight, base.weight) == (2.0, 1.0)  # MMPareto's baseline: w = 1
+    assert em.create_balancer("own_signal", make_toy_model(2), weight=0.5).weight == 0.5  # an option wins
+    assert "own_signal" not in em.list_balancers() and "own_signal" in em.balancers.registry.BALANCERS
+    assert main(["list", "balancers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "multitask" in lines and lines[-1].startswith("own_signal  (alias: multitask with weight=2.0")
