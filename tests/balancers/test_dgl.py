@@ -258,17 +258,84 @@ def test_bad_options_are_named(options: dict[str, object], match: str) -> None:
         em.create_balancer("dgl", make_toy_model(2), **options)
 
 
-def test_a_model_without_a_fusion_module_or_features_is_refused() -> None:
-    class NoFusion(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoders = nn.ModuleDict({"a": nn.Linear(2, 3), "b": nn.Linear(2, 3)})
+class NoFusion(nn.Module):
+    """A contract model written by hand: no ``fusion`` attribute, a linear head per tower, summed."""
 
-    with pytest.raises(ValueError, match="model.fusion"):
-        em.create_balancer("dgl", NoFusion())
+    def __init__(self, aux: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(21)
+        self.encoders = nn.ModuleDict(
+            {f"m{i}": nn.Sequential(nn.Linear(5 + i, 6), nn.Tanh()) for i in range(3)}
+        )
+        self.heads = nn.ModuleDict({m: nn.Linear(6, 3) for m in self.encoders})
+        self.aux = aux
+        for enc in self.encoders.values():
+            enc.out_dim = 6  # type: ignore[assignment]
+        self.num_classes = 3
+
+    @property
+    def auxiliary_heads(self) -> bool:
+        return self.aux
+
+    def forward(self, batch: dict[str, Tensor]) -> MultimodalOutput:
+        feats = {m: enc(batch[m]) for m, enc in self.encoders.items()}
+        uni = {m: self.heads[m](feats[m].detach() if self.aux else feats[m]) for m in feats}
+        return MultimodalOutput(torch.stack(list(uni.values())).sum(0), uni, feats)
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_a_model_without_a_fusion_module_gets_the_same_split(aux: bool) -> None:
+    """Routed through the features: encoders get alpha * the unimodal CEs' gradient, the heads the fused
+    CE's (with ``aux``, the unimodal CEs come from the balancer's own heads)."""
+    model = NoFusion(aux)
+    batch, y = make_toy_batch(3, seed=22)
+    bal = em.create_balancer("dgl", model, alpha=1.5, clip_norm=None)
+    assert (bal.heads is not None) == aux
+    out = model(batch)
+    if aux:
+        uni = sum(F.cross_entropy(bal.heads.linears[m](out.features[m]), y) for m in bal.modalities)
+    else:
+        uni = sum(F.cross_entropy(out.unimodal_logits[m], y) for m in bal.modalities)
+    fused = F.cross_entropy(out.logits, y)
+    if aux:  # the base class's term: the model's auxiliary heads learn from their own CE
+        fused = fused + sum(F.cross_entropy(out.unimodal_logits[m], y) for m in bal.modalities)
+    from_uni, from_fused = _split_grads(model, 1.5 * uni), _split_grads(model, fused)
+    loss = bal.loss(out, y)
+    torch.testing.assert_close(loss, fused + 1.5 * uni)  # the value is the authors' two losses
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    bal.before_step()
+    for name, p in model.named_parameters():
+        expected = from_uni[name] if name.startswith("encoders.") else from_fused[name]
+        torch.testing.assert_close(p.grad, expected, msg=name)
+
+
+def test_features_missing_or_detached_are_refused() -> None:
     model = make_toy_model(2)
     bal = em.create_balancer("dgl", model)
     batch, y = make_toy_batch(2)
     out = model(batch)
     with pytest.raises(ValueError, match="features=None"):
         bal.loss(MultimodalOutput(out.logits, out.unimodal_logits, None), y)
+    other = NoFusion()
+    routed = em.create_balancer("dgl", other)
+    out = other(make_toy_batch(3)[0])
+    detached = {m: z.detach() for m, z in out.features.items()}
+    with pytest.raises(ValueError, match="do not require grad"):
+        routed.loss(MultimodalOutput(out.logits, out.unimodal_logits, detached), make_toy_batch(3)[1])
+
+
+def test_cost_benchmark_runs_both_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks/dgl_cost.py --smoke``: our step and the authors' (two backward passes, ``.item()`` per
+    parameter, a CSV row) both run and the ratio is printed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dgl_cost.py"
+    spec = importlib.util.spec_from_file_location("dgl_cost", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke"])
+    assert result["ours_ms"] > 0 and result["theirs_ms"] > 0 and result["ratio"] > 0
+    assert "ratio theirs / ours" in capsys.readouterr().out

@@ -68,13 +68,16 @@ class DGL(Balancer):
       encoder's parameters of the mean absolute gradient (lines 132-152), is recorded on the device.
 
     Cost: no extra backward pass (theirs: two); the fusion head runs twice more (on detached features,
-    and with detached parameters), a linear layer for concat and sum. ``stats()``: ``uni_loss/<m>``,
+    and with detached parameters), a linear layer for concat and sum (a model without ``model.fusion``:
+    one backward through its head to the features instead). ``stats()``: ``uni_loss/<m>``,
     ``fused_loss``, ``grad_sum/<m>`` (the authors' per-step figure, after clipping), ``clip_scale`` (the
     clipping factor, 1 when it does not act; its epoch mean below 1 says how much and how often it acts).
 
     Args:
-        model: a contract model with its fusion head as ``model.fusion`` (e.g. ``MultimodalClassifier``)
-            and ``features`` in its output.
+        model: a contract model with ``features`` in its output (the head's inputs, not detached). With
+            its fusion head as ``model.fusion`` (``MultimodalClassifier``) the head runs again as above;
+            otherwise the fused CE's gradient to the features is computed through the head (one small
+            backward to the features only) and routed so that the gradients are the same.
         alpha: weight of the summed unimodal CEs.
         clip_norm: the total gradient norm is clipped to this in ``before_step``; ``None``: no clipping.
         unimodal_bias: ``"full"`` (the authors' concat unimodal logits) or ``"share"`` (``b / M``).
@@ -120,21 +123,15 @@ class DGL(Balancer):
                 f"Balancer 'dgl' option 'heads' must be 'shared', 'separate' or None (shared where the "
                 f"fusion can be split), found {heads!r}."
             )
-        self.fusion = getattr(model, "fusion", None)
-        if not isinstance(self.fusion, nn.Module):
-            raise ValueError(
-                f"dgl runs the fusion head again on detached features and needs it as `model.fusion` (a "
-                "module mapping the features dict to (fused logits, unimodal logits), as in "
-                f"equimodal.models.MultimodalClassifier); found {type(self.fusion).__name__} on "
-                f"{type(model).__name__}."
-            )
-        splittable = isinstance(self.fusion, (ConcatFusion, SumFusion)) and not getattr(
-            model, "auxiliary_heads", False
-        )
+        fusion = getattr(model, "fusion", None)
+        self.fusion: nn.Module | None = fusion if isinstance(fusion, nn.Module) else None
+        aux = bool(getattr(model, "auxiliary_heads", False))
+        # a model without `fusion`: its own unimodal logits are trusted to be per modality unless auxiliary
+        splittable = not aux and (self.fusion is None or isinstance(self.fusion, (ConcatFusion, SumFusion)))
         if heads == "shared" and not splittable:
             raise ValueError(
                 f"dgl with heads='shared' trains each encoder through its block of the fusion head, but the "
-                f"fusion {type(self.fusion).__name__} cannot be split per modality. Use heads='separate' "
+                f"fusion {type(fusion).__name__} cannot be split per modality. Use heads='separate' "
                 "(or None) or fusion='concat', 'sum' or 'weighted'."
             )
         self.alpha, self.unimodal_bias = float(alpha), unimodal_bias
@@ -187,6 +184,8 @@ class DGL(Balancer):
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         """Fused CE on detached features (the fusion learns) + alpha * the unimodal CEs (the encoders learn)."""
         features = self._features(out)
+        if self.fusion is None:
+            return self._routed_objective(out, features, target)
         fused_logits, _ = self.fusion({m: z.detach() for m, z in features.items()})
         fused = F.cross_entropy(fused_logits, target)
         uni_logits = self.unimodal_logits(out, features)
@@ -194,6 +193,43 @@ class DGL(Balancer):
         self.record("uni_loss", uni)
         self.record("fused_loss", fused)
         return fused + self.alpha * uni.sum()
+
+    def _routed_objective(self, out: MultimodalOutput, features: dict[str, Tensor], target: Tensor) -> Tensor:
+        """The same gradients for a model whose head is not reachable as ``model.fusion``.
+
+        The head cannot be run again on detached features, so the features' gradient is routed instead:
+        ``D_m = d(alpha * sum_k CE(u_k) - CE(fused)) / d z_m`` through the model's head only (one small
+        backward to the features, not to any parameter), and the loss ``CE(fused) + <D, z>`` (its value
+        corrected to ``CE(fused) + alpha * sum CE(u)``) gives the head the fused CE's gradient and each
+        encoder ``d CE(fused)/d z - d CE(fused)/d z + alpha d CE(u)/d z``. With separate heads their CE is
+        a loss term of its own and ``D`` holds only the fused part.
+        """
+        fused = F.cross_entropy(out.logits, target)
+        if self.heads is None:
+            model_uni = torch.stack(
+                [F.cross_entropy(out.unimodal_logits[m], target) for m in self.modalities]
+            )
+            own = torch.zeros((), device=fused.device)
+            uni = model_uni
+        else:
+            model_uni = torch.zeros((), device=fused.device)
+            uni = torch.stack([F.cross_entropy(self.heads.logit(out, m), target) for m in self.modalities])
+            own = self.alpha * uni.sum()
+        zs = [features[m] for m in self.modalities]
+        if not all(z.requires_grad for z in zs):
+            raise ValueError(
+                "dgl routes the gradients through out.features, but they do not require grad (detached?). "
+                "Return the encoder outputs the head consumed, not detached, as MultimodalOutput.features."
+            )
+        routed = torch.autograd.grad(
+            self.alpha * model_uni.sum() - fused, zs, retain_graph=True, allow_unused=True
+        )
+        lin = sum(
+            ((d * z).sum() for d, z in zip(routed, zs, strict=True) if d is not None), fused.new_zeros(())
+        )
+        self.record("uni_loss", uni)
+        self.record("fused_loss", fused)
+        return fused + own + lin - lin.detach() + self.alpha * model_uni.sum().detach()
 
     def adjust_gradients(self) -> None:
         """Clip the total gradient norm to ``clip_norm`` (the authors' line 129) and record their figure."""
