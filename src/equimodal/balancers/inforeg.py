@@ -257,7 +257,7 @@ class InfoReg(Balancer):
                     f"Balancer 'inforeg' option 'scale' needs one value per modality "
                     f"({', '.join(self.modalities)}); found unknown {unknown} and missing {missing}."
                 )
-            values = [_number(f"scale[{m!r}]", value[m], low=0.0) for m in self.modalities]
+            values = [_number(f"scale[{m}]", value[m], low=0.0) for m in self.modalities]
         else:
             values = [_number("scale", value, low=0.0)] * len(self.modalities)
         return torch.tensor(values)
