@@ -73,7 +73,7 @@ def regulation_coefficients(scores: Tensor, beta: float, scale: Tensor, window: 
     m = scores.shape[0]
     others = (scores.sum() - scores) / (m - 1)
     gap = scores - others
-    strongest = F.one_hot(scores.argmax(), m).bool()
+    strongest = torch.arange(m, device=scores.device) == scores.argmax()  # one_hot would read the host
     chosen = strongest & (gap > 0) & window
     return torch.where(chosen, scale * torch.exp(beta * torch.tanh(gap)), torch.zeros_like(scores))
 
