@@ -47,5 +47,6 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "unimodal": ("balancer.options.modality=fac",),  # some parameters get no gradient
     "gblending": ("balancer.options.super_epoch_len=1",),
     "mla": ("balancer.options.start_epoch=1",),  # epoch 0 outside its window: both of its paths run
+    "inforeg": ("balancer.options.threshold=1.0",),  # epoch 0 inside the prime window, epoch 1 outside
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""

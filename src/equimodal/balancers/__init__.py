@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     amss,
     dgl,
     gblending,
+    inforeg,
     mla,
     mmpareto,
     mslr,
