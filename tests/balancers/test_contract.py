@@ -25,7 +25,7 @@ OPTIONS: dict[str, Any] = {"unimodal": lambda model: {"modality": modality_names
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads. None do by default:
 # mmpareto and gblending train unimodal heads of their own on the encoder features (heads="separate") and
 # refuse these fusions only with heads="shared" (tested in test_mmpareto.py / test_gblending.py).
-REFUSE_AUX_FUSION: set[str] = set()
+REFUSE_AUX_FUSION: set[str] = {"amco"}  # masks the logits it sums: concat and sum fusions only
 
 # What the bare two-call loop (no set_epoch, no batch=) and the README loop (set_epoch + batch=) do.
 # Everything not listed trains exactly as the fully driven method in both loops.
@@ -33,6 +33,7 @@ LOOP_OUTCOME = {
     "agm": "refused: bare",  # needs batch=
     "ogm": "refused: bare",  # bounded window (epochs 0-50): needs set_epoch
     "ogm_ge": "refused: bare",
+    "amco": "refused: bare",  # bounded window (epochs 0-80), per-epoch ramp: needs set_epoch
     "pmr": "refused: bare, readme",  # needs prepare_epoch
     "gblending": "refused: bare, readme",
     "mslr": "refused: bare, readme",

@@ -194,7 +194,7 @@ class CGGM(Balancer):
         logits = self.heads.logits(detached)
         hits = torch.stack([(logits[m].argmax(1) == target).sum() for m in self.modalities])
         self.accumulate("correct", hits.to(self.correct.dtype))
-        self.accumulate("count", self.count.new_tensor(float(target.shape[0])))
+        self.accumulate("count", torch.full((), float(target.shape[0]), device=self.count.device))
         own = sum(F.cross_entropy(logits[m], target) for m in self.modalities)
         return F.cross_entropy(out.logits, target) + own
 
@@ -221,11 +221,11 @@ class CGGM(Balancer):
     def _add_direction(self, coeff: Tensor, finite: Tensor) -> None:
         """Add ``lam * dL_gm/dF_m`` to each fusion block's gradient (from the previous step with ``stale``)."""
         names = list(self.blocks)
-        idx = torch.tensor([self.modalities.index(m) for m in names], device=coeff.device)
+        idx = [self.modalities.index(m) for m in names]
         heads, fusion = self._head_weights(), self._fusion_weights()
         gate = finite
         if self.stale:
-            use_coeff = self.prev_coeff[idx]
+            use_coeff = torch.stack([self.prev_coeff[i] for i in idx])
             use_heads = self._unflat(self.prev_heads, heads)
             use_fusion = self._unflat(self.prev_blocks, fusion)
             gate = finite & self.has_prev
@@ -234,7 +234,7 @@ class CGGM(Balancer):
             self.prev_blocks = torch.where(finite, self._flat(fusion), self.prev_blocks)
             self.has_prev = self.has_prev | finite
         else:
-            use_coeff, use_heads, use_fusion = coeff[idx], heads, fusion
+            use_coeff, use_heads, use_fusion = torch.stack([coeff[i] for i in idx]), heads, fusion
         with torch.enable_grad():
             leaves = [f.detach().float().requires_grad_(True) for f in use_fusion]
             value, cos = direction_loss(use_coeff.float(), [h.detach().float() for h in use_heads], leaves)
