@@ -22,10 +22,11 @@ from equimodal.types import modality_names
 # Required constructor arguments per balancer, built from the model.
 OPTIONS: dict[str, Any] = {"unimodal": lambda model: {"modality": modality_names(model)[0]}}
 
-# Balancers that by design refuse fusions with auxiliary (detached) unimodal heads. None do by default:
-# mmpareto and gblending train unimodal heads of their own on the encoder features (heads="separate") and
-# refuse these fusions only with heads="shared" (tested in test_mmpareto.py / test_gblending.py).
-REFUSE_AUX_FUSION: set[str] = set()
+# Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
+# unimodal logits and sums them into the fused logits (concat and sum fusions only). mmpareto and gblending
+# train unimodal heads of their own on the encoder features (heads="separate") and refuse these fusions
+# only with heads="shared" (tested in test_mmpareto.py / test_gblending.py).
+REFUSE_AUX_FUSION: set[str] = {"amco"}
 
 # What the bare two-call loop (no set_epoch, no batch=) and the README loop (set_epoch + batch=) do.
 # Everything not listed trains exactly as the fully driven method in both loops.
@@ -33,6 +34,7 @@ LOOP_OUTCOME = {
     "agm": "refused: bare",  # needs batch=
     "ogm": "refused: bare",  # bounded window (epochs 0-50): needs set_epoch
     "ogm_ge": "refused: bare",
+    "amco": "refused: bare",  # bounded window (epochs 0-80), per-epoch ramp: needs set_epoch
     "pmr": "refused: bare, readme",  # needs prepare_epoch
     "gblending": "refused: bare, readme",
     "mslr": "refused: bare, readme",
