@@ -3,6 +3,7 @@ ICML 2023): every encoder trained alone with a head of its own; the prediction a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -28,10 +29,7 @@ def ensemble_logits(logits: Mapping[str, Tensor], combine: Combine) -> Tensor:
     stacked = torch.stack(list(logits.values()))
     if combine == "logits":
         return stacked.mean(0)
-    n = stacked.shape[0]
-    return torch.logsumexp(F.log_softmax(stacked.float(), dim=-1), dim=0) - torch.log(
-        torch.tensor(float(n), device=stacked.device)
-    )
+    return torch.logsumexp(F.log_softmax(stacked.float(), dim=-1), dim=0) - math.log(stacked.shape[0])
 
 
 @register_balancer("ume")
