@@ -154,7 +154,9 @@ def test_bad_options_name_what_to_do() -> None:
         em.create_balancer("umt", model, teachers={"m0": model.encoders["m0"]})
     with pytest.raises(ValueError, match="option 'scaling' must be a finite number >= 0, found -1"):
         em.create_balancer("umt", model, teachers=umt_teachers(model), scaling=-1)
-    with pytest.raises(ValueError, match="option 'teacher_mode' must be one of 'eval', 'train', found 'frozen'"):
+    with pytest.raises(
+        ValueError, match="option 'teacher_mode' must be one of 'eval', 'train', found 'frozen'"
+    ):
         em.create_balancer("umt", model, teachers=umt_teachers(model), teacher_mode="frozen")
     with pytest.raises(TypeError, match=r"teachers\['m0'\].*found int"):
         em.create_balancer("umt", model, teachers={"m0": 3, "m1": model.encoders["m1"]})
