@@ -83,6 +83,8 @@ Batch = dict[str, Tensor]
 
 def options_for(name: str, model: nn.Module) -> dict[str, Any]:
     """Constructor options a balancer needs besides the model (as in the contract tests)."""
+    if name == "umt":  # the cost of the teachers' forward passes: copies of the encoders stand in for them
+        return {"teachers": {m: copy.deepcopy(e) for m, e in model.encoders.items()}}
     return {"modality": next(iter(model.encoders))} if name == "unimodal" else {}
 
 

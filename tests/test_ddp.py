@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import RUN_OPTIONS
+from conftest import RUN_OPTIONS, umt_options
 
 import equimodal as em
 
@@ -118,7 +118,7 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", em.list_balancers())
 def test_contract_ranks_agree_for_every_balancer(name: str) -> None:
     """The contract suite's DDP check: two ranks on data of their own end with the same parameters, state."""
-    options = (lambda model: {"modality": "m0"}) if name == "unimodal" else None
+    options = {"unimodal": lambda model: {"modality": "m0"}, "umt": umt_options}.get(name)
     em.testing.check_ranks_agree(name, 3, options)
 
 

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 import equimodal as em
 
@@ -23,5 +24,9 @@ def _load():
 def test_own_loop_trains(name: str) -> None:
     """The example's loop, on a model written without equimodal's classes, drives every balancer."""
     options = {"unimodal": {"modality": "audio"}, "mla": {"feature_dim": 32, "num_classes": 10}}.get(name, {})
+    if name == "umt":  # teachers: the encoders of another, independently initialised model of the example
+        example = _load()
+        torch.manual_seed(1)
+        options = {"teachers": dict(example.TwoTowerNet().encoders.items())}
     losses = _load().main(name, steps=45, **options)
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import umt_options
 from torch import Tensor, nn
 
 import equimodal as em
@@ -175,7 +176,7 @@ def test_a_step_of_the_reference_fitter_that_logs_nothing_reads_nothing_on_the_h
     included: they are summed on the device and read once per epoch."""
     model = model_with(set())
     model.validate_inputs = False  # the model's own input check reads the host; the trainer's models skip it
-    bal = em.create_balancer(name, model, **({"modality": "m0"} if name == "unimodal" else {}))
+    bal = em.create_balancer(name, model, **_options(name, model))
     bal.start_epoch(0, toy_epoch_data(2))
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -190,11 +191,16 @@ def test_a_step_of_the_reference_fitter_that_logs_nothing_reads_nothing_on_the_h
     assert state.mean_stats() == _python_means(name)
 
 
+def _options(name: str, model: nn.Module) -> dict[str, object]:
+    """The options a balancer needs besides the model."""
+    return {"unimodal": {"modality": "m0"}, "umt": umt_options(model)}.get(name, {})
+
+
 def _python_means(name: str) -> dict[str, float]:
     """The epoch means as the fitter computed them before: each step's stats() summed on the host, in order
     (the same run, driven by drive_step)."""
     model = model_with(set())
-    bal = em.create_balancer(name, model, **({"modality": "m0"} if name == "unimodal" else {}))
+    bal = em.create_balancer(name, model, **_options(name, model))
     bal.start_epoch(0, toy_epoch_data(2))
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
     sums: dict[str, float] = {}

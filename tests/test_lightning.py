@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_batch, make_toy_model
+from conftest import make_toy_batch, make_toy_model, umt_teachers
 
 import equimodal as em
 from equimodal.balancers.base import split_batch
@@ -64,8 +64,9 @@ def _data(steps: int = 3) -> tuple[list, list, list]:
 def test_lightning_equals_the_reference_driver(name: str) -> None:
     model = make_toy_model(2)
     twin = copy.deepcopy(model)
-    lit_bal = em.create_balancer(name, model, seed=1, **OPTIONS.get(name, {}))
-    ref_bal = em.create_balancer(name, twin, seed=1, **OPTIONS.get(name, {}))
+    options = {"teachers": umt_teachers(model)} if name == "umt" else OPTIONS.get(name, {})
+    lit_bal = em.create_balancer(name, model, seed=1, **options)
+    ref_bal = em.create_balancer(name, twin, seed=1, **options)
     whole, micro, held = _data()
     owned = lit_bal.requirements.own_step
     accumulate = 1 if owned else 2

@@ -14,13 +14,17 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import umt_options
 
 import equimodal as em
 from equimodal import testing
 from equimodal.types import modality_names
 
 # Required constructor arguments per balancer, built from the model.
-OPTIONS: dict[str, Any] = {"unimodal": lambda model: {"modality": modality_names(model)[0]}}
+OPTIONS: dict[str, Any] = {
+    "unimodal": lambda model: {"modality": modality_names(model)[0]},
+    "umt": umt_options,  # stand-in teachers: frozen encoders of their own
+}
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
 # unimodal logits and sums them into the fused logits (concat and sum fusions only). mmpareto and gblending
@@ -32,6 +36,7 @@ REFUSE_AUX_FUSION: set[str] = {"amco"}
 # Everything not listed trains exactly as the fully driven method in both loops.
 LOOP_OUTCOME = {
     "agm": "refused: bare",  # needs batch=
+    "umt": "refused: bare",  # its teachers read batch=
     "ogm": "refused: bare",  # bounded window (epochs 0-50): needs set_epoch
     "ogm_ge": "refused: bare",
     "amco": "refused: bare",  # bounded window (epochs 0-80), per-epoch ramp: needs set_epoch

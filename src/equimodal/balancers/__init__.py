@@ -2,6 +2,7 @@
 
 # The built-in balancers: importing a module registers the balancers it defines.
 <<<<<<< HEAD
+<<<<<<< HEAD
 from . import (  # noqa: F401
     agm,
     amco,
@@ -17,6 +18,8 @@ from . import (  # noqa: F401
     none,
     ogm,
     pmr,
+    ume,
+    umt,
     unimodal,
 )
 from .base import Balancer, DriverError, EpochData, Requirements
