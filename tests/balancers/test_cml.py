@@ -159,6 +159,7 @@ def test_outside_its_window_it_is_plain_cross_entropy() -> None:
         ({"lam": -1.0}, "option 'lam' must be a finite number >= 0, found -1.0"),
         ({"subsets": "all"}, "option 'subsets' must be one of 'chain', 'each', found 'all'"),
         ({"reduction": "max"}, "option 'reduction' must be one of 'mean', 'sum', found 'max'"),
+        ({"mask": "zero"}, "option 'mask' must be one of 'auto', 'features', 'logits', found 'zero'"),
     ],
 )
 def test_bad_options_are_refused(options: dict, match: str) -> None:
@@ -172,5 +173,17 @@ def test_a_model_without_a_fusion_head_is_refused() -> None:
             super().__init__()
             self.encoders = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
 
-    with pytest.raises(ValueError, match="needs `model.fusion`.*NoFusion has none"):
-        em.create_balancer("cml", NoFusion())
+    with pytest.raises(ValueError, match="mask='features'.*needs `model.fusion`.*NoFusion has none"):
+        em.create_balancer("cml", NoFusion(), mask="features")
+    assert em.create_balancer("cml", NoFusion()).mask == "logits"  # auto: additive unimodal logits assumed
+    with pytest.raises(ValueError, match="auxiliary heads"):
+        em.create_balancer("cml", make_toy_model(2, fusion="film"), mask="logits")
+
+
+def test_logit_masking_drops_the_modalitys_whole_term() -> None:
+    """mask="logits" equals zeroed features for a concat head, up to the removed modality's bias share."""
+    model = make_toy_model(3)
+    out = model(make_toy_batch(3, 8)[0])
+    by_logits = em.create_balancer("cml", model, mask="logits").subset_logits(out, ["m1", "m2"])
+    by_features = em.create_balancer("cml", model).subset_logits(out, ["m1", "m2"])
+    torch.testing.assert_close(by_logits, by_features - 2 * model.fusion.fc.bias / 3)

@@ -25,7 +25,7 @@ OPTIONS: dict[str, Any] = {"unimodal": lambda model: {"modality": modality_names
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads. None do by default:
 # mmpareto and gblending train unimodal heads of their own on the encoder features (heads="separate") and
 # refuse these fusions only with heads="shared" (tested in test_mmpareto.py / test_gblending.py).
-REFUSE_AUX_FUSION: set[str] = set()
+REFUSE_AUX_FUSION: set[str] = {"mbsd"}  # its default heads="shared" reads the model's unimodal logits
 
 # What the bare two-call loop (no set_epoch, no batch=) and the README loop (set_epoch + batch=) do.
 # Everything not listed trains exactly as the fully driven method in both loops.

@@ -17,6 +17,7 @@ from .registry import register_balancer
 
 Subsets = Literal["chain", "each"]
 Reduction = Literal["mean", "sum"]
+Mask = Literal["auto", "features", "logits"]
 
 
 def confidence(logits: Tensor) -> Tensor:
@@ -54,16 +55,22 @@ class CML(Balancer):
     ``CE(out_p)`` to the loss and compares each subset with the previous one, then takes
     ``loss / M + lam * sum``. Here the masked logits are ``model.fusion(features with m zeroed)``: the
     same numbers for the concat head, and defined for every fusion (one extra fusion-head forward per
-    subset, no extra encoder pass).
+    subset, no extra encoder pass). A model without ``model.fusion`` whose fused logits are the sum of its
+    unimodal logits (the contract's additive heads) can use ``mask="logits"``: the removed modalities'
+    unimodal logits are subtracted from the fused ones (their bias share goes with them).
 
     Args:
         model: a contract model with ``model.fusion(features) -> (fused, unimodal)`` (a
-            ``MultimodalClassifier``) and ``features`` in its output.
+            ``MultimodalClassifier``) and ``features`` in its output, or additive unimodal logits.
         lam: ``lambda``, the hinge's weight. Default 0.1 (BalanceBenchmark ``trainer_config.yaml``).
         subsets: ``"chain"`` (default, BalanceBenchmark) or ``"each"`` (above).
         reduction: the batch aggregate inside the hinge: ``"mean"`` (default) or ``"sum"``
             (BalanceBenchmark's, which makes the term grow with the batch size: ``"sum"`` at batch B is
             ``"mean"`` with ``lam * B``).
+        mask: how a modality is removed: ``"features"`` (zeroed before ``model.fusion``), ``"logits"``
+            (its unimodal logits subtracted from the fused ones; only for additive heads) or ``"auto"``
+            (default: ``"features"`` where the model has a ``fusion`` module, else ``"logits"``, refused
+            for auxiliary-head models, whose unimodal logits are not terms of the fused ones).
         start_epoch, end_epoch: the window (default: always; BalanceBenchmark's config runs every
             method in epochs 0-80, ``end_epoch=80``); seed: the removal order.
 
@@ -88,6 +95,7 @@ class CML(Balancer):
         lam: float = 0.1,
         subsets: Subsets = "chain",
         reduction: Reduction = "mean",
+        mask: Mask = "auto",
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
@@ -99,14 +107,27 @@ class CML(Balancer):
             raise ValueError(
                 f"Balancer 'cml' option 'reduction' must be 'mean' or 'sum', found {reduction!r}."
             )
-        fusion = getattr(model, "fusion", None)
-        if not isinstance(fusion, nn.Module):
+        if mask not in ("auto", "features", "logits"):
             raise ValueError(
-                f"Balancer 'cml' removes a modality by zeroing its features before the fusion head, so it needs "
-                f"`model.fusion` (a module mapping {{modality: features}} to (fused, unimodal) logits, as in "
-                f"equimodal.models.MultimodalClassifier); {type(model).__name__} has none."
+                f"Balancer 'cml' option 'mask' must be 'auto', 'features' or 'logits', found {mask!r}."
             )
-        self.lam, self.subsets, self.reduction = float(lam), subsets, reduction
+        has_fusion = isinstance(getattr(model, "fusion", None), nn.Module)
+        if mask == "auto":
+            mask = "features" if has_fusion else "logits"
+        if mask == "features" and not has_fusion:
+            raise ValueError(
+                f"Balancer 'cml' with mask='features' zeroes a modality's features before the fusion head, so "
+                f"it needs `model.fusion` (a module mapping {{modality: features}} to (fused, unimodal) logits, "
+                f"as in equimodal.models.MultimodalClassifier); {type(model).__name__} has none. Use "
+                "mask='logits' if its fused logits are the sum of its unimodal logits."
+            )
+        if mask == "logits" and getattr(model, "auxiliary_heads", False):
+            raise ValueError(
+                "Balancer 'cml' with mask='logits' subtracts a modality's unimodal logits from the fused ones, "
+                "but this model's fusion computes them with auxiliary heads on detached features "
+                "(model.auxiliary_heads is True): use mask='features'."
+            )
+        self.lam, self.subsets, self.reduction, self.mask = float(lam), subsets, reduction, mask
 
     def removal_order(self) -> list[str]:
         """This step's order of removal (``"chain"``), from the seed and the step count: no host read."""
@@ -122,7 +143,9 @@ class CML(Balancer):
         return [order[: k + 1] for k in range(len(order) - 1)]
 
     def subset_logits(self, out: MultimodalOutput, removed: list[str]) -> Tensor:
-        """The fused logits with the features of ``removed`` zeroed."""
+        """The fused logits without ``removed``: their features zeroed, or their unimodal logits subtracted."""
+        if self.mask == "logits":
+            return out.logits - sum(out.unimodal_logits[m] for m in removed)
         if out.features is None:
             raise ValueError(
                 "cml zeroes a modality's features before the fusion head, but the model's output has "

@@ -24,7 +24,7 @@ Prediction = Literal["cosine", "model"]
 def cosine_logits(features: Tensor, weight: Tensor, scaling: float) -> Tensor:
     """``s * cos(z_i, w_k)``, shape ``(B, C)``: L2-normalised features against L2-normalised class rows of
     ``weight`` (``(C, d)``), no bias."""
-    return scaling * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t()
+    return (F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t()) * scaling
 
 
 @register_balancer("mmcosine")
