@@ -27,10 +27,11 @@ OPTIONS: dict[str, Any] = {
 }
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
-# unimodal logits and sums them into the fused logits (concat and sum fusions only). mmpareto and gblending
-# train unimodal heads of their own on the encoder features (heads="separate") and refuse these fusions
-# only with heads="shared" (tested in test_mmpareto.py / test_gblending.py).
-REFUSE_AUX_FUSION: set[str] = {"amco"}
+# unimodal logits and sums them into the fused logits (concat and sum fusions only), and mbsd, whose default
+# heads="shared" reads the model's unimodal logits. mmpareto and gblending train unimodal heads of their own
+# on the encoder features (heads="separate") and refuse these fusions only with heads="shared" (tested in
+# test_mmpareto.py / test_gblending.py).
+REFUSE_AUX_FUSION: set[str] = {"amco", "mbsd"}
 
 # What the bare two-call loop (no set_epoch, no batch=) and the README loop (set_epoch + batch=) do.
 # Everything not listed trains exactly as the fully driven method in both loops.

@@ -3,15 +3,19 @@
 # The built-in balancers: importing a module registers the balancers it defines.
 <<<<<<< HEAD
 <<<<<<< HEAD
+<<<<<<< HEAD
 from . import (  # noqa: F401
     agm,
     amco,
     amss,
     cggm,
+    cml,
     dgl,
     gblending,
     inforeg,
+    mbsd,
     mla,
+    mmcosine,
     mmpareto,
     mslr,
     multitask,
