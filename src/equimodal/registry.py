@@ -488,7 +488,9 @@ class Registry(Generic[T]):
         """Let ``name`` build ``target`` with ``options`` as its defaults (an earlier name, or a known
         setting under a name of its own); ``note`` says what it is, for listings."""
         if name in self._items or name in self._aliases:
-            raise ValueError(f"A {self.kind} named {name!r} is already registered; an alias needs a free name.")
+            raise ValueError(
+                f"A {self.kind} named {name!r} is already registered; an alias needs a free name."
+            )
         self._aliases[name] = Alias(target, note, options)
 
     def aliases(self) -> dict[str, Alias]:

@@ -1,9 +1,6 @@
 """Balancers: the registry and every built-in method (importing this module registers them)."""
 
 # The built-in balancers: importing a module registers the balancers it defines.
-<<<<<<< HEAD
-<<<<<<< HEAD
-<<<<<<< HEAD
 from . import (  # noqa: F401
     agm,
     amco,
