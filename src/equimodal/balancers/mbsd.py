@@ -68,9 +68,10 @@ class MBSD(Balancer):
         model: a contract model.
         distance: ``D`` on ``"logits"`` or ``"probs"``; ``"auto"`` (default) is BalanceBenchmark's
             choice per branch: logits for two modalities, probabilities for more.
-        kl_input: ``"prob"`` (default, BalanceBenchmark: the stronger probability passed where
-            ``F.kl_div`` expects a log-probability) or ``"log"`` (its log, a proper log-ratio).
-        detach_weight: detach ``w`` (default ``False``: BalanceBenchmark's ``w`` carries gradient).
+        kl_input: ``"log"`` (default: the stronger modality's log-probability, a proper KL) or ``"prob"``
+            (BalanceBenchmark: the probability passed where ``F.kl_div`` expects a log-probability).
+        detach_weight: detach ``w`` (default ``True``: a per-sample weight; ``False`` is BalanceBenchmark,
+            whose ``w`` carries gradient).
         heads: ``"shared"`` (default, BalanceBenchmark: the model's unimodal logits; refused for fusions
             whose unimodal logits come from auxiliary heads on detached features) or ``"separate"`` (a
             linear head per modality of the balancer's own on the encoder features, its
@@ -82,11 +83,12 @@ class MBSD(Balancer):
     Deviations from BalanceBenchmark: any ``M >= 2``, every pair averaged (their branch for "not 2"
     hard-codes the first three modalities); the per-sample loops are vectorised (same numbers). The
     paper behind BalanceBenchmark's MBSD is not cited in its code; the method is reproduced as that
-    code computes it, its odd points (``kl_input``, ``detach_weight``) kept as defaults and made options.
-    Measured on a toy batch (``tests/balancers/test_mbsd.py``): the literal KL term is negative and ``w``
-    carries gradient, so minimising ``w * KL`` rewards a larger confidence gap, and a step on the
-    distillation terms alone widened the modalities' logit gap; ``detach_weight=True`` or
-    ``kl_input="log"`` each made it narrow. Check which one you report.
+    code computes it but for two points that we read as bugs, each an option that restores the literal
+    code (``kl_input="prob", detach_weight=False``): measured on a toy batch
+    (``tests/balancers/test_mbsd.py``), the literal KL term is negative and ``w`` carries gradient, so
+    minimising ``w * KL`` rewards a larger confidence gap, and a step on the literal distillation terms
+    widened the modalities' logit gap, where a self-distillation should narrow it;
+    ``detach_weight=True`` or ``kl_input="log"`` each made it narrow.
     ``stats()``: ``weighted`` (fraction of sample-pairs with ``w > 0``), ``w`` (mean weight), ``kl`` and
     ``distance`` (the weighted terms, averaged over pairs).
     """
@@ -96,8 +98,8 @@ class MBSD(Balancer):
         model: nn.Module,
         *,
         distance: Distance = "auto",
-        kl_input: KLInput = "prob",
-        detach_weight: bool = False,
+        kl_input: KLInput = "log",
+        detach_weight: bool = True,
         heads: HeadsMode = "shared",
         feature_dims: Mapping[str, int] | None = None,
         num_classes: int | None = None,
