@@ -37,6 +37,7 @@ LOOP_OUTCOME = {
     "gblending": "refused: bare, readme",
     "mslr": "refused: bare, readme",
     "mla": "refused: bare, readme",  # owns its step: needs train_step
+    "lfm": "refused: bare",  # its weights follow the epoch: needs set_epoch
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]
