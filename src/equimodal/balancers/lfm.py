@@ -69,8 +69,8 @@ class LFM(Balancer):
 
     - ``"heuristic"`` (default; ``Crema_epoch.py``, the script the README runs): ``a1`` is the
       authors' quintic fit in the epoch of their learned weights on CREMA-D (lines 47-53,
-      :data:`HEURISTIC_COEFFICIENTS`), from about 0.20 at epoch 0 to about 0.90 at epoch 160; it is
-      slightly negative for ``a2`` near epoch 180, as they ran it. The epoch counts from the window's
+      :data:`HEURISTIC_COEFFICIENTS`), from about 0.20 at epoch 0 to about 0.90 at epoch 160 (``a2``
+      dips slightly below 0 near epoch 180, as they ran it). The epoch counts from the window's
       start; past their 200 epochs it is held at the epoch-199 value (the fit grows without bound).
     - ``"learnable"`` (``Crema_epoch_learnable.py`` ``getAlpha_Learnable``, lines 55-97, called before each
       epoch, line 254): from ``a2 = 0.95`` (line 250), at each epoch start, on ``heldout_samples`` (8)
@@ -104,6 +104,10 @@ class LFM(Balancer):
         heads: ``None`` (see above), ``"shared"`` or ``"separate"``.
         feature_dims, num_classes: sizes of separate heads for models that do not declare them.
         start_epoch, end_epoch, seed: the window (default: always) and the separate heads' seed.
+
+    The paper's abstract speaks of integrating an unsupervised contrastive loss with the supervised one;
+    the released code's second term is this divergence between the unimodal predictions, which is what
+    is implemented here (no contrastive variant).
 
     Deviations from the official code: the true JS divergence by default (``divergence="official"`` gives
     theirs); any ``M >= 2`` (the generalised JS; theirs is audio-visual); the hypergradient runs in eval
