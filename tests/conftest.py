@@ -98,6 +98,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "umt": (
         f"balancer.options.teachers={{fac: '{UMT_TEACHER_DIR / 'fac'}', mor: '{UMT_TEACHER_DIR / 'mor'}'}}",
     ),
+    "lfm": ("balancer.options.weighting=learnable",),  # the held-out split and the epoch step (the default
+    # heuristic weighting runs in the contract, Lightning and example tests)
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

@@ -46,6 +46,7 @@ LOOP_OUTCOME = {
     "mslr": "refused: bare, readme",
     "mla": "refused: bare, readme",  # owns its step: needs train_step
     "inforeg": "refused: bare",  # works per epoch (anchor, window): needs set_epoch
+    "lfm": "refused: bare",  # its weights follow the epoch: needs set_epoch
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]

@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     dgl,
     gblending,
     inforeg,
+    lfm,
     mbsd,
     mla,
     mmcosine,
