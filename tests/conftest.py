@@ -47,5 +47,7 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "unimodal": ("balancer.options.modality=fac",),  # some parameters get no gradient
     "gblending": ("balancer.options.super_epoch_len=1",),
     "mla": ("balancer.options.start_epoch=1",),  # epoch 0 outside its window: both of its paths run
+    "opm": ("balancer.options.start_epoch=1",),  # its default warm-up (epochs 0-5) would never end
+    "ogm_plus": ("balancer.options.start_epoch=1",),
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""

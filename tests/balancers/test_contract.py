@@ -20,7 +20,11 @@ from equimodal import testing
 from equimodal.types import modality_names
 
 # Required constructor arguments per balancer, built from the model.
-OPTIONS: dict[str, Any] = {"unimodal": lambda model: {"modality": modality_names(model)[0]}}
+OPTIONS: dict[str, Any] = {
+    "unimodal": lambda model: {"modality": modality_names(model)[0]},
+    "opm": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 6)
+    "ogm_plus": {"start_epoch": 0},
+}
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads. None do by default:
 # mmpareto and gblending train unimodal heads of their own on the encoder features (heads="separate") and
@@ -37,6 +41,8 @@ LOOP_OUTCOME = {
     "gblending": "refused: bare, readme",
     "mslr": "refused: bare, readme",
     "mla": "refused: bare, readme",  # owns its step: needs train_step
+    "opm": "refused: bare, readme",  # owns its step (it changes the forward pass)
+    "ogm_plus": "refused: bare",  # bounded window (epochs 0-60 here): needs set_epoch
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]

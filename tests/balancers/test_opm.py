@@ -239,7 +239,10 @@ def test_a_fusion_called_with_something_else_is_refused() -> None:
 
     model = Odd()
     bal = em.create_balancer("opm", model, start_epoch=0)
-    with pytest.raises(ValueError, match=r"called once per forward.*called 2 time"):
+    with pytest.raises(
+        ValueError,
+        match=r"each of \[.fusion.\] to be called once per forward of the model, found {.fusion.: 2}",
+    ):
         bal.train_step(*make_toy_batch(2, 8), optimizer_for(model, bal))
 
 
@@ -257,14 +260,44 @@ def test_bad_options_are_named(option: str, value: object, message: str) -> None
         em.create_balancer("opm", make_toy_model(2), **{option: value})
 
 
-def test_a_model_without_a_fusion_module_is_refused() -> None:
-    class NoFusion(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoders = make_toy_model(2).encoders
+class ContractOnly(nn.Module):
+    """The toy model's modules behind a forward that names no ``fusion`` (a model that only follows the
+    contract), with dropout and batch norm in its encoders to show the second forward leaves them alone."""
 
-    with pytest.raises(ValueError, match=r"needs `model.fusion`.*found NoneType on NoFusion"):
-        em.create_balancer("opm", NoFusion())
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        for enc in inner.encoders.values():
+            enc.fc = nn.Sequential(enc.fc, nn.BatchNorm1d(enc.out_dim, affine=False), nn.Dropout(0.0))
+        self.encoders, self.head = inner.encoders, inner.fusion
+
+    def forward(self, batch):
+        feats = {m: e(batch[m]) for m, e in self.encoders.items()}
+        fused, uni = self.head(feats)
+        return em.MultimodalOutput(fused, uni, feats)
+
+
+def test_a_contract_only_model_takes_the_encoder_path_and_trains_as_the_fusion_path() -> None:
+    """Without an equimodal ``model.fusion``, the encoders' outputs are dropped and replaced in a second
+    forward; the update equals the fusion path's, batch-norm statistics included (updated once)."""
+    plain = ContractOnly(make_toy_model(2))
+    named = copy.deepcopy(plain)
+    named.fusion = named.head  # the same model with its head reachable as model.fusion: the fusion path
+    a = em.create_balancer("opm", plain, start_epoch=0, p_exe=1.0, seed=2)
+    b = em.create_balancer("opm", named, start_epoch=0, p_exe=1.0, seed=2)
+    assert a.fusion is None and b.fusion is named.head
+    a.start_epoch(0)
+    b.start_epoch(0)
+    oa, ob = optimizer_for(plain, a), optimizer_for(named, b)
+    for step in range(3):
+        batch, y = make_toy_batch(2, 16, seed=step)
+        torch.testing.assert_close(a.train_step(batch, y, oa), b.train_step(batch, y, ob))
+        assert a.stats() == b.stats()
+    assert a.stats()["dropped/m1"] > 0
+    torch.testing.assert_close(
+        plain.state_dict(), {k: v for k, v in named.state_dict().items() if k in plain.state_dict()}
+    )
+    assert plain.training and all(m.training for m in plain.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
 
 
 # ---------------------------------------------------------------------- OGM+

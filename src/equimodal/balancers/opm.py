@@ -16,7 +16,7 @@ l.116-169), ``code/scripts/train_opm.sh``, ``code/scripts/train_ogm.sh``, ``code
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_grads, all_reduce_sum
+from ..models.fusion import Fusion
 from ..types import MultimodalOutput
 from .base import Balancer, Batch, split_batch
 from .ogm import OGM, REFERENCES, Reference, score_ratios, true_class_scores
@@ -86,15 +87,18 @@ class OPM(Balancer):
     modality. Evaluation is untouched: nothing is dropped outside :meth:`train_step`.
 
     How it runs: OPM owns its step (``train_step``; ``requirements.own_step``). It runs the model's forward
-    once per micro-batch, with a forward hook on ``model.fusion`` installed only for that forward to read
-    the features the fusion receives; once every micro-batch's scores are in, it calls ``model.fusion``
-    again on the dropped features for the fused logits of the loss. So no extra encoder forward (the code
-    has none either: it scores the batch's own features); one extra fusion-head forward per micro-batch.
-    The model must have a ``fusion`` module called once per forward with the dict of features, returning
-    the fused logits or a tuple whose first entry is them (every ``MultimodalClassifier``).
+    once per micro-batch with forward hooks, installed only for that call, that read the features; once
+    every micro-batch's scores are in, it computes the fused logits of the loss on the dropped features.
+    When ``model.fusion`` is an equimodal ``Fusion`` (every ``MultimodalClassifier``), the hook reads the
+    features the fusion receives and the dropped ones go through ``model.fusion`` again: no extra encoder
+    forward (the code has none either: it scores the batch's own features), one extra fusion-head forward
+    per micro-batch. For any other model (one that only follows the contract), the features are the
+    encoders' outputs, and the dropped ones replace them in a second forward of the model, in which the
+    encoders run without gradients and in eval mode (their outputs are discarded; batch-norm statistics and
+    dropout draws are not touched): an extra encoder forward, without backward.
 
     Args:
-        model: a model following the contract, with a ``fusion`` module (above).
+        model: a model following the contract.
         q_base: the base drop probability of the dominant modality. Default 0.5, the value of the authors'
             ``scripts/train_opm.sh`` and of ``main.py``'s argparse default, which the script's runs use
             (``config.py`` holds 0.4, but ``main.py`` overwrites it with its argparse value).
@@ -147,13 +151,7 @@ class OPM(Balancer):
         if reference not in REFERENCES:
             raise ValueError(f"opm option reference must be one of {REFERENCES}, found {reference!r}.")
         fusion = getattr(model, "fusion", None)
-        if not isinstance(fusion, nn.Module):
-            raise ValueError(
-                "opm drops features before the fusion and needs `model.fusion`: a module called once per "
-                "forward with the dict of modality features (as in equimodal's MultimodalClassifier); found "
-                f"{type(fusion).__name__} on {type(model).__name__}."
-            )
-        self.fusion = fusion
+        self.fusion: nn.Module | None = fusion if isinstance(fusion, Fusion) else None
         self.q_base, self.lam, self.p_exe = float(q_base), float(lam), float(p_exe)
         self.reference = reference
 
@@ -179,11 +177,11 @@ class OPM(Balancer):
         kept = keep.any(0)
         denom = kept.sum().clamp_min(1).to(torch.float32)
         total, start = target.new_zeros((), dtype=torch.float32), 0
-        for out, feat, (_, y) in zip(outs, feats, chunks, strict=True):
+        for out, feat, (inputs, y) in zip(outs, feats, chunks, strict=True):
             part = keep[:, start : start + y.shape[0]]
             start += y.shape[0]
             dropped, flags = opm_drop(feat, part, scale)
-            fused = self._fuse(dropped)
+            fused = self._fuse(inputs, dropped)
             ce = F.cross_entropy(fused, y, reduction="none")
             loss = (ce * flags.to(ce.dtype)).sum() / denom + self.auxiliary_loss(out, y) * (
                 y.shape[0] / target.shape[0]
@@ -201,32 +199,83 @@ class OPM(Balancer):
         return total
 
     def _forward(self, inputs: Batch) -> tuple[MultimodalOutput, dict[str, Tensor]]:
-        """The model's forward, with the features the fusion receives (read by a hook on ``model.fusion``)."""
-        seen: list[Any] = []
-        handle = self.fusion.register_forward_hook(lambda module, args, output: seen.append(args))
+        """The model's forward, with the features the fusion receives (fusion path) or the encoders' outputs
+        (encoder path), read by forward hooks that live only during this call."""
+        seen: dict[str, list[Any]] = {}
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                seen.setdefault(name, []).append(args[0] if self.fusion is not None else output)
+
+            return hook
+
+        modules = {"fusion": self.fusion} if self.fusion is not None else dict(self.model.encoders.items())
+        handles = [mod.register_forward_hook(keep(name)) for name, mod in modules.items()]
         try:
             out = self.model(inputs)
         finally:
-            handle.remove()
-        if len(seen) != 1 or not seen[0] or not isinstance(seen[0][0], Mapping):
+            for h in handles:
+                h.remove()
+        calls = {name: len(seen.get(name, [])) for name in modules}
+        if any(n != 1 for n in calls.values()):
             raise ValueError(
-                "opm expects `model.fusion` to be called once per forward with the dict of modality features "
-                f"as its first argument; it was called {len(seen)} time(s)"
-                + (f" with a {type(seen[0][0]).__name__}" if seen and seen[0] else "")
-                + ". Use a MultimodalClassifier, or a model whose forward is fusion({m: features})."
+                f"opm expects each of {list(modules)} to be called once per forward of the model, found {calls} "
+                "calls. A model that calls them more often (or through other modules) cannot have its "
+                "features dropped by opm."
             )
-        features = seen[0][0]
-        if list(features) != self.modalities:
+        if self.fusion is None:
+            return out, {m: seen[m][0] for m in self.modalities}
+        features = seen["fusion"][0]
+        if not isinstance(features, Mapping) or list(features) != self.modalities:
+            found = list(features) if isinstance(features, Mapping) else type(features).__name__
             raise ValueError(
-                f"opm: model.fusion received features for {list(features)}, expected {self.modalities} "
-                "(the modalities of model.encoders, in order)."
+                f"opm: model.fusion must be called with the dict of modality features {self.modalities} as its "
+                f"first argument (an equimodal Fusion), found {found}."
             )
         return out, dict(features)
 
-    def _fuse(self, features: dict[str, Tensor]) -> Tensor:
-        """The fused logits of ``model.fusion`` on (dropped) features."""
-        result = self.fusion(features)
-        return result[0] if isinstance(result, tuple) else result
+    def _fuse(self, inputs: Batch, features: dict[str, Tensor]) -> Tensor:
+        """The fused logits on the (dropped) features: ``model.fusion(features)`` (fusion path), or a second
+        forward of the model whose encoders' outputs are replaced by ``features`` (encoder path: the encoders
+        then run without gradients and in eval mode, so that nothing but the fused logits changes)."""
+        if self.fusion is not None:
+            result = self.fusion(features)
+            return result[0] if isinstance(result, tuple) else result
+        calls = dict.fromkeys(self.modalities, 0)
+        saved: dict[str, tuple[bool, dict[nn.Module, bool]]] = {}
+
+        def before(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                saved[name] = (torch.is_grad_enabled(), {sub: sub.training for sub in module.modules()})
+                torch.set_grad_enabled(False)
+                module.eval()
+
+            return hook
+
+        def after(name: str) -> Callable[..., Tensor]:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
+                grad, modes = saved.pop(name)
+                torch.set_grad_enabled(grad)
+                for sub, mode in modes.items():
+                    sub.training = mode
+                calls[name] += 1
+                return features[name]
+
+            return hook
+
+        handles = []
+        for m, enc in self.model.encoders.items():
+            handles += [enc.register_forward_pre_hook(before(m)), enc.register_forward_hook(after(m))]
+        try:
+            out = self.model(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if any(n != 1 for n in calls.values()):  # pragma: no cover - the first forward checked this
+            raise ValueError(
+                f"opm: the encoders were called {calls} times in the second forward, expected once."
+            )
+        return out.logits
 
     def _draw(self, q: Tensor, features: dict[str, Tensor], n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Whether the drop runs (probability ``p_exe``) and the ``(M, n)`` keep masks; on the device."""
