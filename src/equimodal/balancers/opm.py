@@ -20,10 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_grads, all_reduce_sum
+from ..distributed import all_reduce_grads, all_reduce_sum, is_distributed
 from ..models.fusion import Fusion
 from ..types import MultimodalOutput
 from .base import Balancer, Batch, split_batch
@@ -115,7 +116,9 @@ class OPM(Balancer):
     Deviations from the official code: any ``M >= 2`` (``reference``); the draws come from the balancer's
     seeded generator (the code uses numpy's and torch's global ones); scores and ``q`` are those of the
     whole optimizer step under gradient accumulation and DDP (so k micro-batches equal one batch k times
-    larger; under DDP every rank draws the same ``p_exe`` decision and the same per-position masks); a step
+    larger; under DDP every rank takes the same ``p_exe`` decision and, from draws for the batch of all
+    ranks, the masks of its shard ``rank::world``, so that two ranks equal one process on the whole batch
+    with equal shards, as a ``DistributedSampler`` gives; the loss is the mean over all ranks' kept samples); a step
     in which every sample lost every modality (impossible while only one modality has ``q > 0``, as here
     and in the code) still calls ``optimizer.step()`` with a zero loss, where the code skips the batch.
     ``Classifier.py`` l.53 ends with a stray ``]`` (a ``SyntaxError``: the file does not import as
@@ -175,7 +178,8 @@ class OPM(Balancer):
         q = opm_drop_probabilities(all_reduce_sum(scores), self.q_base, self.lam, self.reference)
         keep, scale, executed = self._draw(q, feats[0], target.shape[0])
         kept = keep.any(0)
-        denom = kept.sum().clamp_min(1).to(torch.float32)
+        world = dist.get_world_size() if is_distributed() else 1  # DDP averages the ranks' gradients
+        denom = all_reduce_sum(kept.sum().to(torch.float32)).clamp_min(1) / world
         total, start = target.new_zeros((), dtype=torch.float32), 0
         for out, feat, (inputs, y) in zip(outs, feats, chunks, strict=True):
             part = keep[:, start : start + y.shape[0]]
@@ -281,7 +285,11 @@ class OPM(Balancer):
         """Whether the drop runs (probability ``p_exe``) and the ``(M, n)`` keep masks; on the device."""
         gen = self.generator(q.device)
         executed = torch.rand((), generator=gen, device=gen.device).to(q.device) >= 1 - self.p_exe
-        draws = torch.rand((len(self.modalities), n), generator=gen, device=gen.device).to(q.device)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        # draws for the batch of all ranks, in the sharding order rank::world (equal shards, as a
+        # DistributedSampler gives): DDP ranks take the masks of one process on the whole batch
+        draws = torch.rand((len(self.modalities), n * world), generator=gen, device=gen.device)
+        draws = draws[:, rank::world].to(q.device)
         keep = (draws < (1 - q)[:, None]) | ~executed
         dims = [z[0].numel() for z in features.values()]
         scale = torch.where(
