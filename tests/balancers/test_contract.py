@@ -24,6 +24,8 @@ from equimodal.types import modality_names
 OPTIONS: dict[str, Any] = {
     "unimodal": lambda model: {"modality": modality_names(model)[0]},
     "umt": umt_options,  # stand-in teachers: frozen encoders of their own
+    "opm": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 6)
+    "ogm_plus": {"start_epoch": 0},
 }
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
@@ -47,6 +49,8 @@ LOOP_OUTCOME = {
     "mla": "refused: bare, readme",  # owns its step: needs train_step
     "inforeg": "refused: bare",  # works per epoch (anchor, window): needs set_epoch
     "lfm": "refused: bare",  # its weights follow the epoch: needs set_epoch
+    "opm": "refused: bare, readme",  # owns its step (it changes the forward pass)
+    "ogm_plus": "refused: bare",  # bounded window (epochs 0-60 here): needs set_epoch
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]

@@ -19,6 +19,7 @@ from . import (  # noqa: F401
     multitask,
     none,
     ogm,
+    opm,
     pmr,
     ume,
     umt,

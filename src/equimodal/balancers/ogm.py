@@ -164,13 +164,18 @@ class OGM(Balancer):
             torch.stack([true_class_scores(out.unimodal_logits[m], target) for m in self.modalities]),
         )
 
+    def coefficients(self, ratios: Tensor) -> Tensor:
+        """Each modality's gradient coefficient from its score ratio (:func:`ogm_coefficients`; a variant,
+        such as ``ogm_plus``, overrides this alone)."""
+        return ogm_coefficients(ratios, self.alpha)
+
     def adjust_gradients(self) -> None:
         """Scale (and for OGM-GE, perturb) the selected encoder gradients once per optimizer step."""
         if self.scores is None:  # no loss() since the last step
             return
         finite = self.step_finite
         ratios = score_ratios(self.scores, self.reference)
-        coeffs = torch.where(finite, ogm_coefficients(ratios, self.alpha), 1.0)  # k = 1: as if skipped
+        coeffs = torch.where(finite, self.coefficients(ratios), 1.0)  # k = 1: as if skipped
         gate = finite.float()
         for i, m in enumerate(self.modalities):
             for p in self.targets[m]:
