@@ -45,6 +45,18 @@ def modality_names(model: nn.Module) -> list[str]:
     return names
 
 
+def output_features(out: MultimodalOutput, needs: str, fix: str = "") -> dict[str, Tensor]:
+    """``out.features``, or a ``ValueError`` saying that ``needs`` (what the caller does with them) cannot
+    work without them and how the model returns them (``fix``: another way out, appended)."""
+    if out.features is None:
+        raise ValueError(
+            f"{needs}, but the model's output has features=None. Return MultimodalOutput(logits, "
+            "unimodal_logits, features={modality: pooled (B, d) encoder output, not detached}) from forward"
+            f"{fix}."
+        )
+    return dict(out.features)
+
+
 def check_batch(batch: Mapping[str, Tensor], modalities: Sequence[str]) -> None:
     """Raise a clear error if ``batch`` lacks a modality or holds a non-finite input."""
     if not isinstance(batch, Mapping):

@@ -19,7 +19,7 @@ SIZES = {"feature_dims": {"audio": 32, "image": 16}, "num_classes": 10}
 OWN_HEADS = {
     "mmpareto": ({}, SIZES, "feature_dims="),
     "gblending": ({}, SIZES, "feature_dims="),
-    "own_signal": ({}, SIZES, "feature_dims="),
+    "multitask": ({}, SIZES, "feature_dims="),
     "amss": ({"head_weight": 1.0}, SIZES, "feature_dims="),
     "mla": ({}, {"feature_dim": 32, "num_classes": 10}, "feature_dim="),
 }
@@ -52,7 +52,7 @@ def test_sizes_on_a_model_written_without_equimodal(name: str) -> None:
 def test_the_two_size_options_say_how_they_differ() -> None:
     example = _example()
     with pytest.raises(ValueError, match="one size per modality; mla's feature_dim is another option"):
-        em.create_balancer("own_signal", example.TwoTowerNet(declare_sizes=False), num_classes=10)
+        em.create_balancer("multitask", example.TwoTowerNet(declare_sizes=False), num_classes=10)
     with pytest.raises(ValueError, match="one int: the shared head's width.*take feature_dims"):
         em.create_balancer("mla", example.TwoTowerNet(declare_sizes=False), num_classes=10)
 
@@ -92,7 +92,7 @@ def _build(name: str):
     return model, bal
 
 
-TWO_CALL = ["mmpareto", "gblending", "own_signal", "amss"]
+TWO_CALL = ["mmpareto", "gblending", "multitask", "amss"]
 
 
 @pytest.mark.parametrize("name", TWO_CALL)
@@ -121,15 +121,15 @@ def test_no_false_alarm_for_a_second_optimizer_or_frozen_heads(name: str) -> Non
 def test_a_learning_rate_warm_up_from_zero_is_no_false_alarm() -> None:
     """lr 0 for every group: nothing moves, so nothing can be told yet; heads left out are found once the
     model moves, within twice the warm-up."""
-    model, bal = _build("own_signal")
+    model, bal = _build("multitask")
     _loop(
-        "own_signal", [torch.optim.SGD([*model.parameters(), *bal.parameters()])], bal, model, 12, [0.0] * 5
+        "multitask", [torch.optim.SGD([*model.parameters(), *bal.parameters()])], bal, model, 12, [0.0] * 5
     )
-    model, bal = _build("own_signal")
+    model, bal = _build("multitask")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _loop("own_signal", [opt], bal, model, 6, [0.0] * 5)  # during the warm-up: no verdict
+    _loop("multitask", [opt], bal, model, 6, [0.0] * 5)  # during the warm-up: no verdict
     with pytest.raises(em.DriverError):
-        _loop("own_signal", [opt], bal, model, 8)
+        _loop("multitask", [opt], bal, model, 8)
 
 
 def test_the_check_reads_the_device_once_then_never(monkeypatch: pytest.MonkeyPatch) -> None:

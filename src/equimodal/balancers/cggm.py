@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..types import MultimodalOutput
 from .agm import head_blocks
 from .base import Balancer, Batch
-from .heads import UnimodalHeads
+from .heads import own_heads
 from .registry import register_balancer
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,7 @@ class CGGM(Balancer):
         if not isinstance(stale, bool):
             raise ValueError(f"Balancer 'cggm' option 'stale' must be True or False, found {stale!r}.")
         self.rho, self.lam, self.stale, self.zero_sum = float(rho), float(lam), stale, zero_sum
-        self.heads = UnimodalHeads(
-            model,
-            self.modalities,
-            feature_dims=feature_dims,
-            num_classes=num_classes,
-            seed=self.seed,
-            method=self.name,
-        )
+        self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
         blocks, _ = head_blocks(model, self.modalities)
         self.blocks: dict[str, tuple[nn.Parameter, slice]] = {m: b[0] for m, b in blocks.items() if b}
         if self.lam > 0 and len(self.blocks) < len(self.modalities):
@@ -175,7 +168,6 @@ class CGGM(Balancer):
             "correct", torch.zeros(num)
         )  # classifier hits per modality, over the step's micro-batches
         self.add_stat("count", torch.zeros(()))  # samples seen in the step
-        self.add_state("heads", self.heads)
         self.add_state("prev_acc", torch.zeros(num))  # the classifiers' accuracies at the previous step
         if self.stale:  # what the released code carries to the next step: coefficients and weights
             self.add_state("prev_coeff", torch.zeros(num))

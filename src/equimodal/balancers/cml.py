@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..types import MultimodalOutput
+from ..types import MultimodalOutput, output_features
 from .base import Balancer, Batch
 from .registry import register_balancer
 
@@ -146,13 +146,8 @@ class CML(Balancer):
         """The fused logits without ``removed``: their features zeroed, or their unimodal logits subtracted."""
         if self.mask == "logits":
             return out.logits - sum(out.unimodal_logits[m] for m in removed)
-        if out.features is None:
-            raise ValueError(
-                "cml zeroes a modality's features before the fusion head, but the model's output has "
-                "features=None. Return MultimodalOutput(logits, unimodal_logits, features={modality: "
-                "pooled (B, d) encoder output}) from forward."
-            )
-        feats = {m: torch.zeros_like(z) if m in removed else z for m, z in out.features.items()}
+        features = output_features(out, "cml zeroes a modality's features before the fusion head")
+        feats = {m: torch.zeros_like(z) if m in removed else z for m, z in features.items()}
         fused = self.model.fusion(feats)
         return fused[0] if isinstance(fused, tuple) else fused
 

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..models.fusion import ConcatFusion, SumFusion
-from ..types import MultimodalOutput
+from ..types import MultimodalOutput, output_features
 from .base import Balancer, Batch
-from .heads import UnimodalHeads
+from .heads import UnimodalHeads, own_heads
 from .registry import register_balancer
 
 DglHeads = Literal["shared", "separate"]
@@ -138,15 +138,7 @@ class DGL(Balancer):
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.heads: UnimodalHeads | None = None
         if heads == "separate" or not splittable:
-            self.heads = UnimodalHeads(
-                model,
-                self.modalities,
-                feature_dims=feature_dims,
-                num_classes=num_classes,
-                seed=self.seed,
-                method=self.name,
-            )
-            self.add_state("heads", self.heads)
+            self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
         # the concat head's bias, b / M of which each equimodal unimodal logit holds (None: nothing to add)
         full = self.heads is None and unimodal_bias == "full" and isinstance(self.fusion, ConcatFusion)
         self._shared_bias = self.fusion.fc.bias if full else None
@@ -157,13 +149,8 @@ class DGL(Balancer):
         return iter(()) if self.heads is None else self.heads.parameters()
 
     def _features(self, out: MultimodalOutput) -> dict[str, Tensor]:
-        if out.features is None:
-            raise ValueError(
-                "dgl runs the fusion head on the encoder features, but the model's output has features=None. "
-                "Return MultimodalOutput(logits, unimodal_logits, features={modality: pooled (B, d) encoder "
-                "output, not detached}) from forward."
-            )
-        return {m: out.features[m] for m in self.modalities}
+        features = output_features(out, "dgl runs the fusion head on the encoder features")
+        return {m: features[m] for m in self.modalities}
 
     def _bias_rest(self) -> Tensor | float:
         """What the authors' concat unimodal logits hold beyond equimodal's ``b / M`` (detached)."""

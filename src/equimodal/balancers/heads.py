@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..types import MultimodalOutput
+from ..types import MultimodalOutput, output_features
 
 HeadsMode = Literal["separate", "shared"]
 HEADS_MODES: tuple[str, ...] = ("separate", "shared")
@@ -157,14 +157,8 @@ class UnimodalHeads:
 
     def logit(self, out: MultimodalOutput, m: str) -> Tensor:
         """Modality ``m``'s logits, ``head_m(out.features[m])``."""
-        if out.features is None:
-            raise ValueError(
-                f"{self.method} with heads='separate' classifies each modality from its encoder features, but "
-                "the model's output has features=None. Return MultimodalOutput(logits, unimodal_logits, "
-                "features={modality: pooled (B, d) encoder output, not detached}) from forward, or use "
-                "heads='shared' (the model's own unimodal logits)."
-            )
-        z = out.features[m]
+        needs = f"{self.method} with heads='separate' classifies each modality from its encoder features"
+        z = output_features(out, needs, ", or use heads='shared' (the model's own unimodal logits)")[m]
         head = self.linears[m]
         if z.dim() != 2 or z.shape[1] != head.in_features:
             raise ValueError(
@@ -207,3 +201,21 @@ def build_heads(
     return UnimodalHeads(
         model, modalities, feature_dims=feature_dims, num_classes=num_classes, seed=seed, method=method
     )
+
+
+def own_heads(
+    balancer: Any, model: nn.Module, *, feature_dims: Mapping[str, int] | None, num_classes: int | None
+) -> UnimodalHeads:
+    """Linear heads of ``balancer``'s own, one per modality, seeded by its ``seed`` and saved, averaged over
+    ranks and checked in the optimizer as its state ``heads`` (``balancer.heads``)."""
+    heads = UnimodalHeads(
+        model,
+        balancer.modalities,
+        feature_dims=feature_dims,
+        num_classes=num_classes,
+        seed=balancer.seed,
+        method=balancer.name,
+    )
+    balancer.heads = heads  # set first: a balancer may have declared ``self.heads = None`` before
+    balancer.add_state("heads", heads)
+    return heads

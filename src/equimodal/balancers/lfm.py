@@ -16,7 +16,7 @@ from ..distributed import all_reduce_mean
 from ..types import MultimodalOutput
 from .agm import eval_mode, head_blocks
 from .base import Balancer, Batch, EpochData, Requirements
-from .heads import HEADS_MODES, UnimodalHeads
+from .heads import HEADS_MODES, UnimodalHeads, own_heads
 from .registry import register_balancer
 
 # The authors' fit of the learned weights over their 200 CREMA-D epochs (``Crema_epoch.py`` lines 49-50,
@@ -169,11 +169,7 @@ class LFM(Balancer):
         self.heads_mode = heads or ("separate" if aux else "shared")
         self.heads: UnimodalHeads | None = None
         if self.heads_mode == "separate":
-            self.heads = UnimodalHeads(
-                model, self.modalities, feature_dims=feature_dims, num_classes=num_classes, seed=self.seed,
-                method=self.name,
-            )  # fmt: skip
-            self.add_state("heads", self.heads)
+            self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
         self.unused_parameters = self._leaves_parameters_unused(model)
         if weighting == "learnable":
             self.add_state("alpha_align", torch.tensor(float(alpha_init)))  # a2; a1 = 1 - a2

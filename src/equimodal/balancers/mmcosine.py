@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..types import MultimodalOutput
+from ..types import MultimodalOutput, output_features
 from .base import Balancer, Batch
 from .heads import head_sizes
 from .registry import register_balancer
@@ -158,15 +158,10 @@ class MMCosine(Balancer):
 
     def cosine(self, out: MultimodalOutput) -> dict[str, Tensor]:
         """Each modality's scaled cosine logits ``s * cos(z_m, W_m)``."""
-        if out.features is None:
-            raise ValueError(
-                "mmcosine normalises each modality's features, but the model's output has features=None. "
-                "Return MultimodalOutput(logits, unimodal_logits, features={modality: pooled (B, d) encoder "
-                "output, not detached}) from forward."
-            )
+        features = output_features(out, "mmcosine normalises each modality's features")
         logits = {}
         for m in self.modalities:
-            z = out.features[m]
+            z = features[m]
             w = self.weight(m, z)
             logits[m] = cosine_logits(z.to(w.dtype), w, self.scaling)
         return logits

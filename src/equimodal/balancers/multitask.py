@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
-from .heads import UnimodalHeads
+from .heads import own_heads
 from .registry import BALANCERS, register_balancer
 
 
@@ -100,15 +100,7 @@ class Multitask(Balancer):
             float(max_weight),
         )
         self.normalize, self.momentum, self.max_scale = float(normalize), float(momentum), float(max_scale)
-        self.heads = UnimodalHeads(
-            model,
-            self.modalities,
-            feature_dims=feature_dims,
-            num_classes=num_classes,
-            seed=self.seed,
-            method=self.name,
-        )
-        self.add_state("heads", self.heads)
+        self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
         self.add_state("grad_norms", torch.zeros(len(self.modalities)))  # running encoder gradient norms
         self.add_state("norm_steps", torch.zeros((), dtype=torch.long))  # steps averaged into them
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum
-from ..types import MultimodalOutput
+from ..types import MultimodalOutput, output_features
 from .agm import eval_mode
 from .base import Balancer, Batch, EpochData
 from .ogm import score_ratios, true_class_scores
@@ -131,12 +131,7 @@ class PMR(Balancer):
         }
 
     def _features(self, out: MultimodalOutput) -> dict[str, Tensor]:
-        if out.features is None:
-            raise ValueError(
-                "PMR needs encoder features, found MultimodalOutput.features=None. Return "
-                "features={modality: (B, d) tensor} from the model (MultimodalClassifier does)."
-            )
-        return out.features
+        return output_features(out, "PMR measures the encoder features against class prototypes")
 
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         """Fused CE plus ``alpha`` times the prototype CE of each weak modality."""

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..types import MultimodalOutput
 from .base import Balancer, Batch
-from .heads import UnimodalHeads
+from .heads import own_heads
 from .registry import register_balancer
 
 Combine = Literal["probs", "logits"]
@@ -78,15 +78,7 @@ class UME(Balancer):
                 f"Balancer 'ume' option 'combine' must be 'probs' or 'logits', found {combine!r}."
             )
         self.combine: Combine = combine
-        self.heads = UnimodalHeads(
-            model,
-            self.modalities,
-            feature_dims=feature_dims,
-            num_classes=num_classes,
-            seed=self.seed,
-            method=self.name,
-        )
-        self.add_state("heads", self.heads)
+        self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The members' heads (put them in the optimizer)."""

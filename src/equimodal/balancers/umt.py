@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..types import MultimodalOutput
+from ..types import MultimodalOutput, output_features
 from .base import Balancer, Batch
 from .registry import register_balancer
 
@@ -243,15 +243,11 @@ class UMT(Balancer):
 
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
         """The fused CE plus ``scaling`` times the summed feature MSEs to the teachers."""
-        if out.features is None:
-            raise ValueError(
-                "umt distils encoder features but the model's output has features=None. Return "
-                "MultimodalOutput(logits, unimodal_logits, features={modality: pooled (B, d) feature})."
-            )
+        features = output_features(out, "umt distils the encoder features")
         teach = self.teacher_features(batch or {})  # needs_batch: the base class checked batch is given
         mse = []
         for m in self.modalities:
-            z, t = out.features[m], teach[m]
+            z, t = features[m], teach[m]
             if z.shape != t.shape:
                 raise ValueError(
                     f"umt: the teacher of {m!r} gives features of shape {tuple(t.shape)}, the student "
