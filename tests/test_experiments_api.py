@@ -271,10 +271,10 @@ RUN_FILES = (*RUN_OUTPUTS, "config.yaml", "results.json", "results.csv", "result
 
 
 def test_run_file_names_live_in_their_folder_modules_only() -> None:
-    """``RunFolder`` and ``reporting.folders`` name the files; the rest of the package asks them. No code
+    """``utils.run_files`` and ``reporting.folders`` name the files; the rest of the package asks them. No code
     string of the experiments, the reporting, the CLI and the run-file side of the engine names a file;
     nowhere in the package is a path built from such a name."""
-    homes = {PACKAGE / "engine" / "run_folder.py", PACKAGE / "reporting" / "folders.py"}
+    homes = {PACKAGE / "utils" / "run_files.py", PACKAGE / "reporting" / "folders.py"}
     own = set(_own_files()) - homes
     for path in sorted(set(PACKAGE.rglob("*.py")) - homes):
         for text in _code_strings(ast.parse(path.read_text())):

@@ -122,9 +122,7 @@ def test_a_learning_rate_warm_up_from_zero_is_no_false_alarm() -> None:
     """lr 0 for every group: nothing moves, so nothing can be told yet; heads left out are found once the
     model moves, within twice the warm-up."""
     model, bal = _build("multitask")
-    _loop(
-        "multitask", [torch.optim.SGD([*model.parameters(), *bal.parameters()])], bal, model, 12, [0.0] * 5
-    )
+    _loop("multitask", [torch.optim.SGD([*model.parameters(), *bal.parameters()])], bal, model, 12, [0.0] * 5)
     model, bal = _build("multitask")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _loop("multitask", [opt], bal, model, 6, [0.0] * 5)  # during the warm-up: no verdict

@@ -17,13 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..types import MultimodalOutput, output_features
+from ..utils.run_files import BEST
 from .base import Balancer, Batch
 from .registry import register_balancer
 
 log = logging.getLogger(__name__)
-
-BEST = "best.pt"
-"""The checkpoint of a run folder's selected epoch (what ``equimodal train`` writes)."""
 
 Teacher = str | os.PathLike | nn.Module | Mapping[str, Tensor]
 

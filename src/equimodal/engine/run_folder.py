@@ -37,34 +37,21 @@ from ..utils.io import (
     read_npz,
     read_text,
 )
+from ..utils.run_files import (
+    BEST,
+    CONFIG,
+    CURVES,
+    LAST,
+    METRICS,
+    PREDICTIONS,
+    REPORT,
+    RUN_OUTPUTS,
+    SKIPPED,
+    STEPS,
+    SUMMARY,
+    TENSORBOARD,
+)
 from .config import Config, save_config
-
-CONFIG = "config.yaml"
-"""The resolved config, written when the run starts."""
-METRICS = "metrics.csv"
-"""One row per finished epoch."""
-STEPS = "steps.csv"
-"""The balancer's statistics every ``train.stats_every`` optimizer steps."""
-SUMMARY = "summary.json"
-"""The selected epoch's figures; written last, so it marks a finished run."""
-PREDICTIONS = "predictions.npz"
-"""The selected epoch's val and test logits and labels, the training label counts, the class names."""
-LAST = "last.pt"
-"""The checkpoint to resume from."""
-BEST = "best.pt"
-"""The selected epoch's model and balancer."""
-SKIPPED = "skipped.csv"
-"""The dataset rows skipped as unusable (only when there were any)."""
-CURVES = "curves.png"
-"""The learning curves ``equimodal report --out`` draws by default."""
-REPORT = "report.html"
-"""The page ``equimodal report`` writes by default."""
-TENSORBOARD = "tensorboard"
-"""The folder of TensorBoard event files (``train.tensorboard=true``)."""
-
-RUN_OUTPUTS = (LAST, BEST, METRICS, STEPS, SUMMARY, PREDICTIONS, SKIPPED, CURVES, REPORT)
-"""What a run (and ``equimodal report`` on it) writes into its folder, besides its config and
-TensorBoard's folder."""
 
 RESUME_FIX = (
     f"Rerun `equimodal train` with the run's {CONFIG} and --out set to its folder: it resumes from "
