@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands behind docs/results.md (resumable: rerunning skips finished runs).
-# About 45 minutes on 2 CPU cores in all (measured: tuning 6 min, mfeat/AV-Digits 18 min, AVD-hard 20 min). Run from the repository root with the venv active.
+# About 95 minutes on 2 CPU cores in all (measured: tuning 6 min, mfeat/AV-Digits 18 min, AVD-hard 20 min, step 5 about 50 min). Run from the repository root with the venv active.
 set -euo pipefail
 ALL=none,ogm,ogm_ge,agm,pmr,mmpareto,gblending,mslr,mla,amss,amss_plus,uniform_mask
 JOBS=${JOBS:-2}
@@ -38,3 +38,20 @@ for run in avdh mfeat_pixfou mfeat_facmor avdigits mfeat_all; do
   python benchmarks/balancer_stats.py "runs/$run" mmpareto --keys conflict/
 done
 python benchmarks/balancer_stats.py runs/avdh mmpareto_shared --keys conflict/
+
+# 5. The methods added last, with joint training, the multitask baseline and AMSS+ (default and former
+#    weights), 5 seeds on four tasks (about 50 minutes on 2 cores); umt needs per-seed teacher runs and is
+#    not in these tables. Mechanism figures: balancer_stats.py with each method's keys (docs/results.md).
+NEW=none,multitask,dgl,inforeg,lfm,opm,ogm_plus,mmcosine,cml,mbsd,cggm,amco,ume,amss_plus
+FORMER="amss_plus_former:balancer.name=amss_plus,balancer.options.score_floor=0,balancer.options.max_weight=10"
+equimodal compare avdigits_hard --balancers "$NEW" --seeds 5 --out runs/new_avdh --jobs "$JOBS" --variant "$FORMER"
+equimodal compare avdigits_hard --set data.options.audio_noise=0.5 --balancers "$NEW" --seeds 5 \
+  --out runs/new_cremadlike --jobs "$JOBS" --variant "$FORMER"
+equimodal compare --dataset mfeat --balancers "$NEW" --seeds 5 --out runs/new_mfeat_pixfou --jobs "$JOBS" --variant "$FORMER"
+equimodal compare --dataset mfeat --set data.options.views=fac,mor --balancers "$NEW" --seeds 5 \
+  --out runs/new_mfeat_facmor --jobs "$JOBS" --variant "$FORMER"
+for run in new_avdh new_cremadlike new_mfeat_pixfou new_mfeat_facmor; do
+  python benchmarks/paired_table.py "runs/$run" \
+    --labels multitask,dgl,inforeg,lfm,opm,ogm_plus,mmcosine,cml,mbsd,cggm,amco,ume,amss_plus,amss_plus_former
+  python benchmarks/balancer_stats.py "runs/$run" amco opm dgl cggm inforeg lfm mbsd cml ogm_plus
+done
