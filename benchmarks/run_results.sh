@@ -54,4 +54,5 @@ for run in new_avdh new_cremadlike new_mfeat_pixfou new_mfeat_facmor; do
   python benchmarks/paired_table.py "runs/$run" \
     --labels multitask,dgl,inforeg,lfm,opm,ogm_plus,mmcosine,cml,mbsd,cggm,amco,ume,amss_plus,amss_plus_former
   python benchmarks/balancer_stats.py "runs/$run" amco opm dgl cggm inforeg lfm mbsd cml ogm_plus
+  python benchmarks/paired_table.py "runs/$run" --labels amss_plus --reference amss_plus_former  # weights
 done
