@@ -342,3 +342,50 @@ def test_a_damaged_recorded_config_is_a_difference_naming_the_file(tmp_path) -> 
     (folder.path / "config.yaml").unlink()
     (folder.path / "summary.json").write_text('{"config": {"optim"')
     assert list(folder.recorded_config() or {}) == ["(summary.json is damaged: truncated or not JSON)"]
+
+
+# ---------------------------------------------------------------- umt reads the unimodal runs of its seed
+
+
+def test_compare_trains_umt_after_the_unimodal_runs_of_its_seed_and_points_it_at_them(tmp_path) -> None:
+    result = _compare(tmp_path, balancers=("umt",), seeds=2, references=True, console=Console(quiet=True))
+    assert result.failures == []
+    for seed in (0, 1):
+        run = tmp_path / "umt" / f"seed{seed}"
+        teachers = json.loads((run / "summary.json").read_text())["config"]["balancer"]["options"]["teachers"]
+        assert teachers == {m: str(tmp_path / f"unimodal_{m}" / f"seed{seed}") for m in ("fac", "mor")}
+        # the teachers had finished when umt started: their summaries are older than umt's first checkpoint
+        for folder in teachers.values():
+            assert RunFolder(folder).summary.stat().st_mtime <= (run / "config.yaml").stat().st_mtime
+    assert "umt" in {row["method"] for row in result.rows}
+    again = _compare(tmp_path, balancers=("umt",), seeds=2, references=True)  # all finished: nothing trains
+    assert again.failures == [] and again.rows == result.rows
+
+
+def test_compare_refuses_umt_without_references_unless_teachers_are_given(tmp_path) -> None:
+    with pytest.raises(
+        ValueError, match=r"umt/seed0: balancer 'umt' reads unimodal runs .*drop --no-references"
+    ):
+        _compare(tmp_path, balancers=("umt",))
+    assert not (tmp_path / "umt").exists()
+
+
+def test_a_failed_unimodal_run_leaves_umt_of_that_seed_unstarted_and_named(tmp_path, monkeypatch) -> None:
+    from equimodal.experiments import comparison
+    from equimodal.experiments.execution import RunFailure
+
+    real = comparison.execute_runs
+    calls = []
+
+    def first_wave_fails_mor(out, specs, *a, **kw):
+        expected, failures = real(out, [s for s in specs if s.label != "unimodal_mor"], *a, **kw)
+        calls.append([s.name for s in specs])
+        lost = [s for s in specs if s.label == "unimodal_mor"]
+        failures += [RunFailure(tmp_path / s.label / f"seed{s.seed}", "RuntimeError: x") for s in lost]
+        return {**expected, **{s: run_config(None, s) for s in lost}}, failures
+
+    monkeypatch.setattr(comparison, "execute_runs", first_wave_fails_mor)
+    result = _compare(tmp_path, balancers=("umt",), references=True)
+    assert "umt/seed0" not in calls[0] and calls[1] == []
+    umt = [f for f in result.failures if f.folder == tmp_path / "umt" / "seed0"]
+    assert len(umt) == 1 and "unimodal run" in umt[0].error and "unimodal_mor" in umt[0].error

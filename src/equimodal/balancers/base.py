@@ -154,6 +154,9 @@ class Balancer:
     optimizers, which cancel most of such a factor. ``step_host_reads`` is the number of host reads a step
     that logs nothing needs by the method's nature (a host decision; 0 for every built-in method), which
     the contract suite holds it to (:func:`~equimodal.testing.check_host_reads`); say why where you set it.
+    ``unimodal_runs_option`` names an option that takes ``{modality: folder of a finished unimodal run of
+    the same data, model and seed}`` (UMT's teachers): ``equimodal compare`` fills it with its own
+    reference runs and trains those first.
     """
 
     name: ClassVar[str] = "base"
@@ -161,6 +164,7 @@ class Balancer:
     micro_batch_statistics: ClassVar[bool] = False
     scales_gradients: ClassVar[bool] = False
     step_host_reads: ClassVar[int] = 0
+    unimodal_runs_option: ClassVar[str | None] = None
     heldout_fraction: float = 0.0
     unused_parameters: bool = False
 

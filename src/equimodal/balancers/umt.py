@@ -167,6 +167,7 @@ class UMT(Balancer):
     """
 
     needs_batch: ClassVar[bool] = True
+    unimodal_runs_option: ClassVar[str | None] = "teachers"
 
     def __init__(
         self,
@@ -201,7 +202,7 @@ class UMT(Balancer):
             raise ValueError(
                 f"Balancer 'umt' needs option 'teachers', a frozen unimodal teacher for every modality {mods}; "
                 f"found {found!r}. Train one unimodal run per modality of the same data, model and seed "
-                f"(`equimodal compare` writes them as OUT/unimodal_<modality>/seed<k>, or "
+                f"(`equimodal compare --balancers umt` trains them as its reference rows and sets this option itself; or "
                 f"`{_teacher_command(mods[0])}`), then pass --set 'balancer.options.teachers={{{example}}}'."
             )
         built = {}

@@ -33,7 +33,19 @@ from ..reporting.folders import ComparisonFiles
 from ..reporting.tables import table_notes
 from ..utils.claim import claim_folder
 from .execution import RunFailure, execute_runs
-from .specs import RunSpec, Variant, check_count, check_seeds, parse_variant, run_dirs, run_specs
+from .specs import (
+    RunSpec,
+    Variant,
+    check_count,
+    check_seeds,
+    fill_unimodal_runs,
+    parse_variant,
+    run_config,
+    run_dir,
+    run_dirs,
+    run_specs,
+    unimodal_run_label,
+)
 from .tables import ComparisonTable, comparison_table
 
 DEFAULT_BALANCERS = ("none", "amss", "amss_plus")
@@ -193,15 +205,56 @@ def compare(
         config, dataset, (balancers, variants, references), seeds, overrides
     )
     out, console = Path(out), console or Console(quiet=True)
+    waves = fill_unimodal_runs(out, specs, source, modalities, references)
+    position = {s.name: i for i, s in enumerate(specs)}
+    specs = sorted([*waves[0], *waves[1]], key=lambda s: position[s.name])  # the table's row order
     console.print(f"Recipe: {describe_recipe(source, cfg)}", highlight=False, markup=False)
     with claim_folder(out):  # one comparison per folder: a second is refused, naming this one
         expected, failures = execute_runs(
-            out, specs, source, jobs=jobs, threads=threads, overwrite=overwrite, console=console
+            out, waves[0], source, jobs=jobs, threads=threads, overwrite=overwrite, console=console
         )
+        if waves[1]:  # the runs that read the unimodal runs of their seed, once those have finished
+            ready, missing = _teachers_ready(out, waves[1], failures, modalities)
+            console.print(
+                f"Then the runs that read the unimodal runs of their seed ({_labels(waves[1])}):",
+                highlight=False, markup=False,
+            )  # fmt: skip
+            failures += missing
+            more, failed = execute_runs(
+                out, ready, source, jobs=jobs, threads=threads, overwrite=overwrite, console=console
+            )
+            expected, failures = {**expected, **more}, failures + failed
+            expected.update({s: run_config(source, s) for s in waves[1] if s not in expected})  # not started
         table = summarise(out, specs, modalities, references, expected)
     spread = "1 seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
     title = f"{cfg.data.name}: test metrics, {spread} (epoch chosen on val)"
     return _result(title, seeds, table, (out, specs, failures))
+
+
+def _labels(specs: Sequence[RunSpec]) -> str:
+    """The distinct row labels of ``specs``, in order, comma-separated."""
+    return ", ".join(dict.fromkeys(s.label for s in specs))
+
+
+def _teachers_ready(
+    out: Path, specs: Sequence[RunSpec], failures: Sequence[RunFailure], modalities: Sequence[str]
+) -> tuple[list[RunSpec], list[RunFailure]]:
+    """The runs of ``specs`` whose unimodal runs of the same seed did not fail, and a failure for each of
+    the others (naming the unimodal run that failed: rerun to retry both)."""
+    failed = {Path(f.folder) for f in failures}
+    ready, missing = [], []
+    for spec in specs:
+        lost = [
+            d
+            for d in (run_dir(out, RunSpec(unimodal_run_label(m), (), spec.seed)) for m in modalities)
+            if d in failed
+        ]
+        if lost:
+            why = f"not started: its unimodal run {lost[0]} failed (rerun to retry both)"
+            missing.append(RunFailure(run_dir(out, spec), why))
+        else:
+            ready.append(spec)
+    return ready, missing
 
 
 def _result(

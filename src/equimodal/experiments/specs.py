@@ -8,8 +8,9 @@ experiment only when its summary holds exactly that config (:func:`finished_summ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def run_specs(
             labels.append(("none", ("balancer.name=none",)))
         labels.append(("none_adam", ("balancer.name=none", *ADAM_OVERRIDES)))
         labels += [
-            (f"unimodal_{m}", ("balancer.name=unimodal", f"balancer.options.modality={m}"))
+            (unimodal_run_label(m), ("balancer.name=unimodal", f"balancer.options.modality={m}"))
             for m in modalities
         ]
     for seed in range(seeds):
@@ -148,3 +149,40 @@ def finished_summary(
     if expected is not None and summary.get("config") != expected:
         return None
     return summary
+
+
+def unimodal_run_label(modality: str) -> str:
+    """The reference row of ``modality`` trained alone (``unimodal_<modality>``)."""
+    return f"unimodal_{modality}"
+
+
+def fill_unimodal_runs(
+    out: Path, specs: Sequence[RunSpec], config: str | None, modalities: Sequence[str], references: bool
+) -> tuple[list[RunSpec], list[RunSpec]]:
+    """The runs in two waves: those that need nothing first, then the runs whose balancer reads unimodal
+    runs of its own seed (``Balancer.unimodal_runs_option``, UMT's ``teachers``) with that option set to
+    the comparison's reference runs ``OUT/unimodal_<m>/seed<k>`` where the run does not set it itself.
+
+    Raises:
+        ValueError: such a run without the reference rows (``references=False``) and without the option.
+    """
+    from ..balancers import get_balancer_class
+
+    first: list[RunSpec] = []
+    second: list[RunSpec] = []
+    for spec in specs:
+        balancer = run_config(config, spec)["balancer"]
+        option = get_balancer_class(balancer["name"]).unimodal_runs_option
+        if option is None or balancer.get("options", {}).get(option) is not None:
+            first.append(spec)
+            continue
+        if not references:
+            raise ValueError(
+                f"run {spec.name}: balancer {balancer['name']!r} reads unimodal runs of its own seed (option "
+                f"{option!r}), which compare trains as its reference rows; drop --no-references, or set "
+                f"balancer.options.{option} in the row's overrides."
+            )
+        folders = {m: str(run_dir(out, RunSpec(unimodal_run_label(m), (), spec.seed))) for m in modalities}
+        value = json.dumps(folders)  # JSON is YAML: the override parser reads it as a mapping
+        second.append(replace(spec, overrides=(*spec.overrides, f"balancer.options.{option}={value}")))
+    return first, second
