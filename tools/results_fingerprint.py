@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import equimodal as em
+from equimodal.balancers import get_balancer_class
 from equimodal.engine.config import load_config
 from equimodal.engine.trainer import train
 
@@ -68,15 +69,24 @@ def main() -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", help="write the fingerprint to this JSON file")
     g.add_argument("--check", help="compare with a fingerprint written before")
-    p.add_argument("--balancers", help="comma-separated names (default: every registered balancer)")
+    p.add_argument(
+        "--balancers",
+        help="comma-separated names (default: those of --check's file, or every registered balancer "
+        "that trains without other runs)",
+    )
     args = p.parse_args()
-    names = args.balancers.split(",") if args.balancers else em.list_balancers()
+    before = json.loads(Path(args.check).read_text()) if args.check else None
+    if args.balancers:
+        names = args.balancers.split(",")
+    elif before is not None:  # the balancers the reference holds
+        names = sorted({key.split("/", 1)[1] for key in before})
+    else:  # every registered one that trains alone (umt reads unimodal runs first)
+        names = [n for n in em.list_balancers() if get_balancer_class(n).unimodal_runs_option is None]
     now = fingerprint(names)
-    if args.write:
+    if before is None:
         Path(args.write).write_text(json.dumps(now, indent=1, sort_keys=True))
         print(f"{len(now)} runs written to {args.write}")
         return 0
-    before = json.loads(Path(args.check).read_text())
     differ = [k for k in now if before.get(k) != json.loads(json.dumps(now[k]))]
     missing = [k for k in before if k not in now]
     for k in differ:

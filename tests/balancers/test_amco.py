@@ -147,7 +147,7 @@ def test_fusions_whose_logits_are_not_the_sum_are_refused(fusion: str) -> None:
     ("options", "match"),
     [
         ({"sigma": 1.5}, r"'sigma' must be a finite number in \[0, 1\], found 1.5"),
-        ({"eps": 0.0}, r"'eps' must be a finite number in \(0, inf\), found 0.0"),
+        ({"eps": 0.0}, r"'eps' must be a finite number > 0, found 0.0"),
         ({"rate": -0.1}, "'rate' must be a finite number"),
         ({"uni_weight": float("inf")}, "'uni_weight' must be a finite number"),
     ],

@@ -248,7 +248,7 @@ def test_a_non_finite_step_is_not_clipped() -> None:
     [
         ({"alpha": 0.0}, "'alpha' must be a finite number > 0, found 0.0"),
         ({"alpha": float("nan")}, "'alpha'"),
-        ({"clip_norm": -1.0}, "'clip_norm' must be a number > 0 or None"),
+        ({"clip_norm": -1.0}, "'clip_norm' must be a finite number > 0 or None"),
         ({"unimodal_bias": "half"}, "'unimodal_bias' must be one of 'full', 'share', found 'half'"),
         ({"heads": "own"}, "'heads' must be one of 'shared', 'separate', found 'own'"),
     ],

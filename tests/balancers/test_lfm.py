@@ -280,12 +280,12 @@ def test_heads_follow_the_fusion() -> None:
         ({"divergence": "kl"}, "'divergence' must be one of 'js', 'official', found 'kl'"),
         ({"hypergrad_params": "last"}, "'hypergrad_params' must be one of 'first', 'all', found 'last'"),
         ({"heads": "own"}, "'heads' must be one of 'shared', 'separate', found 'own'"),
-        ({"alpha_bounds": (0.9, 0.1)}, "alpha_bounds must be"),
-        ({"alpha_init": 0.99}, r"alpha_init must lie in alpha_bounds \[0.05, 0.95\], found 0.99"),
-        ({"alpha_lr": -1.0}, "alpha_lr must be a finite number >= 0, found -1.0"),
-        ({"alpha_halving": 0}, "alpha_halving must be a positive integer, found 0"),
-        ({"heldout_samples": 0}, "heldout_samples must be a positive integer, found 0"),
-        ({"heldout_fraction": 1.0}, r"heldout_fraction must lie in \(0, 1\), found 1.0"),
+        ({"alpha_bounds": (0.9, 0.1)}, "'alpha_bounds' must be"),
+        ({"alpha_init": 0.99}, r"'alpha_init' must be a finite number in \[0.05, 0.95\], found 0.99"),
+        ({"alpha_lr": -1.0}, "'alpha_lr' must be a finite number >= 0, found -1.0"),
+        ({"alpha_halving": 0}, "'alpha_halving' must be an integer >= 1, found 0"),
+        ({"heldout_samples": 0}, "'heldout_samples' must be an integer >= 1, found 0"),
+        ({"heldout_fraction": 1.0}, r"'heldout_fraction' must be a finite number in \(0, 1\), found 1.0"),
     ],
 )
 def test_bad_options_are_refused(options: dict, message: str) -> None:

@@ -104,7 +104,7 @@ def test_refuses_bad_options() -> None:
     for options, words in (
         ({"weight": -1.0}, "option 'weight' must be a finite number >= 0, found -1.0"),
         ({"adapt": "always"}, "adapt"),
-        ({"normalize": 2.0}, "'normalize' must lie in [0, 1]"),
+        ({"normalize": 2.0}, "'normalize' must be a finite number in [0, 1]"),
         ({"max_weight": 0.5}, "option 'max_weight' must be a finite number >= 1"),
         ({"max_scale": 0.5}, "option 'max_scale' must be"),
     ):

@@ -249,9 +249,9 @@ def test_a_fusion_called_with_something_else_is_refused() -> None:
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("q_base", 1.5, r"q_base must be a number in \[0, 1\], found 1.5"),
-        ("p_exe", -0.1, r"p_exe must be a number in \[0, 1\], found -0.1"),
-        ("lam", float("nan"), r"lam must be a number >= 0, found nan"),
+        ("q_base", 1.5, r"'q_base' must be a finite number in \[0, 1\], found 1.5"),
+        ("p_exe", -0.1, r"'p_exe' must be a finite number in \[0, 1\], found -0.1"),
+        ("lam", float("nan"), r"'lam' must be a finite number >= 0, found nan"),
         ("reference", "median", r"option 'reference' must be one of .*found 'median'"),
     ],
 )
@@ -338,5 +338,5 @@ def test_ogm_plus_multiplies_the_weak_modalitys_gradients_by_boost() -> None:
 def test_ogm_plus_refuses_alpha_and_a_bad_boost() -> None:
     with pytest.raises(ValueError, match=r"ogm_plus has no option alpha.*use boost="):
         em.create_balancer("ogm_plus", make_toy_model(2), alpha=0.8)
-    with pytest.raises(ValueError, match=r"boost must be a positive finite number, found 0"):
+    with pytest.raises(ValueError, match=r"'ogm_plus' option 'boost' must be a finite number > 0, found 0"):
         em.create_balancer("ogm_plus", make_toy_model(2), boost=0)

@@ -188,7 +188,7 @@ def test_ogm_conv_mode_refuses_encoders_without_convolutions() -> None:
         em.create_balancer("ogm", model, modulate="conv")
     with pytest.raises(ValueError, match="reference.? must be one of"):
         em.create_balancer("ogm", model, reference="median")
-    with pytest.raises(ValueError, match="alpha must be"):
+    with pytest.raises(ValueError, match="'alpha' must be"):
         em.create_balancer("ogm", model, alpha=-1.0)
 
 

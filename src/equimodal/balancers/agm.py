@@ -202,14 +202,11 @@ class AGM(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(
-                f"alpha must be a positive finite number, found {alpha!r} (the authors use 1.5-4.0)."
-            )
-        if max_gap is not None and not (isinstance(max_gap, (int, float)) and math.isfinite(max_gap)):
-            raise ValueError(f"max_gap must be a finite number or None (no cap), found {max_gap!r}.")
-        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-            raise ValueError(f"clip must be a positive number or None (no clipping), found {clip!r}.")
+        alpha = self.check_option("alpha", alpha, low=0, open_low=True, hint="the authors use 1.5-4.0")
+        max_gap = self.check_option("max_gap", max_gap, allow_none=True, hint="None: no cap")
+        clip = self.check_option(
+            "clip", clip, low=0, open_low=True, allow_none=True, hint="None: no clipping"
+        )
         self.alpha = float(alpha)
         self.max_gap = None if max_gap is None else float(max_gap)
         self.clip = None if clip is None else float(clip)

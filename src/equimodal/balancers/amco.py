@@ -92,18 +92,10 @@ class AMCo(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, end_epoch=end_epoch, **options)
-        for key, value, low, high in (
-            ("sigma", sigma, 0.0, 1.0),
-            ("eps", eps, 0.0, math.inf),
-            ("rate", rate, 0.0, math.inf),
-            ("uni_weight", uni_weight, 0.0, math.inf),
-        ):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not (ok and low <= value <= high and (key not in ("eps",) or value > 0)):
-                bounds = "in (0, inf)" if key == "eps" else f"in [{low:g}, {high:g}]"
-                raise ValueError(
-                    f"Balancer 'amco' option {key!r} must be a finite number {bounds}, found {value!r}."
-                )
+        sigma = self.check_option("sigma", sigma, low=0, high=1)
+        eps = self.check_option("eps", eps, low=0, open_low=True)
+        rate = self.check_option("rate", rate, low=0)
+        uni_weight = self.check_option("uni_weight", uni_weight, low=0)
         fusion = getattr(model, "fusion", None)
         name = getattr(type(fusion), "name", type(fusion).__name__)
         if getattr(model, "auxiliary_heads", False) or (fusion is not None and name not in ("concat", "sum")):

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from ..distributed import Reduce, all_reduce_grads, make_generator
 from ..types import MultimodalOutput, check_output, modality_names
 from .epoch_data import EpochData
+from .options import checked_option
 from .state import Declared
 from .step_check import StepCheck
 
@@ -195,6 +196,14 @@ class Balancer:
         self._epoch_set = False
         self._prepared_epoch: int | None = None
         self._optimizer_warned = False
+
+    def check_option(self, key: str, value: Any, **rules: Any) -> Any:
+        """``value`` of option ``key`` if it follows ``rules``, else a ValueError in the one format,
+        ``Balancer 'NAME' option 'KEY' must be EXPECTED, found VALUE.`` The rules
+        (:func:`~equimodal.balancers.options.checked_option`): ``choices``, or a finite number with
+        ``low`` / ``high`` (``open_low`` / ``open_high`` to exclude them) and ``integer``; ``allow_none``;
+        ``hint``, said after the value. A number comes back as ``float`` (``int`` with ``integer``)."""
+        return checked_option(self.name, key, value, **rules)
 
     # ------------------------------------------------------------------ what a driver must do
     @classmethod

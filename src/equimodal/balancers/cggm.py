@@ -11,7 +11,6 @@ not cancel as it cancels a constant factor).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -138,21 +137,12 @@ class CGGM(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        for key, value, low in (("rho", rho, 0.0), ("lam", lam, 0.0)):
-            if isinstance(value, bool) or not (
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= low
-            ):
-                raise ValueError(
-                    f"Balancer 'cggm' option {key!r} must be a finite number >= {low:g}, found {value!r} "
-                    "(the authors use rho=1.3, lam=0.05 or 0.2)."
-                )
-        if zero_sum not in ZERO_SUMS:
-            raise ValueError(
-                f"Balancer 'cggm' option 'zero_sum' must be one of {ZERO_SUMS}, found {zero_sum!r}."
-            )
-        if not isinstance(stale, bool):
-            raise ValueError(f"Balancer 'cggm' option 'stale' must be True or False, found {stale!r}.")
-        self.rho, self.lam, self.stale, self.zero_sum = float(rho), float(lam), stale, zero_sum
+        authors = "the authors use rho=1.3, lam=0.05 or 0.2"
+        rho = self.check_option("rho", rho, low=0, hint=authors)
+        lam = self.check_option("lam", lam, low=0, hint=authors)
+        zero_sum = self.check_option("zero_sum", zero_sum, choices=ZERO_SUMS)
+        stale = self.check_option("stale", stale, choices=(True, False))
+        self.rho, self.lam, self.stale, self.zero_sum = rho, lam, stale, zero_sum
         self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
         blocks, _ = head_blocks(model, self.modalities)
         self.blocks: dict[str, tuple[nn.Parameter, slice]] = {m: b[0] for m, b in blocks.items() if b}

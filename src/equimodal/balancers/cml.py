@@ -3,7 +3,6 @@ must not rise when a modality is removed."""
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Literal
 
@@ -99,18 +98,10 @@ class CML(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"Balancer 'cml' option 'lam' must be a finite number >= 0, found {lam!r}.")
-        if subsets not in ("chain", "each"):
-            raise ValueError(f"Balancer 'cml' option 'subsets' must be 'chain' or 'each', found {subsets!r}.")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"Balancer 'cml' option 'reduction' must be 'mean' or 'sum', found {reduction!r}."
-            )
-        if mask not in ("auto", "features", "logits"):
-            raise ValueError(
-                f"Balancer 'cml' option 'mask' must be 'auto', 'features' or 'logits', found {mask!r}."
-            )
+        lam = self.check_option("lam", lam, low=0)
+        subsets = self.check_option("subsets", subsets, choices=("chain", "each"))
+        reduction = self.check_option("reduction", reduction, choices=("mean", "sum"))
+        mask = self.check_option("mask", mask, choices=("auto", "features", "logits"))
         has_fusion = isinstance(getattr(model, "fusion", None), nn.Module)
         if mask == "auto":
             mask = "features" if has_fusion else "logits"
@@ -127,7 +118,7 @@ class CML(Balancer):
                 "but this model's fusion computes them with auxiliary heads on detached features "
                 "(model.auxiliary_heads is True): use mask='features'."
             )
-        self.lam, self.subsets, self.reduction, self.mask = float(lam), subsets, reduction, mask
+        self.lam, self.subsets, self.reduction, self.mask = lam, subsets, reduction, mask
 
     def removal_order(self) -> list[str]:
         """This step's order of removal (``"chain"``), from the seed and the step count: no host read."""

@@ -3,7 +3,6 @@ Learning", ICCV 2025)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -100,29 +99,25 @@ class DGL(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if isinstance(alpha, bool) or not (
-            isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0
-        ):
-            raise ValueError(
-                f"Balancer 'dgl' option 'alpha' must be a finite number > 0, found {alpha!r} (the authors "
-                "use 4 or 5 on CREMA-D)."
-            )
-        if clip_norm is not None and (
-            isinstance(clip_norm, bool) or not (isinstance(clip_norm, (int, float)) and clip_norm > 0)
-        ):
-            raise ValueError(
-                f"Balancer 'dgl' option 'clip_norm' must be a number > 0 or None (no clipping), found "
-                f"{clip_norm!r} (the authors clip to 40)."
-            )
-        if unimodal_bias not in ("full", "share"):
-            raise ValueError(
-                f"Balancer 'dgl' option 'unimodal_bias' must be 'full' or 'share', found {unimodal_bias!r}."
-            )
-        if heads not in (None, "shared", "separate"):
-            raise ValueError(
-                f"Balancer 'dgl' option 'heads' must be 'shared', 'separate' or None (shared where the "
-                f"fusion can be split), found {heads!r}."
-            )
+        alpha = self.check_option(
+            "alpha", alpha, low=0, open_low=True, hint="the authors use 4 or 5 on CREMA-D"
+        )
+        clip_norm = self.check_option(
+            "clip_norm",
+            clip_norm,
+            low=0,
+            open_low=True,
+            allow_none=True,
+            hint="None: no clipping; the authors clip to 40",
+        )
+        unimodal_bias = self.check_option("unimodal_bias", unimodal_bias, choices=("full", "share"))
+        heads = self.check_option(
+            "heads",
+            heads,
+            choices=("shared", "separate"),
+            allow_none=True,
+            hint="None: shared where the fusion can be split",
+        )
         fusion = getattr(model, "fusion", None)
         self.fusion: nn.Module | None = fusion if isinstance(fusion, nn.Module) else None
         aux = bool(getattr(model, "auxiliary_heads", False))

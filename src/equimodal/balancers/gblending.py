@@ -123,20 +123,15 @@ class GradientBlending(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        choices = {"mode": (mode, ("online", "offline")), "estimator": (estimator, ("delta", "multibench"))}
-        choices["copy_optimizer"] = (copy_optimizer, ("adamw", "adam", "sgd"))
-        for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ValueError(f"{key} must be one of {valid}, found {value!r}.")
-        for key, value in {
-            "super_epoch": super_epoch,
-            "super_epoch_len": super_epoch_len,
-            "max_batches": max_batches,
-        }.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive integer, found {value!r}.")
-        if not copy_lr > 0:
-            raise ValueError(f"copy_lr must be > 0, found {copy_lr}.")
+        mode = self.check_option("mode", mode, choices=("online", "offline"))
+        estimator = self.check_option("estimator", estimator, choices=("delta", "multibench"))
+        copy_optimizer = self.check_option("copy_optimizer", copy_optimizer, choices=("adamw", "adam", "sgd"))
+        super_epoch = self.check_option("super_epoch", super_epoch, low=1, integer=True)
+        super_epoch_len = self.check_option(
+            "super_epoch_len", super_epoch_len, low=1, integer=True, allow_none=True
+        )
+        max_batches = self.check_option("max_batches", max_batches, low=1, integer=True, allow_none=True)
+        copy_lr = self.check_option("copy_lr", copy_lr, low=0, open_low=True)
         self.mode, self.estimator, self.copy_optimizer = mode, estimator, copy_optimizer
         self.super_epoch, self.copy_lr, self.max_batches = super_epoch, float(copy_lr), max_batches
         self.super_epoch_len = super_epoch_len or super_epoch

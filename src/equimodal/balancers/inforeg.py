@@ -8,7 +8,6 @@ small functions that the fidelity tests re-enact against the authors' ``main.py`
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -182,29 +181,19 @@ class InfoReg(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if rule not in PRESETS:
-            raise ValueError(f"Balancer 'inforeg' option 'rule' must be 'paper' or 'code', found {rule!r}.")
+        self.check_option("rule", rule, choices=tuple(PRESETS))
         preset = PRESETS[rule]
         self.rule = rule
-        self.threshold = _number("threshold", preset["threshold"] if threshold is None else threshold)
-        self.beta = _number("beta", preset["beta"] if beta is None else beta, low=0.0)
-        self.unimodal_loss = _number(
-            "unimodal_loss", preset["unimodal_loss"] if unimodal_loss is None else unimodal_loss, low=0.0
-        )
-        self.score = preset["score"] if score is None else score
-        if self.score not in ("mean", "sum"):
-            raise ValueError(f"Balancer 'inforeg' option 'score' must be 'mean' or 'sum', found {score!r}.")
-        self.trace = preset["trace"] if trace is None else trace
-        if self.trace not in ("sum", "layer_mean"):
-            raise ValueError(
-                f"Balancer 'inforeg' option 'trace' must be 'sum' or 'layer_mean', found {trace!r}."
-            )
-        smoothing = preset["smoothing"] if smoothing is None else smoothing
-        if isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1:
-            raise ValueError(
-                f"Balancer 'inforeg' option 'smoothing' must be an integer >= 1 (epochs), found {smoothing!r}."
-            )
-        self.smoothing = smoothing
+
+        def given(key: str, value: Any) -> Any:  # the option, or the rule's value where it is None
+            return preset[key] if value is None else value
+
+        self.threshold = self.check_option("threshold", given("threshold", threshold))
+        self.beta = self.check_option("beta", given("beta", beta), low=0)
+        self.unimodal_loss = self.check_option("unimodal_loss", given("unimodal_loss", unimodal_loss), low=0)
+        self.score = self.check_option("score", given("score", score), choices=("mean", "sum"))
+        self.trace = self.check_option("trace", given("trace", trace), choices=("sum", "layer_mean"))
+        self.smoothing = self.check_option("smoothing", given("smoothing", smoothing), low=1, integer=True)
         self.trace_includes_proximal = bool(
             preset["trace_includes_proximal"] if trace_includes_proximal is None else trace_includes_proximal
         )
@@ -257,9 +246,9 @@ class InfoReg(Balancer):
                     f"Balancer 'inforeg' option 'scale' needs one value per modality "
                     f"({', '.join(self.modalities)}); found unknown {unknown} and missing {missing}."
                 )
-            values = [_number(f"scale[{m}]", value[m], low=0.0) for m in self.modalities]
+            values = [self.check_option(f"scale[{m}]", value[m], low=0) for m in self.modalities]
         else:
-            values = [_number("scale", value, low=0.0)] * len(self.modalities)
+            values = [self.check_option("scale", value, low=0)] * len(self.modalities)
         return torch.tensor(values)
 
     def _layer_weights(self, modality: str) -> list[nn.Parameter]:
@@ -354,14 +343,3 @@ class InfoReg(Balancer):
         source = self.layers if self.trace == "layer_mean" else self.targets
         grads = [[p.grad for p in source[m] if p.grad is not None] for m in self.modalities]
         return fisher_traces(grads, self.trace, self.epoch_trace.device)
-
-
-def _number(key: str, value: Any, *, low: float | None = None) -> float:
-    """``value`` as a float, or a ValueError naming the option, what was expected and what was found."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (low is not None and value < low):
-        bound = "" if low is None else f" >= {low:g}"
-        raise ValueError(
-            f"Balancer 'inforeg' option {key!r} must be a finite number{bound}, found {value!r}."
-        )
-    return float(value)

@@ -142,19 +142,13 @@ class LFM(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        choices = {
-            "weighting": (weighting, ("heuristic", "learnable")),
-            "divergence": (divergence, ("js", "official")),
-            "hypergrad_params": (hypergrad_params, ("first", "all")),
-            "heads": (heads, (None, *HEADS_MODES)),
-        }
-        for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ValueError(f"{key} must be one of {valid}, found {value!r}.")
+        weighting = self.check_option("weighting", weighting, choices=("heuristic", "learnable"))
+        divergence = self.check_option("divergence", divergence, choices=("js", "official"))
+        hypergrad_params = self.check_option("hypergrad_params", hypergrad_params, choices=("first", "all"))
+        heads = self.check_option("heads", heads, choices=HEADS_MODES, allow_none=True)
         low, high = self._check_numbers(alpha_bounds, alpha_init, alpha_lr, heldout_fraction)
-        for key, value in {"alpha_halving": alpha_halving, "heldout_samples": heldout_samples}.items():
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{key} must be a positive integer, found {value!r}.")
+        alpha_halving = self.check_option("alpha_halving", alpha_halving, low=1, integer=True)
+        heldout_samples = self.check_option("heldout_samples", heldout_samples, low=1, integer=True)
         self.weighting, self.divergence, self.hypergrad_params = weighting, divergence, hypergrad_params
         self.alpha_lr, self.alpha_halving, self.alpha_bounds = float(alpha_lr), alpha_halving, (low, high)
         self.heldout_samples = heldout_samples
@@ -176,26 +170,20 @@ class LFM(Balancer):
             self.add_state("alpha_grad", torch.zeros(()))  # the last hypergradient, for logging
         self._cache: tuple[int, torch.device, Tensor] | None = None  # heuristic (a1, a2) on the device
 
-    @staticmethod
     def _check_numbers(
-        bounds: Sequence[float], init: float, lr: float, fraction: float
+        self, bounds: Sequence[float], init: float, lr: float, fraction: float
     ) -> tuple[float, float]:
-        ok = (
-            isinstance(bounds, Sequence)
-            and len(bounds) == 2
-            and all(isinstance(b, (int, float)) for b in bounds)
-        )
-        if not (ok and 0 <= bounds[0] <= bounds[1] <= 1):
+        pair = isinstance(bounds, Sequence) and not isinstance(bounds, str) and len(bounds) == 2
+        numbers = pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+        if not (numbers and 0 <= bounds[0] <= bounds[1] <= 1):
             raise ValueError(
-                f"alpha_bounds must be (low, high) with 0 <= low <= high <= 1, found {bounds!r}."
+                f"Balancer {self.name!r} option 'alpha_bounds' must be (low, high) with 0 <= low <= high <= 1, "
+                f"found {bounds!r}."
             )
         low, high = float(bounds[0]), float(bounds[1])
-        if not (isinstance(init, (int, float)) and low <= init <= high):
-            raise ValueError(f"alpha_init must lie in alpha_bounds [{low}, {high}], found {init!r}.")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"alpha_lr must be a finite number >= 0, found {lr!r} (the authors use 1e-4).")
-        if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-            raise ValueError(f"heldout_fraction must lie in (0, 1), found {fraction!r} (default 0.0025).")
+        self.check_option("alpha_init", init, low=low, high=high, hint="inside alpha_bounds")
+        self.check_option("alpha_lr", lr, low=0, hint="the authors use 1e-4")
+        self.check_option("heldout_fraction", fraction, low=0, high=1, open_low=True, open_high=True)
         return low, high
 
     def _leaves_parameters_unused(self, model: nn.Module) -> bool:

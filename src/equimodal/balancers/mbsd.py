@@ -106,18 +106,9 @@ class MBSD(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if distance not in ("auto", "logits", "probs"):
-            raise ValueError(
-                f"Balancer 'mbsd' option 'distance' must be 'auto', 'logits' or 'probs', found {distance!r}."
-            )
-        if kl_input not in ("prob", "log"):
-            raise ValueError(
-                f"Balancer 'mbsd' option 'kl_input' must be 'prob' or 'log', found {kl_input!r}."
-            )
-        if not isinstance(detach_weight, bool):
-            raise ValueError(
-                f"Balancer 'mbsd' option 'detach_weight' must be a bool, found {detach_weight!r}."
-            )
+        distance = self.check_option("distance", distance, choices=("auto", "logits", "probs"))
+        kl_input = self.check_option("kl_input", kl_input, choices=("prob", "log"))
+        detach_weight = self.check_option("detach_weight", detach_weight, choices=(True, False))
         self.distance = (
             distance if distance != "auto" else ("logits" if len(self.modalities) == 2 else "probs")
         )

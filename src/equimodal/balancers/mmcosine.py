@@ -87,19 +87,10 @@ class MMCosine(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
-            raise ValueError(
-                f"Balancer 'mmcosine' option 'scaling' must be a finite number > 0, found {scaling!r}."
-            )
-        if head not in COSINE_HEADS:
-            raise ValueError(
-                f"Balancer 'mmcosine' option 'head' must be one of {COSINE_HEADS}, found {head!r}."
-            )
-        if predict not in ("cosine", "model"):
-            raise ValueError(
-                f"Balancer 'mmcosine' option 'predict' must be 'cosine' or 'model', found {predict!r}."
-            )
-        self.scaling, self.predict_with = float(scaling), predict
+        scaling = self.check_option("scaling", scaling, low=0, open_low=True)
+        head = self.check_option("head", head, choices=COSINE_HEADS)
+        predict = self.check_option("predict", predict, choices=("cosine", "model"))
+        self.scaling, self.predict_with = scaling, predict
         blocks = self._model_blocks(model)
         if head == "model" and blocks is None:
             fusion = type(getattr(model, "fusion", model)).__name__

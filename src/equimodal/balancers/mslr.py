@@ -99,12 +99,9 @@ class MSLR(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if mode not in ("keep", "dynamic"):
-            raise ValueError(f"mode must be 'keep' or 'dynamic', found {mode!r}.")
-        if not (isinstance(window, int) and window >= 1):
-            raise ValueError(f"window must be a positive integer, found {window!r}.")
-        if isinstance(warmup_epochs, bool) or not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
-            raise ValueError(f"warmup_epochs must be an integer >= 0, found {warmup_epochs!r}.")
+        mode = self.check_option("mode", mode, choices=("keep", "dynamic"))
+        window = self.check_option("window", window, low=1, integer=True)
+        warmup_epochs = self.check_option("warmup_epochs", warmup_epochs, low=0, integer=True)
         self.mode = mode  # "keep" needs no epoch data, so no held-out part (see `uses_epoch_data`)
         self.window = window
         self.warmup_epochs = warmup_epochs

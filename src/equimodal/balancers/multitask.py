@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -74,25 +73,13 @@ class Multitask(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        for key, value, low in (
-            ("weight", weight, 0.0),
-            ("power", power, 0.0),
-            ("max_weight", max_weight, 1.0),
-            ("max_scale", max_scale, 1.0),
-        ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
-                raise ValueError(
-                    f"Balancer {self.name!r} option {key!r} must be a finite number >= {low:g}, found {value!r}."
-                )
-        if adapt not in ("none", "starved"):
-            raise ValueError(
-                f"Balancer {self.name!r} option 'adapt' must be 'none' or 'starved', found {adapt!r}."
-            )
-        if not 0.0 <= normalize <= 1.0 or not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"Balancer {self.name!r} options 'normalize' must lie in [0, 1] and 'momentum' in [0, 1), "
-                f"found {normalize!r}, {momentum!r}."
-            )
+        weight = self.check_option("weight", weight, low=0)
+        power = self.check_option("power", power, low=0)
+        max_weight = self.check_option("max_weight", max_weight, low=1)
+        max_scale = self.check_option("max_scale", max_scale, low=1)
+        adapt = self.check_option("adapt", adapt, choices=("none", "starved"))
+        normalize = self.check_option("normalize", normalize, low=0, high=1)
+        momentum = self.check_option("momentum", momentum, low=0, high=1, open_high=True)
         self.weight, self.adapt, self.power, self.max_weight = (
             float(weight),
             adapt,

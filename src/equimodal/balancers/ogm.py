@@ -9,7 +9,6 @@ small functions; PMR reuses the first two. Like AGM and MSLR, OGM works by multi
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -126,14 +125,9 @@ class OGM(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, end_epoch=end_epoch, **options)
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(
-                f"alpha must be a positive finite number, found {alpha!r} (the paper uses 0.1-0.8)."
-            )
-        if reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {REFERENCES}, found {reference!r}.")
-        if modulate not in _MODULATE:
-            raise ValueError(f"modulate must be one of {_MODULATE}, found {modulate!r}.")
+        alpha = self.check_option("alpha", alpha, low=0, open_low=True, hint="the paper uses 0.1-0.8")
+        reference = self.check_option("reference", reference, choices=REFERENCES)
+        modulate = self.check_option("modulate", modulate, choices=_MODULATE)
         self.alpha = float(alpha)
         self.reference = reference
         self.modulate = modulate

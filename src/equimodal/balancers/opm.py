@@ -15,7 +15,6 @@ l.116-169), ``code/scripts/train_opm.sh``, ``code/scripts/train_ogm.sh``, ``code
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -142,17 +141,10 @@ class OPM(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, start_epoch=start_epoch, **options)
-        for name, value, low, high in (
-            ("q_base", q_base, 0, 1),
-            ("p_exe", p_exe, 0, 1),
-            ("lam", lam, 0, None),
-        ):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not (ok and value >= low and (high is None or value <= high)):
-                bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-                raise ValueError(f"opm option {name} must be a number {bounds}, found {value!r}.")
-        if reference not in REFERENCES:
-            raise ValueError(f"opm option reference must be one of {REFERENCES}, found {reference!r}.")
+        q_base = self.check_option("q_base", q_base, low=0, high=1)
+        p_exe = self.check_option("p_exe", p_exe, low=0, high=1)
+        lam = self.check_option("lam", lam, low=0)
+        reference = self.check_option("reference", reference, choices=REFERENCES)
         fusion = getattr(model, "fusion", None)
         self.fusion: nn.Module | None = fusion if isinstance(fusion, Fusion) else None
         self.q_base, self.lam, self.p_exe = float(q_base), float(lam), float(p_exe)
@@ -351,15 +343,7 @@ class OGMPlus(OGM):
                 f"boost (found alpha={options['alpha']!r}); use boost=<factor>, or the ogm balancer for alpha."
             )
         super().__init__(model, start_epoch=start_epoch, end_epoch=end_epoch, **options)
-        if not (
-            isinstance(boost, (int, float))
-            and not isinstance(boost, bool)
-            and math.isfinite(boost)
-            and boost > 0
-        ):
-            raise ValueError(
-                f"ogm_plus option boost must be a positive finite number, found {boost!r} (the code: 4)."
-            )
+        boost = self.check_option("boost", boost, low=0, open_low=True, hint="the code: 4")
         self.boost = float(boost)
         self.gradient_noise = bool(noise)  # type: ignore[misc]
 

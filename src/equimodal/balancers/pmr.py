@@ -3,7 +3,6 @@ Learning", CVPR 2023)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -90,12 +89,11 @@ class PMR(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, end_epoch=end_epoch, **options)
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, found {alpha!r} (the paper uses 1-3).")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"momentum must lie in [0, 1), found {momentum!r} (the paper uses 0-0.5).")
-        if reference not in PMR_REFERENCES:
-            raise ValueError(f"reference must be one of {PMR_REFERENCES}, found {reference!r}.")
+        alpha = self.check_option("alpha", alpha, low=0, hint="the paper uses 1-3")
+        momentum = self.check_option(
+            "momentum", momentum, low=0, high=1, open_high=True, hint="the paper uses 0-0.5"
+        )
+        reference = self.check_option("reference", reference, choices=PMR_REFERENCES)
         self.alpha = float(alpha)
         self.momentum = float(momentum)
         self.reference = reference

@@ -73,10 +73,7 @@ class UME(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if combine not in ("probs", "logits"):
-            raise ValueError(
-                f"Balancer 'ume' option 'combine' must be 'probs' or 'logits', found {combine!r}."
-            )
+        combine = self.check_option("combine", combine, choices=("probs", "logits"))
         self.combine: Combine = combine
         self.heads = own_heads(self, model, feature_dims=feature_dims, num_classes=num_classes)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -179,14 +178,8 @@ class UMT(Balancer):
         **options: Any,
     ) -> None:
         super().__init__(model, **options)
-        if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling >= 0):
-            raise ValueError(
-                f"Balancer 'umt' option 'scaling' must be a finite number >= 0, found {scaling!r}."
-            )
-        if teacher_mode not in ("eval", "train"):
-            raise ValueError(
-                f"Balancer 'umt' option 'teacher_mode' must be 'eval' or 'train', found {teacher_mode!r}."
-            )
+        scaling = self.check_option("scaling", scaling, low=0)
+        teacher_mode = self.check_option("teacher_mode", teacher_mode, choices=("eval", "train"))
         self.scaling, self.teacher_mode = float(scaling), teacher_mode
         self.teachers = nn.ModuleDict(self._build_teachers(teachers))
 
