@@ -67,7 +67,9 @@ def checked_option(
             return value
         expected = _choice_words(choices)
         close = close_matches(str(value), [str(c) for c in choices])
-        hint = "; ".join(h for h in (hint, f"did you mean {', '.join(map(repr, close))}?" if close else "") if h)
+        hint = "; ".join(
+            h for h in (hint, f"did you mean {', '.join(map(repr, close))}?" if close else "") if h
+        )
     else:
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         whole = number and (not integer or float(value).is_integer())
