@@ -136,18 +136,20 @@ def test_code_rule_equals_a_literal_reenactment_of_the_official_train_epoch() ->
     assert min(seen.values()) > 0, f"every branch of the official rule must be exercised: {seen}"
 
 
-def test_paper_coefficient_is_exp_beta_tanh_of_the_mean_score_gap() -> None:
-    """``a = exp(0.9 tanh(D))`` for the stronger modality, D from batch means of true-class probabilities."""
+def test_paper_coefficient_is_exp_beta_tanh_of_the_mean_log_probability_gap() -> None:
+    """``a = exp(0.9 tanh(D))`` for the stronger modality, D from batch means of log true-class probabilities
+    (Eq. 8 read as a performance score, Eqs. 10 and 16)."""
     model = make_toy_model(2)
-    balancer = em.create_balancer("inforeg", model)
+    balancer = em.create_balancer("inforeg", model, warmup_epochs=0)
     balancer.start_epoch(0)
     batch, y = make_toy_batch(2, 16, seed=4)
     out = model(batch)
     balancer.loss(out, y).backward()
-    probs = {
-        m: torch.softmax(out.unimodal_logits[m].detach(), 1)[torch.arange(16), y].mean() for m in ("m0", "m1")
+    logp = {
+        m: torch.log_softmax(out.unimodal_logits[m].detach(), 1)[torch.arange(16), y].mean()
+        for m in ("m0", "m1")
     }
-    gap = probs["m1"] - probs["m0"]
+    gap = logp["m1"] - logp["m0"]
     coefs = balancer.coefficients()
     strong = 1 if gap > 0 else 0
     torch.testing.assert_close(coefs[strong], torch.exp(0.9 * torch.tanh(gap.abs())))
@@ -155,10 +157,25 @@ def test_paper_coefficient_is_exp_beta_tanh_of_the_mean_score_gap() -> None:
     balancer.before_step()
 
 
+def test_the_paper_rule_regulates_nothing_in_the_first_two_epochs_then_per_modality_windows() -> None:
+    """Algorithm 1: epochs 0 and 1 only train and measure; from epoch 2 each modality's own trace growth
+    (Eq. 11) opens its window."""
+    model = make_toy_model(2)
+    balancer = em.create_balancer("inforeg", model, threshold=-1.0)  # every window open once allowed
+    stats = run_epochs(balancer, model, 3)
+    for s in stats[:4]:  # epochs 0 and 1, two steps each
+        assert s["window/m0"] == s["window/m1"] == 0.0 and s["coef/m0"] == s["coef/m1"] == 0.0
+    assert stats[4]["window/m0"] == stats[4]["window/m1"] == 1.0
+    assert max(stats[4]["coef/m0"], stats[4]["coef/m1"]) > 0
+    history = balancer.history
+    own = [float(window_growth(history[:, i])) for i in range(2)]
+    assert [stats[4]["growth/m0"], stats[4]["growth/m1"]] == pytest.approx(own)
+
+
 def test_proximal_gradient_is_a_times_the_distance_to_the_epoch_start_weights() -> None:
     """The balancer's gradient minus plain CE's is ``a (w - w_prev)`` on the strongest encoder, 0 elsewhere."""
     model = make_toy_model(3)
-    balancer = em.create_balancer("inforeg", model)
+    balancer = em.create_balancer("inforeg", model, warmup_epochs=0)
     balancer.start_epoch(0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
@@ -170,9 +187,10 @@ def test_proximal_gradient_is_a_times_the_distance_to_the_epoch_start_weights() 
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     balancer.loss(model(batch), y).backward()
-    coefs = balancer.coefficients()
+    coefs, lowest = balancer.coefficients(), int(balancer.scores.argmin())
     balancer.before_step()
-    assert int((coefs > 0).sum()) == 1
+    assert int((coefs > 0).sum()) == 2  # every modality but the lowest scorer (Eqs. 9-10)
+    assert coefs[lowest] == 0
     for n, p in model.named_parameters():
         m = n.split(".")[1] if n.startswith("encoders.") else None
         a = coefs[balancer.modalities.index(m)] if m else torch.zeros(())
@@ -199,12 +217,28 @@ def test_window_growth_and_traces_match_their_definitions() -> None:
     )
 
 
-def test_regulation_picks_the_strongest_against_the_mean_of_the_others() -> None:
-    scores = torch.tensor([0.5, 0.9, 0.6])
-    coefs = regulation_coefficients(scores, 0.9, torch.ones(3), torch.tensor(True))
-    torch.testing.assert_close(coefs, torch.tensor([0.0, math.exp(0.9 * math.tanh(0.9 - 0.55)), 0.0]))
-    assert not regulation_coefficients(scores, 0.9, torch.ones(3), torch.tensor(False)).any()
-    assert not regulation_coefficients(torch.tensor([0.7, 0.7]), 0.9, torch.ones(2), torch.tensor(True)).any()
+def test_regulation_of_the_paper_and_of_the_code_for_three_modalities() -> None:
+    scores, ones, on = torch.tensor([0.5, 0.9, 0.6]), torch.ones(3), torch.tensor(True)
+    # paper (Eqs. 9-10): m1 above m0 and m2, mean gap 0.35; m2 above m0, gap 0.1; m0 is the lowest
+    paper = regulation_coefficients(scores, 0.9, ones, on, "above_lower")
+    want = [0.0, math.exp(0.9 * math.tanh(0.35)), math.exp(0.9 * math.tanh(0.1))]
+    torch.testing.assert_close(paper, torch.tensor(want))
+    # code: only the strongest, against the mean of the others
+    code = regulation_coefficients(scores, 0.9, ones, on, "strongest")
+    torch.testing.assert_close(code, torch.tensor([0.0, math.exp(0.9 * math.tanh(0.9 - 0.55)), 0.0]))
+    windows = torch.tensor([True, False, True])  # m1's window closed: only m2 is pulled
+    torch.testing.assert_close(
+        regulation_coefficients(scores, 0.9, ones, windows, "above_lower"), paper * windows
+    )
+    for rule in ("above_lower", "strongest"):
+        assert not regulation_coefficients(scores, 0.9, ones, torch.tensor(False), rule).any()
+        tie = regulation_coefficients(torch.tensor([0.7, 0.7]), 0.9, torch.ones(2), on, rule)
+        assert not tie.any()
+        two = torch.tensor([0.2, 0.6])  # two modalities: both rules pick the stronger with D = 0.4
+        torch.testing.assert_close(
+            regulation_coefficients(two, 0.9, torch.ones(2), on, rule),
+            torch.tensor([0.0, math.exp(0.9 * math.tanh(0.4))]),
+        )
 
 
 def run_epochs(balancer: em.Balancer, model: nn.Module, epochs: int) -> list[dict[str, float]]:
@@ -220,14 +254,13 @@ def run_epochs(balancer: em.Balancer, model: nn.Module, epochs: int) -> list[dic
 
 def test_the_window_closes_and_the_pull_stops_when_the_trace_stops_growing() -> None:
     model = make_toy_model(2)
-    stats = run_epochs(em.create_balancer("inforeg", model, threshold=0.5), model, 6)
-    windows = [s["window"] for s in stats]
-    assert windows[0] == 1.0 and 0.0 in windows
-    for s in stats:
-        if s["window"] == 0.0:
-            assert s["coef/m0"] == s["coef/m1"] == 0.0 and s["growth"] <= 0.5
-        else:
-            assert max(s["coef/m0"], s["coef/m1"]) > 0
+    stats = run_epochs(em.create_balancer("inforeg", model, threshold=0.5, warmup_epochs=0), model, 6)
+    for m in ("m0", "m1"):
+        windows = [s[f"window/{m}"] for s in stats]
+        assert windows[0] == 1.0 and 0.0 in windows
+        for s in stats:
+            if s[f"window/{m}"] == 0.0:
+                assert s[f"coef/{m}"] == 0.0 and s[f"growth/{m}"] <= 0.5
 
 
 def test_outside_the_window_the_step_is_plain_training_and_the_anchor_waits() -> None:
@@ -297,16 +330,18 @@ def test_code_rule_presets_and_per_modality_scales() -> None:
         "inforeg", make_toy_model(3), rule="code", scale={"m0": 0.9, "m1": 0.1, "m2": 0.2}
     )
     torch.testing.assert_close(b3.scales, torch.tensor([0.9, 0.1, 0.2]))
+    assert (b.score_kind, b.regulate, b.warmup_epochs) == ("prob", "strongest", 0)
     p = em.create_balancer("inforeg", make_toy_model(2))
     assert (p.threshold, p.beta, p.score, p.smoothing, p.window_on, p.trace, p.unimodal_loss) == (
         0.04,
         0.9,
         "mean",
         1,
-        "all",
+        "each",
         "sum",
         0.0,
     )
+    assert (p.score_kind, p.regulate, p.warmup_epochs) == ("log_prob", "above_lower", 2)
 
 
 @pytest.mark.parametrize(
@@ -318,9 +353,12 @@ def test_code_rule_presets_and_per_modality_scales() -> None:
         ({"smoothing": 0}, "'smoothing' must be an integer >= 1"),
         ({"score": "max"}, "'score' must be one of 'mean', 'sum', found 'max'"),
         ({"trace": "full"}, "'trace' must be one of 'sum', 'layer_mean', found 'full'"),
+        ({"score_kind": "loss"}, "'score_kind' must be one of 'log_prob', 'prob', found 'loss'"),
+        ({"regulate": "all"}, "'regulate' must be one of 'above_lower', 'strongest', found 'all'"),
+        ({"warmup_epochs": -1}, "'warmup_epochs' must be an integer >= 0, found -1"),
         (
             {"window_on": "audio"},
-            r"'window_on' must be 'all' or a modality name \(m0, m1, m2\), found 'audio'",
+            r"'window_on' must be 'each', 'all' or a modality name \(m0, m1, m2\), found 'audio'",
         ),
         (
             {"rule": "code"},

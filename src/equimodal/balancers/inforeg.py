@@ -32,8 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "beta": 0.9,
         "scale": 1.0,
         "score": "mean",
+        "score_kind": "log_prob",
+        "regulate": "above_lower",
         "smoothing": 1,
-        "window_on": "all",
+        "window_on": "each",
+        "warmup_epochs": 2,
         "trace": "sum",
         "trace_includes_proximal": False,
         "unimodal_loss": 0.0,
@@ -43,8 +46,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "beta": 1.0,
         "scale": (0.95, 0.1),  # (first modality, second modality): audio_net, visual_net in main.py
         "score": "sum",
+        "score_kind": "prob",
+        "regulate": "strongest",
         "smoothing": 10,
         "window_on": "first",
+        "warmup_epochs": 0,
         "trace": "layer_mean",
         "trace_includes_proximal": True,
         "unimodal_loss": 1.0,
@@ -56,25 +62,45 @@ def window_growth(history: Tensor) -> Tensor:
     """Relative growth of a smoothed trace, ``(mean(h[1:]) - mean(h[:-1])) / mean(h[1:])``.
 
     ``history`` holds the last ``S + 1`` epoch traces, oldest first (zeros before the first epoch, as the
-    official list starts with ten zeros); both means are over ``S`` epochs. A zero newest mean gives 0.
+    official list starts with ten zeros), one column per series when it is 2-D; both means are over ``S``
+    epochs. A zero newest mean gives 0.
     """
-    new, old = history[1:].sum(), history[:-1].sum()
+    new, old = history[1:].sum(0), history[:-1].sum(0)
     return (new - old) / new.clamp_min(torch.finfo(history.dtype).tiny)
 
 
-def regulation_coefficients(scores: Tensor, beta: float, scale: Tensor, window: Tensor) -> Tensor:
-    """Proximal coefficients ``a_m``: nonzero only for the strongest modality, inside the window.
+def regulation_coefficients(
+    scores: Tensor, beta: float, scale: Tensor, window: Tensor, regulate: str = "above_lower"
+) -> Tensor:
+    """Proximal coefficients ``a_m = scale_m * exp(beta * tanh(D_m))`` where modality m is regulated, else 0.
 
-    ``D_m = s_m - mean_{k != m} s_k`` (for two modalities ``s_a - s_v``); the modality with the largest
-    score gets ``a = scale_m * exp(beta * tanh(D))`` when ``D > 0`` and ``window`` holds; every other
-    modality gets 0. Ties (``D = 0``) regulate nobody, as in the official code.
+    ``regulate="above_lower"`` (the paper's Eqs. 9, 10 and 16): ``D_m`` is the mean of ``s_m - s_k`` over
+    the modalities k that score lower than m, and every modality with such a k (``D_m > 0``) inside its
+    window is regulated; the lowest scorer never is. ``"strongest"`` (the code's ``if/elif`` for any M):
+    only the modality with the largest score, with ``D = s_m - mean_{k != m} s_k > 0``. For two
+    modalities both pick the stronger one with ``D = s_strong - s_weak``. ``window`` is a bool per
+    modality or one for all. Ties (``D = 0``) regulate nobody, as in the official code.
     """
     m = scores.shape[0]
-    others = (scores.sum() - scores) / (m - 1)
-    gap = scores - others
-    strongest = torch.arange(m, device=scores.device) == scores.argmax()  # one_hot would read the host
-    chosen = strongest & (gap > 0) & window
+    if regulate == "strongest":
+        gap = scores - (scores.sum() - scores) / (m - 1)
+        chosen = torch.arange(m, device=scores.device) == scores.argmax()  # one_hot would read the host
+    else:
+        diff = scores[:, None] - scores[None, :]  # s_m - s_k
+        lower = diff > 0
+        gap = torch.where(lower, diff, torch.zeros_like(diff)).sum(1) / lower.sum(1).clamp_min(1)
+        chosen = lower.any(1)
+    chosen = chosen & (gap > 0) & window
     return torch.where(chosen, scale * torch.exp(beta * torch.tanh(gap)), torch.zeros_like(scores))
+
+
+def batch_scores(logits: Tensor, target: Tensor, kind: str) -> Tensor:
+    """The batch sum of a modality's score: ``"log_prob"``, ``sum_i log softmax(o)_{i, y_i}`` (the paper's
+    Eq. 8 read as a performance score, see :class:`InfoReg`); ``"prob"``, the true-class probabilities
+    (the code's ``score_a``/``score_v``)."""
+    if kind == "prob":
+        return true_class_scores(logits, target)
+    return torch.log_softmax(logits.detach().float(), dim=1).gather(1, target[:, None]).sum()
 
 
 def fisher_traces(grads: Sequence[Sequence[Tensor]], how: str, device: torch.device) -> Tensor:
@@ -98,17 +124,25 @@ def fisher_traces(grads: Sequence[Sequence[Tensor]], how: str, device: torch.dev
 
 @register_balancer("inforeg")
 class InfoReg(Balancer):
-    """InfoReg (Huang et al., CVPR'25): a proximal pull on the strongest encoder in the prime learning window.
+    """InfoReg (Huang et al., CVPR'25): a proximal pull on the better-performing encoders in their prime
+    learning window.
 
     Per epoch the balancer accumulates, per encoder, the trace of the empirical Fisher information
-    ``Tr(F_m) = sum_steps sum g^2`` of its gradients. At each epoch start the *prime learning window* is
-    open while the relative growth of that trace, ``(Tr_e - Tr_{e-1}) / Tr_e`` over the completed epochs,
-    exceeds ``threshold`` (always open before any trace exists). Inside the window, per optimizer step,
-    the strongest modality (largest true-class score ``s_m``, with ``D = s_m - mean_{k != m} s_k > 0``)
-    gets the gradient of ``(a/2) ||w - w_prev||^2`` added to its encoder's gradients,
-    ``g += a (w - w_prev)``, with ``w_prev`` its weights at the start of the epoch (= the end of the
-    previous one) and ``a = scale_m exp(beta tanh D)`` (:func:`regulation_coefficients`). It slows the
-    modality that acquires information fastest while the network acquires most.
+    ``Tr(F_m) = sum_steps sum g^2`` of its gradients (Eq. 7). At each epoch start modality m's *prime
+    learning window* is open while the relative growth of its trace, ``(Tr_{t-1} - Tr_{t-2}) / Tr_{t-1}``
+    (Eq. 11), exceeds ``threshold``; the paper's Algorithm 1 regulates nothing in epochs 0 and 1
+    (``warmup_epochs=2``). Inside the window, per optimizer step, each modality that scores above some
+    other (``D_m``, the mean of ``s_m - s_k`` over the lower-scoring k, Eqs. 9-10) gets the gradient of
+    ``(a/2) ||w - w_prev||^2`` (Eq. 12) added to its encoder's gradients, ``g += a (w - w_prev)``, with
+    ``w_prev`` its weights at the start of the epoch (= the end of the previous one) and
+    ``a = scale_m exp(beta tanh D_m)`` (Eq. 16, :func:`regulation_coefficients`). It slows the modalities
+    that acquire information fastest while they acquire most.
+
+    The score: the paper's Eq. 8 writes ``s_m = E[-log softmax(o_m)_y]``, a loss, yet calls the modality
+    with the smallest ``s`` the lowest-performing and regulates the modalities above it; both hold only
+    for a performance score. We read Eq. 8 as ``s_m = E[log softmax(o_m)_y]`` (``score_kind="log_prob"``,
+    higher is better), which regulates the information-sufficient modalities as the text and Algorithm 1
+    say; the code's score is the true-class probability (``"prob"``).
 
     ``rule="paper"`` (default) is the paper's rule; ``rule="code"`` is the rule of the released code
     (``main.py`` ``train_epoch``), which differs on every point below. Each option left at ``None``
@@ -123,14 +157,22 @@ class InfoReg(Balancer):
         scale: ``scale_m``, a number for every modality or a mapping keyed by modality name. Paper 1;
             code 0.95 for the first modality (their ``audio_net``) and 0.1 for the second
             (``visual_net``), lines 468 and 476; for ``M != 2`` with ``rule="code"`` give it by name.
-        score: ``"mean"`` (paper, ours: the batch mean of true-class probabilities, so ``tanh D`` is
-            graded) or ``"sum"`` (code, lines 460-461: batch *sums*, so ``tanh`` saturates at 1 for
-            any gap of a few samples).
+        score: ``"mean"`` (paper: the batch mean, Eq. 8's expectation, so ``tanh D`` is graded) or
+            ``"sum"`` (code, lines 460-461: batch *sums*, so ``tanh`` saturates at 1 for any gap of a
+            few samples).
+        score_kind: ``"log_prob"`` (paper, Eq. 8 as a performance score, see above) or ``"prob"`` (code:
+            the true-class softmax probability).
+        regulate: ``"above_lower"`` (paper, Eqs. 9-10: every modality that scores above another, each
+            with its own ``D_m``) or ``"strongest"`` (code: only the best-scoring modality, ``D`` against
+            the mean of the others; the same choice as the paper's for two modalities).
         smoothing: epochs in the moving average of the trace. Paper 1 (consecutive epochs); code 10
             (lines 240-243, a 10-epoch mean over a list that starts with ten zeros, line 694).
-        window_on: whose trace opens the window: ``"all"`` (paper, ours: the sum over the encoders, the
-            whole network's acquisition) or a modality name; the code uses the audio trace only (line
-            240), i.e. the first modality (``"first"``).
+        window_on: whose trace opens a modality's window: ``"each"`` (paper, Eq. 11: its own),
+            ``"all"`` (the sum over the encoders, the whole network's acquisition) or a modality name; the
+            code uses the audio trace only (line 240), i.e. the first modality (``"first"``).
+        warmup_epochs: completed epochs before any regulation. Paper 2 (Algorithm 1: ``t < 2`` only
+            trains and measures the trace); code 0 (``k = 1`` at epoch 0, and 1 at epoch 1 from the
+            zero-padded list, so its window is open from the start).
         trace: ``"sum"`` (paper: ``sum g^2`` over every encoder parameter) or ``"layer_mean"`` (code,
             lines 507-514 and 569-577: the mean of ``g^2`` of each Conv/Linear weight, summed over
             layers; biases and norm layers left out).
@@ -148,8 +190,9 @@ class InfoReg(Balancer):
     The authors train with SGD (lr 2e-3, momentum 0.9, weight decay 1e-4, StepLR 30 / 0.1), batch 64,
     50 epochs (``main.py`` lines 39-45, 714-715).
 
-    Deviations from the official code, each an option above except: any ``M >= 2`` (the strongest
-    modality against the mean of the others; for two modalities exactly their ``if/elif``); the
+    Deviations from the official code, each an option above except: any ``M >= 2`` (with
+    ``regulate="strongest"`` the strongest modality against the mean of the others; for two modalities
+    exactly their ``if/elif``); the
     per-layer trace finds weights by module type (Linear, Conv1d/2d/3d) rather than Conv2d/Linear
     modules by name; a zero smoothed trace closes the window (their code divides by zero after epoch
     0); scores summed over gradient-accumulation micro-batches and all-reduced under DDP; a parameter
@@ -160,8 +203,9 @@ class InfoReg(Balancer):
 
     Cost: no extra forward or backward pass; one copy of the encoders' weights (the anchor, kept in
     ``state_dict``) and per step one elementwise pass over the encoder weights. ``stats()``:
-    ``coef/<m>`` (``a_m`` applied this step, 0 when not regulated), ``window`` (1 inside),
-    ``growth`` (the window's relative growth this epoch), ``trace/<m>`` (this epoch's accumulated trace).
+    ``coef/<m>`` (``a_m`` applied this step, 0 when not regulated), ``window/<m>`` (1 inside modality
+    m's window; one ``window`` when a single trace decides), ``growth/<m>`` (or ``growth``: the window's
+    relative growth this epoch), ``trace/<m>`` (this epoch's accumulated trace).
     """
 
     def __init__(
@@ -173,8 +217,11 @@ class InfoReg(Balancer):
         beta: float | None = None,
         scale: float | Mapping[str, float] | None = None,
         score: Literal["mean", "sum"] | None = None,
+        score_kind: Literal["log_prob", "prob"] | None = None,
+        regulate: Literal["above_lower", "strongest"] | None = None,
         smoothing: int | None = None,
         window_on: str | None = None,
+        warmup_epochs: int | None = None,
         trace: Literal["sum", "layer_mean"] | None = None,
         trace_includes_proximal: bool | None = None,
         unimodal_loss: float | None = None,
@@ -192,6 +239,15 @@ class InfoReg(Balancer):
         self.beta = self.check_option("beta", given("beta", beta), low=0)
         self.unimodal_loss = self.check_option("unimodal_loss", given("unimodal_loss", unimodal_loss), low=0)
         self.score = self.check_option("score", given("score", score), choices=("mean", "sum"))
+        self.score_kind = self.check_option(
+            "score_kind", given("score_kind", score_kind), choices=("log_prob", "prob")
+        )
+        self.regulate = self.check_option(
+            "regulate", given("regulate", regulate), choices=("above_lower", "strongest")
+        )
+        self.warmup_epochs = self.check_option(
+            "warmup_epochs", given("warmup_epochs", warmup_epochs), low=0, integer=True
+        )
         self.trace = self.check_option("trace", given("trace", trace), choices=("sum", "layer_mean"))
         self.smoothing = self.check_option("smoothing", given("smoothing", smoothing), low=1, integer=True)
         self.trace_includes_proximal = bool(
@@ -206,28 +262,41 @@ class InfoReg(Balancer):
             )
         self.targets = {m: self.encoder_params(m) for m in self.modalities}
         self.layers = {m: self._layer_weights(m) for m in self.modalities}
-        self.add_stat("scores", torch.zeros(len(self.modalities)))  # summed true-class probabilities
+        num = len(self.modalities)
+        self.add_stat("scores", torch.zeros(num))  # summed true-class (log-)probabilities
         self.add_stat("count", torch.zeros(()))  # samples behind them
         self.add_state("anchor", None, rollback=False)  # flat encoder weights at the epoch's start
         self.add_state("anchor_epoch", None)  # the epoch the anchor was taken at
-        self.add_state("epoch_trace", torch.zeros(len(self.modalities)))  # this epoch's Tr(F_m)
+        self.add_state("epoch_trace", torch.zeros(num))  # this epoch's Tr(F_m)
         self.add_state("trace_steps", 0)  # steps accumulated into epoch_trace
-        self.add_state("history", torch.zeros(self.smoothing + 1))  # window traces, oldest first
+        self.add_state("history", torch.zeros(self.smoothing + 1, num))  # epoch traces, oldest first
         self.add_state("epochs_traced", 0)
-        self.add_state("growth", torch.ones(()))  # relative growth behind this epoch's window
-        self.add_state("window", torch.ones((), dtype=torch.bool))  # inside the prime learning window
+        self.add_state("growth", torch.ones(num))  # relative growth behind each modality's window
+        open_now = self.warmup_epochs == 0  # the paper regulates from its third epoch (Algorithm 1: t >= 2)
+        self.add_state("window", torch.full((num,), open_now, dtype=torch.bool))  # per modality
         self._views: tuple[Tensor, dict[str, list[Tensor]]] | None = None
 
     # ------------------------------------------------------------------ options
     def _window_on(self, value: str) -> str:
         if value == "first":
             return self.modalities[0]
-        if value != "all" and value not in self.modalities:
+        if value not in ("each", "all") and value not in self.modalities:
             raise ValueError(
-                f"Balancer 'inforeg' option 'window_on' must be 'all' or a modality name "
+                f"Balancer 'inforeg' option 'window_on' must be 'each', 'all' or a modality name "
                 f"({', '.join(self.modalities)}), found {value!r}."
             )
         return value
+
+    def _window_growth(self) -> Tensor:
+        """Each modality's window growth: its own trace's (``"each"``), or the summed trace's or one
+        modality's, the same for every modality."""
+        history = self.history
+        if self.window_on == "all":
+            history = history.sum(1, keepdim=True)
+        elif self.window_on != "each":
+            i = self.modalities.index(self.window_on)
+            history = history[:, i : i + 1]
+        return window_growth(history).expand(len(self.modalities)).clone()
 
     def _scales(self, value: Any, rule: str) -> Tensor:
         if isinstance(value, tuple):  # the code preset: by position, for the two modalities it has
@@ -267,13 +336,12 @@ class InfoReg(Balancer):
             return
         device = self.device
         if self.trace_steps:
-            per = self.epoch_trace.to(device)
-            value = per.sum() if self.window_on == "all" else per[self.modalities.index(self.window_on)]
-            self.history = torch.cat([self.history.to(device)[1:], value.reshape(1).float()])
+            newest = self.epoch_trace.to(device).float()[None]
+            self.history = torch.cat([self.history.to(device)[1:], newest])
             self.epochs_traced += 1
         if self.epochs_traced:
-            self.growth = window_growth(self.history.to(device))
-            self.window = self.growth > self.threshold
+            self.growth = self._window_growth()
+            self.window = (self.growth > self.threshold) & (self.epochs_traced >= self.warmup_epochs)
         self.epoch_trace = torch.zeros(len(self.modalities), device=device)
         self.trace_steps = 0
         params = [p for m in self.modalities for p in self.targets[m]]
@@ -293,8 +361,8 @@ class InfoReg(Balancer):
 
     # ------------------------------------------------------------------ step hooks
     def observe(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> None:
-        """Add each modality's summed true-class probability and the number of samples."""
-        scores = [true_class_scores(out.unimodal_logits[m], target) for m in self.modalities]
+        """Add each modality's summed score (``score_kind``) and the number of samples."""
+        scores = [batch_scores(out.unimodal_logits[m], target, self.score_kind) for m in self.modalities]
         self.accumulate("scores", torch.stack(scores))
         self.accumulate("count", torch.full((), float(target.shape[0]), device=target.device))
 
@@ -307,10 +375,11 @@ class InfoReg(Balancer):
         return loss
 
     def coefficients(self) -> Tensor:
-        """This step's ``a_m`` (0 outside the window, for all but the strongest, in a non-finite step)."""
+        """This step's ``a_m`` (0 outside the window, for modalities not regulated, in a non-finite step)."""
         scores = self.scores / self.count.clamp_min(1) if self.score == "mean" else self.scores
         scale = self.scales.to(scores.device)
-        coefs = regulation_coefficients(scores, self.beta, scale, self.window.to(scores.device))
+        window = self.window.to(scores.device)
+        coefs = regulation_coefficients(scores, self.beta, scale, window, self.regulate)
         return torch.where(self.step_finite, coefs, torch.zeros_like(coefs))
 
     @torch.no_grad()
@@ -335,8 +404,9 @@ class InfoReg(Balancer):
         self.epoch_trace = self.epoch_trace + torch.where(finite, step_trace, torch.zeros_like(step_trace))
         self.trace_steps += 1
         self.record("coef", coefs)
-        self.record("window", self.window.float())
-        self.record("growth", self.growth)
+        each = self.window_on == "each"  # one window per modality, else one for all
+        self.record("window", self.window.float() if each else self.window[0].float())
+        self.record("growth", self.growth if each else self.growth[0])
         self.record("trace", self.epoch_trace)
 
     def _step_trace(self) -> Tensor:
