@@ -94,7 +94,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "unimodal": ("balancer.options.modality=fac",),  # some parameters get no gradient
     "gblending": ("balancer.options.super_epoch_len=1",),
     "mla": ("balancer.options.start_epoch=1",),  # epoch 0 outside its window: both of its paths run
-    "inforeg": ("balancer.options.threshold=1.0",),  # epoch 0 inside the prime window, epoch 1 outside
+    "inforeg": ("balancer.options.threshold=1.0", "balancer.options.warmup_epochs=0"),  # epoch 0 inside
+    # the prime window (no two-epoch warm-up), epoch 1 outside
     "umt": (
         f"balancer.options.teachers={{fac: '{UMT_TEACHER_DIR / 'fac'}', mor: '{UMT_TEACHER_DIR / 'mor'}'}}",
     ),
