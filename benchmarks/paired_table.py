@@ -9,6 +9,14 @@ These are the tables of docs/diagnose.md, e.g.:
 
     python benchmarks/paired_table.py runs/i14_avdh runs/i14_avdh_b --labels own_w2,own_signal,mmpareto
     python benchmarks/paired_table.py runs/i14_avdh runs/i14_avdh_b --labels own_w2 --reference mmpareto
+
+With ``--across``, each folder is a task of its own: per task and over the tasks, the paired validation
+and test differences of each label, with 95 % intervals (over the tasks: the mean of the per-task means,
+every task weighted alike, its interval from resampling the seeds within each task). This is how AMSS+'s
+default weights were chosen on validation across tasks (docs/results.md):
+
+    python benchmarks/paired_table.py --across runs/new_avdh runs/new_cremadlike runs/new_mfeat_pixfou \
+        runs/new_mfeat_facmor --labels amss_plus_floored --reference amss_plus
 """
 
 from __future__ import annotations
@@ -82,13 +90,59 @@ def table(folders: list[Path], labels: list[str], reference: str) -> str:
     return "\n".join(rows)
 
 
+def differences(folder: Path, label: str, reference: str, split: str) -> np.ndarray:
+    """The paired differences ``label - reference`` of the split's accuracy in pp, seed by seed."""
+    a, _ = runs_of([folder], label)
+    b, _ = runs_of([folder], reference)
+    seeds = sorted(set(a) & set(b))
+    return 100 * np.array([a[s][split][f"{split}_acc"] - b[s][split][f"{split}_acc"] for s in seeds])
+
+
+def stratified_interval(
+    per_task: list[np.ndarray], draws: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % interval of the mean of the per-task means, the seeds resampled within each task."""
+    rng = np.random.default_rng(seed)
+    means = np.mean([d[rng.integers(0, d.size, (draws, d.size))].mean(1) for d in per_task], axis=0)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def across(folders: list[Path], labels: list[str], reference: str) -> str:
+    rows = [
+        f"| method | task | seeds | Δ val vs {reference} [95% CI] | Δ test vs {reference} [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for label in labels:
+        found: dict[str, list[np.ndarray]] = {"val": [], "test": []}
+        for folder in folders:
+            cells = []
+            for split in ("val", "test"):
+                d = differences(folder, label, reference, split)
+                if d.size == 0:
+                    raise SystemExit(f"no paired runs of {label!r} and {reference!r} in {folder}")
+                found[split].append(d)
+                low, high = bootstrap_ci(d[:, None], lambda r: float(r.mean()))
+                cells.append(f"{d.mean():+.2f} [{low:+.2f}, {high:+.2f}]")
+            rows.append(f"| {label} | {folder.name} | {found['val'][-1].size} | {cells[0]} | {cells[1]} |")
+        cells = []
+        for split in ("val", "test"):
+            mean = float(np.mean([d.mean() for d in found[split]]))
+            low, high = stratified_interval(found[split])
+            cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]")
+        rows.append(f"| {label} | mean of the {len(folders)} tasks | | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="compare output folders (merged)")
     parser.add_argument("--labels", required=True, help="comma-separated row labels")
     parser.add_argument("--reference", default="none", help="the row the differences are taken against")
+    parser.add_argument("--across", action="store_true", help="each folder a task: per task and over tasks")
     args = parser.parse_args()
-    print(table(args.folders, [x for x in args.labels.split(",") if x], args.reference))
+    labels = [x for x in args.labels.split(",") if x]
+    print((across if args.across else table)(args.folders, labels, args.reference))
 
 
 if __name__ == "__main__":

@@ -93,3 +93,32 @@ def test_paired_table_merges_folders_and_pairs_by_seed(tmp_path: Path) -> None:
     assert own[1] == "82.5 ± 2.1" and own[2].startswith("+1.50 [+1.00, +2.00]") and own[3] == "+2.00"
     assert own[4:] == ["50.0", "70.0"] and table_rows(proc.stdout, "none")[0][1] == "81.0 ± 1.4"
     assert table_rows(proc.stdout, "gone")[0][1] == "no finished run"
+
+
+def test_paired_table_across_tasks_weights_each_task_alike(tmp_path: Path) -> None:
+    """Two tasks (folders), 2 and 4 seeds: the mean over tasks is the mean of the two task means."""
+    import json
+
+    def write(task: str, label: str, seed: int, acc: float) -> None:
+        run = tmp_path / task / label / f"seed{seed}"
+        run.mkdir(parents=True)
+        summary = {"modalities": ["a", "b"], "test": {"test_acc": acc}, "val": {"val_acc": acc - 0.01}}
+        (run / "summary.json").write_text(json.dumps(summary))
+
+    for task, seeds, gain in (("t1", 2, 0.01), ("t2", 4, -0.03)):
+        for seed in range(seeds):
+            write(task, "ref", seed, 0.80 + 0.01 * seed)
+            write(task, "alt", seed, 0.80 + 0.01 * seed + gain)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paired_table.py"), "--across", str(tmp_path / "t1"),
+         str(tmp_path / "t2"), "--labels", "alt", "--reference", "ref"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| alt")]
+    cells = [[c.strip() for c in r] for r in rows]
+    assert [c[1:3] for c in cells[:2]] == [["t1", "2"], ["t2", "4"]]
+    assert cells[0][3].startswith("+1.00") and cells[1][3].startswith("-3.00")
+    assert (
+        cells[2][1] == "mean of the 2 tasks" and cells[2][3] == "-1.00 [-1.00, -1.00]"
+    )  # not -1.67 (pooled)

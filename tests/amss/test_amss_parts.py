@@ -92,7 +92,7 @@ def test_every_part_field_has_exactly_one_flat_option_in_the_signature() -> None
         default = next(f.default for f in dataclasses.fields(PARTS[part]) if f.name == field)
         if name not in PARTS:  # ratio, sampler, significance: the part or its plain shorthand
             assert params[name].default == default, name
-    assert BALANCERS.options("amss_plus")["max_weight"] == 100.0
+    assert BALANCERS.options("amss_plus")["max_weight"] == 10.0
     assert (
         "temperature" in inspect.signature(AMSS.__init__).parameters
     )  # what benchmarks/tune_on_val.py reads

@@ -95,7 +95,7 @@ class GradientMasker:
         rounding: Rounding = "ceil",
         reweight: ReweightMode = "none",
         inclusion: InclusionMode = "conditional",
-        max_weight: float | None = 100.0,
+        max_weight: float | None = 10.0,
         code_bias: float = 0.0,
         code_block_norm: bool = False,
         score_floor: float = 0.0,
