@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands behind docs/results.md (resumable: rerunning skips finished runs).
-# About 2.5 hours on 2 CPU cores in all (measured: tuning 6 min, mfeat/AV-Digits 18 min, AVD-hard 20 min, step 5 about 100 min). Run from the repository root with the venv active.
+# About 3 hours on 2 CPU cores in all (measured: tuning 6 min, mfeat/AV-Digits 18 min, AVD-hard 20 min, step 5 about 2 hours). Run from the repository root with the venv active.
 # AMSS+'s weights: the tables in docs/ were trained while AMSS+'s default was the floored setting
 # (score floor 0.1, cap 100), so their `amss_plus` row is that setting and their `amss_plus_former` row is
 # cap 10 without a floor, today's default. The variant below is now the floored setting
@@ -44,12 +44,12 @@ done
 python benchmarks/balancer_stats.py runs/avdh mmpareto_shared --keys conflict/
 
 # 5. The methods added last, with joint training, the multitask baseline and AMSS+ (both weight settings):
-#    10 seeds on AVD-hard and the mfeat tasks, 5 on CREMA-D-like (about 100 minutes on 2 cores). umt's
+#    10 seeds on four tasks (about 2 hours on 2 cores). umt's
 #    teachers are each comparison's unimodal runs of the same seed (compare trains them first). Mechanism
 #    figures: balancer_stats.py with each method's keys (docs/results.md).
 NEW=none,multitask,dgl,inforeg,lfm,opm,ogm_plus,mmcosine,cml,mbsd,cggm,amco,ume,umt,amss_plus
 equimodal compare avdigits_hard --balancers "$NEW" --seeds 10 --out runs/new_avdh --jobs "$JOBS" --variant "$FLOORED"
-equimodal compare avdigits_hard --set data.options.audio_noise=0.5 --balancers "$NEW" --seeds 5 \
+equimodal compare avdigits_hard --set data.options.audio_noise=0.5 --balancers "$NEW" --seeds 10 \
   --out runs/new_cremadlike --jobs "$JOBS" --variant "$FLOORED"
 equimodal compare --dataset mfeat --balancers "$NEW" --seeds 10 --out runs/new_mfeat_pixfou --jobs "$JOBS" --variant "$FLOORED"
 equimodal compare --dataset mfeat --set data.options.views=fac,mor --balancers "$NEW" --seeds 10 \
