@@ -24,28 +24,22 @@ from pathlib import Path
 
 import torch
 
-from equimodal.amss.sampling import floored_scores, keep_counts, sample_units
-
 TEST = Path(__file__).resolve().parents[1] / "tests" / "amss" / "test_amss_reweight.py"
+TEST_FUNCTIONS = runpy.run_path(str(TEST))  # lost_fraction and sampled_masks, shared with the test
 
 
-def relative_error(sigma: float, k: float, floor: float, cap: float | None, seed: int = 0) -> float:
+def relative_error(sigma: float, k: float, floor: float, cap: float | None) -> float:
     """``E||g_hat - g||^2 / ||g||^2`` of the masked gradient, weights ``min(1/pi_j, cap)`` (None: weight 1,
-    plain masking), over 32 draws of 64 unit gradients x 250 masks."""
-    g = torch.Generator().manual_seed(seed)
-    rows, units, reps = 32, 64, 250
-    sq = torch.exp(sigma * torch.randn(rows, units, generator=g))  # squared gradient norms of the units
-    scores = floored_scores(sq, floor).repeat(reps, 1)
-    n = keep_counts(torch.full((rows * reps,), k), torch.full((rows * reps,), units))
-    keep, pi = sample_units(scores, n, generator=g)
+    plain masking), over the test's draws (``sampled_masks``: 32 x 64 unit gradients, 250 masks each)."""
+    sq, keep, pi = TEST_FUNCTIONS["sampled_masks"](sigma, k, floor)
     weight = torch.ones_like(pi) if cap is None else (1.0 / pi).clamp(max=cap)
-    kept = torch.where(keep, weight, torch.zeros_like(pi)).view(reps, rows, units)
+    kept = torch.where(keep, weight, torch.zeros_like(pi)).view(-1, *sq.shape)
     error = ((kept - 1.0) ** 2).mean(0)  # per unit, E[(w 1{kept} - 1)^2]
     return float(((error * sq).sum(1) / sq.sum(1)).mean())
 
 
 def main() -> None:
-    lost_fraction = runpy.run_path(str(TEST))["lost_fraction"]
+    lost_fraction = TEST_FUNCTIONS["lost_fraction"]
     print("sigma | k   | bias (projection / norm lost)         | error E||g_hat - g||^2 / ||g||^2")
     print(
         "      |     | cap 10, no floor  | cap 100, floor 0.1 | cap 10, no floor | cap 100, floor 0.1 | AMSS"

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from equimodal.amss.sampling import floored_scores, keep_counts, sample_units
 from equimodal.balancers.amss import AMSSPlus
@@ -26,16 +27,27 @@ UNBIASED = {"score_floor": 0.1, "max_weight": 100.0}
 """AMSS+'s unbiased setting (a defensive score floor, a cap of 100); the default is cap 10, no floor."""
 
 
+REPS = 250
+
+
+def sampled_masks(sigma: float, k: float, floor: float, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """32 draws of 64 unit gradients' squared norms (log-normal, spread ``sigma``) and ``REPS`` masks of
+    each at ratio ``k`` over floored scores: ``(sq, keep, pi)``, ``keep`` and ``pi`` of shape
+    ``(REPS * 32, 64)``."""
+    g = torch.Generator().manual_seed(seed)
+    rows, units = 32, 64
+    sq = torch.exp(sigma * torch.randn(rows, units, generator=g))  # squared gradient norms of the units
+    scores = floored_scores(sq, floor).repeat(REPS, 1)
+    n = keep_counts(torch.full((rows * REPS,), k), torch.full((rows * REPS,), units))
+    keep, pi = sample_units(scores, n, generator=g)
+    return sq, keep, pi
+
+
 def lost_fraction(sigma: float, k: float, floor: float, cap: float, seed: int = 0) -> tuple[float, float]:
     """The expected gradient the cap removes: (projection lost, norm of the lost vector), relative to g."""
-    g = torch.Generator().manual_seed(seed)
-    rows, units, reps = 32, 64, 250
-    sq = torch.exp(sigma * torch.randn(rows, units, generator=g))  # squared gradient norms of the units
-    scores = floored_scores(sq, floor).repeat(reps, 1)
-    n = keep_counts(torch.full((rows * reps,), k), torch.full((rows * reps,), units))
-    keep, pi = sample_units(scores, n, generator=g)
+    sq, keep, pi = sampled_masks(sigma, k, floor, seed)
     exact = torch.where(keep, 1.0 / pi, torch.zeros_like(pi))
-    lost = (exact - exact.clamp(max=cap)).view(reps, rows, units).mean(0)  # per unit, fraction of g_j lost
+    lost = (exact - exact.clamp(max=cap)).view(REPS, *sq.shape).mean(0)  # per unit, fraction of g_j lost
     projection = (lost * sq).sum(1) / sq.sum(1)
     norm = ((lost**2 * sq).sum(1) / sq.sum(1)).sqrt()
     return float(projection.mean()), float(norm.mean())
