@@ -192,8 +192,7 @@ class InfoReg(Balancer):
 
     Deviations from the official code, each an option above except: any ``M >= 2`` (with
     ``regulate="strongest"`` the strongest modality against the mean of the others; for two modalities
-    exactly their ``if/elif``); the
-    per-layer trace finds weights by module type (Linear, Conv1d/2d/3d) rather than Conv2d/Linear
+    exactly their ``if/elif``); the per-layer trace finds weights by module type (Linear, Conv1d/2d/3d) rather than Conv2d/Linear
     modules by name; a zero smoothed trace closes the window (their code divides by zero after epoch
     0); scores summed over gradient-accumulation micro-batches and all-reduced under DDP; a parameter
     without a gradient in a step is not pulled (their ``grad +=`` fails on it); a non-finite step
@@ -250,8 +249,10 @@ class InfoReg(Balancer):
         )
         self.trace = self.check_option("trace", given("trace", trace), choices=("sum", "layer_mean"))
         self.smoothing = self.check_option("smoothing", given("smoothing", smoothing), low=1, integer=True)
-        self.trace_includes_proximal = bool(
-            preset["trace_includes_proximal"] if trace_includes_proximal is None else trace_includes_proximal
+        self.trace_includes_proximal = self.check_option(
+            "trace_includes_proximal",
+            given("trace_includes_proximal", trace_includes_proximal),
+            choices=(True, False),
         )
         self.window_on = self._window_on(preset["window_on"] if window_on is None else window_on)
         self.scales = self._scales(preset["scale"] if scale is None else scale, rule)

@@ -44,7 +44,7 @@ from .specs import (
     run_dir,
     run_dirs,
     run_specs,
-    unimodal_run_label,
+    unimodal_run_dir,
 )
 from .tables import ComparisonTable, comparison_table
 
@@ -244,11 +244,7 @@ def _teachers_ready(
     failed = {Path(f.folder) for f in failures}
     ready, missing = [], []
     for spec in specs:
-        lost = [
-            d
-            for d in (run_dir(out, RunSpec(unimodal_run_label(m), (), spec.seed)) for m in modalities)
-            if d in failed
-        ]
+        lost = [d for d in (unimodal_run_dir(out, m, spec.seed) for m in modalities) if d in failed]
         if lost:
             why = f"not started: its unimodal run {lost[0]} failed (rerun to retry both)"
             missing.append(RunFailure(run_dir(out, spec), why))

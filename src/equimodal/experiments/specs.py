@@ -156,6 +156,11 @@ def unimodal_run_label(modality: str) -> str:
     return f"unimodal_{modality}"
 
 
+def unimodal_run_dir(out: Path, modality: str, seed: int) -> Path:
+    """The folder of the reference run of ``modality`` alone with ``seed``: ``OUT/unimodal_<m>/seed<k>``."""
+    return Path(out) / unimodal_run_label(modality) / f"seed{seed}"
+
+
 def fill_unimodal_runs(
     out: Path, specs: Sequence[RunSpec], config: str | None, modalities: Sequence[str], references: bool
 ) -> tuple[list[RunSpec], list[RunSpec]]:
@@ -182,7 +187,7 @@ def fill_unimodal_runs(
                 f"{option!r}), which compare trains as its reference rows; drop --no-references, or set "
                 f"balancer.options.{option} in the row's overrides."
             )
-        folders = {m: str(run_dir(out, RunSpec(unimodal_run_label(m), (), spec.seed))) for m in modalities}
+        folders = {m: str(unimodal_run_dir(out, m, spec.seed)) for m in modalities}
         value = json.dumps(folders)  # JSON is YAML: the override parser reads it as a mapping
         second.append(replace(spec, overrides=(*spec.overrides, f"balancer.options.{option}={value}")))
     return first, second
