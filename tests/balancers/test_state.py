@@ -185,3 +185,16 @@ def test_labels_are_range_checked_at_the_first_call_only() -> None:
         bal.loss(out, y).backward()
         bal.before_step()
     assert reads.calls == []
+
+
+def test_a_saved_state_of_another_shape_is_refused_not_loaded() -> None:
+    """A checkpoint of an older layout (InfoReg's one window for all, before one per modality) must not
+    load silently into the declared per-modality shapes."""
+    balancer = em.create_balancer("inforeg", make_toy_model(2))
+    state = balancer.state_dict()
+    state["window"] = torch.ones((), dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"'window' has shape \(\), expected \(2,\): it was saved by a"):
+        balancer.load_state_dict(state)
+    grown = em.create_balancer("inforeg", make_toy_model(2))
+    grown.load_state_dict(balancer.state_dict())  # the same shapes load
+    assert grown.window.shape == (2,)

@@ -206,6 +206,14 @@ class Declared:
             elif isinstance(current, Tensor) and saved is None and isinstance(spec.default, Tensor):
                 setattr(owner, name, spec.default.to(current.device, copy=True))
             elif isinstance(current, Tensor):
-                setattr(owner, name, torch.as_tensor(saved).to(current.device, current.dtype, copy=True))
+                saved = torch.as_tensor(saved)
+                declared = spec.default.shape if isinstance(spec.default, Tensor) else None
+                if declared is not None and current.shape == declared and saved.shape != declared:
+                    raise ValueError(
+                        f"This {balancer} state's {name!r} has shape {tuple(saved.shape)}, expected "
+                        f"{tuple(declared)}: it was saved by a balancer built with other options or by "
+                        f"another version. {spec.missing}".rstrip()
+                    )
+                setattr(owner, name, saved.to(current.device, current.dtype, copy=True))
             else:
                 setattr(owner, name, copy.deepcopy(saved))
