@@ -337,24 +337,37 @@ def test_under_torchrun_a_claimed_folder_is_refused_on_every_rank(tmp_path: Path
     [
         ["compare", "--balancers", "none", "--seeds", "1", "--no-references"],
         ["diagnose", "--seeds", "1"],
-        ["study", "modalities"],
     ],
     ids=lambda c: c[0],
 )
-def test_a_second_experiment_into_a_folder_in_use_is_refused_naming_the_first(
-    tmp_path, capsys, command
+def test_an_experiment_leaves_a_run_held_by_another_process_to_it_and_trains_it_once_released(
+    tmp_path, command
 ) -> None:
-    """compare, study and diagnose claim their output folder for the whole command (runs and tables):
-    a second one into it is refused before any work, naming the owner; nothing is changed."""
+    """Several experiments may share a folder: a run folder another live process holds (here this test
+    process) is not trained, the experiment says whose it is and waits; once the holder lets it go
+    unfinished, the experiment trains it and writes its tables."""
     out = tmp_path / "exp"
-    sets = [a for s in ["train.epochs=1", *FAST] for a in ("--set", s)] if command[0] != "study" else []
-    with claim_folder(out):  # the first command, still running
-        before = sorted(p.name for p in out.iterdir())
-        assert main([*command, "--out", str(out), *sets]) == 2
-        assert sorted(p.name for p in out.iterdir()) == before
-    err = " ".join(capsys.readouterr().err.split())
-    assert "is in use by another process" in err and f"pid {os.getpid()}" in err
-    assert not (out / "none").exists() and not (out / "joint").exists()
+    label = "none" if command[0] == "compare" else "joint"
+    held = out / label / "seed0"
+    sets = [a for s in ["train.epochs=1", *FAST] for a in ("--set", s)]
+    with claim_folder(held):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "equimodal", *command, "--out", str(out), *sets],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+        )  # fmt: skip
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "waiting for it" in line or "Waiting for" in line:
+                break
+        text = " ".join("".join(seen).split())
+        assert f"{label}/seed0 is trained by another process (pid {os.getpid()}" in text, text
+        assert not RunFolder(held).finished
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert RunFolder(held).finished
+    table = out / ("results.md" if command[0] == "compare" else "diagnosis.md")
+    assert table.is_file()
 
 
 def test_diagnose_with_runs_that_did_not_finish_exits_1_without_a_traceback(tmp_path, capsys) -> None:

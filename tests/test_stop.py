@@ -29,6 +29,7 @@ import equimodal
 from equimodal.cli import main
 from equimodal.experiments import estimate
 from equimodal.experiments.execution import execute_runs
+from equimodal.experiments.executors import Execution
 from equimodal.experiments.specs import run_specs
 from equimodal.utils.interrupt import Interrupted, StopRequest
 from equimodal.utils.workers import Hooks, run_tasks
@@ -371,7 +372,7 @@ def test_an_estimate_that_cannot_be_made_says_so_and_fails_nothing(tmp_path: Pat
     console = Console(record=True, width=200)
     specs = run_specs(["train.epochs=1", "train.probe=false", "data.options.views=fac,mor"], ["none"],
                       ["fac", "mor"], 1, False)  # fmt: skip
-    _, failures = execute_runs(tmp_path, specs, None, jobs=1, threads=1, overwrite=False, console=console)
+    _, failures = execute_runs(tmp_path, specs, None, execution=Execution(), overwrite=False, console=console)
     text = console.export_text()
     assert failures == [] and "no time estimate (RuntimeError: no device)" in text
     assert (tmp_path / "none" / "seed0" / "summary.json").is_file()

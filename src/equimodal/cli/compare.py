@@ -9,9 +9,18 @@ from rich.console import Console
 
 from ..engine.preflight import PLOTS_INSTALL
 from ..experiments import ComparisonResult, compare
+from ..experiments.execution import RunPlan
 from ..registry import name_list
 from ..reporting.tables import results_table, table_notes
-from .common import add_config, add_execution, add_set, command, print_failures
+from .common import (
+    add_config,
+    add_execution,
+    add_set,
+    command,
+    execution_from_args,
+    print_failures,
+    print_plan,
+)
 
 HELP = "run several balancers x seeds and tabulate mean +/- std"
 
@@ -35,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the comparison, print its table; exit code 1 when runs failed."""
     console = Console()
     result = compare(
-        config=args.config, dataset=args.dataset, seeds=args.seeds, out=args.out, jobs=args.jobs,
-        balancers=name_list(args.balancers), threads=args.threads,
+        config=args.config, dataset=args.dataset, seeds=args.seeds, out=args.out,
+        balancers=name_list(args.balancers), execution=execution_from_args(args),
         overwrite=args.overwrite, references=not args.no_references, variants=args.variant or (),
         overrides=args.set or (), console=console,
     )  # fmt: skip
+    if isinstance(result, RunPlan):
+        return print_plan(console, result)
     print_results(console, result)
     return print_failures(console, result.failures)
 

@@ -12,9 +12,18 @@ from rich.text import Text
 
 from ..experiments import RunsFailed, diagnose
 from ..experiments.diagnosis import Diagnosis
+from ..experiments.execution import RunPlan
 from ..reporting.folders import DIAGNOSIS
 from ..reporting.tables import TERMINAL_LEGEND, diagnosis_table
-from .common import add_config, add_execution, add_set, command, print_failures
+from .common import (
+    add_config,
+    add_execution,
+    add_set,
+    command,
+    execution_from_args,
+    print_failures,
+    print_plan,
+)
 
 HELP = "is there modality imbalance, which encoder is under-trained, how much is at stake"
 DESCRIPTION = (
@@ -54,11 +63,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = diagnose(
             config=args.config, overrides=args.set or (), seeds=args.seeds, out=args.out, runs=args.runs,
-            jobs=args.jobs, threads=args.threads, overwrite=args.overwrite, console=console,
+            execution=execution_from_args(args), overwrite=args.overwrite, console=console,
         )  # fmt: skip
     except RunsFailed as err:
         print_failures(console, err.failures)
         raise
+    if isinstance(result, RunPlan):
+        return print_plan(console, result)
     print_diagnosis(console, result.diagnosis, result.files["markdown"])
     return 0
 

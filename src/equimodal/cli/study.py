@@ -8,8 +8,9 @@ from typing import Any
 from rich.console import Console
 
 from ..experiments import study
+from ..experiments.execution import RunPlan
 from ..reporting.folders import STUDY_JSON
-from .common import add_execution, command, print_failures
+from .common import add_execution, command, execution_from_args, print_failures, print_plan
 
 HELP = "run a documented grid that checks one claim (see `equimodal list studies`)"
 DESCRIPTION = (
@@ -23,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the study, print its Markdown; exit code 1 when runs failed."""
     console = Console()
     result = study(
-        name=args.name, full=args.full, out=args.out, docs=args.docs, jobs=args.jobs, threads=args.threads,
+        name=args.name, full=args.full, out=args.out, docs=args.docs, execution=execution_from_args(args),
         overwrite=args.overwrite, console=console,
     )  # fmt: skip
+    if isinstance(result, RunPlan):
+        return print_plan(console, result)
     console.print(result.markdown, highlight=False, markup=False, soft_wrap=True)
     return print_failures(console, result.failures)
 

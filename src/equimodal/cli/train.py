@@ -73,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
         if main_process and out is not None and not args.out:
             console.print(f"Run folder: {out} (rerun the same command to resume it)", highlight=False)
 
-    summary = train(cfg, out, resume=not args.no_resume, overwrite=args.overwrite, on_start=announce)
+    summary = train(
+        cfg, out, resume=not args.no_resume, overwrite=args.overwrite, on_start=announce,
+        skip_finished=args.skip_finished,
+    )  # fmt: skip
     if main_process:
         console.print(summary_table(summary))
         if out is not None:
@@ -98,3 +101,8 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--no-save", action="store_true", help="keep nothing on disk (no run folder, no resume)")
     t.add_argument("--no-resume", action="store_true", help=f"start afresh even if OUT/{LAST} exists")
     t.add_argument("--overwrite", action="store_true", help="replace a run of another config in OUT")
+    t.add_argument(
+        "--skip-finished",
+        action="store_true",
+        help="when OUT holds a finished run of this config, print its summary instead of evaluating it again",
+    )

@@ -575,6 +575,15 @@ def claimed_run_folder(
         yield share_folder_outcome(failure, resume, world, select_device(cfg.train.device))
 
 
+def finished_run(out: Path, cfg: Config) -> dict[str, Any] | None:
+    """The summary in ``out`` when it records exactly ``cfg`` (the run finished), else None."""
+    folder = RunFolder(out)
+    if not folder.finished:
+        return None
+    summary = folder.read_summary()
+    return summary if summary.get("config") == config_to_dict(cfg) else None
+
+
 def share_folder_outcome(failure: Exception | None, resume: bool, world: int, device: torch.device) -> bool:
     """Rank 0's outcome on every rank: ``resume``, or its error (a RunFolderError with its message elsewhere)."""
     if world > 1:
@@ -603,6 +612,7 @@ def train(
     overwrite: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    skip_finished: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns the summary (also written to ``out_dir/summary.json``).
 
@@ -615,6 +625,10 @@ def train(
         on_epoch: called with each epoch's metrics row.
         on_start: called once the run is built (data, model, balancer; resumed if it was), before its first
             epoch.
+        skip_finished: when ``out_dir`` holds a finished run of this exact config (its summary), return
+            that summary without building anything (checked under the folder's claim, so of two processes
+            that both found the run missing, the second one does not evaluate it again). Otherwise a
+            finished run is loaded and evaluated again.
 
     Raises:
         RunFolderError: ``out_dir`` is in use by another process (its claim, :mod:`equimodal.utils.claim`),
@@ -630,6 +644,8 @@ def train(
         stop_signals() as stop,
         claimed_run_folder(out, cfg, overwrite=overwrite, resume=resume, where=(rank, world)) as resume,
     ):
+        if skip_finished and resume and out is not None and (done := finished_run(out, cfg)) is not None:
+            return done
         # The run lives in run_in_group's frame only, so that it (and its DDP wrapper) is gone before
         # the process group is destroyed, on success and on failure (see process_group).
         return run_in_group(cfg, out, dataset, (resume, overwrite), (on_start, on_epoch), (rank, world, stop))

@@ -31,12 +31,11 @@ from ..engine.config import Config
 from ..reporting.figures import results_figure, save_figure
 from ..reporting.folders import ComparisonFiles
 from ..reporting.tables import table_notes
-from ..utils.claim import claim_folder
-from .execution import RunFailure, execute_runs
+from .execution import RunFailure, RunPlan, RunsPending, execute_runs
+from .executors import Execution
 from .specs import (
     RunSpec,
     Variant,
-    check_count,
     check_seeds,
     fill_unimodal_runs,
     parse_variant,
@@ -163,13 +162,14 @@ def compare(
     seeds: int = 3,
     out: str | Path = "runs/compare",
     jobs: int = 1,
-    threads: int = 1,
+    threads: int | str = 1,
     overwrite: bool = False,
     references: bool = True,
     variants: Sequence[str | tuple[str, Sequence[str]]] = (),
     overrides: Sequence[str] = (),
     console: Console | None = None,
-) -> ComparisonResult:
+    execution: Execution | None = None,
+) -> ComparisonResult | RunPlan:
     """Train every balancer x seed that has not finished, then tabulate them (see the module docstring).
 
     Args:
@@ -179,16 +179,22 @@ def compare(
             config on this dataset.
         balancers: the registered balancers to compare.
         seeds: seeds per method, run as ``0..seeds-1``.
-        out: the folder of the runs and the tables (claimed for the whole call).
-        jobs: runs in parallel (processes). threads: torch threads per run.
+        out: the folder of the runs and the tables. Several calls may share it at once (each run is
+            trained by one of them, the others wait for it and write the same tables).
+        jobs: runs in parallel (processes). threads: torch threads per run (``"auto"``: the cores divided
+            among the runs). Both are shorthands for ``execution``.
         overwrite: retrain run folders that hold a run of another config (their old files are deleted).
         references: add the reference rows (each modality alone, the ensembles, joint training with Adam).
         variants: extra rows with overrides of their own, ``"LABEL:key=value,..."`` or ``(label, overrides)``.
         overrides: ``section.key=value`` overrides for every run.
         console: where to print the recipe and each run's progress; None prints nothing.
+        execution: where the runs are trained (:class:`~equimodal.experiments.executors.Execution`:
+            the executor, placement, a dry run, ...); default: ``jobs`` processes on this machine.
 
     Returns:
-        The table, the run folders, the failed runs and the files written (:class:`ComparisonResult`).
+        The table, the run folders, the failed runs and the files written (:class:`ComparisonResult`);
+        with ``execution.dry_run``, or ``execution.wait=False`` and runs still in flight, where the runs
+        stand (:class:`~equimodal.experiments.execution.RunPlan`) and no tables.
 
     Raises:
         ValueError: a count below 1, an unknown balancer or a malformed variant (before anything is
@@ -199,8 +205,7 @@ def compare(
     from ..engine.config import describe_recipe
 
     seeds = check_seeds(seeds)
-    jobs = check_count(jobs, "jobs", "runs in parallel", "1")
-    threads = check_count(threads, "threads", "torch threads per run", "1")
+    execution = (execution or Execution(jobs=jobs, threads=threads)).checked()
     source, cfg, modalities, specs = _plan(
         config, dataset, (balancers, variants, references), seeds, overrides
     )
@@ -209,26 +214,50 @@ def compare(
     position = {s.name: i for i, s in enumerate(specs)}
     specs = sorted([*waves[0], *waves[1]], key=lambda s: position[s.name])  # the table's row order
     console.print(f"Recipe: {describe_recipe(source, cfg)}", highlight=False, markup=False)
-    with claim_folder(out):  # one comparison per folder: a second is refused, naming this one
-        expected, failures = execute_runs(
-            out, waves[0], source, jobs=jobs, threads=threads, overwrite=overwrite, console=console
-        )
-        if waves[1]:  # the runs that read the unimodal runs of their seed, once those have finished
-            ready, missing = _teachers_ready(out, waves[1], failures, modalities)
-            console.print(
-                f"Then the runs that read the unimodal runs of their seed ({_labels(waves[1])}):",
-                highlight=False, markup=False,
-            )  # fmt: skip
-            failures += missing
-            more, failed = execute_runs(
-                out, ready, source, jobs=jobs, threads=threads, overwrite=overwrite, console=console
-            )
-            expected, failures = {**expected, **more}, failures + failed
-            expected.update({s: run_config(source, s) for s in waves[1] if s not in expected})  # not started
-        table = summarise(out, specs, modalities, references, expected)
+    try:
+        expected, failures = _execute(out, waves, source, modalities, (execution, overwrite, console))
+    except RunsPending as pending:
+        return pending.plan
+    table = summarise(out, specs, modalities, references, expected)
     spread = "1 seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
     title = f"{cfg.data.name}: test metrics, {spread} (epoch chosen on val)"
     return _result(title, seeds, table, (out, specs, failures))
+
+
+def _execute(
+    out: Path,
+    waves: tuple[list[RunSpec], list[RunSpec]],
+    source: str | None,
+    modalities: Sequence[str],
+    how: tuple[Execution, bool, Console],
+) -> tuple[dict[RunSpec, dict[str, Any]], list[RunFailure]]:
+    """Train the first wave, then the runs that read the unimodal runs of their seed (``how``: the
+    execution, ``overwrite`` and the console); a dry run plans both waves at once.
+
+    Raises:
+        RunsPending: a dry run, or runs left in flight.
+    """
+    execution, overwrite, console = how
+    if execution.dry_run:
+        execute_runs(
+            out, [*waves[0], *waves[1]], source, execution=execution, overwrite=overwrite, console=console
+        )
+    expected, failures = execute_runs(
+        out, waves[0], source, execution=execution, overwrite=overwrite, console=console
+    )
+    if waves[1]:  # the runs that read the unimodal runs of their seed, once those have finished
+        ready, missing = _teachers_ready(out, waves[1], failures, modalities)
+        console.print(
+            f"Then the runs that read the unimodal runs of their seed ({_labels(waves[1])}):",
+            highlight=False, markup=False,
+        )  # fmt: skip
+        failures += missing
+        more, failed = execute_runs(
+            out, ready, source, execution=execution, overwrite=overwrite, console=console
+        )
+        expected, failures = {**expected, **more}, failures + failed
+        expected.update({s: run_config(source, s) for s in waves[1] if s not in expected})  # not started
+    return expected, failures
 
 
 def _labels(specs: Sequence[RunSpec]) -> str:

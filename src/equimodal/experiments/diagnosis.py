@@ -38,8 +38,8 @@ from ..reporting.figures import diagnosis_figure, save_figure
 from ..reporting.folders import DiagnosisFiles
 from ..reporting.statistics import ensemble_accuracy, t_interval
 from ..reporting.tables import DIAGNOSIS_HEADER, diagnosis_cells, markdown_table, t_interval_text
-from ..utils.claim import claim_folder
-from .execution import RunsFailed, execute_runs
+from .execution import RunPlan, RunsFailed, RunsPending, execute_runs
+from .executors import Execution
 from .specs import RunSpec, check_seeds, finished_summary
 
 SPEED_FRACTION = 0.9
@@ -327,23 +327,27 @@ def diagnose(
     out: str | Path = "runs/diagnose",
     runs: str | Path | None = None,
     jobs: int = 1,
-    threads: int = 1,
+    threads: int | str = 1,
     overwrite: bool = False,
     console: Console | None = None,
-) -> DiagnosisResult:
+    execution: Execution | None = None,
+) -> DiagnosisResult | RunPlan:
     """Train (or read, with ``runs=`` a ``compare`` folder) and diagnose; see the module docstring.
 
     Args:
         config: a YAML file or a shipped preset; None: the default config.
         overrides: ``section.key=value`` overrides for every run.
         seeds: seeds per run (the headroom's interval needs >= 2).
-        out: the folder of the runs and of the diagnosis (claimed for the whole call).
+        out: the folder of the runs and of the diagnosis.
         runs: a ``compare`` folder to read instead of training: its ``none/seed*`` and
             ``unimodal_<m>/seed*`` runs (no gradient shares then, unless they were logged); the
             diagnosis is written there.
-        jobs: runs in parallel (processes). threads: torch threads per run.
+        jobs: runs in parallel (processes). threads: torch threads per run (or ``"auto"``); both are
+            shorthands for ``execution``.
         overwrite: retrain run folders that hold a run of another config.
         console: where to print each run's progress; None prints nothing.
+        execution: where the runs are trained (see :func:`~equimodal.experiments.compare`); a dry run,
+            or runs left in flight, return a :class:`~equimodal.experiments.execution.RunPlan`.
 
     Raises:
         RunsFailed: a run did not finish (the diagnosis needs every one; ``.failures`` names them).
@@ -359,13 +363,14 @@ def diagnose(
     modalities = load_dataset(cfg.data.name, seed=0, **cfg.data.options).modalities
     root = Path(runs if runs is not None else out)
     joint_label = "none" if runs is not None else "joint"
-    with claim_folder(root):  # one diagnosis per folder: a second is refused, naming this one
-        if runs is None:
-            train_runs(
-                root, (config, base), modalities, check_seeds(seeds), (jobs, threads, overwrite), console
-            )
-        diag = analyse(root, modalities, joint_label=joint_label)
-        write_diagnosis(diag, root)
+    if runs is None:
+        execution = (execution or Execution(jobs=jobs, threads=threads)).checked()
+        try:
+            train_runs(root, (config, base), modalities, check_seeds(seeds), (execution, overwrite), console)
+        except RunsPending as pending:
+            return pending.plan
+    diag = analyse(root, modalities, joint_label=joint_label)
+    write_diagnosis(diag, root)
     files = DiagnosisFiles(root)
     written = {"markdown": files.markdown, "json": files.json, "figure": files.figure}
     labels = [joint_label, *(f"unimodal_{m}" for m in modalities)]
@@ -377,21 +382,21 @@ def diagnose(
 
 def train_runs(
     root: Path, recipe: tuple[str | None, list[str]], modalities: list[str], seeds: int,
-    execution: tuple[int, int, bool], console: Console,
+    how: tuple[Execution, bool], console: Console,
 ) -> None:  # fmt: skip
     """Train the joint run and each modality's branch for every seed into ``root``.
 
     Raises:
         RunsFailed: a run did not finish (the diagnosis needs every one).
     """
-    (config, base), (jobs, threads, overwrite) = recipe, execution
+    (config, base), (execution, overwrite) = recipe, how
     labels = [("joint", ("balancer.name=none", "balancer.options.monitor=true"))]
     labels += [
         (f"unimodal_{m}", ("balancer.name=unimodal", f"balancer.options.modality={m}")) for m in modalities
     ]
     specs = [RunSpec(label, (*base, *ov, f"train.seed={s}"), s) for s in range(seeds) for label, ov in labels]
     expected, failures = execute_runs(
-        root, specs, config, jobs=jobs, threads=threads, overwrite=overwrite, console=console
+        root, specs, config, execution=execution, overwrite=overwrite, console=console
     )
     unfinished = [s for s in specs if finished_summary(root, s, expected[s]) is None]
     if unfinished:

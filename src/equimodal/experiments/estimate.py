@@ -32,15 +32,17 @@ def time_estimate(
     todo: Sequence[RunSpec],
     expected: dict[RunSpec, dict[str, Any]],
     execution: tuple[int, int],
+    how: str | None = None,
 ) -> str:
     """One line: how many runs are to train and about how long that takes; it never raises.
 
     From the finished runs in ``out`` when there are any (their median ``time_per_epoch`` x each
     missing run's epochs), else from a few timed optimizer steps of the first missing run's config
-    (:func:`timed_step`); divided by the runs in parallel. ``execution`` is ``(jobs, threads)``.
+    (:func:`timed_step`); divided by the runs in parallel. ``execution`` is ``(runs at once, threads per
+    run)``; ``how`` names the placement in the line (default ``--jobs N``).
     """
     jobs, threads = execution
-    head = f"To train: {len(todo)} run(s) with --jobs {jobs}"
+    head = f"To train: {len(todo)} run(s) with {how or f'--jobs {jobs}'}"
     epochs = sum(int(expected[s]["train"]["epochs"]) for s in todo)
     try:
         finished = [finished_summary(out, s, expected[s]) for s in specs if s not in todo]

@@ -5,17 +5,25 @@ run folder is checked against the config its run asks for: one holding a run of 
 older experiment into the same ``--out``) stops everything, naming the folders and the differing keys
 (:func:`other_config_error`), unless ``overwrite`` asks to retrain those runs from scratch. Finished
 runs are skipped, every distinct run is built once (:func:`~equimodal.engine.preflight.check_runs`),
-the time is estimated (:mod:`equimodal.experiments.estimate`), then each missing run is trained by
-:func:`run_one` (in worker processes with ``jobs > 1``, :mod:`equimodal.utils.workers`). A run that
-fails is named and the others go on; SIGINT / SIGTERM stops them all, each resumable.
+the time is estimated (:mod:`equimodal.experiments.estimate`), then each missing run is handed to the
+executor (:mod:`equimodal.experiments.executors`: worker processes on this machine, a SLURM job array or
+Ray tasks), which trains it with :func:`~equimodal.experiments.executors.run_task`. A run that fails is
+named and the others go on; SIGINT / SIGTERM stops them all, each resumable.
+
+Several drivers may share one output folder (two ``compare`` commands, or a rerun while a scheduler's
+jobs still train): each run folder is claimed by the process that trains it, a driver leaves a claimed
+run to its owner and waits for it, and the tables are built from the finished runs of the asked config
+only, written atomically, so every driver writes the same tables.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,9 +32,11 @@ from rich.markup import escape
 
 from ..engine.preflight import check_runs, figures_missing
 from ..engine.run_folder import RunFolderError, check_writable_folder, config_differences
-from ..utils.interrupt import Interrupted, stop_signals
-from ..utils.workers import Hooks, Outcome, run_tasks
+from ..utils.claim import claim_holder
+from ..utils.interrupt import Interrupted, StopRequest, stop_signals
+from ..utils.workers import Hooks, Outcome
 from .estimate import duration, time_estimate
+from .executors import CLAIMED, FAILED, FINISHED, Execution, Executor, RunTask, get_executor
 from .specs import RunSpec, finished_summary, run_config, run_dir, run_folder
 
 log = logging.getLogger(__name__)
@@ -50,36 +60,6 @@ class RunsFailed(RuntimeError):
     def __init__(self, message: str, failures: Sequence[RunFailure] = ()) -> None:
         super().__init__(message)
         self.failures = list(failures)
-
-
-def run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
-    """Train one run; returns ``(run folder, error message or None)`` so one failure stops nothing.
-
-    ``args`` is ``(config, overrides, out, threads)`` or ``(config, overrides, out, threads, fresh)``;
-    with ``fresh`` (a run of another config, retrained under ``overwrite``) ``train`` replaces the old
-    run's files once it holds the folder's claim, so the run starts from scratch; other files there are
-    kept. A module-level function: it is sent to the worker processes.
-
-    Raises:
-        Interrupted: SIGINT / SIGTERM stopped the run (after its checkpoint).
-    """
-    config, overrides, out, threads = args[:4]
-    fresh = bool(args[4]) if len(args) > 4 else False
-    import torch
-
-    from ..engine.config import load_config
-    from ..engine.trainer import train
-
-    torch.set_num_threads(threads)
-    try:
-        cfg = load_config(config, list(overrides) + ["train.progress=false"])
-        train(cfg, out, overwrite=fresh)  # train claims the folder before it clears the old run
-    except Interrupted:
-        raise  # a signal stops every run, it is no failure of this one
-    except Exception as exc:  # noqa: BLE001 - reported per run, the experiment goes on
-        log.debug("run %s failed", out, exc_info=True)  # the traceback with -v; the driver prints the error
-        return out, f"{type(exc).__name__}: {exc}"
-    return out, None
 
 
 def other_config_runs(
@@ -131,86 +111,317 @@ def other_config_error(out: Path, found: Mapping[RunSpec, dict[str, tuple[Any, A
     )
 
 
+@dataclass
+class RunPlan:
+    """Where an experiment's runs stand: what a dry run would train, or what a call that did not wait left
+    in flight (what :func:`~equimodal.experiments.compare` and the others return then, instead of tables).
+
+    Attributes:
+        out: the experiment's folder.
+        executor: the executor's name.
+        finished: the runs finished with the config the experiment asks for.
+        to_train: the runs this call trains (a dry run: would train).
+        elsewhere: the runs another live process trains now, each with that process.
+        queued: the runs submitted to a scheduler that has not started them, each with its job.
+        estimate: the time estimate line (empty when nothing is to train).
+        dry_run: whether nothing was trained.
+    """
+
+    out: Path
+    executor: str
+    finished: list[str] = field(default_factory=list)
+    to_train: list[str] = field(default_factory=list)
+    elsewhere: dict[str, str] = field(default_factory=dict)
+    queued: dict[str, str] = field(default_factory=dict)
+    estimate: str = ""
+    dry_run: bool = False
+
+    def describe(self) -> str:
+        """The plan in a few lines (each list shortened to its first runs)."""
+        verb = "would train" if self.dry_run else "submitted, not finished"
+        lines = [
+            f"{self.out}: {len(self.finished)} run(s) finished, {len(self.to_train)} {verb}, "
+            f"{len(self.elsewhere)} trained by other processes, {len(self.queued)} queued by a scheduler."
+        ]
+        if self.to_train:
+            lines.append(f"  {'To train' if self.dry_run else 'Submitted'}: {_listed(self.to_train)}")
+        lines += [f"  Trained elsewhere: {name}, by {who}" for name, who in list(self.elsewhere.items())[:8]]
+        lines += [f"  Queued: {name} ({job})" for name, job in list(self.queued.items())[:8]]
+        if self.estimate:
+            lines.append(f"  {self.estimate}")
+        if self.dry_run:
+            lines.append("Dry run: nothing was trained or written. Drop --dry-run to train.")
+        else:
+            lines.append("No tables yet: rerun the same command to follow the runs and collect the tables.")
+        return "\n".join(lines)
+
+
+class RunsPending(Exception):  # noqa: N818 - an outcome of the call, not an error
+    """The call ends without tables: a dry run, or runs left in flight (``wait=False``); ``.plan`` says
+    where the runs stand. The experiment functions catch it and return the plan."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        super().__init__(plan.describe())
+        self.plan = plan
+
+
+def queued_marker(folder: Path) -> Path:
+    """The file that says a run was submitted to a scheduler: ``OUT/<label>/seed<k>.queued.json``, next
+    to the run folder; the task removes it when it starts."""
+    return folder.with_name(f"{folder.name}.queued.json")
+
+
+WAIT_SECONDS = 5.0
+"""How often a driver looks whether the runs that other processes train have been released."""
+
+
 def execute_runs(
     out: Path,
     specs: Sequence[RunSpec],
     config: str | None,
     *,
-    jobs: int,
-    threads: int,
+    execution: Execution,
     overwrite: bool,
     console: Console,
 ) -> tuple[dict[RunSpec, dict[str, Any]], list[RunFailure]]:
-    """Train every run of ``specs`` that has not finished (in parallel with ``jobs``), resumably.
+    """Train every run of ``specs`` that has not finished, on ``execution``'s executor, resumably.
 
     See the module docstring. Before the first run it prints how many runs are to train and an estimate
-    of the time, then names each run when it starts and when it ends.
+    of the time, then names each run when it starts and when it ends, with the counts of the runs done,
+    running, failed and queued. A run that another live process trains (two drivers on one folder, or
+    a rerun while a scheduler's job trains it) is left to that process and waited for; when its claim
+    is released it is finished, or this call trains it (resuming from its ``last.pt``).
 
     Returns:
         Each spec's resolved config, and the runs that failed (the others went on).
 
     Raises:
+        RunsPending: a dry run, or ``wait=False`` with runs in flight (``.plan``; nothing else is done).
         RunFolderError: a run folder holds a run of another config (without ``overwrite``), or a path is
             a file. PreflightError: a run cannot start (nothing was trained).
+        ModuleNotFoundError: the executor's engine is not installed.
         Interrupted: SIGINT / SIGTERM stopped the runs (see :mod:`equimodal.utils.workers`): the runs in
             flight stopped with a checkpoint at their next optimizer step, the rest did not start.
     """
+    execution = execution.checked()
     expected = {s: run_config(config, s) for s in specs}
     check_writable_folder(out)
     other = other_config_runs(out, specs, expected)
     if other and not overwrite:
         raise other_config_error(out, other)
     todo = [s for s in specs if s in other or finished_summary(out, s, expected[s]) is None]
+    executor = get_executor(execution)
     check_runs({s.name: expected[s] for s in todo})
+    plan = _plan(out, specs, todo, executor, execution)
+    todo = [s for s in todo if s.name not in plan.queued]
+    plan.estimate = _estimate(out, (specs, todo), expected, executor, execution) if todo else ""
+    if execution.dry_run:
+        raise RunsPending(plan)
     missing = figures_missing()
     if missing:
         console.print(missing, highlight=False, markup=False)
     again = f" ({len(other)} of another config, retrained from scratch: --overwrite)" if other else ""
     console.print(
-        f"{len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run{again} in {out}",
+        f"{len(specs)} runs, {len(specs) - len(todo) - len(plan.queued)} already finished, {len(todo)} to run"
+        f"{again}{f', {len(plan.queued)} queued' if plan.queued else ''} in {out}",
         highlight=False,
         markup=False,
     )
-    work = [(s.config or config, s.overrides, str(run_dir(out, s)), threads, s in other) for s in todo]
-    names = [s.name for s in todo]
     failures: list[RunFailure] = []
+    waiting = [s for s in specs if s.name in plan.queued]  # submitted by an earlier call that did not wait
     with stop_signals() as stop:
         if todo:
-            console.print(
-                time_estimate(out, specs, todo, expected, (jobs, threads)), highlight=False, markup=False
-            )
-        outcome = run_tasks(run_one, work, jobs, _run_hooks(console, names, work, failures), stop)
-    if outcome.signum is not None:
-        raise stopped_error(outcome, names, failures)
+            console.print(plan.estimate, highlight=False, markup=False)
+        while todo or waiting:
+            elsewhere = [s.name for s in todo if finished_summary(out, s, expected[s]) is not None]
+            if elsewhere:
+                console.print(
+                    f"Finished by other processes: {_listed(elsewhere)}", highlight=False, markup=False
+                )
+            todo = [s for s in todo if s.name not in elsewhere]
+            held = {s: h for s in todo if (h := claim_holder(run_dir(out, s))) is not None}
+            for s, holder in held.items():
+                plan.elsewhere[s.name] = holder.who()
+                console.print(
+                    f"{s.name} is trained by another process ({holder.who()}): waiting for it",
+                    highlight=False,
+                    markup=False,
+                )
+            waiting += list(held)
+            todo = [s for s in todo if s not in held]
+            if todo:
+                tasks = [_task(out, s, config, execution, s in other) for s in todo]
+                progress = _Progress(
+                    console, [s.name for s in todo], failures, [Path(t.folder) for t in tasks]
+                )
+                outcome = executor.run(tasks, progress.hooks(), stop)
+                if outcome.signum is not None:
+                    raise stopped_error(outcome, progress.names, failures)
+                if outcome.queued:
+                    plan.to_train = [todo[i].name for i in outcome.queued]
+                    raise RunsPending(plan)
+                plan.elsewhere.update({todo[i].name: who for i, who in progress.elsewhere.items()})
+                waiting += [todo[i] for i in progress.elsewhere]
+            if waiting and not execution.wait:
+                plan.to_train = []
+                raise RunsPending(plan)
+            other = {s: other[s] for s in waiting if s in other}
+            todo = _wait_for_release(out, waiting, executor, console, stop) if waiting else []
+            waiting = [s for s in waiting if s not in todo]
     return expected, failures
 
 
-def _run_hooks(
-    console: Console, names: Sequence[str], work: Sequence[tuple[Any, ...]], failures: list[RunFailure]
-) -> Hooks:
-    """Print ``[k/N] start NAME`` when a run starts and ``[k/N] done NAME (time)`` or FAILED when it ends."""
-    started: dict[int, tuple[int, float]] = {}
+def _task(out: Path, spec: RunSpec, config: str | None, execution: Execution, fresh: bool) -> RunTask:
+    return RunTask(
+        name=spec.name, config=spec.config or config, overrides=tuple(spec.overrides),
+        folder=str(run_dir(out, spec).absolute()), threads=execution.run_threads(), fresh=fresh,
+        processes=execution.gpus_per_run,
+    )  # fmt: skip
 
-    def start(i: int) -> None:
-        started[i] = (len(started) + 1, time.perf_counter())
-        console.print(f"[{started[i][0]}/{len(names)}] start {names[i]}", highlight=False, markup=False)
 
-    def done(i: int, value: Any, error: str | None) -> None:
-        k, tic = started[i]
-        error = error or (value[1] if value else None)
-        if error:
-            console.print(
-                f"[{k}/{len(names)}] {escape(names[i])} [red]FAILED[/]: {escape(error)}", highlight=False
+def _plan(
+    out: Path, specs: Sequence[RunSpec], todo: Sequence[RunSpec], executor: Executor, execution: Execution
+) -> RunPlan:
+    """Where the runs stand before this call trains: finished, held by other processes, queued."""
+    plan = RunPlan(out, executor.name, dry_run=execution.dry_run)
+    pending = set(todo)
+    plan.finished = [s.name for s in specs if s not in pending]
+    still_queued = getattr(executor, "still_queued", None)
+    for s in todo:
+        folder = run_dir(out, s)
+        holder = claim_holder(folder)
+        if holder is not None:
+            plan.elsewhere[s.name] = holder.who()
+            continue
+        marker = read_marker(queued_marker(folder))
+        if marker is not None and still_queued is not None and still_queued(marker):
+            plan.queued[s.name] = f"job {marker.get('job', '?')}, submitted {marker.get('submitted', '?')}"
+            continue
+        plan.to_train.append(s.name)
+    return plan
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A queued marker's content (None when there is none or it cannot be read)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _estimate(
+    out: Path,
+    runs: tuple[Sequence[RunSpec], Sequence[RunSpec]],
+    expected: dict[RunSpec, dict[str, Any]],
+    executor: Executor,
+    execution: Execution,
+) -> str:
+    specs, todo = runs
+    parallel = executor.parallelism(len(todo))
+    if execution.executor == "local":
+        how = (
+            f"--devices {','.join(execution.devices)} x {execution.per_device}" if execution.devices else None
+        )
+    else:
+        how = f"--executor {execution.executor} (up to {parallel} at once)"
+    return time_estimate(out, specs, todo, expected, (parallel, execution.run_threads()), how)
+
+
+def _wait_for_release(
+    out: Path, held: Sequence[RunSpec], executor: Executor, console: Console, stop: StopRequest
+) -> list[RunSpec]:
+    """Wait until a run of ``held`` is neither trained by another process (its claim) nor queued by a
+    scheduler (its marker, while the executor says its job is pending); returns those runs: finished by
+    their owner, or left unfinished, which this call then trains (resuming from ``last.pt``).
+
+    Raises:
+        Interrupted: SIGINT / SIGTERM while waiting (nothing of this call is in flight).
+    """
+    console.print(
+        f"Waiting for {len(held)} run(s) that other processes or queued jobs train "
+        f"({_listed([s.name for s in held])}); their results are used when they finish.",
+        highlight=False,
+        markup=False,
+    )
+    still_queued = getattr(executor, "still_queued", None)
+
+    def pending(spec: RunSpec) -> bool:
+        folder = run_dir(out, spec)
+        if claim_holder(folder) is not None:
+            return True
+        marker = read_marker(queued_marker(folder))
+        return marker is not None and still_queued is not None and bool(still_queued(marker))
+
+    while True:
+        released = [s for s in held if not pending(s)]
+        if released:
+            return released
+        deadline = time.monotonic() + WAIT_SECONDS
+        while stop.signum is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if stop.signum is not None:
+            name = signal.Signals(int(stop.signum)).name
+            raise Interrupted(
+                int(stop.signum),
+                f"{name} stopped the wait for the runs that other processes or queued jobs train (they go "
+                "on there); no results table was written. Rerun the same command to collect them.",
             )
-            failures.append(RunFailure(Path(work[i][2]), error))
+
+
+class _Progress:
+    """The driver's view of the runs of one executor call: each run's start and end, and the counts."""
+
+    def __init__(
+        self, console: Console, names: Sequence[str], failures: list[RunFailure], folders: Sequence[Path]
+    ) -> None:
+        self.console, self.names, self.failures, self.folders = console, list(names), failures, folders
+        self.started: dict[int, tuple[int, float]] = {}
+        self.ended: dict[int, str] = {}
+        self.elsewhere: dict[int, str] = {}
+
+    def _say(self, text: str, markup: bool = False) -> None:
+        self.console.print(text, highlight=False, markup=markup)
+
+    def counts(self) -> str:
+        ended = list(self.ended.values())
+        running = len(self.started) - len(self.ended)
+        queued = len(self.names) - len(self.started)
+        parts = [f"{ended.count('done')} done", f"{running} running"]
+        parts += [f"{ended.count('failed')} failed"] if "failed" in ended else []
+        parts += [f"{len(self.elsewhere)} elsewhere"] if self.elsewhere else []
+        parts += [f"{queued} queued"] if queued else []
+        return ", ".join(parts)
+
+    def start(self, i: int) -> None:
+        self.started[i] = (len(self.started) + 1, time.perf_counter())
+        self._say(f"[{self.started[i][0]}/{len(self.names)}] start {self.names[i]}")
+
+    def done(self, i: int, value: Any, error: str | None) -> None:
+        if i not in self.started:  # a scheduler that reports a task it never said had started
+            self.started[i] = (len(self.started) + 1, time.perf_counter())
+        k, tic = self.started[i]
+        status, message = (value[1], value[2]) if value else (FAILED, error)
+        head = f"[{k}/{len(self.names)}]"
+        if status == CLAIMED:
+            self.elsewhere[i] = str(message)
+            self.ended[i] = "elsewhere"
+            self._say(f"{head} {self.names[i]} is trained by another process ({message}): waiting for it")
+        elif status == FAILED or error:
+            self.ended[i] = "failed"
+            self.failures.append(RunFailure(self.folders[i], str(error or message)))
+            self._say(
+                f"{head} {escape(self.names[i])} [red]FAILED[/]: {escape(str(error or message))} "
+                f"[{escape(self.counts())}]",
+                markup=True,
+            )
         else:
-            took = duration(time.perf_counter() - tic)
-            console.print(f"[{k}/{len(names)}] done {names[i]} ({took})", highlight=False, markup=False)
+            self.ended[i] = "done"
+            took = "finished elsewhere" if status == FINISHED else duration(time.perf_counter() - tic)
+            self._say(f"{head} done {self.names[i]} ({took}) [{self.counts()}]")
 
-    def say(text: str) -> None:
-        console.print(text, highlight=False, markup=False)
-
-    return Hooks(start, done, say, names.__getitem__)
+    def hooks(self) -> Hooks:
+        return Hooks(self.start, self.done, self._say, self.names.__getitem__)
 
 
 def _listed(names: Sequence[str], most: int = 8) -> str:

@@ -43,8 +43,8 @@ from ..reporting.figures import GridPanel, save_figure, study_figure
 from ..reporting.folders import StudyFiles
 from ..reporting.statistics import mean_ci
 from ..reporting.tables import interval_text, markdown_table, mean_std
-from ..utils.claim import claim_folder
-from .execution import RunFailure, execute_runs
+from .execution import RunFailure, RunPlan, RunsPending, execute_runs
+from .executors import Execution
 from .specs import RunSpec, check_count, finished_summary, run_dirs, run_folder
 
 STUDY_DIR = PRESET_DIR / "studies"
@@ -357,26 +357,30 @@ def write_study(
     return text
 
 
-def took(earlier: Mapping[str, Any], trained: int, total: int, minutes: float, jobs: int) -> str:
+def took(earlier: Mapping[str, Any], trained: int, total: int, minutes: float, how: str) -> str:
     """How long the study took: this call's wall time, or the earlier call's (``earlier``: the previous
     study.json) when this one trained nothing."""
     if trained == 0 and earlier.get("took"):
         return str(earlier["took"])
     part = "" if trained == total else f" ({trained} of its {total} runs; the rest had finished before)"
-    return f"{minutes:.1f} min of wall time with --jobs {jobs}{part}"
+    return f"{minutes:.1f} min of wall time with {how}{part}"
 
 
 def run_and_write(
-    study: Study, out: Path, execution: tuple[int, int, bool], console: Console
+    study: Study, out: Path, how: tuple[Execution, bool], console: Console
 ) -> tuple[str, list[RunFailure], dict[str, dict[int, float]]]:
-    """Train the study's missing runs (``execution``: jobs, threads, overwrite), measure its step costs,
-    write its files; returns the Markdown, the failed runs and the cells' accuracies."""
-    jobs, threads, overwrite = execution
+    """Train the study's missing runs (``how``: the execution and ``overwrite``), measure its step costs,
+    write its files; returns the Markdown, the failed runs and the cells' accuracies.
+
+    Raises:
+        RunsPending: a dry run, or runs left in flight (nothing is written).
+    """
+    execution, overwrite = how
     specs = study_specs(study)
     before = sum(run_folder(out, s).finished for s in specs)
     tic = time.perf_counter()
     expected, failures = execute_runs(
-        out, specs, None, jobs=jobs, threads=threads, overwrite=overwrite, console=console
+        out, specs, None, execution=execution, overwrite=overwrite, console=console
     )
     extra: dict[str, Any] = {}
     earlier = StudyFiles(out).read_earlier()
@@ -391,7 +395,10 @@ def run_and_write(
     }
     if costs:
         extra["costs"] = costs
-    extra["took"] = took(earlier, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, jobs)
+    where = (
+        f"--jobs {execution.jobs}" if execution.executor == "local" else f"--executor {execution.executor}"
+    )
+    extra["took"] = took(earlier, len(specs) - before, len(specs), (time.perf_counter() - tic) / 60, where)
     acc = cell_accuracies(out, specs, expected)
     return write_study(study, out, acc, extra), failures, acc
 
@@ -412,36 +419,41 @@ def study(
     out: str | Path | None = None,
     docs: str | Path | None = None,
     jobs: int = 2,
-    threads: int = 1,
+    threads: int | str = 1,
     overwrite: bool = False,
     console: Console | None = None,
-) -> StudyResult:
+    execution: Execution | None = None,
+) -> StudyResult | RunPlan:
     """Run a study's missing runs, then write its tables and figure (see the module docstring).
 
     Args:
         name: a shipped study (:func:`list_studies`) or a YAML file.
         full: the full setting (more seeds and epochs) instead of the quick one.
         out: the folder of the runs and tables (default ``runs/studies/NAME``, ``NAME_full`` with
-            ``full``); claimed for the whole call.
+            ``full``).
         docs: also copy ``NAME.md``, ``.png`` and ``.csv`` into this folder (e.g. docs/studies).
-        jobs: runs in parallel (processes). threads: torch threads per run.
+        jobs: runs in parallel (processes). threads: torch threads per run (or ``"auto"``); both are
+            shorthands for ``execution``.
         overwrite: retrain run folders that hold a run of another config.
         console: where to print the study's title and each run's progress; None prints nothing.
+        execution: where the runs are trained (see :func:`~equimodal.experiments.compare`); a dry run,
+            or runs left in flight, return a :class:`~equimodal.experiments.execution.RunPlan`.
 
     Raises:
         FileNotFoundError: no such study. ValueError: a malformed preset or a count below 1.
         RunFolderError, PreflightError, Interrupted: as :func:`~equimodal.experiments.compare`.
     """
     plan = load_study(name, full=full)
-    jobs = check_count(jobs, "jobs", "runs in parallel", "2")
-    threads = check_count(threads, "threads", "torch threads per run", "1")
+    execution = (execution or Execution(jobs=jobs, threads=threads)).checked()
     folder = Path(out or f"runs/studies/{file_stem(plan)}")
     console = console or Console(quiet=True)
     console.print(f"Study {plan.name} ({plan.mode}): {plan.title}", highlight=False, markup=False)
-    with claim_folder(folder):  # one study per folder: a second is refused, naming this one
-        text, failures, acc = run_and_write(plan, folder, (jobs, threads, overwrite), console)
-        if docs:
-            copy_to_docs(plan, folder, Path(docs))
+    try:
+        text, failures, acc = run_and_write(plan, folder, (execution, overwrite), console)
+    except RunsPending as pending:
+        return pending.plan
+    if docs:
+        copy_to_docs(plan, folder, Path(docs))
     tables, files = StudyFiles(folder).tables(file_stem(plan)), StudyFiles(folder)
     written = {"markdown": tables.markdown, "csv": tables.csv, "json": files.json, "figure": tables.figure}
     return StudyResult(

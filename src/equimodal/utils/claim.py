@@ -104,6 +104,10 @@ class Owner:
         """``pid 123 on host 'h', since 2024-05-01T10:00:00+02:00, running `equimodal train ...```."""
         return f"pid {self.pid} on host {self.host!r}, since {self.since}, running `{self.command}`"
 
+    def who(self) -> str:
+        """``pid 123 on host 'h'`` (the short form of :meth:`describe`)."""
+        return f"pid {self.pid} on host {self.host!r}"
+
     def same_machine(self, other: Owner) -> bool:
         """Whether ``other``'s pid can be checked from this owner's process (same host and pid namespace)."""
         return self.host == other.host and self.pid_ns == other.pid_ns
@@ -313,11 +317,30 @@ def claim_folder(folder: str | Path, *, flag: str = "--out", heartbeat: float = 
     )
 
 
-def _held_error(folder: Path, owner: Owner, flag: str) -> RunFolderError:
-    return RunFolderError(
+class ClaimHeld(RunFolderError):
+    """The folder is claimed by another live process, named by :attr:`owner` (an experiment's executor
+    reads this as "trained elsewhere": it waits for that run instead of failing it)."""
+
+    def __init__(self, message: str, owner: Owner) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
+def claim_holder(folder: str | Path) -> Owner | None:
+    """Who holds ``folder``'s claim now: its owner while that claim is live, ``None`` when there is no
+    claim or a stale one (which the next :func:`claim_folder` takes over). Reads, never writes."""
+    seen = _look(Path(folder) / CLAIM_FILE)
+    if seen is None or seen.owner is None:
+        return None
+    return seen.owner if stale_reason(seen.owner, seen.age, Owner.current()) is None else None
+
+
+def _held_error(folder: Path, owner: Owner, flag: str) -> ClaimHeld:
+    return ClaimHeld(
         f"{flag} {str(folder)!r} is in use by another process: {owner.describe()}. Nothing was changed. Wait "
         f"for it to finish, or pass another {flag} folder. (If that process is gone for good, e.g. on a "
-        f"machine that was lost, delete {str(folder / CLAIM_FILE)!r}.)"
+        f"machine that was lost, delete {str(folder / CLAIM_FILE)!r}.)",
+        owner,
     )
 
 

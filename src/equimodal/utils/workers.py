@@ -69,12 +69,14 @@ class Outcome:
         stopped: tasks in flight that stopped at a safe point (a trainer: with its checkpoint).
         killed: tasks in flight whose worker was still running after the grace period (SIGKILLed).
         not_started: tasks never dispatched.
+        queued: tasks handed to a scheduler that go on after the call (an executor told not to wait).
     """
 
     signum: int | None = None
     stopped: list[int] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)
     not_started: list[int] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
 
 
 def run_tasks(
@@ -84,6 +86,7 @@ def run_tasks(
     hooks: Hooks,
     stop: StopRequest,
     grace: float = GRACE_SECONDS,
+    slots: Sequence[dict[str, str]] | None = None,
 ) -> Outcome:
     """Run ``fn(task)`` for every task (see the module docstring); never raises for a task's error.
 
@@ -94,13 +97,19 @@ def run_tasks(
         hooks: the caller's callbacks (``done`` gets ``(index, value, None)`` or ``(index, None, error)``).
         stop: the request set by the caller's :func:`~equimodal.utils.interrupt.stop_signals`.
         grace: seconds a stop waits for the tasks in flight before it kills their workers.
+        slots: one environment per worker (e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}``), set in that worker
+            before its first task; their number is the number of workers (``workers`` is then ignored). A
+            worker that dies is replaced in its slot.
 
     Raises:
         KeyboardInterrupt: a second Ctrl-C while one task runs in this process.
     """
-    if workers <= 1 or stop.signum is not None:
+    if slots is None and (workers <= 1 or stop.signum is not None):
         return _run_here(fn, tasks, hooks, stop)
-    pool, outcome = _Pool(fn, min(workers, len(tasks))), Outcome()
+    if stop.signum is not None:
+        return Outcome(stop.signum, not_started=list(range(len(tasks))))
+    envs = list(slots) if slots is not None else [{}] * workers
+    pool, outcome = _Pool(fn, envs[: len(tasks)]), Outcome()
     try:
         _run_pool(pool, tasks, hooks, stop, outcome)
         if stop.signum is None:
@@ -160,8 +169,9 @@ def _send(conn: Connection, message: tuple[Any, ...]) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
-def _worker(fn: Callable[[Any], Any], conn: Connection, parent: int) -> None:
+def _worker(fn: Callable[[Any], Any], conn: Connection, parent: int, env: dict[str, str]) -> None:
     """A worker's life: one task at a time until the driver sends None, closes, dies or signals."""
+    os.environ.update(env)  # its slot (a GPU of its own): set before any task initialises CUDA
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -197,6 +207,7 @@ def _exit_now() -> None:
 class _Worker:
     process: Any
     conn: Connection
+    slot: int
     task: int | None = None
     eof: bool = False
 
@@ -217,24 +228,27 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 class _Pool:
-    """The worker processes and their pipes (one task at a time each)."""
+    """The worker processes and their pipes (one task at a time each), one per slot (its environment)."""
 
-    def __init__(self, fn: Callable[[Any], Any], size: int) -> None:
-        self.fn, self.size, self.ctx = fn, size, mp.get_context("spawn")
+    def __init__(self, fn: Callable[[Any], Any], envs: Sequence[dict[str, str]]) -> None:
+        self.fn, self.envs, self.ctx = fn, list(envs), mp.get_context("spawn")
+        self.size = len(self.envs)
         self.workers: list[_Worker] = []
-        for _ in range(size):
+        for _ in range(self.size):
             self.add()
 
     def add(self) -> None:
-        """Start one worker."""
+        """Start one worker in a free slot."""
+        taken = {w.slot for w in self.workers}
+        slot = next(k for k in range(self.size) if k not in taken)
         ours, theirs = self.ctx.Pipe()
         process = self.ctx.Process(
-            target=_worker, args=(self.fn, theirs, os.getpid()), name="equimodal-worker"
+            target=_worker, args=(self.fn, theirs, os.getpid(), self.envs[slot]), name="equimodal-worker"
         )
         with _sigint_ignored():
             process.start()
         theirs.close()
-        self.workers.append(_Worker(process, ours))
+        self.workers.append(_Worker(process, ours, slot))
 
     def idle(self) -> list[_Worker]:
         return [w for w in self.workers if w.task is None and not w.eof]
