@@ -213,7 +213,10 @@ def test_overwrite_retrains_a_folder_of_another_config_from_scratch(tmp_path) ->
         ),
         ({"seeds": -2}, r"--seeds must be a whole number >= 1 .*found -2"),
         ({"jobs": 0}, r"--jobs must be a whole number >= 1 \(runs in parallel\), found 0"),
-        ({"threads": -1}, r"--threads must be a whole number >= 1 \(torch threads per run, or auto\), found -1"),
+        (
+            {"threads": -1},
+            r"--threads must be a whole number >= 1 \(torch threads per run, or auto\), found -1",
+        ),
     ],
 )
 def test_counts_below_one_are_refused_first(tmp_path, change, message) -> None:

@@ -252,6 +252,7 @@ def test_a_signal_stops_prepare_and_keeps_the_finished_clips(
     out = tmp_path / "prepared"
     args = ["prepare", "cremad", "--raw", str(raw_cremad), "--out", str(out), "--workers", str(workers),
             "--set", "val_actors=1", "--set", "test_actors=1"]  # fmt: skip
+
     def a_whole_clip(_: object) -> bool:  # a spectrogram alone is half a clip: its frames come after it
         return any((out / "visual" / p.stem).is_dir() for p in out.glob("audio/*.npy"))
 

@@ -205,7 +205,10 @@ def execute_runs(
     """
     execution = execution.checked()
     expected = {s: run_config(config, s) for s in specs}
-    check_writable_folder(out)
+    if not execution.dry_run:
+        check_writable_folder(out)
+    elif out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path.")
     other = other_config_runs(out, specs, expected)
     if other and not overwrite:
         raise other_config_error(out, other)

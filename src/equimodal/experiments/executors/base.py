@@ -174,17 +174,17 @@ def run_task(task: RunTask) -> tuple[str, str, str | None]:
     if holder is not None:
         return task.folder, CLAIMED, holder.who()
     try:
-        if task.processes > 1:
-            return _torchrun(task)
         import torch
 
         from ...engine.config import load_config
         from ...engine.trainer import finished_run, train
 
-        torch.set_num_threads(task.threads)
         cfg = load_config(task.config, [*task.overrides, "train.progress=false"])
         if not task.fresh and finished_run(folder, cfg) is not None:
             return task.folder, FINISHED, None
+        if task.processes > 1:
+            return _torchrun(task)
+        torch.set_num_threads(task.threads)
         # train claims the folder before it clears an old run (fresh) or resumes from last.pt; a run that
         # finished between the check above and the claim is returned as it is (skip_finished)
         train(cfg, folder, overwrite=task.fresh, skip_finished=not task.fresh)
