@@ -122,3 +122,11 @@ def test_paired_table_across_tasks_weights_each_task_alike(tmp_path: Path) -> No
     assert (
         cells[2][1] == "mean of the 2 tasks" and cells[2][3] == "-1.00 [-1.00, -1.00]"
     )  # not -1.67 (pooled)
+
+
+@pytest.mark.slow
+def test_parallel_efficiency_smoke() -> None:
+    out = run_script("parallel_efficiency.py")
+    assert table_rows(out, "1")[0][2] == "1.00"  # T1 / (1 x T1)
+    assert 0 < float(table_rows(out, "2")[0][2]) <= 2.0
+    assert "driver overhead per run" in out and "starting 2 worker processes" in out
