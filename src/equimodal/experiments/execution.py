@@ -37,6 +37,7 @@ from ..utils.interrupt import Interrupted, StopRequest, stop_signals
 from ..utils.workers import Hooks, Outcome
 from .estimate import duration, time_estimate
 from .executors import CLAIMED, FAILED, FINISHED, Execution, Executor, RunTask, get_executor
+from .executors.base import queued_marker
 from .specs import RunSpec, finished_summary, run_config, run_dir, run_folder
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,6 @@ class RunsPending(Exception):  # noqa: N818 - an outcome of the call, not an err
         self.plan = plan
 
 
-def queued_marker(folder: Path) -> Path:
-    """The file that says a run was submitted to a scheduler: ``OUT/<label>/seed<k>.queued.json``, next
-    to the run folder; the task removes it when it starts."""
-    return folder.with_name(f"{folder.name}.queued.json")
-
-
 WAIT_SECONDS = 5.0
 """How often a driver looks whether the runs that other processes train have been released."""
 
@@ -278,7 +273,7 @@ def _task(out: Path, spec: RunSpec, config: str | None, execution: Execution, fr
     return RunTask(
         name=spec.name, config=spec.config or config, overrides=tuple(spec.overrides),
         folder=str(run_dir(out, spec).absolute()), threads=execution.run_threads(), fresh=fresh,
-        processes=execution.gpus_per_run,
+        processes=execution.gpus_per_run, out=str(Path(out).absolute()),
     )  # fmt: skip
 
 

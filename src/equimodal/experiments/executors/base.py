@@ -45,6 +45,9 @@ class RunTask:
         threads: torch threads of the run (per process).
         fresh: retrain from scratch (a run of another config there, under ``overwrite``).
         processes: processes of the run; above 1 it is launched through ``torchrun`` (``--gpus-per-run``).
+        out: the experiment's folder, absolute (None: not known). The run folder is below it, at a depth
+            that depends on the run's label (a study's labels hold slashes); an executor that keeps files
+            of its own there (the SLURM executor's job files) uses it.
     """
 
     name: str
@@ -54,6 +57,13 @@ class RunTask:
     threads: int = 1
     fresh: bool = False
     processes: int = 1
+    out: str | None = None
+
+
+def queued_marker(folder: Path) -> Path:
+    """The file that says a run was submitted to a scheduler: ``OUT/<label>/seed<k>.queued.json``, next
+    to the run folder; :func:`run_task` removes it when the run starts."""
+    return folder.with_name(f"{folder.name}.queued.json")
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,8 @@ def run_task(task: RunTask) -> tuple[str, str, str | None]:
     from ...utils.claim import ClaimHeld, claim_holder
 
     folder = Path(task.folder)
+    with contextlib.suppress(OSError):  # the run has left the scheduler's queue
+        queued_marker(folder).unlink(missing_ok=True)
     holder = claim_holder(folder)
     if holder is not None:
         return task.folder, CLAIMED, holder.who()
