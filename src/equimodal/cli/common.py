@@ -12,6 +12,7 @@ from rich.console import Console
 from ..experiments import RunFailure
 from ..experiments.execution import RunPlan
 from ..experiments.executors import EXECUTORS, Execution
+from ..experiments.executors.slurm_options import SLURM_KEYS
 
 SET_HELP = "override, e.g. optim.lr=0.01 (repeatable)"
 CONFIG_HELP = "a YAML file or a shipped preset name (see `equimodal list presets`)"
@@ -44,24 +45,39 @@ def add_execution(parser: argparse.ArgumentParser, jobs: int) -> None:
         "--executor", default="local", choices=EXECUTORS,
         help="local: processes on this machine; slurm: a job array through submitit; ray: Ray tasks",
     )  # fmt: skip
-    g.add_argument("--jobs", type=int, default=jobs, help="runs in parallel on this machine (processes)")
     g.add_argument(
-        "--threads", type=_threads, default=1, help="torch threads per run, or auto (cores / runs)"
+        "--jobs", type=int, default=jobs, metavar="N", help="runs in parallel on this machine (processes)"
     )
     g.add_argument(
-        "--devices", help="place the runs on these GPUs, one slot each (cuda:0,cuda:1 or all); local only"
+        "--threads",
+        type=_threads,
+        default=1,
+        metavar="N",
+        help="torch threads per run, or auto (cores / runs)",
     )
-    g.add_argument("--per-device", type=int, default=1, help="runs at once on each device of --devices")
     g.add_argument(
-        "--gpus-per-run", type=int, default=1, help="GPUs of each run; above 1 launched through torchrun"
+        "--devices", metavar="LIST",
+        help="place the runs on these GPUs, one slot each (cuda:0,cuda:1 or all); local only",
+    )  # fmt: skip
+    g.add_argument(
+        "--per-device", type=int, default=1, metavar="N", help="runs at once on each device of --devices"
     )
+    g.add_argument(
+        "--gpus-per-run", type=int, default=1, metavar="N",
+        help="GPUs of each run; above 1 launched through torchrun",
+    )  # fmt: skip
     g.add_argument(
         "--slurm", action="append", metavar="KEY=VALUE",
-        help="a SLURM parameter for submitit (partition=gpu, time=120, mem_gb=32, account=NAME, "
-        "array_parallelism=50, cluster=local to try it on this machine); repeatable",
+        help="a SLURM parameter for submitit, e.g. partition=gpu time=120 (minutes) mem_gb=32; keys: "
+        f"{', '.join(SLURM_KEYS)} (cluster=local tries it on this machine); repeatable",
     )  # fmt: skip
-    g.add_argument("--slurm-config", help="a YAML file of SLURM parameters (the --slurm keys; flags win)")
-    g.add_argument("--ray-address", help="the Ray cluster to join (default: a local one; auto: this node's)")
+    g.add_argument(
+        "--slurm-config", metavar="FILE", help="a YAML file of SLURM parameters (the --slurm keys; flags win)"
+    )
+    g.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="the Ray cluster to join (default: a local one; auto: this node's)",
+    )  # fmt: skip
     g.add_argument(
         "--no-wait", action="store_true",
         help="submit the runs and return (slurm); rerun the same command to follow them and write the tables",
