@@ -78,13 +78,14 @@ class Execution:
             alone on its device through ``CUDA_VISIBLE_DEVICES``.
         per_device: runs at once on each device (small models).
         gpus_per_run: processes (GPUs) per run; above 1 each run is launched through torchrun.
-        wait: follow the runs until every one has finished (False: submit and return; rerun to collect).
+        wait: follow the runs until every one has finished (False: submit and return; rerun to collect;
+            slurm only: local and Ray runs end with the command).
         dry_run: only say what would be trained, what is finished or held elsewhere, and the cost.
         slurm: submitit's SLURM parameters (``partition``, ``time`` in minutes, ``mem_gb``, ``account``,
             ``array_parallelism``, ``cpus_per_task``, ...); ``cluster: local`` runs the jobs on this
             machine through submitit's local executor.
         ray_address: the Ray cluster to join (None: a local one started for the call; ``auto``: the
-            cluster this machine is part of).
+            cluster this machine is part of; ``HOST:PORT``: the cluster whose head listens there).
     """
 
     executor: str = "local"
@@ -121,6 +122,12 @@ class Execution:
             raise ValueError(
                 "--no-wait leaves submitted runs to a scheduler, but --executor local trains them in this "
                 "command's own processes: drop --no-wait, or pass --executor slurm."
+            )
+        if not self.wait and self.executor == "ray":
+            raise ValueError(
+                "--no-wait leaves submitted runs to a scheduler, but Ray ends a driver's tasks when the "
+                "driver exits, so --executor ray must follow its runs to the end: drop --no-wait, or pass "
+                "--executor slurm to submit the runs and return."
             )
         return self
 
