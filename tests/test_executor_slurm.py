@@ -60,6 +60,10 @@ def test_a_job_array_gives_the_local_executors_tables_and_names_a_failed_run_wit
     logs = [Path(p) for p in error.split("; log: ")[1].split(", ")]  # the job's stdout and stderr
     assert [p.suffix for p in logs] == [".out", ".err"]
     assert all(p.is_file() and p.is_relative_to(tmp_path / "slurm" / ".submitit") for p in logs)
+    run = result.failures[0].folder  # the same logs, linked next to the run folder
+    assert [run.with_name(f"{run.name}.slurm.{s}").resolve() for s in ("out", "err")] == [
+        p.resolve() for p in logs
+    ]
     assert not list((tmp_path / "slurm").glob("*/*.queued.json"))  # every job started: no marker left
 
 

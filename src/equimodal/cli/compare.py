@@ -12,15 +12,8 @@ from ..experiments import ComparisonResult, compare
 from ..experiments.execution import RunPlan
 from ..registry import name_list
 from ..reporting.tables import results_table, table_notes
-from .common import (
-    add_config,
-    add_execution,
-    add_set,
-    command,
-    execution_from_args,
-    print_failures,
-    print_plan,
-)
+from . import common
+from .common import add_config, add_execution, add_set, command, print_failures
 
 HELP = "run several balancers x seeds and tabulate mean +/- std"
 
@@ -45,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     result = compare(
         config=args.config, dataset=args.dataset, seeds=args.seeds, out=args.out,
-        balancers=name_list(args.balancers), execution=execution_from_args(args),
+        balancers=name_list(args.balancers), execution=common.execution_from_args(args),
         overwrite=args.overwrite, references=not args.no_references, variants=args.variant or (),
         overrides=args.set or (), console=console,
     )  # fmt: skip
     if isinstance(result, RunPlan):
-        return print_plan(console, result)
+        return common.print_plan(console, result)
     print_results(console, result)
     return print_failures(console, result.failures)
 

@@ -154,7 +154,7 @@ def _mean_curve(folders: Sequence[Path], key: str) -> list[float]:
 def _seed_folders(root: Path, label: str) -> dict[int, Path]:
     found = {}
     for folder in sorted((root / label).glob("seed*")):
-        if RunFolder(folder).finished and folder.name[4:].isdigit():
+        if folder.is_dir() and folder.name[4:].isdigit() and RunFolder(folder).finished:  # not seed0.*.log
             found[int(folder.name[4:])] = folder
     return found
 

@@ -349,7 +349,7 @@ def method_curves_figure(folder: Path, labels: Sequence[str]) -> Any | None:
     """Each method's validation accuracy over epochs, the mean over its seeds' run folders."""
     curves = {}
     for label in labels:
-        runs = [RunFolder(p).read_metrics() for p in sorted((folder / label).glob("seed*"))]
+        runs = [RunFolder(p).read_metrics() for p in sorted((folder / label).glob("seed*")) if p.is_dir()]
         runs = [r for r in runs if r]
         if runs and not label.startswith(("unimodal_", "ensemble_")):
             length = min(len(r) for r in runs)

@@ -11,7 +11,8 @@ Where the files go:
   grandparents); a local job's id is its process id, which a later call may get again, so ``cluster:
   local`` keeps each call's jobs in a folder of their own, ``OUT/.submitit/local-<time>-<random>/<job
   id>/``. ``--slurm folder=PATH`` puts them elsewhere (``%j`` in it stands for the job id);
-- a marker next to each run folder, ``OUT/<label>/seed<k>.queued.json``, says which job the run was
+- next to each run folder, links to its job's logs, ``OUT/<label>/seed<k>.slurm.out`` and ``.err``
+  (:func:`link_logs`), and a marker, ``OUT/<label>/seed<k>.queued.json``, that says which job the run was
   submitted to (:func:`~.base.queued_marker`); the job removes it when it starts. A later call on the
   same folder reads it and waits for a job that is still queued or running (:meth:`SlurmExecutor.still_queued`)
   instead of submitting the run again.
@@ -84,6 +85,21 @@ ACTIVE_STATES = frozenset(
      "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
 )  # fmt: skip
 """The SLURM job states of a job that still has to run or is running."""
+
+
+def link_logs(folder: Path, stdout: Path, stderr: Path) -> None:
+    """Links next to the run folder to its job's logs, ``seed<k>.slurm.out`` and ``seed<k>.slurm.err``
+    (a later submission of the run replaces them); a filesystem without symbolic links gets none."""
+    for suffix, target in (("out", stdout), ("err", stderr)):
+        link = folder.with_name(f"{folder.name}.slurm.{suffix}")
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            os.symlink(Path(target).absolute(), tmp)
+            os.replace(tmp, link)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ the parameters
@@ -299,6 +315,7 @@ class SlurmExecutor:
             }  # fmt: skip
             if self.cluster != "debug":
                 atomic_write_text(queued_marker(Path(task.folder)), json.dumps(marker, indent=1) + "\n")
+                link_logs(Path(task.folder), job.paths.stdout, job.paths.stderr)
         hooks.say(self._submitted_line(jobs, params, folder))
         return jobs, folder
 
