@@ -226,6 +226,8 @@ def test_the_cli_names_a_wrong_execution_option_and_exits_2(tmp_path, capsys) ->
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "--no-wait leaves submitted runs to a scheduler" in err and not out.exists()
+    assert main([*COMPARE, "--out", str(out), "--devices", "cpu"]) == 2  # refused before any write
+    assert "'cpu' is not a CUDA device" in " ".join(capsys.readouterr().err.split()) and not out.exists()
 
 
 # ------------------------------------------------------------------------------------------- dry run

@@ -199,6 +199,7 @@ def execute_runs(
             flight stopped with a checkpoint at their next optimizer step, the rest did not start.
     """
     execution = execution.checked()
+    executor = get_executor(execution)  # a placement or a scheduler option refused before any write
     expected = {s: run_config(config, s) for s in specs}
     if not execution.dry_run:
         check_writable_folder(out)
@@ -208,7 +209,6 @@ def execute_runs(
     if other and not overwrite:
         raise other_config_error(out, other)
     todo = [s for s in specs if s in other or finished_summary(out, s, expected[s]) is None]
-    executor = get_executor(execution)
     check_runs({s.name: expected[s] for s in todo})
     plan = _plan(out, specs, todo, executor, execution)
     todo = [s for s in todo if s.name not in plan.queued]
