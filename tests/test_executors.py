@@ -176,6 +176,17 @@ def test_each_worker_slot_sees_its_own_device(monkeypatch) -> None:
     assert {v for _, v, _ in done} <= {"0", "1"} and all(e is None for *_, e in done)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # indices among the GPUs the driver sees
     assert device_slots(["cuda:1"], 1) == [{"CUDA_VISIBLE_DEVICES": "5"}]
+    monkeypatch.delenv(
+        "CUDA_VISIBLE_DEVICES"
+    )  # --gpus-per-run 2: a slot sees its two GPUs (torchrun's ranks)
+    four = ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert device_slots(four, 1, per_run=2) == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        {"CUDA_VISIBLE_DEVICES": "2,3"},
+    ]
+    assert Execution(devices=tuple(four), gpus_per_run=2, per_device=2).parallel() == 4
+    with pytest.raises(ValueError, match="3 is not a multiple of 2: pass a multiple of 2 devices"):
+        device_slots(four[:3], 1, per_run=2)
 
 
 @pytest.mark.parametrize(

@@ -132,8 +132,17 @@ class Execution:
         return self
 
     def parallel(self) -> int:
-        """Runs at once on the local executor: one per device slot, else ``jobs``."""
-        return len(self.devices) * self.per_device if self.devices else self.jobs
+        """Runs at once on the local executor: one per device slot (a slot holds ``gpus_per_run``
+        devices), else ``jobs``."""
+        if not self.devices:
+            return self.jobs
+        if self.devices == ("all",):
+            from .local import visible_gpus
+
+            count = len(visible_gpus())
+        else:
+            count = len(self.devices)
+        return max(1, count // self.gpus_per_run) * self.per_device
 
     def run_threads(self) -> int:
         """Torch threads of each run: ``threads``, or the available cores divided among the runs at once."""

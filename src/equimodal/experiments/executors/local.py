@@ -24,14 +24,17 @@ def visible_gpus() -> list[str]:
     return [f"cuda:{k}" for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def device_slots(devices: Sequence[str], per_device: int) -> list[dict[str, str]]:
-    """One environment per worker: ``per_device`` slots per device, each seeing only its GPU.
+def device_slots(devices: Sequence[str], per_device: int, per_run: int = 1) -> list[dict[str, str]]:
+    """One environment per worker: ``per_device`` slots per device, each seeing only its GPU; with
+    ``per_run`` > 1 (``--gpus-per-run``) consecutive devices are grouped, a slot seeing its group (the
+    run's torchrun processes take one GPU each).
 
     ``devices`` holds ``cuda:<k>`` (or ``<k>``) names, or ``all``; the index is the one among the GPUs
     this process sees (``CUDA_VISIBLE_DEVICES`` of the driver, if set, is honoured).
 
     Raises:
-        ValueError: a name that is not a CUDA device, or ``all`` on a machine without GPUs.
+        ValueError: a name that is not a CUDA device, ``all`` on a machine without GPUs, or a number of
+            devices that is not a multiple of ``per_run``.
     """
     names = list(devices)
     if names == ["all"]:
@@ -43,7 +46,7 @@ def device_slots(devices: Sequence[str], per_device: int) -> list[dict[str, str]
             )
     parent = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible = [v.strip() for v in parent.split(",")] if parent else None
-    slots = []
+    indices: list[str] = []
     for name in names:
         index = name.removeprefix("cuda:")
         if not index.isdigit():
@@ -58,8 +61,14 @@ def device_slots(devices: Sequence[str], per_device: int) -> list[dict[str, str]
                     f"{len(visible)} GPU(s), cuda:0 to cuda:{len(visible) - 1}."
                 )
             index = visible[int(index)]
-        slots += [{"CUDA_VISIBLE_DEVICES": index}] * per_device
-    return slots
+        indices.append(index)
+    if len(indices) % per_run:
+        raise ValueError(
+            f"--gpus-per-run {per_run} groups the {len(indices)} device(s) of --devices into runs of {per_run} "
+            f"GPUs, and {len(indices)} is not a multiple of {per_run}: pass a multiple of {per_run} devices."
+        )
+    groups = [",".join(indices[k : k + per_run]) for k in range(0, len(indices), per_run)]
+    return [{"CUDA_VISIBLE_DEVICES": group} for group in groups for _ in range(per_device)]
 
 
 class LocalExecutor:
@@ -69,7 +78,11 @@ class LocalExecutor:
 
     def __init__(self, execution: Execution) -> None:
         self.jobs = execution.jobs
-        self.slots = device_slots(execution.devices, execution.per_device) if execution.devices else None
+        self.slots = (
+            device_slots(execution.devices, execution.per_device, execution.gpus_per_run)
+            if execution.devices
+            else None
+        )
 
     def parallelism(self, tasks: int) -> int:
         return max(1, min(tasks, len(self.slots) if self.slots is not None else self.jobs))
