@@ -6,6 +6,7 @@ the ``--slurm`` keys onto submitit's parameters."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import equimodal
 from equimodal.cli import main
 from equimodal.experiments import compare
 from equimodal.experiments.execution import RunPlan, read_marker
-from equimodal.experiments.executors import Execution, RunTask
+from equimodal.experiments.executors import SLURM_INSTALL, Execution, RunTask
 from equimodal.experiments.executors.base import queued_marker
 from equimodal.experiments.executors.slurm import SlurmExecutor, submitit_parameters
 from equimodal.utils.interrupt import StopRequest
@@ -162,3 +163,16 @@ def test_the_debug_cluster_trains_in_this_process(tmp_path) -> None:
     assert not (tmp_path / ".submitit").exists() and not list(tmp_path.glob("*/*.queued.json"))
     with pytest.raises(ValueError, match="cluster=debug trains the runs in this command's process"):
         SlurmExecutor(dataclasses.replace(_slurm(cluster="debug"), wait=False))
+
+
+def test_the_cli_without_submitit_names_its_install_command(tmp_path, monkeypatch, capsys) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "submitit" else real(name, *a)
+    )
+    out = tmp_path / "c"
+    argv = ["compare", "--out", str(out), "--balancers", "none", "--seeds", "1", "--no-references"]
+    assert main([*argv, "--executor", "slurm"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert SLURM_INSTALL in err and "--executor slurm needs the 'submitit' package" in err
+    assert not out.exists()  # refused before anything was written
