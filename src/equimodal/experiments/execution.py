@@ -212,23 +212,25 @@ def execute_runs(
     check_runs({s.name: expected[s] for s in todo})
     plan = _plan(out, specs, todo, executor, execution)
     todo = [s for s in todo if s.name not in plan.queued]
-    plan.estimate = _estimate(out, (specs, todo), expected, executor, execution) if todo else ""
+    here = [s for s in todo if s.name not in plan.elsewhere]  # what this call trains, as far as known now
+    plan.estimate = _estimate(out, (specs, here), expected, executor, execution) if here else ""
     if execution.dry_run:
         raise RunsPending(plan)
     missing = figures_missing()
     if missing:
         console.print(missing, highlight=False, markup=False)
     again = f" ({len(other)} of another config, retrained from scratch: --overwrite)" if other else ""
+    held = f", {len(plan.elsewhere)} trained by other processes" if plan.elsewhere else ""
     console.print(
-        f"{len(specs)} runs, {len(specs) - len(todo) - len(plan.queued)} already finished, {len(todo)} to run"
-        f"{again}{f', {len(plan.queued)} queued' if plan.queued else ''} in {out}",
+        f"{len(specs)} runs, {len(specs) - len(todo) - len(plan.queued)} already finished, {len(here)} to run"
+        f"{again}{held}{f', {len(plan.queued)} queued' if plan.queued else ''} in {out}",
         highlight=False,
         markup=False,
     )
     failures: list[RunFailure] = []
     waiting = [s for s in specs if s.name in plan.queued]  # submitted by an earlier call that did not wait
     with stop_signals() as stop:
-        if todo:
+        if plan.estimate:
             console.print(plan.estimate, highlight=False, markup=False)
         while todo or waiting:
             elsewhere = [s.name for s in todo if finished_summary(out, s, expected[s]) is not None]

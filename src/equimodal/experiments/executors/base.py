@@ -136,12 +136,7 @@ class Execution:
         devices), else ``jobs``."""
         if not self.devices:
             return self.jobs
-        if self.devices == ("all",):
-            from .local import visible_gpus
-
-            count = len(visible_gpus())
-        else:
-            count = len(self.devices)
+        count = len(visible_gpus()) if self.devices == ("all",) else len(self.devices)
         return max(1, count // self.gpus_per_run) * self.per_device
 
     def run_threads(self) -> int:
@@ -149,6 +144,13 @@ class Execution:
         if self.threads != "auto":
             return int(self.threads)
         return max(1, available_cores() // (self.parallel() * self.gpus_per_run))
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as ``cuda:<k>`` (none without CUDA)."""
+    import torch
+
+    return [f"cuda:{k}" for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def available_cores() -> int:

@@ -14,14 +14,7 @@ from collections.abc import Sequence
 
 from ...utils.interrupt import StopRequest
 from ...utils.workers import Hooks, Outcome, run_tasks
-from .base import Execution, RunTask, run_task
-
-
-def visible_gpus() -> list[str]:
-    """This machine's GPUs as ``cuda:<k>`` (none without CUDA)."""
-    import torch
-
-    return [f"cuda:{k}" for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+from .base import Execution, RunTask, run_task, visible_gpus
 
 
 def device_slots(devices: Sequence[str], per_device: int, per_run: int = 1) -> list[dict[str, str]]:
