@@ -161,8 +161,9 @@ def test_a_worker_killed_mid_run_fails_that_run_only_and_the_next_call_resumes_i
 
 
 # ------------------------------------------------------------------------------------------ placement
-def _visible_device(_: int) -> str | None:
-    return os.environ.get("CUDA_VISIBLE_DEVICES")
+def _visible_device(_: int) -> tuple[int, str | None]:
+    time.sleep(0.3)  # long enough that every worker takes a task
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def test_each_worker_slot_sees_its_own_device(monkeypatch) -> None:
@@ -172,8 +173,13 @@ def test_each_worker_slot_sees_its_own_device(monkeypatch) -> None:
     done: list = []
     hooks = Hooks(start=lambda i: None, done=lambda i, v, e: done.append((i, v, e)), say=print)
     outcome = run_tasks(_visible_device, list(range(8)), 1, hooks, StopRequest(), slots=slots)
-    assert outcome.signum is None and len(done) == 8
-    assert {v for _, v, _ in done} <= {"0", "1"} and all(e is None for *_, e in done)
+    assert outcome.signum is None and len(done) == 8 and all(e is None for *_, e in done)
+    seen: dict[int, set[str | None]] = {}
+    for _, (pid, device), _ in done:
+        seen.setdefault(pid, set()).add(device)
+    assert all(len(d) == 1 for d in seen.values())  # a worker keeps its device
+    per_device = [sum(d == {k} for d in seen.values()) for k in ("0", "1")]
+    assert per_device == [2, 2]  # two slots on each device, each its own process
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # indices among the GPUs the driver sees
     assert device_slots(["cuda:1"], 1) == [{"CUDA_VISIBLE_DEVICES": "5"}]
     monkeypatch.delenv(

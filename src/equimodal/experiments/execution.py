@@ -201,10 +201,7 @@ def execute_runs(
     execution = execution.checked()
     executor = get_executor(execution)  # a placement or a scheduler option refused before any write
     expected = {s: run_config(config, s) for s in specs}
-    if not execution.dry_run:
-        check_writable_folder(out)
-    elif out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path.")
+    check_writable_folder(out, create=not execution.dry_run)
     other = other_config_runs(out, specs, expected)
     if other and not overwrite:
         raise other_config_error(out, other)
@@ -227,48 +224,90 @@ def execute_runs(
         highlight=False,
         markup=False,
     )
-    failures: list[RunFailure] = []
-    waiting = [s for s in specs if s.name in plan.queued]  # submitted by an earlier call that did not wait
     with stop_signals() as stop:
         if plan.estimate:
             console.print(plan.estimate, highlight=False, markup=False)
+        waiting = [
+            s for s in specs if s.name in plan.queued
+        ]  # submitted by an earlier call that did not wait
+        failures = _Drive(out, config, execution, executor, expected, overwrite, console, stop).run(
+            todo, waiting, plan
+        )
+    return expected, failures
+
+
+class _Drive:
+    """The rounds of one :func:`execute_runs` call: train what nobody else trains, wait for the rest,
+    and train what they leave unfinished, until every run has been tried."""
+
+    def __init__(
+        self, out: Path, config: str | None, execution: Execution, executor: Executor,
+        expected: dict[RunSpec, dict[str, Any]], overwrite: bool, console: Console, stop: StopRequest,
+    ) -> None:  # fmt: skip
+        self.out, self.config, self.execution, self.executor = out, config, execution, executor
+        self.expected, self.overwrite, self.console, self.stop = expected, overwrite, console, stop
+        self.failures: list[RunFailure] = []
+
+    def _say(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
+    def run(self, todo: list[RunSpec], waiting: list[RunSpec], plan: RunPlan) -> list[RunFailure]:
+        """Every round: set aside the runs finished or held elsewhere, train the others, then wait.
+
+        Raises:
+            RunsPending: runs left in flight (``wait=False``). Interrupted: SIGINT / SIGTERM.
+        """
         while todo or waiting:
-            elsewhere = [s.name for s in todo if finished_summary(out, s, expected[s]) is not None]
-            if elsewhere:
-                console.print(
-                    f"Finished by other processes: {_listed(elsewhere)}", highlight=False, markup=False
-                )
-            todo = [s for s in todo if s.name not in elsewhere]
-            held = {s: h for s in todo if (h := claim_holder(run_dir(out, s))) is not None}
-            for s, holder in held.items():
-                plan.elsewhere[s.name] = holder.who()
-                console.print(
-                    f"{s.name} is trained by another process ({holder.who()}): waiting for it",
-                    highlight=False,
-                    markup=False,
-                )
-            waiting += list(held)
-            todo = [s for s in todo if s not in held]
+            todo, held = self._sort(todo, plan)
+            waiting += held
             if todo:
-                tasks = [_task(out, s, config, execution, s in other) for s in todo]
-                progress = _Progress(
-                    console, [s.name for s in todo], failures, [Path(t.folder) for t in tasks]
-                )
-                outcome = executor.run(tasks, progress.hooks(), stop)
-                if outcome.signum is not None:
-                    raise stopped_error(outcome, progress.names, failures)
-                if outcome.queued:
-                    plan.to_train = [todo[i].name for i in outcome.queued]
-                    raise RunsPending(plan)
-                plan.elsewhere.update({todo[i].name: who for i, who in progress.elsewhere.items()})
-                waiting += [todo[i] for i in progress.elsewhere]
-            if waiting and not execution.wait:
+                waiting += self._train(todo, plan)
+            if waiting and not self.execution.wait:
                 plan.to_train = []
                 raise RunsPending(plan)
-            other = {s: other[s] for s in waiting if s in other}
-            todo = _wait_for_release(out, waiting, executor, console, stop) if waiting else []
+            todo = (
+                _wait_for_release(self.out, waiting, self.executor, self.console, self.stop)
+                if waiting
+                else []
+            )
             waiting = [s for s in waiting if s not in todo]
-    return expected, failures
+        return self.failures
+
+    def _sort(self, todo: list[RunSpec], plan: RunPlan) -> tuple[list[RunSpec], list[RunSpec]]:
+        """``todo`` without the runs finished meanwhile, and the runs another process holds now."""
+        done = [s.name for s in todo if finished_summary(self.out, s, self.expected[s]) is not None]
+        if done:
+            self._say(f"Finished by other processes: {_listed(done)}")
+        held = []
+        for s in todo:
+            holder = claim_holder(run_dir(self.out, s)) if s.name not in done else None
+            if holder is not None:
+                plan.elsewhere[s.name] = holder.who()
+                self._say(f"{s.name} is trained by another process ({holder.who()}): waiting for it")
+                held.append(s)
+        return [s for s in todo if s.name not in done and s not in held], held
+
+    def _train(self, todo: list[RunSpec], plan: RunPlan) -> list[RunSpec]:
+        """Hand ``todo`` to the executor; returns the runs it found held by other processes.
+
+        Raises:
+            RunsPending: the executor left the runs queued. Interrupted: a stop.
+        """
+        # a run of another config is retrained from scratch only under overwrite, and only while it is one
+        # (another driver may have trained it with this config while this one waited)
+        other = other_config_runs(self.out, todo, self.expected) if self.overwrite else {}
+        tasks = [_task(self.out, s, self.config, self.execution, s in other) for s in todo]
+        progress = _Progress(
+            self.console, [s.name for s in todo], self.failures, [Path(t.folder) for t in tasks]
+        )
+        outcome = self.executor.run(tasks, progress.hooks(), self.stop)
+        if outcome.signum is not None:
+            raise stopped_error(outcome, progress.names, self.failures)
+        if outcome.queued:
+            plan.to_train = [todo[i].name for i in outcome.queued]
+            raise RunsPending(plan)
+        plan.elsewhere.update({todo[i].name: who for i, who in progress.elsewhere.items()})
+        return [todo[i] for i in progress.elsewhere]
 
 
 def _task(out: Path, spec: RunSpec, config: str | None, execution: Execution, fresh: bool) -> RunTask:
@@ -286,19 +325,24 @@ def _plan(
     plan = RunPlan(out, executor.name, dry_run=execution.dry_run)
     pending = set(todo)
     plan.finished = [s.name for s in specs if s not in pending]
-    still_queued = getattr(executor, "still_queued", None)
     for s in todo:
         folder = run_dir(out, s)
         holder = claim_holder(folder)
         if holder is not None:
             plan.elsewhere[s.name] = holder.who()
-            continue
-        marker = read_marker(queued_marker(folder))
-        if marker is not None and still_queued is not None and still_queued(marker):
+        elif (marker := queued_job(folder, executor)) is not None:
             plan.queued[s.name] = f"job {marker.get('job', '?')}, submitted {marker.get('submitted', '?')}"
-            continue
-        plan.to_train.append(s.name)
+        else:
+            plan.to_train.append(s.name)
     return plan
+
+
+def queued_job(folder: Path, executor: Executor) -> dict[str, Any] | None:
+    """The queued marker of the run in ``folder`` while its job is still pending or running, as the
+    executor tells (``still_queued``; an executor without it queues nothing past its call)."""
+    still_queued = getattr(executor, "still_queued", None)
+    marker = read_marker(queued_marker(folder)) if still_queued is not None else None
+    return marker if marker is not None and still_queued(marker) else None
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -344,14 +388,10 @@ def _wait_for_release(
         highlight=False,
         markup=False,
     )
-    still_queued = getattr(executor, "still_queued", None)
 
     def pending(spec: RunSpec) -> bool:
         folder = run_dir(out, spec)
-        if claim_holder(folder) is not None:
-            return True
-        marker = read_marker(queued_marker(folder))
-        return marker is not None and still_queued is not None and bool(still_queued(marker))
+        return claim_holder(folder) is not None or queued_job(folder, executor) is not None
 
     while True:
         released = [s for s in held if not pending(s)]

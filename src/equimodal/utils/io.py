@@ -282,10 +282,15 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (another config's run, a file, unwritable)."""
 
 
-def check_writable_folder(out: Path, flag: str = "--out") -> None:
-    """Raise :class:`RunFolderError` when ``out`` is a file or cannot be created or written."""
+def check_writable_folder(out: Path, flag: str = "--out", *, create: bool = True) -> None:
+    """Raise :class:`RunFolderError` when ``out`` is a file or cannot be created or written.
+
+    With ``create=False`` (a dry run, which writes nothing) only the file case is checked.
+    """
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{flag} {str(out)!r} is an existing file, not a folder; pass a folder path.")
+    if not create:
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".equimodal-write-test-{os.getpid()}"

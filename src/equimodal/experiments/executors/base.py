@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,28 +254,29 @@ def log_path(task: RunTask, suffix: str) -> Path:
 def _torchrun(task: RunTask) -> tuple[str, str, str | None]:
     """Train ``task`` through torchrun; its output goes to ``seed<k>.torchrun.log`` next to the run folder.
 
-    A stop (SIGTERM to this process, or SIGINT) is passed on to torchrun, which passes it to the ranks:
-    they checkpoint and end, and this raises :class:`Interrupted`.
+    A stop (SIGINT / SIGTERM to this process: a worker's or the driver's, through the shared
+    :func:`~equimodal.utils.interrupt.stop_signals` request) is passed on to torchrun, which passes it to
+    the ranks: they checkpoint and end, and this raises :class:`Interrupted`. A second Ctrl-C kills it.
     """
-    from ...utils.workers import WorkerStop
+    from ...utils.interrupt import stop_signals
 
     log = log_path(task, "torchrun")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(task.threads)}
-    with open(log, "ab") as sink:
+    with open(log, "ab") as sink, stop_signals() as stop:
         proc = subprocess.Popen(torchrun_command(task), stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
-            code = proc.wait()
-        except (WorkerStop, KeyboardInterrupt, Interrupted) as stop:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
+            while proc.poll() is None and stop.signum is None:
+                time.sleep(0.2)
+            if stop.signum is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            signum = getattr(stop, "signum", int(signal.SIGTERM))
-            raise Interrupted(signum, f"stopped {task.name} (torchrun)") from None
-    if code != 0:
-        return task.folder, FAILED, f"torchrun exited with code {code}; its output: {log}"
+                raise Interrupted(stop.signum, f"stopped {task.name} (torchrun)")
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+            raise Interrupted(int(signal.SIGINT), f"killed {task.name} (torchrun)") from None
+    if proc.returncode != 0:
+        return task.folder, FAILED, f"torchrun exited with code {proc.returncode}; its output: {log}"
     return task.folder, DONE, None
