@@ -55,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .balancers import Balancer, DriverError, EpochData, create_balancer
 from .balancers.base import split_batch
+from .balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY
 from .models import MultimodalClassifier
 
 BalancerSpec = str | type[Balancer]
@@ -76,6 +77,7 @@ __all__ = [
     "check_state_round_trip",
     "check_two_call_loop",
     "drive_step",
+    "planned_batch",
     "start_epoch",
     "toy_batch",
     "toy_epoch_data",
@@ -120,10 +122,48 @@ def toy_batch(
 
 
 def toy_epoch_data(num_modalities: int = 2) -> EpochData:
-    """Epoch data over two toy training batches and one held-out batch."""
+    """Epoch data over two toy training batches and one held-out batch; ``indexed`` is the same 32
+    training samples in a fixed order, with their indices (``size=32``)."""
     train = [toy_batch(num_modalities, 16, seed=11), toy_batch(num_modalities, 16, seed=12)]
     heldout = [toy_batch(num_modalities, 12, seed=13)]
-    return EpochData(train=lambda: iter(train), heldout=lambda: iter(heldout), device=torch.device("cpu"))
+    indexed = []
+    for k, (inputs, y) in enumerate(train):
+        n = y.shape[0]
+        extra = {INDEX_KEY: torch.arange(k * n, (k + 1) * n), PLAN_WEIGHT_KEY: torch.ones(n)}
+        indexed.append(({**inputs, **extra}, y))
+    return EpochData(
+        train=lambda: iter(train), heldout=lambda: iter(heldout), device=torch.device("cpu"),
+        indexed=lambda: iter(indexed), size=32,
+    )  # fmt: skip
+
+
+def planned_batch(
+    balancer: Balancer, batch: Mapping[str, Tensor], target: Tensor
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``batch`` as a planned loader would hand it to a balancer that plans its data (others: unchanged).
+
+    Without a plan each sample keeps its place, gains its index and weight 1. With one, position j holds the
+    plan's entry j (cycling when the plan is shorter than the batch): the batch's sample at the entry's
+    index modulo the batch size, with the entry's modalities zeroed and its weight.
+    """
+    if not balancer.requirements.epoch_plan or PLAN_WEIGHT_KEY in batch:
+        return dict(batch), target
+    n = target.shape[0]
+    plan = balancer.epoch_plan
+    if plan is None:
+        return {**batch, INDEX_KEY: torch.arange(n), PLAN_WEIGHT_KEY: torch.ones(n)}, target
+    entries = torch.arange(n) % len(plan)
+    where = plan.indices[entries] % n
+    out: dict[str, Tensor] = {}
+    for j, m in enumerate(plan.modalities):
+        x = batch[m][where]
+        if plan.zeroed is not None:
+            keep = (~plan.zeroed[entries, j]).to(x.dtype)
+            x = x * keep.view(-1, *([1] * (x.dim() - 1)))
+        out[m] = x
+    out[INDEX_KEY] = plan.indices[entries]
+    out[PLAN_WEIGHT_KEY] = torch.ones(n) if plan.weights is None else plan.weights[entries]
+    return out, target[where]
 
 
 def build(spec: BalancerSpec, model: nn.Module, options: Options = None, **extra: Any) -> Balancer:
@@ -154,8 +194,10 @@ def drive_step(
 ) -> Params:
     """One optimizer step making every call ``balancer.requirements`` asks for.
 
-    Returns the gradients as handed to the optimizer (empty for balancers that own their step).
+    Returns the gradients as handed to the optimizer (empty for balancers that own their step). A balancer
+    that plans its data gets the batch through :func:`planned_batch`.
     """
+    batch, target = planned_batch(balancer, batch, target)
     if balancer.requirements.own_step:
         balancer.train_step(batch, target, optimizer, micro_batches=micro_batches)
         return {}
@@ -518,6 +560,7 @@ def step_host_reads(
     Counted: ``loss``, ``backward`` and ``before_step`` (the model's forward and ``optimizer.step()`` are
     the user's); for a balancer that owns its step, the whole ``train_step``.
     """
+    batch, target = planned_batch(balancer, batch, target)
     if balancer.requirements.own_step:
         with HostReads() as reads:
             balancer.train_step(batch, target, optimizer)

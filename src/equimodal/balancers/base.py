@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,6 +65,7 @@ from ..distributed import Reduce, all_reduce_grads, make_generator
 from ..types import MultimodalOutput, check_output, modality_names
 from .epoch_data import EpochData
 from .options import checked_option
+from .plan import INDEX_KEY, PLAN_WEIGHT_KEY, EpochPlan, PlanSource, planned_loader
 from .state import Declared
 from .step_check import StepCheck
 
@@ -87,6 +89,8 @@ class Requirements:
         heldout_fraction: ``EpochData.heldout`` must hold this fraction of train, carved out of it.
         parameters: ``balancer.parameters()`` must be in the optimizer.
         unused_parameters: some model parameters get no gradient (DDP's ``find_unused_parameters``).
+        epoch_plan: the balancer plans each epoch's training data (:mod:`~equimodal.balancers.plan`): train
+            on ``balancer.planned_loader(dataset, ...)`` and pass ``EpochData(indexed=..., size=...)``.
     """
 
     own_step: bool = False
@@ -96,6 +100,7 @@ class Requirements:
     heldout_fraction: float = 0.0
     parameters: bool = False
     unused_parameters: bool = False
+    epoch_plan: bool = False
 
     def describe(self) -> list[str]:
         """One line per call a hand-written loop must make besides the two calls."""
@@ -107,6 +112,11 @@ class Requirements:
             lines.append(f"start_epoch(epoch, EpochData(...){held}) at the start of each epoch")
         elif self.set_epoch:
             lines.append("start_epoch(epoch) at the start of each epoch")
+        if self.epoch_plan:
+            lines.append(
+                "train on balancer.planned_loader(train_dataset, batch_size=...) (built once), and pass "
+                "EpochData(indexed=<train in a fixed order with indices>, size=len(train_dataset))"
+            )
         if self.batch:
             lines.append("loss(out, labels, batch=inputs)")
         if self.parameters:
@@ -166,6 +176,7 @@ class Balancer:
     scales_gradients: ClassVar[bool] = False
     step_host_reads: ClassVar[int] = 0
     unimodal_runs_option: ClassVar[str | None] = None
+    plans_data: ClassVar[bool] = False
     heldout_fraction: float = 0.0
     unused_parameters: bool = False
 
@@ -196,6 +207,9 @@ class Balancer:
         self._epoch_set = False
         self._prepared_epoch: int | None = None
         self._optimizer_warned = False
+        self._optimizer_ref: weakref.ReferenceType[torch.optim.Optimizer] | None = None
+        self._plan_source = PlanSource()
+        self._epoch_size: int | None = None
 
     def check_option(self, key: str, value: Any, **rules: Any) -> Any:
         """``value`` of option ``key`` if it follows ``rules``, else a ValueError in the one format,
@@ -224,10 +238,11 @@ class Balancer:
             own_step=self.overrides("own_step"),
             epoch_data=epoch_data,
             set_epoch=self.bounded or epoch_data or self.overrides("set_epoch"),
-            batch=bool(self.needs_batch),
+            batch=bool(self.needs_batch or self.plans_data),
             heldout_fraction=float(self.heldout_fraction) if epoch_data else 0.0,
             parameters=any(True for _ in self.parameters()),
             unused_parameters=bool(self.unused_parameters),
+            epoch_plan=bool(self.plans_data),
         )
 
     @property
@@ -261,6 +276,13 @@ class Balancer:
             raise DriverError(
                 f"{self.name} needs the model inputs: call balancer.loss(out, labels, batch=batch) (found "
                 "batch=None)."
+            )
+        planned = not isinstance(batch, Mapping) or (PLAN_WEIGHT_KEY in batch and INDEX_KEY in batch)
+        if req.epoch_plan and self.epoch_plan is not None and not planned:
+            raise DriverError(
+                f"{self.name} planned epoch {self.epoch}'s training data, but {call} got a batch without the "
+                f"plan's keys ({INDEX_KEY!r}, {PLAN_WEIGHT_KEY!r}): train on "
+                "balancer.planned_loader(train_dataset, batch_size=...), which follows the plan."
             )
 
     # ------------------------------------------------------------------ the two calls
@@ -341,7 +363,7 @@ class Balancer:
         are zeroed before and after. Under DDP (the model here is not wrapped) gradients are averaged over
         ranks before they are adjusted. Returns the mean loss.
         """
-        self._check_driver("train_step()")
+        self._check_driver("train_step()", batch=batch)
         self.check_optimizer(optimizer)
         if not (isinstance(micro_batches, int) and micro_batches >= 1):
             raise ValueError(f"micro_batches must be a positive integer, found {micro_batches!r}.")
@@ -375,8 +397,10 @@ class Balancer:
         factor that changes slowly between steps largely cancels (``benchmarks/adam_modulation.py``
         measures how much). Returns whether the warning applies. :meth:`train_step` calls it; the
         reference trainer and the Lightning callback call it once after the optimizer is built, and a
-        hand-written loop may too.
+        hand-written loop may too. The balancer remembers the optimizer (weakly): a method that resets the
+        optimizer state of parameters it re-initialises (:attr:`optimizer`) needs this call.
         """
+        self._optimizer_ref = weakref.ref(optimizer)
         applies = self.scales_gradients and is_adaptive_optimizer(optimizer)
         if applies and not self._optimizer_warned:
             warnings.warn(
@@ -436,7 +460,15 @@ class Balancer:
                 f"EpochData(heldout=...), e.g. a stratified {req.heldout_fraction:.0%} of train that the model "
                 "does not train on (the reference trainer carves it from `requirements.heldout_fraction`)."
             )
+        if req.epoch_plan and (data.indexed is None or data.size is None):
+            raise ValueError(
+                f"{self.name} plans each epoch's training data from per-sample passes: pass EpochData(indexed=<the "
+                "training split in a fixed order, batches carrying 'index'>, size=<its length>), e.g. "
+                "indexed=equimodal.balancers.plan.indexed_loader(train_dataset, batch_size=...)."
+            )
         self._prepared_epoch = self.epoch
+        self._epoch_size = data.size
+        self.set_plan(None)  # a plan holds for the epoch it was made in
         if self.active and req.epoch_data:
             self.on_epoch_start(data)
 
@@ -444,6 +476,64 @@ class Balancer:
     def active(self) -> bool:
         """Whether the method acts in the current epoch (``first_epoch <= epoch <= last_epoch``)."""
         return self.epoch >= self.first_epoch and (self.last_epoch is None or self.epoch <= self.last_epoch)
+
+    # ------------------------------------------------------------------ epoch data plans
+    @property
+    def epoch_plan(self) -> EpochPlan | None:
+        """This epoch's data plan (:meth:`set_plan`), or ``None``: the training data as it is."""
+        return self._plan_source.plan
+
+    def set_plan(self, plan: EpochPlan | None) -> None:
+        """Set this epoch's data plan (call it from :meth:`on_epoch_start`; only ``plans_data`` balancers may).
+
+        Raises:
+            ValueError: the plan's modalities are not the model's, or it indexes outside the training split.
+        """
+        if plan is not None:
+            if not self.plans_data:
+                raise TypeError(f"{self.name} sets a data plan but does not declare plans_data = True.")
+            if list(plan.modalities) != self.modalities:
+                raise ValueError(
+                    f"The epoch plan's modalities {list(plan.modalities)} are not the model's {self.modalities}."
+                )
+            if self._epoch_size is not None:
+                plan.check_size(self._epoch_size)
+        self._plan_source.plan, self._plan_source.epoch = plan, self.epoch
+
+    def planned_loader(self, dataset: Any, *, batch_size: int, shuffle: bool = True, **kwargs: Any) -> Any:
+        """A ``DataLoader`` over ``dataset`` (the training split) that follows this balancer's data plan.
+
+        Build it once: every pass (epoch) reads the current plan, shuffles with a generator seeded by the
+        balancer's ``seed`` and epoch, and shards the entries over ranks when ``torch.distributed`` is
+        initialised. Items are ``(inputs, label)`` pairs or mappings holding the label; each gains the
+        sample's index and its plan weight (:class:`~equimodal.balancers.plan.PlannedDataset`). Other keyword
+        arguments go to the ``DataLoader`` (``num_workers``, ``collate_fn``, ...; not ``persistent_workers``).
+        """
+        return planned_loader(
+            dataset, self._plan_source, batch_size=batch_size, seed=self.seed, shuffle=shuffle, **kwargs
+        )
+
+    def plan_weights(self, batch: Batch | None) -> Tensor | None:
+        """The plan weight of every sample of a planned batch (``None`` without a plan or without weights)."""
+        plan = self.epoch_plan
+        if plan is None or plan.weights is None or batch is None or PLAN_WEIGHT_KEY not in batch:
+            return None
+        return batch[PLAN_WEIGHT_KEY].float()
+
+    def weighted_cross_entropy(self, logits: Tensor, target: Tensor, batch: Batch | None) -> Tensor:
+        """Cross-entropy with each sample weighted by its plan weight (``sum w_i CE_i / B``; the plain mean
+        when the plan has no weights)."""
+        weights = self.plan_weights(batch)
+        if weights is None:
+            return F.cross_entropy(logits, target)
+        return (
+            F.cross_entropy(logits, target, reduction="none") * weights.to(logits.device)
+        ).sum() / target.shape[0]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer last passed to :meth:`check_optimizer` (or :meth:`train_step`), if still alive."""
+        return None if self._optimizer_ref is None else self._optimizer_ref()
 
     # ------------------------------------------------------------------ declared statistics and state
     def add_stat(self, name: str, default: Tensor | None = None, *, reduce: Reduce = "sum") -> None:
@@ -537,6 +627,8 @@ class Balancer:
             "epoch_set": self._epoch_set,
             "prepared_epoch": self._prepared_epoch,
         }
+        if self.epoch_plan is not None:
+            state["plan"] = self.epoch_plan.state()
         gen_state = self._gen.get_state() if self._gen is not None else self._pending_gen_state
         if gen_state is not None:
             state["generator"] = gen_state.clone()
@@ -549,6 +641,9 @@ class Balancer:
         self.num_steps = int(state.get("num_steps", 0))
         self._epoch_set = bool(state.get("epoch_set", True))
         self._prepared_epoch = state.get("prepared_epoch")
+        plan = state.get("plan")
+        self._plan_source.plan = None if plan is None else EpochPlan.from_state(plan)
+        self._plan_source.epoch = self.epoch
         self._gen, self._pending_gen_state = None, state.get("generator")
         self._declared.load(self, state, self.name)
 

@@ -21,7 +21,7 @@ from ..types import LABEL_KEY
 
 # A DataLoader, a re-iterable of batches, or a callable returning a fresh iterable of batches.
 EpochSource = Iterable[Any] | Callable[[], Iterable[Any]]
-Split = Literal["train", "heldout"]
+Split = Literal["train", "heldout", "indexed"]
 
 
 def check_source(source: object, split: str) -> None:
@@ -72,6 +72,11 @@ class EpochData:
             beside the modality tensors.
         heldout: the same over a held-out split carved from train (never the test set), or ``None``.
         device: the device the model lives on (a ``torch.device`` or its name); batches are moved there.
+        indexed: the training split again, in a fixed order (no shuffling), each batch carrying its
+            samples' indices in the training split under ``"index"``
+            (:class:`~equimodal.balancers.plan.PlannedDataset` adds them): what per-sample methods (data
+            plans) read; ``None`` when no balancer needs it.
+        size: the number of samples in the training split (what a data plan indexes), or ``None``.
         label_key: the key of the labels in mapping batches (``"label"``, equimodal's datasets' key);
             e.g. ``label_key="target"`` for batches ``{"audio": a, "video": v, "target": y}``.
 
@@ -84,11 +89,21 @@ class EpochData:
     heldout: EpochSource | None
     device: torch.device
     label_key: str = LABEL_KEY
+    indexed: EpochSource | None = None
+    size: int | None = None
 
     def __post_init__(self) -> None:
         check_source(self.train, "train")
         if self.heldout is not None:
             check_source(self.heldout, "heldout")
+        if self.indexed is not None:
+            check_source(self.indexed, "indexed")
+        if self.size is not None and (
+            isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1
+        ):
+            raise TypeError(
+                f"EpochData.size must be a positive int (the training split's size), found {self.size!r}."
+            )
         if not isinstance(self.label_key, str):
             raise TypeError(f"EpochData.label_key must be a str, found {type(self.label_key).__name__}.")
         object.__setattr__(self, "device", torch.device(self.device))
@@ -100,7 +115,7 @@ class EpochData:
             ValueError: ``split`` is ``"heldout"`` and there is none, or a mapping batch lacks ``label_key``.
             TypeError: a batch is neither a pair nor a mapping, or its labels are not a tensor.
         """
-        source = self.train if split == "train" else self.heldout
+        source = {"train": self.train, "heldout": self.heldout, "indexed": self.indexed}[split]
         if source is None:
             raise ValueError(f"EpochData has no {split!r} split (found None); pass EpochData({split}=...).")
         items = source() if callable(source) and not isinstance(source, Iterable) else source

@@ -185,8 +185,11 @@ class TrainSampler(Sampler[SampleKey]):
     epoch after that many of this rank's samples (the first pass only).
     """
 
-    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
         self.n, self.seed, self.rank, self.num_replicas = n, int(seed), rank, world_size
+        self.shuffle = bool(shuffle)
         self.num_samples = -(-n // world_size)
         self.set_epoch(0)
 
@@ -197,7 +200,7 @@ class TrainSampler(Sampler[SampleKey]):
         self._start = int(start)
 
     def __iter__(self) -> Iterator[SampleKey]:
-        order = torch.randperm(self.n, generator=self._gen)
+        order = torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
         total = self.num_samples * self.num_replicas
         order = torch.cat([order, order[: total - self.n]])[self.rank :: self.num_replicas]
         start, self._start = self._start, 0
@@ -238,7 +241,7 @@ class LoaderOptions:
 
 
 def make_loader(
-    split: Split,
+    split: Split | Dataset,
     batch_size: int,
     *,
     train: bool = False,
@@ -247,18 +250,20 @@ def make_loader(
     world_size: int = 1,
     options: LoaderOptions = LoaderOptions(),  # noqa: B008 - frozen, immutable default
     drop_last: bool = False,
+    shuffle: bool = True,
 ) -> DataLoader:
     """A ``DataLoader`` over ``split`` yielding ``(batch, labels)`` (see :func:`collate`).
 
     ``train=True`` shuffles per epoch with :class:`TrainSampler` (call ``loader.sampler.set_epoch(e)``)
     and passes :class:`SampleKey` keys; otherwise the order is fixed and sharded by :class:`EvalSampler`
-    (never dropping the last batch). ``batch_size`` is per process.
+    (never dropping the last batch). ``batch_size`` is per process. ``shuffle=False`` keeps the training
+    sampler's order fixed (an epoch data plan's order), still sharded and keyed.
     """
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}.")
     n = len(split)
     sampler: Sampler = (
-        TrainSampler(n, seed=seed, rank=rank, world_size=world_size)
+        TrainSampler(n, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle)
         if train
         else EvalSampler(n, rank=rank, world_size=world_size)
     )

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..balancers import Balancer, EpochData, create_balancer
+from ..balancers.plan import PlannedDataset
 from ..balancers.registry import BALANCERS
 from ..data import load_dataset
 from ..data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
@@ -248,6 +249,7 @@ class Loaders:
     train: DataLoader
     epoch_train: DataLoader
     heldout: DataLoader | None
+    indexed: DataLoader | None
     val: DataLoader
     test: DataLoader
     train_eval: DataLoader
@@ -300,9 +302,11 @@ def loader_options(cfg: Config, dataset: MultimodalDataset, device: torch.device
 
 
 def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDataset], rank: int, world: int,
-                  options: LoaderOptions) -> Loaders:  # fmt: skip
+                  options: LoaderOptions, indexed: bool = False) -> Loaders:  # fmt: skip
     """Training loaders shard one permutation per epoch (global batch split over ranks); evaluation
-    loaders shard the fixed order so every sample is evaluated exactly once."""
+    loaders shard the fixed order so every sample is evaluated exactly once. ``indexed``: a fixed-order
+    loader over train whose batches carry each sample's index (for balancers that plan the epoch's data),
+    sharded as evaluation loaders are."""
     train_split, heldout, ds = run_data
     if cfg.data.batch_size % world:
         raise ValueError(
@@ -324,6 +328,8 @@ def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDa
                           drop_last=cfg.data.drop_last, **sharded),
         epoch_train=make_loader(train_split, per_rank, train=True, seed=seed * 100003 + 50021, options=once, **sharded),
         heldout=None if heldout is None else make_loader(heldout, per_rank, options=once, **sharded),
+        indexed=make_loader(PlannedDataset(train_split), cfg.data.eval_batch_size, options=once, **sharded)
+        if indexed else None,
         val=evaluation(ds.val, options),
         test=evaluation(ds.test),
         train_eval=evaluation(train_split),
@@ -403,7 +409,9 @@ def build_run(cfg: Config, out: Path | None, dataset: MultimodalDataset | None, 
         split_gen = torch.Generator().manual_seed(t.seed + 7919)
         kept, held = stratified_holdout(ds.train.labels, req.heldout_fraction, split_gen)
         train_split, heldout = ds.train.subset(kept), ds.train.subset(held)
-    loaders = build_loaders(cfg, (train_split, heldout, ds), rank, world, loader_options(cfg, ds, device))
+    loaders = build_loaders(
+        cfg, (train_split, heldout, ds), rank, world, loader_options(cfg, ds, device), indexed=req.epoch_plan
+    )
     return Run(
         cfg=cfg, out=out, device=device, rank=rank, world=world, dataset=ds, model=model,
         train_model=train_model, balancer=balancer, optimizer=optimizer,
@@ -418,19 +426,33 @@ def start_epoch(run: Run, epoch: int, resumed: EpochState | None = None) -> None
     """``set_epoch`` on the samplers, and the balancer's :meth:`~equimodal.Balancer.start_epoch`.
 
     Resuming mid-epoch, the sampler skips the samples already trained on, and the balancer does not
-    prepare the epoch again (its restored state says it was).
+    prepare the epoch again (its restored state says it was, and holds the epoch's data plan).
+
+    A balancer that plans the epoch's data (``requirements.epoch_plan``) gets the indexed training split,
+    and the epoch trains on a loader over :class:`~equimodal.balancers.plan.PlannedDataset` with that
+    plan (every rank holds the same plan; the sampler shards its entries).
     """
     per_rank = run.cfg.data.batch_size // run.world
     skip = 0 if resumed is None else resumed.batches * per_rank
-    run.loaders.train.sampler.set_epoch(epoch, start=skip)  # type: ignore[union-attr]
     run.loaders.epoch_train.sampler.set_epoch(epoch)  # type: ignore[union-attr]
-    held = run.loaders.heldout
+    held, indexed = run.loaders.heldout, run.loaders.indexed
     data = EpochData(
         train=lambda: iter(run.loaders.epoch_train),
         heldout=(lambda: iter(held)) if held is not None else None,
         device=run.device,
+        indexed=(lambda: iter(indexed)) if indexed is not None else None,
+        size=len(run.train_split),
     )
     run.balancer.start_epoch(epoch, data)
+    if indexed is not None:
+        plan = run.balancer.epoch_plan
+        cfg = run.cfg
+        run.loaders.train = make_loader(
+            PlannedDataset(run.train_split, plan), per_rank, train=True, seed=cfg.train.seed * 100003,
+            options=loader_options(cfg, run.dataset, run.device), drop_last=cfg.data.drop_last,
+            rank=run.rank, world_size=run.world, shuffle=plan is None or plan.shuffle,
+        )  # fmt: skip
+    run.loaders.train.sampler.set_epoch(epoch, start=skip)  # type: ignore[union-attr]
 
 
 def validate_epoch(run: Run) -> EvalResult:

@@ -27,6 +27,9 @@ What the callback does for each kind of balancer (read from ``balancer.requireme
   with ``EpochData(train=<the trainer's train dataloader>, heldout=<the callback's heldout>)``;
   those that need a held-out part of train (``gblending``, ``mslr``) need ``BalancerCallback(heldout=...)``,
   a loader over samples removed from your training set (never val/test);
+- balancers that plan each epoch's training data (``sample_valuation``, ``modality_valuation``,
+  ``remix``) are refused at ``on_fit_start``, naming why: Lightning fixes an epoch's batch count when it
+  loads the data, before ``on_train_epoch_start``, where the plan is made;
 - balancers that own their step (``mla``): the module uses manual optimisation and calls
   ``self.balancer.train_step(inputs, labels, self.optimizers())`` in ``training_step`` (the callback
   refuses automatic optimisation with that message). Lightning itself refuses ``accumulate_grad_batches``
@@ -125,6 +128,14 @@ class BalancerCallback(Callback):
                     f"{name} runs its own optimisation step, which has no AMP loss scaling; use "
                     "precision='bf16-mixed' or '32-true'."
                 )
+        if req.epoch_plan:
+            raise ValueError(
+                f"{name} plans each epoch's training data (extra copies, zeroed modalities), which Lightning "
+                "cannot follow: it fixes an epoch's batch count when it loads the data, before "
+                "on_train_epoch_start, where the plan is made. Train it with equimodal's trainer "
+                "(`equimodal train`, `equimodal.train(...)`) or your own loop over "
+                "balancer.planned_loader(train_dataset, batch_size=...)."
+            )
         if req.heldout_fraction and self.heldout is None:
             raise ValueError(
                 f"{name} needs held-out data carved from the training split (never val/test): pass "

@@ -1,0 +1,267 @@
+"""Epoch data plans: the plan, the planned dataset and sampler, and every driver honouring them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import equimodal as em
+from equimodal.balancers import Balancer, DriverError, EpochData
+from equimodal.balancers.passes import inference, keep_batchnorm_stats, sample_indices
+from equimodal.balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY, EpochPlan, PlannedDataset, indexed_loader
+from equimodal.balancers.reinit import InitialWeights, reinitialise
+from equimodal.balancers.stages import Schedule, Stage
+from equimodal.data.base import TensorSplit, make_loader
+from equimodal.testing import check_balancer, toy_batch, toy_model
+
+
+class CopyPlanner(Balancer):
+    """Test planner: from epoch 1, every sample whose first-modality logit argmax is wrong gets a copy with
+    every modality but the first zeroed and weight 2 (a per-sample pass over the indexed split)."""
+
+    name = "test_copy_planner"
+    plans_data = True
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.add_state("passes", 0)
+
+    def on_epoch_start(self, data: EpochData) -> None:
+        wrong = torch.zeros(data.size, dtype=torch.bool)
+        for out, y, inputs in inference(self.model, data, "indexed"):
+            first = out.unimodal_logits[self.modalities[0]]
+            wrong[sample_indices(inputs)] = (first.argmax(1) != y).cpu()
+        self.passes += 1
+        if self.epoch == 0:
+            return
+        base = torch.arange(data.size)
+        extra = base[wrong][:3] if bool(wrong.any()) else base[:2]
+        indices = torch.cat([base, extra])
+        zeroed = torch.zeros(len(indices), len(self.modalities), dtype=torch.bool)
+        zeroed[data.size :, 1:] = True
+        weights = torch.ones(len(indices))
+        weights[data.size :] = 2.0
+        self.set_plan(EpochPlan(indices, zeroed, weights, tuple(self.modalities)))
+
+    def objective(self, out, target, batch):
+        return self.weighted_cross_entropy(out.logits, target, batch)
+
+
+def _dataset(n=20, num=2, seed=0):
+    batch, y = toy_batch(num, n, seed=seed)
+    return TensorSplit(batch, y)
+
+
+def _data(ds, batch_size=8):
+    indexed = indexed_loader(ds, batch_size=batch_size)
+    return EpochData(train=[], heldout=None, device="cpu", indexed=indexed, size=len(ds))
+
+
+def test_plan_is_validated():
+    with pytest.raises(ValueError, match="1-d integer"):
+        EpochPlan(torch.zeros(3), None, None, ("a", "b"))
+    with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
+        EpochPlan(torch.arange(3), torch.zeros(3, 1, dtype=torch.bool), None, ("a", "b"))
+    with pytest.raises(ValueError, match=">= 0"):
+        EpochPlan(torch.arange(3), None, torch.tensor([1.0, -1.0, 1.0]), ("a", "b"))
+    plan = EpochPlan(torch.tensor([0, 5]), None, None, ("a", "b"))
+    with pytest.raises(ValueError, match="training split has 4 samples"):
+        plan.check_size(4)
+
+
+def test_planned_dataset_zeroes_copies_and_weights():
+    ds = _dataset(6)
+    plan = EpochPlan(
+        torch.tensor([0, 1, 1]), torch.tensor([[False, False], [False, False], [False, True]]),
+        torch.tensor([1.0, 1.0, 3.0]), ("m0", "m1"),
+    )  # fmt: skip
+    view = PlannedDataset(ds, plan)
+    assert len(view) == 3
+    inputs, label = view[2]
+    assert int(inputs[INDEX_KEY]) == 1 and float(inputs[PLAN_WEIGHT_KEY]) == 3.0
+    assert torch.count_nonzero(inputs["m1"]) == 0 and torch.equal(inputs["m0"], ds.inputs["m0"][1])
+    assert int(label) == int(ds.labels[1])
+    batch = view.__getitems__([0, 1, 2])  # the batch-level path equals the per-sample one
+    for j in range(3):
+        one, _ = view[j]
+        for key in ("m0", "m1", INDEX_KEY, PLAN_WEIGHT_KEY):
+            assert torch.equal(batch.inputs[key][j], one[key])
+    # mapping items keep their form
+    items = [{"m0": ds.inputs["m0"][i], "m1": ds.inputs["m1"][i], "label": ds.labels[i]} for i in range(6)]
+    mapped = PlannedDataset(items, plan)[2]
+    assert set(mapped) == {"m0", "m1", "label", INDEX_KEY, PLAN_WEIGHT_KEY}
+    assert torch.count_nonzero(mapped["m1"]) == 0
+
+
+def test_own_loop_follows_the_plan_and_refuses_unplanned_batches():
+    ds = _dataset(20)
+    model = toy_model(2)
+    balancer = CopyPlanner(model)
+    loader = balancer.planned_loader(ds, batch_size=8)  # built once, for every epoch
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = []
+    for epoch in range(3):
+        balancer.start_epoch(epoch, _data(ds))
+        seen = 0
+        for inputs, y in loader:
+            seen += len(y)
+            loss = balancer.loss(model(inputs), y, batch=inputs)
+            loss.backward()
+            balancer.before_step()
+            opt.step()
+            opt.zero_grad()
+        sizes.append(seen)
+    assert sizes[0] == 20 and sizes[1] > 20 and sizes[2] > 20
+    assert balancer.passes == 3
+    inputs, y = toy_batch(2, 8)
+    with pytest.raises(DriverError, match="planned_loader"):
+        balancer.loss(model(inputs), y, batch=inputs)
+    with pytest.raises(ValueError, match="indexed"):
+        balancer.start_epoch(3, EpochData(train=[], heldout=None, device="cpu"))
+
+
+def test_planned_epoch_order_is_seeded_and_sharded():
+    ds = _dataset(10)
+    balancer = CopyPlanner(toy_model(2), seed=4)
+    loader = balancer.planned_loader(ds, batch_size=4)
+    balancer.start_epoch(0, _data(ds))
+    first = torch.cat([b[INDEX_KEY] for b, _ in loader])
+    again = torch.cat([b[INDEX_KEY] for b, _ in loader])
+    assert torch.equal(first, again) and sorted(first.tolist()) == list(range(10))
+
+
+def test_plan_round_trips_through_the_state():
+    ds = _dataset(20)
+    balancer = CopyPlanner(toy_model(2))
+    balancer.start_epoch(0, _data(ds))
+    balancer.start_epoch(1, _data(ds))
+    plan = balancer.epoch_plan
+    twin = CopyPlanner(toy_model(2))
+    twin.load_state_dict(balancer.state_dict())
+    assert torch.equal(twin.epoch_plan.indices, plan.indices)
+    assert torch.equal(twin.epoch_plan.zeroed, plan.zeroed)
+    twin.start_epoch(1, _data(ds))  # a resumed epoch is not planned again
+    assert twin.passes == balancer.passes
+
+
+def test_contract_suite_accepts_a_planner():
+    results = check_balancer(CopyPlanner, modalities=(2, 3))
+    assert results["two_call_loop/M2"].startswith("refused")
+
+
+def test_lightning_refuses_a_planner():
+    pytest.importorskip("lightning")
+    from equimodal.integrations.lightning import BalancerCallback
+
+    class Module:
+        automatic_optimization = True
+
+    module = Module()
+    module.balancer = CopyPlanner(toy_model(2))
+
+    class Trainer:
+        optimizers: list = []
+        precision = "32-true"
+
+    with pytest.raises(ValueError, match="batch count"):
+        BalancerCallback().on_fit_start(Trainer(), module)
+
+
+def test_trainer_shards_and_seeds_planned_loaders():
+    ds = _dataset(10)
+    plan = EpochPlan(torch.tensor([0, 1, 2, 3, 3, 3]), None, None, ("m0", "m1"))
+    seen = []
+    for rank in range(2):
+        loader = make_loader(PlannedDataset(ds, plan), 2, train=True, seed=5, rank=rank, world_size=2)
+        loader.sampler.set_epoch(1)
+        seen += torch.cat([b[INDEX_KEY] for b, _ in loader]).tolist()
+    assert sorted(seen) == [0, 1, 2, 3, 3, 3]
+
+
+def test_inference_leaves_batchnorm_and_modes_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.train()
+    before = model[1].running_mean.clone()
+    with keep_batchnorm_stats(model):
+        model(torch.randn(8, 3) + 5)
+    assert torch.equal(model[1].running_mean, before) and model.training
+
+
+def test_reinitialise_pulls_towards_the_initial_weights_and_resets_optimizer_state():
+    enc = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    init = InitialWeights({"a": enc})
+    w0 = enc[0].weight.detach().clone()
+    opt = torch.optim.SGD(enc.parameters(), lr=0.5, momentum=0.9)
+    enc(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    moved = enc[0].weight.detach().clone()
+    enc.train()
+    enc(torch.randn(5, 3) + 3)
+    stats = enc[1].running_mean.clone()
+    changed = reinitialise("a", enc, init, 0.25, optimizer=opt, optimizer_state="reset", batchnorm="keep")
+    assert changed == 4
+    torch.testing.assert_close(enc[0].weight, 0.75 * moved + 0.25 * w0)
+    assert enc[0].weight not in opt.state and torch.equal(enc[1].running_mean, stats)
+    reinitialise("a", enc, init, 1.0, batchnorm="blend")
+    assert torch.equal(enc[0].weight, w0) and torch.equal(enc[1].running_mean, torch.zeros(3))
+
+
+def test_schedule_finds_stages():
+    schedule = Schedule([Stage("warmup", 2), Stage("remix", None)])
+    assert [schedule.at(e).stage.name for e in range(4)] == ["warmup", "warmup", "remix", "remix"]
+    assert schedule.at(2).first_epoch and schedule.boundaries() == [2]
+    with pytest.raises(ValueError, match="not the last"):
+        Schedule([Stage("a", None), Stage("b", 1)])
+
+
+@pytest.fixture
+def registered_planner():
+    from equimodal.balancers.registry import BALANCERS
+
+    em.register_balancer(CopyPlanner.name)(CopyPlanner)
+    yield CopyPlanner.name
+    BALANCERS._items.pop(CopyPlanner.name, None)
+    BALANCERS._owners.pop(CopyPlanner.name, None)
+
+
+TINY = [
+    "data.options.views=fac,mor", "train.epochs=3", "train.progress=false", "train.probe=false",
+    "data.batch_size=128", "train.checkpoint_every=3", "train.num_threads=1",
+]  # fmt: skip
+
+
+def test_trainer_trains_on_the_plan_and_resumes_mid_plan(registered_planner, tmp_path, monkeypatch):
+    from equimodal.engine.checkpoint import Checkpointer
+    from equimodal.engine.config import load_config
+    from equimodal.engine.trainer import train
+
+    cfg = load_config(None, [*TINY, f"balancer.name={registered_planner}"])
+    seen = [0, 0, 0]
+    loss = CopyPlanner.objective
+
+    def counting(self, out, target, batch):
+        seen[self.epoch] += int(target.shape[0])
+        assert INDEX_KEY in batch and PLAN_WEIGHT_KEY in batch
+        return loss(self, out, target, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CopyPlanner, "objective", counting)
+        reference = train(cfg)
+    assert seen[1] > seen[0] and seen[2] > seen[0]  # epochs 1 and 2 trained on the copies too
+
+    class Killed(Exception):
+        pass
+
+    save = Checkpointer.save_last
+
+    def save_then_die(self, parts, progress, at, partial=None):
+        save(self, parts, progress, at, partial)
+        if at == 1 and partial is not None:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save_last", save_then_die)
+        with pytest.raises(Killed):
+            train(cfg, tmp_path / "run")
+    resumed = train(cfg, tmp_path / "run")
+    assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"]
