@@ -73,6 +73,13 @@ def main(
     # a DataLoader, a list or a callable; batches as (inputs, labels) or, as here, dicts with a "label" key;
     # read only by the balancers that work per epoch (pmr, gblending, mslr)
     epoch_data = equimodal.EpochData(train=train, heldout=heldout, device=torch.device("cpu"))
+    if req.epoch_plan:  # sample_valuation, modality_valuation, remix plan each epoch's data themselves
+        samples = [{k: v[i] for k, v in b.items()} for b in train for i in range(len(b["label"]))]
+        train = balancer.planned_loader(samples, batch_size=32)  # built once; follows each epoch's plan
+        indexed = equimodal.indexed_loader(samples, batch_size=64)  # fixed order, with sample indices
+        epoch_data = equimodal.EpochData(
+            train=train, heldout=heldout, device=torch.device("cpu"), indexed=indexed, size=len(samples)
+        )
     losses = []
     for epoch in range(epochs):
         balancer.start_epoch(epoch, epoch_data)  # added line

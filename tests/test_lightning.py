@@ -68,6 +68,12 @@ def test_lightning_equals_the_reference_driver(name: str) -> None:
     lit_bal = em.create_balancer(name, model, seed=1, **options)
     ref_bal = em.create_balancer(name, twin, seed=1, **options)
     whole, micro, held = _data()
+    if lit_bal.requirements.epoch_plan:  # refused before any step, naming why
+        loader = torch.utils.data.DataLoader(micro, batch_size=None)
+        with pytest.raises(ValueError, match="batch count"):
+            _trainer(heldout=held).fit(Module(model, lit_bal), train_dataloaders=loader)
+        assert lit_bal.num_steps == 0
+        return
     owned = lit_bal.requirements.own_step
     accumulate = 1 if owned else 2
     loader = torch.utils.data.DataLoader(whole if owned else micro, batch_size=None)

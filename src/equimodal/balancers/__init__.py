@@ -26,15 +26,19 @@ from . import (  # noqa: F401
     unimodal,
 )
 from .base import Balancer, DriverError, EpochData, Requirements
+from .plan import EpochPlan, PlannedDataset, indexed_loader
 from .registry import create_balancer, get_balancer_class, list_balancers, register_balancer
 
 __all__ = [
     "Balancer",
     "DriverError",
     "EpochData",
+    "EpochPlan",
+    "PlannedDataset",
     "Requirements",
     "create_balancer",
     "get_balancer_class",
+    "indexed_loader",
     "list_balancers",
     "register_balancer",
 ]
