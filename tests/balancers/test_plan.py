@@ -111,6 +111,12 @@ def test_own_loop_follows_the_plan_and_refuses_unplanned_batches():
             opt.step()
             opt.zero_grad()
         sizes.append(seen)
+        stats = balancer.stats()
+        if epoch:  # the plan's figures are logged with every step of its epoch
+            assert stats["plan/entries"] == seen and stats["plan/train_size"] == 20
+            assert stats["plan/extra_copies"] == seen - 20 == stats["plan/zeroed/m1"]
+        else:
+            assert "plan/entries" not in stats
     assert sizes[0] == 20 and sizes[1] > 20 and sizes[2] > 20
     assert balancer.passes == 3
     inputs, y = toy_batch(2, 8)

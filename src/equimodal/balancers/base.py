@@ -209,6 +209,7 @@ class Balancer:
         self._optimizer_warned = False
         self._optimizer_ref: weakref.ReferenceType[torch.optim.Optimizer] | None = None
         self._plan_source = PlanSource()
+        self._plan_figures: dict[str, Tensor] = {}
         self._epoch_size: int | None = None
 
     def check_option(self, key: str, value: Any, **rules: Any) -> Any:
@@ -333,6 +334,7 @@ class Balancer:
             saved = self._declared.snapshot(self)
             finite = self.step_finite if saved else None  # taken before the gradients are edited
             self.adjust_gradients()
+            self._record_plan()
             if finite is not None:
                 self._declared.restore(self, saved, finite)
         self._declared.reset_stats(self, self.device)
@@ -376,6 +378,7 @@ class Balancer:
         if self.active and self.requirements.own_step:
             self._records.clear()
             loss = self.own_step(batch, target, optimizer, micro_batches)
+            self._record_plan()
             self.num_steps += 1
             return loss
         optimizer.zero_grad(set_to_none=True)
@@ -486,6 +489,10 @@ class Balancer:
     def set_plan(self, plan: EpochPlan | None) -> None:
         """Set this epoch's data plan (call it from :meth:`on_epoch_start`; only ``plans_data`` balancers may).
 
+        Every step of the epoch records the plan's figures (``plan/entries``, ``plan/extra_copies``,
+        ``plan/left_out``, ``plan/zeroed/<m>``, ``plan/weight_mean``, ``plan/train_size``), so a run's
+        ``metrics.csv`` shows how much the plan changed the data.
+
         Raises:
             ValueError: the plan's modalities are not the model's, or it indexes outside the training split.
         """
@@ -499,6 +506,20 @@ class Balancer:
             if self._epoch_size is not None:
                 plan.check_size(self._epoch_size)
         self._plan_source.plan, self._plan_source.epoch = plan, self.epoch
+        self._plan_figures = self._figures_of(plan)
+
+    def _figures_of(self, plan: EpochPlan | None) -> dict[str, Tensor]:
+        """The plan's mechanism figures (:meth:`EpochPlan.summary`), recorded at every step of its epoch."""
+        if plan is None:
+            return {}
+        figures = plan.summary(self._epoch_size)
+        if self._epoch_size is not None:
+            figures["train_size"] = float(self._epoch_size)
+        return {f"plan/{k}": torch.tensor(v, device=self.device) for k, v in figures.items()}
+
+    def _record_plan(self) -> None:
+        for name, value in self._plan_figures.items():
+            self.record(name, value)
 
     def planned_loader(self, dataset: Any, *, batch_size: int, shuffle: bool = True, **kwargs: Any) -> Any:
         """A ``DataLoader`` over ``dataset`` (the training split) that follows this balancer's data plan.
@@ -629,6 +650,7 @@ class Balancer:
         }
         if self.epoch_plan is not None:
             state["plan"] = self.epoch_plan.state()
+            state["epoch_size"] = self._epoch_size
         gen_state = self._gen.get_state() if self._gen is not None else self._pending_gen_state
         if gen_state is not None:
             state["generator"] = gen_state.clone()
@@ -644,6 +666,8 @@ class Balancer:
         plan = state.get("plan")
         self._plan_source.plan = None if plan is None else EpochPlan.from_state(plan)
         self._plan_source.epoch = self.epoch
+        self._epoch_size = state.get("epoch_size")
+        self._plan_figures = self._figures_of(self._plan_source.plan)
         self._gen, self._pending_gen_state = None, state.get("generator")
         self._declared.load(self, state, self.name)
 
