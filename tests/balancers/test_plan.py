@@ -271,3 +271,30 @@ def test_trainer_trains_on_the_plan_and_resumes_mid_plan(registered_planner, tmp
             train(cfg, tmp_path / "run")
     resumed = train(cfg, tmp_path / "run")
     assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"]
+
+
+def test_on_disk_splits_keep_their_sample_keys_under_a_plan():
+    from equimodal.data.base import FileSplit
+
+    seen = []
+
+    def reader(record, gen):
+        seen.append((record, gen is not None))
+        return {"m0": torch.full((3,), float(record)), "m1": torch.ones(2)}
+
+    split = FileSplit(reader, torch.arange(10, 16), torch.arange(6) % 2, train=True, seed=1)
+    plan = EpochPlan(
+        torch.tensor([5, 5, 0]), torch.tensor([[0, 0], [0, 1], [1, 0]]).bool(), None, ("m0", "m1")
+    )
+    loader = make_loader(PlannedDataset(split, plan), 3, train=True, seed=2)
+    loader.sampler.set_epoch(4)
+    ((batch, labels),) = list(loader)
+    order = batch[INDEX_KEY].tolist()
+    assert sorted(order) == [0, 5, 5] and sorted(r for r, _ in seen) == [10, 15, 15]
+    assert all(augmented for _, augmented in seen)  # training keys (with the epoch) reach the reader
+    for j, i in enumerate(order):
+        assert int(labels[j]) == i % 2
+    zeroed_m1 = [j for j in range(3) if batch["m1"][j].abs().sum() == 0]
+    zeroed_m0 = [j for j in range(3) if batch["m0"][j].abs().sum() == 0]
+    assert len(zeroed_m1) == 1 and order[zeroed_m1[0]] == 5
+    assert len(zeroed_m0) == 1 and order[zeroed_m0[0]] == 0
