@@ -28,6 +28,9 @@ The checks:
 - :func:`check_host_reads`: a step that logs nothing reads nothing on the host (``.item()``,
   ``.tolist()``, ``.cpu()``, ``bool(t)``, ...), or at most the ``step_host_reads`` the balancer declares
   for a host decision its method needs by nature.
+- :func:`check_epoch_plan`: a balancer that plans its epochs' data, driven by a hand-written loop over
+  ``balancer.planned_loader``, trains each planned epoch on exactly the plan's entries (its copies, zeroed
+  modalities and weights), refuses a batch that is not from the plan, and restores the plan from its state.
 - :func:`check_aux_fusion`: a FiLM model (auxiliary unimodal heads) trains, or is refused at
   construction with a message naming the fusion.
 - :func:`check_ranks_agree` (not part of :func:`check_balancer`: it forks two processes): under DDP every
@@ -69,6 +72,7 @@ __all__ = [
     "check_aux_fusion",
     "check_balancer",
     "check_deterministic",
+    "check_epoch_plan",
     "check_finite_step",
     "check_host_reads",
     "check_joint_outside_window",
@@ -678,6 +682,88 @@ def check_ranks_agree(
         _same(results[0]["state"], other["state"], f"state_dict() of rank {r} and rank 0")
 
 
+def toy_samples(num_modalities: int = 2) -> list[dict[str, Tensor]]:
+    """The 32 training samples of :func:`toy_epoch_data`, one mapping each (modalities and ``"label"``)."""
+    samples = []
+    for inputs, y in toy_epoch_data(num_modalities).batches("train"):
+        for i in range(y.shape[0]):
+            samples.append({**{m: x[i] for m, x in inputs.items()}, "label": y[i]})
+    return samples
+
+
+def check_epoch_plan(
+    spec: BalancerSpec, num_modalities: int = 2, options: Options = None, max_epochs: int = 12
+) -> str:
+    """A planner's epochs train on exactly its plan through ``planned_loader``; others: ``"no plan"``.
+
+    Drives a hand-written loop over :func:`toy_samples` (``planned_loader`` built once, the indexed split
+    from ``indexed_loader``) for up to ``max_epochs`` epochs, until two planned epochs have passed. In each
+    planned epoch the batches hold as many entries as the plan, with as many zeroed rows per modality and
+    the same total weight; a batch that is not from the plan raises ``DriverError``; a fresh balancer
+    loaded from the state holds the same plan. Returns what it saw (``"planned epochs [1, 2]: 40 entries"``).
+    """
+    model = toy_model(num_modalities)
+    balancer = build(spec, model, options)
+    if not balancer.requirements.epoch_plan:
+        return "no plan"
+    from .balancers.plan import indexed_loader
+
+    samples = toy_samples(num_modalities)
+    loader = balancer.planned_loader(samples, batch_size=8)
+    data = EpochData(
+        train=loader, heldout=toy_epoch_data(num_modalities).heldout, device=torch.device("cpu"),
+        indexed=indexed_loader(samples, batch_size=16), size=len(samples),
+    )  # fmt: skip
+    opt = optimizer_for(model, balancer)
+    planned: list[int] = []
+    entries = 0
+    for epoch in range(max_epochs):
+        balancer.start_epoch(epoch, data)
+        plan = balancer.epoch_plan
+        count, zeroed, weight = 0, torch.zeros(num_modalities), 0.0
+        for batch in loader:
+            y = batch.pop("label")
+            count += y.shape[0]
+            for j, m in enumerate(balancer.modalities):
+                zeroed[j] += float((batch[m].flatten(1).abs().sum(1) == 0).sum())
+            weight += float(batch[PLAN_WEIGHT_KEY].sum())
+            drive_step(balancer, model, batch, y, opt)
+        if plan is None:
+            assert count == len(samples), f"epoch {epoch} without a plan trained on {count} of {len(samples)}"
+            continue
+        planned.append(epoch)
+        entries = len(plan)
+        assert count == len(plan), f"epoch {epoch}: {count} samples trained, the plan has {len(plan)} entries"
+        if plan.zeroed is not None:
+            expected = plan.zeroed.sum(0).float()
+            assert torch.equal(zeroed, expected), (
+                f"epoch {epoch}: zeroed rows {zeroed.tolist()}, plan {expected.tolist()}"
+            )
+        total = float(plan.weights.sum()) if plan.weights is not None else float(len(plan))
+        assert abs(weight - total) < 1e-3 * max(1.0, total), (
+            f"epoch {epoch}: weights sum {weight}, plan {total}"
+        )
+        inputs, y = toy_batch(num_modalities, 8)
+        try:
+            balancer.loss(model(inputs), y, batch=inputs)
+        except DriverError:
+            pass
+        else:
+            raise AssertionError(f"epoch {epoch}: a batch that is not from the plan was accepted")
+        twin = build(spec, toy_model(num_modalities), options)
+        buffer = io.BytesIO()
+        torch.save(balancer.state_dict(), buffer)
+        buffer.seek(0)
+        twin.load_state_dict(torch.load(buffer, weights_only=True))
+        assert twin.epoch_plan is not None and torch.equal(twin.epoch_plan.indices, plan.indices), (
+            f"epoch {epoch}: the plan did not survive state_dict()/load_state_dict()"
+        )
+        if len(planned) == 2:
+            break
+    assert planned, f"no epoch was planned in {max_epochs} epochs (a warm-up longer than that?)"
+    return f"planned epochs {planned}: {entries} entries"
+
+
 CHECKS: dict[str, Callable[..., Any]] = {
     "finite_step": check_finite_step,
     "joint_outside_window": check_joint_outside_window,
@@ -686,6 +772,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "accumulation": check_accumulation,
     "overflow_tolerated": check_overflow_tolerated,
     "two_call_loop": check_two_call_loop,
+    "epoch_plan": check_epoch_plan,
     "host_reads": check_host_reads,
 }
 

@@ -153,6 +153,24 @@ def test_plan_round_trips_through_the_state():
 def test_contract_suite_accepts_a_planner():
     results = check_balancer(CopyPlanner, modalities=(2, 3))
     assert results["two_call_loop/M2"].startswith("refused")
+    assert results["epoch_plan/M3"].startswith("planned epochs [1, 2]")
+
+
+def test_the_plan_check_catches_a_driver_that_ignores_the_plan(monkeypatch):
+    from equimodal import testing
+
+    class Ignored(CopyPlanner):  # a plan that the loader never sees: the check must fail
+        def set_plan(self, plan):
+            super().set_plan(plan)
+            self._plan_source.plan = None
+            self._shadow = plan
+
+        @property
+        def epoch_plan(self):
+            return getattr(self, "_shadow", None) if self.epoch else None
+
+    with pytest.raises(AssertionError, match="samples trained, the plan has"):
+        testing.check_epoch_plan(Ignored)
 
 
 def test_lightning_refuses_a_planner():
