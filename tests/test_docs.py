@@ -52,3 +52,26 @@ def test_custom_balancer_keeps_ddp_ranks_identical() -> None:
     namespace: dict = {}
     exec(compile(_blocks()[0], str(DOC), "exec"), namespace)
     em.testing.check_ranks_agree(namespace["ConfidenceScale"])
+
+
+def test_the_planner_example_plans_copies_and_passes_the_contract_suite() -> None:
+    from equimodal.balancers.registry import BALANCERS
+
+    blocks = _blocks()
+    planner = next(b for b in blocks if "copy_mistakes" in b)
+    namespace: dict = {}
+    try:
+        exec(compile(planner, str(DOC), "exec"), namespace)
+        cls = namespace["CopyMistakes"]
+        results = em.testing.check_balancer(cls, modalities=(2, 3))
+        assert results["epoch_plan/M2"].startswith("planned epochs [0, 1]")
+        model = make_toy_model(2)
+        balancer = cls(model)
+        balancer.start_epoch(0, em.testing.toy_epoch_data(2))
+        plan = balancer.epoch_plan
+        extra = len(plan) - 32
+        assert extra > 0 and int(plan.zeroed.sum()) == extra  # one modality zeroed per copy
+        assert bool((plan.zeroed.sum(1)[32:] == 1).all())
+    finally:
+        BALANCERS._items.pop("copy_mistakes", None)
+        BALANCERS._owners.pop("copy_mistakes", None)
