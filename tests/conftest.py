@@ -103,6 +103,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     # heuristic weighting runs in the contract, Lightning and example tests)
     "opm": ("balancer.options.start_epoch=1",),  # its default warm-up (epochs 0-5) would never end
     "ogm_plus": ("balancer.options.start_epoch=1",),
+    # one-epoch phases: epoch 0 trains the fac learner, epoch 1 rectifies, epoch 2 trains mor (with GA)
+    "reconboost": ("balancer.options.epochs_per_stage=1", "balancer.options.correct_epoch=1"),
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

@@ -21,6 +21,7 @@ from . import (  # noqa: F401
     ogm,
     opm,
     pmr,
+    reconboost,
     ume,
     umt,
     unimodal,
