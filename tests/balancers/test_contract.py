@@ -52,6 +52,7 @@ LOOP_OUTCOME = {
     "opm": "refused: bare, readme",  # owns its step (it changes the forward pass)
     "ogm_plus": "refused: bare",  # bounded window (epochs 0-60 here): needs set_epoch
     "reconboost": "refused: bare",  # its stages follow the epoch: needs set_epoch
+    "aug": "refused: bare",  # adds classifiers between epochs: needs set_epoch
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]

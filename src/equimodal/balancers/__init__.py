@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     agm,
     amco,
     amss,
+    aug,
     cggm,
     cml,
     dgl,
