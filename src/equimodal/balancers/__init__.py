@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     cml,
     dgl,
     gblending,
+    greedy,
     inforeg,
     lfm,
     mbsd,
