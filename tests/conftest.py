@@ -105,6 +105,7 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "ogm_plus": ("balancer.options.start_epoch=1",),
     # one-epoch phases: epoch 0 trains the fac learner, epoch 1 rectifies, epoch 2 trains mor (with GA)
     "reconboost": ("balancer.options.epochs_per_stage=1", "balancer.options.correct_epoch=1"),
+    "greedy": ("model.fusion=mmtm",),  # needs mid fusion (MMTM gates); its windows open from epoch 1
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

@@ -19,7 +19,7 @@ from equimodal.engine.fitting import (
     StepContext,
     params_finite,
 )
-from equimodal.testing import HostReads, ToyEncoder, drive_step, toy_batch, toy_epoch_data
+from equimodal.testing import HostReads, ToyEncoder, drive_step, toy_batch, toy_epoch_data, toy_model_for
 
 
 class Flaky(nn.Module):
@@ -174,7 +174,8 @@ def test_a_step_of_the_reference_fitter_that_logs_nothing_reads_nothing_on_the_h
     """Between two optimizer steps (after the first three: a first loss() checks the labels' range, own heads
     are checked at the second step) the fitter reads nothing on the host, the balancer's statistics
     included: they are summed on the device and read once per epoch."""
-    model = model_with(set())
+    mid_fusion = em.balancers.get_balancer_class(name).model_fusion  # greedy: an MMTM toy model
+    model = toy_model_for(name, 2) if mid_fusion else model_with(set())
     model.validate_inputs = False  # the model's own input check reads the host; the trainer's models skip it
     bal = em.create_balancer(name, model, **_options(name, model))
     bal.start_epoch(0, toy_epoch_data(2))
@@ -199,7 +200,9 @@ def _options(name: str, model: nn.Module) -> dict[str, object]:
 def _python_means(name: str) -> dict[str, float]:
     """The epoch means as the fitter computed them before: each step's stats() summed on the host, in order
     (the same run, driven by drive_step)."""
-    model = model_with(set())
+    model = (
+        toy_model_for(name, 2) if em.balancers.get_balancer_class(name).model_fusion else model_with(set())
+    )
     bal = em.create_balancer(name, model, **_options(name, model))
     bal.start_epoch(0, toy_epoch_data(2))
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)

@@ -20,7 +20,7 @@ from conftest import make_toy_batch, make_toy_model, umt_teachers
 import equimodal as em
 from equimodal.balancers.base import split_batch
 from equimodal.integrations.lightning import BalancerCallback
-from equimodal.testing import assert_same, drive_step, optimizer_for, snapshot
+from equimodal.testing import assert_same, drive_step, optimizer_for, snapshot, toy_model_for
 
 OPTIONS: dict[str, dict[str, Any]] = {"unimodal": {"modality": "m0"}}
 LR = 0.1
@@ -62,7 +62,7 @@ def _data(steps: int = 3) -> tuple[list, list, list]:
 
 @pytest.mark.parametrize("name", em.list_balancers())
 def test_lightning_equals_the_reference_driver(name: str) -> None:
-    model = make_toy_model(2)
+    model = toy_model_for(name, 2)  # greedy needs its MMTM (mid-fusion) toy model
     twin = copy.deepcopy(model)
     options = {"teachers": umt_teachers(model)} if name == "umt" else OPTIONS.get(name, {})
     lit_bal = em.create_balancer(name, model, seed=1, **options)

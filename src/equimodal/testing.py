@@ -36,6 +36,9 @@ The checks:
 - :func:`check_ranks_agree` (not part of :func:`check_balancer`: it forks two processes): under DDP every
   rank ends with the same parameters and state.
 
+Every check builds the toy model the balancer needs (:func:`toy_model_for`: mid fusion through MMTM
+gates for a balancer whose ``model_fusion`` is ``"mmtm"``, such as greedy; late concat fusion otherwise).
+
 :func:`drive_step` is the reference way to drive any balancer for one optimizer step: it reads
 ``balancer.requirements`` and makes every call the balancer needs. :class:`HostReads` counts host reads
 (every one stalls a GPU until its queued work is done) over any block of code.
@@ -59,7 +62,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .balancers import Balancer, DriverError, EpochData, create_balancer
 from .balancers.base import split_batch
 from .balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY
-from .models import MultimodalClassifier
+from .balancers.registry import get_balancer_class
+from .models import MMTMClassifier, MultimodalClassifier
+from .models.encoders import MLP
+from .models.mmtm import MMTM_FUSION
 
 BalancerSpec = str | type[Balancer]
 Options = Mapping[str, Any] | Callable[[nn.Module], Mapping[str, Any]] | None
@@ -86,6 +92,7 @@ __all__ = [
     "toy_batch",
     "toy_epoch_data",
     "toy_model",
+    "toy_model_for",
 ]
 
 
@@ -104,11 +111,24 @@ class ToyEncoder(nn.Module):
 
 def toy_model(
     num_modalities: int = 2, num_classes: int = 3, fusion: str = "concat", seed: int = 0
-) -> MultimodalClassifier:
-    """A toy classifier with modalities ``m0 .. m{M-1}`` of input sizes 5, 6, 7, ..."""
+) -> MultimodalClassifier | MMTMClassifier:
+    """A toy classifier with modalities ``m0 .. m{M-1}`` of input sizes 5, 6, 7, ...
+
+    ``fusion="mmtm"`` gives mid fusion instead: two-stage MLP encoders (8 units per stage) with an MMTM
+    gate after each stage (:class:`~equimodal.models.MMTMClassifier`).
+    """
     torch.manual_seed(seed)
+    if fusion == MMTM_FUSION:
+        mlps = {f"m{i}": MLP(5 + i, hidden=(8, 8)) for i in range(num_modalities)}
+        return MMTMClassifier(mlps, num_classes, gates=(1, 2))
     encoders = {f"m{i}": ToyEncoder(5 + i) for i in range(num_modalities)}
     return MultimodalClassifier(encoders, num_classes, fusion=fusion)
+
+
+def toy_model_for(spec: BalancerSpec, num_modalities: int = 2) -> nn.Module:
+    """:func:`toy_model` with the fusion the balancer needs (its ``model_fusion``; concat otherwise)."""
+    cls = get_balancer_class(spec) if isinstance(spec, str) else spec
+    return toy_model(num_modalities, fusion=cls.model_fusion or "concat")
 
 
 def toy_batch(
@@ -248,7 +268,7 @@ def _one_step(
 
 def check_finite_step(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
     """One step: finite gradients and parameters, some parameter changed, ``stats()`` of str -> float."""
-    model = toy_model(num_modalities)
+    model = toy_model_for(spec, num_modalities)
     balancer = build(spec, model, options)
     before = snapshot(model, balancer)
     grads, params = _one_step(balancer, model, num_modalities)
@@ -262,7 +282,7 @@ def check_finite_step(spec: BalancerSpec, num_modalities: int = 2, options: Opti
 def check_joint_outside_window(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
     """Before its ``start_epoch`` and after its ``end_epoch`` a balancer's step equals joint training exactly."""
     for window, epoch in (({"start_epoch": 3}, 1), ({"start_epoch": 0, "end_epoch": 1}, 2)):
-        model = toy_model(num_modalities)
+        model = toy_model_for(spec, num_modalities)
         twin = copy.deepcopy(model)
         balancer = build(spec, model, options, **window)
         grads, params = _one_step(balancer, model, num_modalities, epoch=epoch)
@@ -276,7 +296,7 @@ def check_joint_outside_window(spec: BalancerSpec, num_modalities: int = 2, opti
 
 def check_state_round_trip(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
     """A fresh balancer loaded from ``state_dict()`` continues exactly as the original."""
-    model = toy_model(num_modalities)
+    model = toy_model_for(spec, num_modalities)
     first = build(spec, model, options, seed=5)
     _one_step(first, model, num_modalities, seed=1)
     buf = io.BytesIO()
@@ -295,7 +315,7 @@ def check_state_round_trip(spec: BalancerSpec, num_modalities: int = 2, options:
 
 def check_deterministic(spec: BalancerSpec, num_modalities: int = 2, options: Options = None) -> None:
     """Two balancers with the same seed take bit-identical steps."""
-    model = toy_model(num_modalities)
+    model = toy_model_for(spec, num_modalities)
     twin = copy.deepcopy(model)
     grads, params = _one_step(build(spec, model, options, seed=7), model, num_modalities)
     grads2, params2 = _one_step(build(spec, twin, options, seed=7), twin, num_modalities)
@@ -313,7 +333,7 @@ def check_accumulation(
     PMR's weak-modality choice) can only match when every micro-batch has the whole batch's
     statistics, so for it the larger batch is k copies of one micro-batch.
     """
-    model = toy_model(num_modalities)
+    model = toy_model_for(spec, num_modalities)
     twin = copy.deepcopy(model)
     whole, split = build(spec, model, options, seed=3), build(spec, twin, options, seed=3)
     opt_whole, opt_split = optimizer_for(model, whole), optimizer_for(twin, split)
@@ -341,7 +361,7 @@ def check_overflow_tolerated(spec: BalancerSpec, num_modalities: int = 2, option
     next steps: their gradients and parameters stay finite.
     """
     for scenario in ("overflow", "nan_batch"):
-        model = toy_model(num_modalities)
+        model = toy_model_for(spec, num_modalities)
         balancer = build(spec, model, options)
         if balancer.requirements.own_step:
             return  # an owned step runs no GradScaler path and is never skipped by a driver
@@ -410,7 +430,7 @@ def check_two_call_loop(spec: BalancerSpec, num_modalities: int = 2, options: Op
     """
     refused = []
     for style in ("bare", "readme"):
-        model = toy_model(num_modalities)
+        model = toy_model_for(spec, num_modalities)
         twin = copy.deepcopy(model)
         balancer = build(spec, model, options, seed=3)
         calls = [0]
@@ -587,7 +607,7 @@ def check_host_reads(spec: BalancerSpec, num_modalities: int = 2, options: Optio
     hold them. The toy model's own input check (``validate_inputs``: a read per modality in every
     forward, the balancer's extra forwards included) is off, as in the reference trainer's models.
     """
-    model = toy_model(num_modalities)
+    model = toy_model_for(spec, num_modalities)
     model.validate_inputs = False
     balancer = build(spec, model, options)
     start_epoch(balancer, 0)
@@ -632,7 +652,7 @@ def _rank_worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world_size)
     try:
-        model = toy_model(num_modalities)
+        model = toy_model_for(spec, num_modalities)
         balancer = build(spec, model, options, seed=3)
         req = balancer.requirements
         wrapped = DistributedDataParallel(model, find_unused_parameters=req.unused_parameters)

@@ -53,7 +53,12 @@ LOOP_OUTCOME = {
     "ogm_plus": "refused: bare",  # bounded window (epochs 0-60 here): needs set_epoch
     "reconboost": "refused: bare",  # its stages follow the epoch: needs set_epoch
     "aug": "refused: bare",  # adds classifiers between epochs: needs set_epoch
+    "greedy": "refused: bare",  # its windows open from epoch 1: needs set_epoch
 }
+
+# Balancers that need mid fusion (``model_fusion``): the checks build the toy model they need
+# (testing.toy_model_for); the late-fusion toy model is refused, naming what is needed.
+REQUIRES_MID_FUSION = {n for n in em.list_balancers() if em.balancers.get_balancer_class(n).model_fusion}
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]
 
@@ -68,6 +73,15 @@ def test_contract(name: str, check: str, num_modalities: int) -> None:
     testing.CHECKS[check](name, num_modalities, OPTIONS.get(name))
 
 
+@pytest.mark.parametrize("name", sorted(REQUIRES_MID_FUSION))
+def test_a_mid_fusion_method_refuses_a_late_fusion_model(name: str) -> None:
+    assert {"greedy"} <= REQUIRES_MID_FUSION
+    with pytest.raises(
+        ValueError, match=r"mid fusion.*MMTM.*found a MultimodalClassifier.*model\.fusion=mmtm"
+    ):
+        em.create_balancer(name, testing.toy_model(2), **OPTIONS.get(name, {}))
+
+
 def test_two_call_loop(name: str, num_modalities: int) -> None:
     outcome = testing.check_two_call_loop(name, num_modalities, OPTIONS.get(name))
     assert outcome == LOOP_OUTCOME.get(name, "honoured")
@@ -75,7 +89,8 @@ def test_two_call_loop(name: str, num_modalities: int) -> None:
 
 def test_aux_fusion(name: str) -> None:
     """Auxiliary-head fusions work, or are refused at construction with a message naming the fusion."""
-    assert testing.check_aux_fusion(name, OPTIONS.get(name)) == (name not in REFUSE_AUX_FUSION)
+    accepted = name not in REFUSE_AUX_FUSION | REQUIRES_MID_FUSION
+    assert testing.check_aux_fusion(name, OPTIONS.get(name)) == accepted
 
 
 def test_check_balancer_runs_the_whole_suite_on_a_class() -> None:
@@ -171,7 +186,7 @@ def test_check_host_reads_finds_a_read_and_accepts_a_declared_budget() -> None:
 def test_a_step_that_logs_nothing_does_not_synchronise_on_cuda(name: str) -> None:
     """What check_host_reads counts on the CPU, checked by CUDA itself (``set_sync_debug_mode("error")``)."""
     device = torch.device("cuda")
-    model = testing.toy_model(2).to(device)
+    model = testing.toy_model_for(name, 2).to(device)
     model.validate_inputs = False
     balancer = testing.build(name, model, OPTIONS.get(name))
     testing.start_epoch(balancer, 0, dataclasses.replace(testing.toy_epoch_data(2), device=device))

@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     cml,
     dgl,
     gblending,
+    greedy,
     inforeg,
     lfm,
     mbsd,

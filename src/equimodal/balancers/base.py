@@ -167,7 +167,10 @@ class Balancer:
     the contract suite holds it to (:func:`~equimodal.testing.check_host_reads`); say why where you set it.
     ``unimodal_runs_option`` names an option that takes ``{modality: folder of a finished unimodal run of
     the same data, model and seed}`` (UMT's teachers): ``equimodal compare`` fills it with its own
-    reference runs and trains those first.
+    reference runs and trains those first. ``model_fusion`` names the ``model.fusion`` the method needs
+    (``"mmtm"``: mid fusion, for greedy; ``None``: any model), which the toy models of
+    :mod:`equimodal.testing` and the reference runs of the test suite follow; the method itself refuses
+    another model.
     """
 
     name: ClassVar[str] = "base"
@@ -177,6 +180,7 @@ class Balancer:
     step_host_reads: ClassVar[int] = 0
     unimodal_runs_option: ClassVar[str | None] = None
     plans_data: ClassVar[bool] = False
+    model_fusion: ClassVar[str | None] = None
     heldout_fraction: float = 0.0
     unused_parameters: bool = False
 

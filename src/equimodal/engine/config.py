@@ -45,7 +45,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Fusion head and optional encoder overrides (``{modality: {name: ..., **kwargs}}``)."""
+    """Fusion head and optional encoder overrides (``{modality: {name: ..., **kwargs}}``); ``fusion=mmtm``
+    builds mid fusion instead (MMTM gates between encoder stages, :mod:`equimodal.models.mmtm`)."""
 
     fusion: str = "concat"
     fusion_options: dict[str, Any] = field(default_factory=dict)
@@ -326,13 +327,18 @@ def check_registered(cfg: Config) -> None:
     from ..data.registry import DATASETS
     from ..models.encoders import ENCODERS
     from ..models.fusion import FUSIONS
+    from ..models.mmtm import MMTM_FUSION, MMTMClassifier
+    from ..registry import check_options
 
     DATASETS.check(cfg.data.name, {"seed": cfg.train.seed, **cfg.data.options}, complete=False)
     options = dict(cfg.balancer.options)
     if "seed" in BALANCERS.options(cfg.balancer.name):
         options.setdefault("seed", cfg.train.seed)
     BALANCERS.check(cfg.balancer.name, options, complete=False)
-    FUSIONS.check(cfg.model.fusion, cfg.model.fusion_options, complete=False)
+    if cfg.model.fusion == MMTM_FUSION:
+        check_options("Model fusion 'mmtm'", MMTMClassifier, cfg.model.fusion_options, skip=2, complete=False)
+    else:
+        FUSIONS.check(cfg.model.fusion, cfg.model.fusion_options, complete=False)
     for m, spec in cfg.model.encoders.items():
         if not isinstance(spec, Mapping) or "name" not in spec:
             raise TypeError(f"model.encoders.{m} must be a mapping with a 'name' key, found {spec!r}.")

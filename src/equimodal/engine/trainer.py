@@ -52,6 +52,7 @@ from ..distributed import broadcast_buffers
 from ..distributed import rank as dist_rank
 from ..models import MultimodalClassifier
 from ..models.encoders import create_encoder
+from ..models.mmtm import MMTM_FUSION, MMTMClassifier
 from ..types import check_batch
 from ..utils.claim import claim_folder
 from ..utils.interrupt import Interrupted, StopRequest, stop_signals
@@ -161,8 +162,9 @@ def process_group(device_type: str) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
-def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier:
-    """The dataset's default encoders (with config overrides) and the configured fusion head.
+def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier | MMTMClassifier:
+    """The dataset's default encoders (with config overrides) and the configured fusion head (or, with
+    ``model.fusion=mmtm``, MMTM gates between the encoders' stages: :mod:`equimodal.models.mmtm`).
 
     In-memory splits are checked once here (every modality present, finite values), so the model is
     built with ``validate_inputs=False``: no per-batch check, hence no host sync per step for it.
@@ -180,6 +182,10 @@ def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier
         if not isinstance(spec, dict) or "name" not in spec:
             raise TypeError(f"model.encoders.{m} must be a mapping with a 'name' key, found {spec!r}.")
         encoders[m] = create_encoder(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    if cfg.model.fusion == MMTM_FUSION:  # mid fusion: gates between encoder stages, not a fusion head
+        return MMTMClassifier(
+            encoders, dataset.num_classes, validate_inputs=False, **cfg.model.fusion_options
+        )
     return MultimodalClassifier(
         encoders,
         dataset.num_classes,

@@ -6,9 +6,11 @@ from . import bert, encoders, fusion, i3d, resnet50  # noqa: F401
 from .classifier import MultimodalClassifier
 from .encoders import create_encoder, list_encoders, register_encoder
 from .fusion import Fusion, create_fusion, list_fusions, register_fusion
+from .mmtm import MMTMClassifier
 
 __all__ = [
     "Fusion",
+    "MMTMClassifier",
     "MultimodalClassifier",
     "create_encoder",
     "create_fusion",
