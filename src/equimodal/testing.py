@@ -723,7 +723,7 @@ def check_epoch_plan(
     the same total weight; a batch that is not from the plan raises ``DriverError``; a fresh balancer
     loaded from the state holds the same plan. Returns what it saw (``"planned epochs [1, 2]: 40 entries"``).
     """
-    model = toy_model(num_modalities)
+    model = toy_model_for(spec, num_modalities)
     balancer = build(spec, model, options)
     if not balancer.requirements.epoch_plan:
         return "no plan"
@@ -771,7 +771,7 @@ def check_epoch_plan(
             pass
         else:
             raise AssertionError(f"epoch {epoch}: a batch that is not from the plan was accepted")
-        twin = build(spec, toy_model(num_modalities), options)
+        twin = build(spec, toy_model_for(spec, num_modalities), options)
         buffer = io.BytesIO()
         torch.save(balancer.state_dict(), buffer)
         buffer.seek(0)
