@@ -103,6 +103,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     # heuristic weighting runs in the contract, Lightning and example tests)
     "opm": ("balancer.options.start_epoch=1",),  # its default warm-up (epochs 0-5) would never end
     "ogm_plus": ("balancer.options.start_epoch=1",),
+    "sample_valuation": ("balancer.options.start_epoch=1",),  # its warm-up (epochs 0-4) would never end
+    "modality_valuation": ("balancer.options.start_epoch=1",),
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

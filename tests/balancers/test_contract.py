@@ -26,6 +26,8 @@ OPTIONS: dict[str, Any] = {
     "umt": umt_options,  # stand-in teachers: frozen encoders of their own
     "opm": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 6)
     "ogm_plus": {"start_epoch": 0},
+    "sample_valuation": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 5)
+    "modality_valuation": {"start_epoch": 0},
 }
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
@@ -51,6 +53,8 @@ LOOP_OUTCOME = {
     "lfm": "refused: bare",  # its weights follow the epoch: needs set_epoch
     "opm": "refused: bare, readme",  # owns its step (it changes the forward pass)
     "ogm_plus": "refused: bare",  # bounded window (epochs 0-60 here): needs set_epoch
+    "sample_valuation": "refused: bare, readme",  # plans each epoch's data from its epoch data
+    "modality_valuation": "refused: bare, readme",
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]
