@@ -106,6 +106,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     # one-epoch phases: epoch 0 trains the fac learner, epoch 1 rectifies, epoch 2 trains mor (with GA)
     "reconboost": ("balancer.options.epochs_per_stage=1", "balancer.options.correct_epoch=1"),
     "greedy": ("model.fusion=mmtm",),  # needs mid fusion (MMTM gates); its windows open from epoch 1
+    "sample_valuation": ("balancer.options.start_epoch=1",),  # its warm-up (epochs 0-4) would never end
+    "modality_valuation": ("balancer.options.start_epoch=1",),
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

@@ -26,6 +26,8 @@ OPTIONS: dict[str, Any] = {
     "umt": umt_options,  # stand-in teachers: frozen encoders of their own
     "opm": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 6)
     "ogm_plus": {"start_epoch": 0},
+    "sample_valuation": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 5)
+    "modality_valuation": {"start_epoch": 0},
 }
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
@@ -54,6 +56,8 @@ LOOP_OUTCOME = {
     "reconboost": "refused: bare",  # its stages follow the epoch: needs set_epoch
     "aug": "refused: bare",  # adds classifiers between epochs: needs set_epoch
     "greedy": "refused: bare",  # its windows open from epoch 1: needs set_epoch
+    "sample_valuation": "refused: bare, readme",  # plans each epoch's data from its epoch data
+    "modality_valuation": "refused: bare, readme",
 }
 
 # Balancers that need mid fusion (``model_fusion``): the checks build the toy model they need

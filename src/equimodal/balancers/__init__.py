@@ -27,6 +27,7 @@ from . import (  # noqa: F401
     ume,
     umt,
     unimodal,
+    valuation,
 )
 from .base import Balancer, DriverError, EpochData, Requirements
 from .plan import EpochPlan, PlannedDataset, indexed_loader
