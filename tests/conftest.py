@@ -103,6 +103,7 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     # heuristic weighting runs in the contract, Lightning and example tests)
     "opm": ("balancer.options.start_epoch=1",),  # its default warm-up (epochs 0-5) would never end
     "ogm_plus": ("balancer.options.start_epoch=1",),
+    "remix": ("balancer.options.warmup_epochs=1",),  # its default warm-up (epochs 0-9) would never end
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

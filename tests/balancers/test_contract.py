@@ -51,6 +51,7 @@ LOOP_OUTCOME = {
     "lfm": "refused: bare",  # its weights follow the epoch: needs set_epoch
     "opm": "refused: bare, readme",  # owns its step (it changes the forward pass)
     "ogm_plus": "refused: bare",  # bounded window (epochs 0-60 here): needs set_epoch
+    "remix": "refused: bare, readme",  # plans its epochs' data: needs prepare_epoch and planned batches
 }
 
 CHECKS = [c for c in testing.CHECKS if c != "two_call_loop"]
