@@ -108,6 +108,7 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "greedy": ("model.fusion=mmtm",),  # needs mid fusion (MMTM gates); its windows open from epoch 1
     "sample_valuation": ("balancer.options.start_epoch=1",),  # its warm-up (epochs 0-4) would never end
     "modality_valuation": ("balancer.options.start_epoch=1",),
+    "remix": ("balancer.options.warmup_epochs=1",),  # its default warm-up (epochs 0-9) would never end
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

@@ -366,7 +366,7 @@ def check_overflow_tolerated(spec: BalancerSpec, num_modalities: int = 2, option
         if balancer.requirements.own_step:
             return  # an owned step runs no GradScaler path and is never skipped by a driver
         start_epoch(balancer, 0)
-        batch, y = planned_batch(balancer, *toy_batch(num_modalities, 16, seed=1))  # a planner's epoch-0 plan
+        batch, y = planned_batch(balancer, *toy_batch(num_modalities, 16, seed=1))  # a plan made at epoch 0
         out = model(batch)
         if scenario == "nan_batch":  # the first sample's logits are NaN, as if its inputs were
             poison = torch.ones(16, 1).index_fill_(0, torch.tensor([0]), float("nan"))
@@ -661,7 +661,7 @@ def _rank_worker(
             start_epoch(balancer, epoch)
             for step in range(2):
                 batch, y = toy_batch(num_modalities, 8, seed=1000 * rank + 10 * epoch + step)
-                batch, y = planned_batch(balancer, batch, y)
+                batch, y = planned_batch(balancer, batch, y)  # a balancer that plans its data gets its plan
                 if req.own_step:  # the owned step averages the gradients over ranks itself
                     balancer.train_step(batch, y, optimizer)
                     continue

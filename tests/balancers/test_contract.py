@@ -58,6 +58,7 @@ LOOP_OUTCOME = {
     "greedy": "refused: bare",  # its windows open from epoch 1: needs set_epoch
     "sample_valuation": "refused: bare, readme",  # plans each epoch's data from its epoch data
     "modality_valuation": "refused: bare, readme",
+    "remix": "refused: bare, readme",  # plans its epochs' data: needs prepare_epoch and planned batches
 }
 
 # Balancers that need mid fusion (``model_fusion``): the checks build the toy model they need

@@ -24,6 +24,7 @@ from . import (  # noqa: F401
     opm,
     pmr,
     reconboost,
+    remix,
     ume,
     umt,
     unimodal,
