@@ -103,6 +103,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     # heuristic weighting runs in the contract, Lightning and example tests)
     "opm": ("balancer.options.start_epoch=1",),  # its default warm-up (epochs 0-5) would never end
     "ogm_plus": ("balancer.options.start_epoch=1",),
+    "relearning": ("balancer.options.first_reinit=1", "balancer.options.reinit_epoch=1"),  # diagnoses at
+    # epochs 1, 2, 3 (the default first is epoch 21)
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

@@ -21,6 +21,7 @@ from . import (  # noqa: F401
     ogm,
     opm,
     pmr,
+    relearning,
     ume,
     umt,
     unimodal,
