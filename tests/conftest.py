@@ -109,6 +109,8 @@ RUN_OPTIONS: dict[str, tuple[str, ...]] = {
     "sample_valuation": ("balancer.options.start_epoch=1",),  # its warm-up (epochs 0-4) would never end
     "modality_valuation": ("balancer.options.start_epoch=1",),
     "remix": ("balancer.options.warmup_epochs=1",),  # its default warm-up (epochs 0-9) would never end
+    "relearning": ("balancer.options.first_reinit=1", "balancer.options.reinit_epoch=1"),  # diagnoses at
+    # epochs 1, 2, 3 (the default first is epoch 21)
 }
 """``--set`` overrides that make a short trainer run on mfeat ``fac,mor`` reach every path of a balancer."""
 

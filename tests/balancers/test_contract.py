@@ -28,6 +28,7 @@ OPTIONS: dict[str, Any] = {
     "ogm_plus": {"start_epoch": 0},
     "sample_valuation": {"start_epoch": 0},  # its default window starts after the code's warm-up (epoch 5)
     "modality_valuation": {"start_epoch": 0},
+    "relearning": {"first_reinit": 0, "reinit_epoch": 1},  # a diagnosis at every epoch (default: 21, 41, 61)
 }
 
 # Balancers that by design refuse fusions with auxiliary (detached) unimodal heads: amco, which masks the
@@ -48,6 +49,7 @@ LOOP_OUTCOME = {
     "pmr": "refused: bare, readme",  # needs prepare_epoch
     "gblending": "refused: bare, readme",
     "mslr": "refused: bare, readme",
+    "relearning": "refused: bare, readme",
     "mla": "refused: bare, readme",  # owns its step: needs train_step
     "inforeg": "refused: bare",  # works per epoch (anchor, window): needs set_epoch
     "lfm": "refused: bare",  # its weights follow the epoch: needs set_epoch

@@ -25,6 +25,7 @@ from . import (  # noqa: F401
     pmr,
     reconboost,
     remix,
+    relearning,
     ume,
     umt,
     unimodal,
