@@ -66,6 +66,9 @@ def test_variants_are_labelled_rows_with_their_overrides() -> None:
     assert specs[1].overrides == (*ov, "train.seed=0")
     with pytest.raises(ValueError, match="LABEL:key=value"):
         parse_variant("amss_T1")
+    # a list or mapping value keeps its commas
+    label, ov = parse_variant("g:model.fusion=mmtm,model.fusion_options.gates=[2,3],x.y={a: 1, b: '2,3'}")
+    assert ov == ("model.fusion=mmtm", "model.fusion_options.gates=[2,3]", "x.y={a: 1, b: '2,3'}")
 
 
 def _fake_runs(root, specs, test_of, logits_of, fraction_of=lambda s: 1.0) -> None:

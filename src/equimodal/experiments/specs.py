@@ -61,14 +61,35 @@ def check_seeds(seeds: Any) -> int:
     return check_count(seeds, "seeds", "the number of seeds, run as 0..N-1", "3")
 
 
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at each ``sep`` outside brackets, braces, parentheses and quotes, so a value may be a
+    list or a mapping: ``a=1,b=[2,3]`` -> ``["a=1", "b=[2,3]"]``."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def parse_variant(text: str) -> Variant:
-    """``LABEL:key=value,key=value`` -> ``(LABEL, overrides)``; a named, fully specified extra row.
+    """``LABEL:key=value,key=value`` -> ``(LABEL, overrides)``; a named, fully specified extra row (a value
+    may be a list or a mapping with commas of its own: ``gates=[2,3]``).
 
     Raises:
         ValueError: the text is not of that form (the message shows one).
     """
     label, sep, rest = text.partition(":")
-    overrides = tuple(x.strip() for x in rest.split(",") if x.strip())
+    overrides = tuple(x.strip() for x in split_top_level(rest) if x.strip())
     if not sep or not label.strip() or not overrides or any("=" not in o for o in overrides):
         raise ValueError(
             f"--variant {text!r} must look like LABEL:key=value[,key=value...], e.g. "
