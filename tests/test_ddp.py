@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from conftest import RUN_OPTIONS, umt_options
 
 import equimodal as em
+from equimodal.balancers import get_balancer_class
 
 BASE = (
     "data.options.views=fac,mor", "train.epochs=2", "train.progress=false", "train.probe=false",
@@ -101,14 +102,24 @@ def test_two_ranks_equal_one_process_for_every_balancer(tmp_path: Path) -> None:
         )
         losses = [d.pop("_train_loss") for d in (r0, r1, single)]  # metrics.csv: the loss over all shards
         assert torch.equal(losses[0], losses[1]), f"{name}: ranks report different training losses"
-        torch.testing.assert_close(losses[0], losses[2], rtol=1e-3, atol=1e-4, msg=f"{name}: train_loss")
+        # A data plan whose entries are not a multiple of the ranks is padded by one repeated entry per
+        # epoch (as DistributedSampler pads): modality_valuation's 1549 entries on mfeat fac+mor differed
+        # from one process by 0.35 % in train loss and at most 6e-4 in a parameter after 2 epochs; the
+        # ranks still agree exactly, and with an even plan (sample_valuation, remix here) it is 1e-5.
+        planned = get_balancer_class(name).plans_data
+        loss_tol = {"rtol": 1e-2, "atol": 1e-3} if planned else {"rtol": 1e-3, "atol": 1e-4}
+        torch.testing.assert_close(losses[0], losses[2], **loss_tol, msg=f"{name}: train_loss")
         for k in r0:
             assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ in {k}"
             # G-Blending's weights are ratios of loss differences of head copies whose gradients are
             # averaged over ranks, which amplify float rounding: on an AMD EPYC its epoch-0 weights differed
             # by 1.5e-4 relative between 2 ranks and 1 process, and the parameters by 3.2e-4 after 2 epochs
             # (every other balancer: below 3e-7)
-            tol = {"rtol": 1e-2, "atol": 1e-3} if name == "gblending" else {"rtol": 1e-4, "atol": 1e-5}
+            tol = (
+                {"rtol": 1e-2, "atol": 1e-3}
+                if name == "gblending" or planned
+                else {"rtol": 1e-4, "atol": 1e-5}
+            )
             torch.testing.assert_close(
                 r0[k], single[k], **tol, msg=lambda m, k=k, name=name: f"{name} {k}: {m}"
             )
