@@ -1,6 +1,7 @@
 """Optimizer-step time and peak memory of every registered balancer, relative to plain joint training.
 
-Two workloads, each one model shared by all balancers (``equimodal.list_balancers()``):
+Two workloads, each one model shared by all balancers (``equimodal.list_balancers()`` but those that plan
+their epochs' data or need mid fusion, which ``benchmarks/epoch_cost.py`` measures in epochs):
 
 - ``av``: the audio-visual ResNet18 pair of AMSS's CREMA-D setup: audio
   ``create_encoder("resnet18", in_channels=1, activation="gelu")`` on a 1x257x188 log-spectrogram,
@@ -71,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 import equimodal as em
-from equimodal.balancers import Balancer, EpochData
+from equimodal.balancers import Balancer, EpochData, get_balancer_class
 from equimodal.models.encoders import create_encoder
 from equimodal.testing import drive_step, start_epoch
 
@@ -79,6 +80,15 @@ WORKLOADS = ("av", "transformer")
 NUM_CLASSES = 6
 NUM_BATCHES = 4  # fixed batches cycled over the rounds (the model is not fit to a single batch)
 Batch = dict[str, Tensor]
+
+
+def step_level_balancers() -> list[str]:
+    """Every registered balancer but those that plan their epochs' data (they cost whole passes and copies,
+    not step time) or need a mid-fusion model: ``benchmarks/epoch_cost.py`` measures those in epochs."""
+    return [
+        n for n in em.list_balancers()
+        if not (get_balancer_class(n).plans_data or get_balancer_class(n).model_fusion)
+    ]  # fmt: skip
 
 
 def options_for(name: str, model: nn.Module) -> dict[str, Any]:
@@ -380,7 +390,7 @@ def main() -> None:
     if args.rss_worker:
         rss_worker(args)
         return
-    names = [n for n in args.balancers.split(",") if n] or em.list_balancers()
+    names = [n for n in args.balancers.split(",") if n] or step_level_balancers()
     names = ["none", *[n for n in names if n != "none"]]
     device = torch.device(args.device)
     print(

@@ -1,77 +1,128 @@
-"""A method's cost in epochs of joint training, and its data plan's size, from ``compare`` run folders.
+"""What an epoch- or data-level method costs, in epochs of joint training, measured side by side.
 
-Epoch- and data-level methods cost whole extra passes (a per-sample inference pass over train, extra copies
-of samples, re-initialisation diagnoses, model copies), and some only every few epochs, so a median time
-per epoch hides them. For each label and seed this reads the run's ``metrics.csv``: the ``seconds`` column
-is an epoch's wall time from its start, epoch-level work included, to the end of its last step (not the
-validation). The cost of one epoch of the method, in epochs of joint training, is the run's mean seconds
-per epoch over the mean of the reference's (``none``) run of the same seed; printed as the mean over seeds
-with the range. Where the runs logged a data plan (``plan/entries`` and ``plan/train_size``, per epoch),
-the mean number of entries per training sample is printed too: the part of the cost that is more data.
+These methods cost whole extra passes (a per-sample inference pass over train, extra copies of samples, a
+clustering diagnosis, boosted classifiers), not a slower step. This script trains each method and joint
+training (``none``) for ``--epochs`` epochs on a task, in one process, one run after the other in an
+order rotated each round, and reads each epoch's ``epoch_time`` from ``metrics.csv`` (from the epoch's
+start, its epoch-level work included, to its last step; validation excluded). Every method is made active
+from epoch 1 (its warm-up shortened, ``ACTIVE``), and the ratio is its mean epoch time over epochs 1..E-1
+divided by ``none``'s in the same round: the cost of one *active* epoch in epochs of joint training. The
+median over rounds is printed with the range, and for data plans the epoch's entries per training sample
+(``bal_plan/entries`` over ``bal_plan/train_size``). A method that acts only every few epochs
+(``relearning``: a diagnosis every 20 epochs, 3 at most) costs that much only in those epochs.
 
-    python benchmarks/epoch_cost.py runs/new23_avdh --labels sample_valuation,modality_valuation,remix
+    python benchmarks/epoch_cost.py --task avdigits_hard --epochs 4 --rounds 3
 
-Runs that shared cores with other runs give indicative ratios only.
+Greedy needs a mid-fusion model, so it is compared with ``none`` on the same MMTM model (``none_mmtm``).
+Absolute times depend on the machine and its load; the ratios of runs made side by side are what carries.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
+import tempfile
 from pathlib import Path
 
-import numpy as np
+from equimodal.engine.config import load_config
+from equimodal.engine.trainer import train
+
+MMTM = ("model.fusion=mmtm", "model.fusion_options.gates=[2,3]")
+ACTIVE: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "multitask": (),
+    "sample_valuation": ("balancer.options.start_epoch=1",),
+    "modality_valuation": ("balancer.options.start_epoch=1",),
+    "remix": ("balancer.options.warmup_epochs=1",),
+    "relearning": ("balancer.options.first_reinit=1", "balancer.options.reinit_epoch=1",
+                   "balancer.options.reinit_num=100"),
+    "reconboost": (),
+    "aug": (),
+    "greedy": MMTM,
+    "none_mmtm": MMTM,
+}  # fmt: skip
+"""Overrides that make each method act from epoch 1 (a diagnosis every epoch for ``relearning``)."""
+
+REFERENCE = {"greedy": "none_mmtm"}
 
 
 def epoch_rows(run: Path) -> list[dict[str, str]]:
-    """The rows of a run's ``metrics.csv`` (empty when it has none)."""
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
+    with (run / "metrics.csv").open(newline="") as fh:
         return list(csv.DictReader(fh))
 
 
-def mean_of(rows: list[dict[str, str]], key: str) -> float:
-    """The mean of a column over the rows that have a number in it (nan when none do)."""
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
-    return float(np.mean(values)) if values else float("nan")
+def active_epoch_time(rows: list[dict[str, str]]) -> float:
+    """The mean ``epoch_time`` of every epoch after the first."""
+    return statistics.fmean(float(r["epoch_time"]) for r in rows[1:])
 
 
-def cost(folder: Path, label: str, reference: str) -> tuple[list[float], list[float]]:
-    """Per seed: the epoch-cost ratio to ``reference``, and the plan's entries per training sample."""
-    ratios, sizes = [], []
-    for seed_dir in sorted((folder / label).glob("seed*")):
-        rows, base = epoch_rows(seed_dir), epoch_rows(folder / reference / seed_dir.name)
-        if not rows or not base:
-            continue
-        ratios.append(mean_of(rows, "seconds") / mean_of(base, "seconds"))
-        entries, size = mean_of(rows, "plan/entries"), mean_of(rows, "plan/train_size")
-        if np.isfinite(entries) and np.isfinite(size) and size > 0:
-            sizes.append(entries / size)
-    return ratios, sizes
+def entries_per_sample(rows: list[dict[str, str]]) -> float | None:
+    values = [
+        float(r["bal_plan/entries"]) / float(r["bal_plan/train_size"])
+        for r in rows
+        if r.get("bal_plan/entries") not in (None, "", "nan")
+        and r.get("bal_plan/train_size") not in (None, "")
+    ]
+    return statistics.fmean(values) if values else None
+
+
+def run_once(task: str, label: str, epochs: int, folder: Path, extra: list[str]) -> list[dict[str, str]]:
+    name = "none" if label == "none_mmtm" else label
+    overrides = [
+        f"balancer.name={name}", f"train.epochs={epochs}", "train.progress=false", "train.probe=false",
+        "train.num_threads=1", *ACTIVE[label], *extra,
+    ]  # fmt: skip
+    cfg = load_config(task, overrides)
+    out = folder / label
+    train(cfg, out)
+    return epoch_rows(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("folder", type=Path, help="an `equimodal compare` output folder")
-    parser.add_argument("--labels", required=True, help="comma-separated row labels")
-    parser.add_argument("--reference", default="none", help="the joint-training row (default: none)")
-    args = parser.parse_args(argv)
-    print(
-        "| method | epochs of joint training per epoch (mean [min, max] over seeds) | entries per sample | seeds |"
+    parser.add_argument("--task", default="avdigits_hard", help="a preset (default: avdigits_hard)")
+    parser.add_argument(
+        "--methods", default=",".join(ACTIVE), help="comma-separated, from: " + ", ".join(ACTIVE)
     )
-    print("|---|---|---|---|")
-    for label in args.labels.split(","):
-        ratios, sizes = cost(args.folder, label, args.reference)
-        if not ratios:
-            print(f"| `{label}` | no finished pair of runs | | 0 |")
-            continue
-        r = np.array(ratios)
-        size = f"{np.mean(sizes):.2f}" if sizes else ""
-        print(f"| `{label}` | {r.mean():.2f} [{r.min():.2f}, {r.max():.2f}] | {size} | {len(r)} |")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    for needed in ("none", *(REFERENCE[m] for m in methods if m in REFERENCE)):
+        if needed not in methods:
+            methods.append(needed)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    ratios: dict[str, list[float]] = {m: [] for m in methods}
+    entries: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.rounds):
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
+        with tempfile.TemporaryDirectory() as tmp:
+            for label in order:
+                rows = run_once(args.task, label, args.epochs, Path(tmp), args.set)
+                times[label].append(active_epoch_time(rows))
+                size = entries_per_sample(rows)
+                if size is not None:
+                    entries[label].append(size)
+        for label in methods:
+            ratios[label].append(times[label][-1] / times[REFERENCE.get(label, "none")][-1])
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    print(
+        f"\n{args.task}, {args.epochs} epochs, {args.rounds} rounds; one active epoch in epochs of joint training"
+    )
+    print("| method | reference | cost (median [min, max]) | none's epoch (s, median) | entries per sample |")
+    print("|---|---|---|---|---|")
+    for label in methods:
+        ref = REFERENCE.get(label, "none")
+        r = ratios[label]
+        size = f"{statistics.fmean(entries[label]):.2f}" if entries[label] else ""
+        print(
+            f"| `{label}` | `{ref}` | {statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}] | "
+            f"{statistics.median(times[ref]):.3f} | {size} |"
+        )
 
 
 if __name__ == "__main__":

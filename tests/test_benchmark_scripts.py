@@ -1,4 +1,5 @@
-"""The cost benchmarks (balancer_cost, masking_scale, before_step) run with ``--smoke`` and print their tables."""
+"""The cost benchmarks (balancer_cost, masking_scale, before_step, epoch_cost) run with ``--smoke`` and print
+their tables."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
-import equimodal as em
-
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_level_balancers() -> list[str]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from balancer_cost import step_level_balancers as names
+    finally:
+        sys.path.pop(0)
+    return names()
 
 
 def run_script(name: str, *args: str, timeout: int = 600) -> str:
@@ -32,7 +40,8 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 def test_balancer_cost_smoke() -> None:
     out = run_script("balancer_cost.py", "--threads", "1", timeout=1800)  # 27 names: 4.5 min on 2 idle cores
     assert out.count("### ") == 2  # both workloads
-    names = em.list_balancers()
+    names = step_level_balancers()
+    assert "remix" not in names and "greedy" not in names and "reconboost" in names
     for name in names:
         rows = table_rows(out, name)
         assert len(rows) == 2, f"{name}: {rows}"
@@ -130,3 +139,19 @@ def test_parallel_efficiency_smoke() -> None:
     assert table_rows(out, "1")[0][2] == "1.00"  # T1 / (1 x T1)
     assert 0 < float(table_rows(out, "2")[0][2]) <= 2.0
     assert "driver overhead per run" in out and "starting 2 worker processes" in out
+
+
+@pytest.mark.slow
+def test_epoch_cost_measures_active_epochs_side_by_side() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "epoch_cost.py"), "--task", "avdigits_hard", "--epochs", "2",
+         "--rounds", "1", "--methods", "sample_valuation,greedy"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {
+        r[0]: r for r in table_rows(proc.stdout, "`sample_valuation`") + table_rows(proc.stdout, "`greedy`")
+    }
+    assert rows["`greedy`"][1] == "`none_mmtm`" and rows["`sample_valuation`"][1] == "`none`"
+    assert float(rows["`sample_valuation`"][4]) > 1.0  # its plan added copies
+    assert table_rows(proc.stdout, "`none`")[0][2].startswith("1.00")
