@@ -62,3 +62,25 @@ done
 # AMSS+'s default weights, chosen on validation across the four tasks (docs/amss.md):
 python benchmarks/paired_table.py --across runs/new_avdh runs/new_cremadlike runs/new_mfeat_pixfou runs/new_mfeat_facmor \
   --labels amss_plus_floored --reference amss_plus
+
+# 6. The epoch- and data-level methods (docs/results.md), with joint training and the multitask baseline,
+#    10 seeds on AVD-hard and mfeat pix+fou, each with its authors' defaults (AUG told the run's length for its
+#    int(E/10) check interval); greedy needs mid fusion, so it is compared with joint training on the same
+#    MMTM model (none_mmtm). Mechanism figures: balancer_stats.py; the cost of an active epoch, side by side:
+#    epoch_cost.py (about 10 minutes).
+EPOCH_LEVEL=none,multitask,reconboost,sample_valuation,modality_valuation,relearning,remix
+MMTM_AVDH="model.fusion=mmtm,model.fusion_options.gates=[2,3]"
+equimodal compare avdigits_hard --balancers "$EPOCH_LEVEL" --seeds 10 --out runs/i23_avdh --jobs "$JOBS" \
+  --variant "aug:balancer.name=aug,balancer.options.epochs=60" \
+  --variant "greedy:balancer.name=greedy,$MMTM_AVDH" --variant "none_mmtm:balancer.name=none,$MMTM_AVDH"
+equimodal compare --dataset mfeat --balancers "$EPOCH_LEVEL" --seeds 10 --out runs/i23_mfeat_pixfou --jobs "$JOBS" \
+  --variant "aug:balancer.name=aug,balancer.options.epochs=40" \
+  --variant "greedy:balancer.name=greedy,model.fusion=mmtm,model.fusion_options.gates=[1]" \
+  --variant "none_mmtm:balancer.name=none,model.fusion=mmtm,model.fusion_options.gates=[1]"
+for run in i23_avdh i23_mfeat_pixfou; do
+  python benchmarks/paired_table.py "runs/$run" \
+    --labels multitask,sample_valuation,modality_valuation,relearning,remix,reconboost,aug
+  python benchmarks/paired_table.py "runs/$run" --labels greedy --reference none_mmtm
+  python benchmarks/balancer_stats.py "runs/$run" sample_valuation modality_valuation remix relearning reconboost aug greedy
+done
+python benchmarks/epoch_cost.py --task avdigits_hard --epochs 4 --rounds 3
