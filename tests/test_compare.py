@@ -102,7 +102,9 @@ def test_summarise_writes_tables_and_plot(tmp_path) -> None:
     by = {r["method"]: r for r in rows}
     assert by["amss"]["test acc"] == "84.5 ± 0.7"  # 0.84, 0.85
     assert (by["amss"]["train data"], by["none"]["train data"]) == ("90 %", "100 %")
-    assert "amss hold the rest out of training" in (tmp_path / "results.md").read_text()
+    assert (
+        "amss holds the rest out of training to fit its own weights" in (tmp_path / "results.md").read_text()
+    )
     assert by["amss"]["Δacc vs none (pp)"].startswith("+4.00")
     assert {"ensemble_product", "ensemble_mean"} <= set(by)
     assert by["unimodal_a"]["gap closed [95% CI]"] == ""

@@ -65,8 +65,9 @@ def table_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     partial = [str(r["method"]) for r in rows if r.get("train data") not in ("100 %", "?", None, "")]
     if partial:
         notes.append(
-            f"train data: the share of the training split a method trains on; {', '.join(partial)} hold "
-            "the rest out of training to fit their own weights (never val or test)."
+            f"train data: the share of the training split a method trains on; {', '.join(partial)} "
+            f"{'holds' if len(partial) == 1 else 'hold'} the rest out of training to fit "
+            f"{'its' if len(partial) == 1 else 'their'} own weights (never val or test)."
         )
     if any(r.get("n") == 1 for r in rows):
         notes.append(f'With a single seed a value has no ± spread and its interval reads "{ONE_SEED}".')
