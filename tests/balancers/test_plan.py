@@ -173,22 +173,42 @@ def test_the_plan_check_catches_a_driver_that_ignores_the_plan(monkeypatch):
         testing.check_epoch_plan(Ignored)
 
 
-def test_lightning_refuses_a_planner():
-    pytest.importorskip("lightning")
+def test_lightning_trains_a_user_planner_on_its_plans():
+    """A planner written by a user (CopyPlanner) under Lightning: epoch 0 trains the 32 samples once, epoch
+    1 the plan (32 + its copies, their modalities zeroed and weight 2), and the loss sees every entry."""
+    lightning = pytest.importorskip("lightning")
     from equimodal.integrations.lightning import BalancerCallback
+    from equimodal.testing import toy_samples
 
-    class Module:
-        automatic_optimization = True
+    class Module(lightning.LightningModule):
+        def __init__(self, model, balancer):
+            super().__init__()
+            self.model, self.balancer, self.weights = model, balancer, []
 
-    module = Module()
-    module.balancer = CopyPlanner(toy_model(2))
+        def training_step(self, batch, _):
+            y = batch["label"]
+            x = {k: v for k, v in batch.items() if k != "label"}
+            self.weights.append((self.current_epoch, x[PLAN_WEIGHT_KEY].clone(), x["m1"].abs().sum(1) == 0))
+            return self.balancer.loss(self.model(x), y, batch=x)
 
-    class Trainer:
-        optimizers: list = []
-        precision = "32-true"
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=0.05)
 
-    with pytest.raises(ValueError, match="batch count"):
-        BalancerCallback().on_fit_start(Trainer(), module)
+    model = toy_model(2)
+    balancer = CopyPlanner(model)
+    module = Module(model, balancer)
+    trainer = lightning.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[BalancerCallback()],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=balancer.planned_loader(toy_samples(2), batch_size=8))
+    plan = balancer.epoch_plan
+    assert balancer.passes == 2 and plan is not None and len(plan) > 32
+    for epoch, entries in ((0, 32), (1, len(plan))):
+        w = torch.cat([w for e, w, _ in module.weights if e == epoch])
+        zeroed = torch.cat([z for e, _, z in module.weights if e == epoch])
+        assert len(w) == entries
+        assert int((w == 2).sum()) == int(zeroed.sum()) == entries - 32
 
 
 def test_trainer_shards_and_seeds_planned_loaders():

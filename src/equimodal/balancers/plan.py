@@ -16,8 +16,11 @@ How each driver honours it:
 - a hand-written loop trains on ``balancer.planned_loader(train_dataset, batch_size=...)``, built once:
   its sampler (:class:`PlanSampler`) follows the balancer's current plan at each pass, shuffles per epoch
   and shards over ranks when ``torch.distributed`` is initialised;
-- Lightning is refused for balancers that plan data (:class:`~equimodal.integrations.lightning.BalancerCallback`
-  says why): Lightning fixes an epoch's batch count before its ``on_train_epoch_start``.
+- under Lightning the module's training loader is that same ``planned_loader``;
+  :class:`~equimodal.integrations.lightning.BalancerCallback` makes the plan at ``on_train_epoch_start`` and
+  marks the loader as having no length for the fit (:attr:`PlanSource.sized`), so Lightning ends each epoch
+  when the plan's entries run out instead of at the batch count it read when it loaded the data (before
+  the plan was made).
 
 Each planned batch carries the entry's training-sample index under :data:`INDEX_KEY` and its weight under
 :data:`PLAN_WEIGHT_KEY`; :meth:`~equimodal.Balancer.loss` refuses a batch without them while a plan is
@@ -161,10 +164,14 @@ class PlanSource:
     """Where a :class:`PlannedDataset` reads its plan: a balancer's current plan, or a fixed one.
 
     Picklable and small (DataLoader workers get a copy of the plan, not of the balancer).
+
+    ``sized=False`` makes a :class:`PlanSampler` over it (and so its ``DataLoader``) report no length: a
+    driver that reads an epoch's length before the plan is made (Lightning) then runs each epoch until the
+    sampler is exhausted. The Lightning callback sets it for a fit and restores it after.
     """
 
-    def __init__(self, plan: EpochPlan | None = None, epoch: int = 0) -> None:
-        self.plan, self.epoch = plan, int(epoch)
+    def __init__(self, plan: EpochPlan | None = None, epoch: int = 0, *, sized: bool = True) -> None:
+        self.plan, self.epoch, self.sized = plan, int(epoch), bool(sized)
 
 
 class PlannedDataset(Dataset):
@@ -288,6 +295,13 @@ class PlanSampler(Sampler[int]):
         return iter(order.tolist())
 
     def __len__(self) -> int:
+        if not self.dataset.source.sized:
+            # TypeError is how Python and Lightning read "no length"; the text says what to do when it shows
+            raise TypeError(
+                "This planned loader has no length while a Lightning fit drives its balancer (its epochs "
+                "follow plans made after Lightning reads lengths). Under DDP pass "
+                "L.Trainer(use_distributed_sampler=False): the planned loader shards itself over ranks."
+            )
         return math.ceil(len(self.dataset) / self._world()[1])
 
 
@@ -312,6 +326,14 @@ def _loader(view: PlannedDataset, batch_size: int, sampler: Sampler, kwargs: dic
 
         kwargs.setdefault("collate_fn", collate)
     return DataLoader(view, batch_size=batch_size, sampler=sampler, **kwargs)
+
+
+def loader_plan(loader: Any) -> tuple[PlanSource, PlannedDataset] | None:
+    """The plan source and planned dataset a ``planned_loader`` follows (``None`` for any other loader)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, PlanSampler):
+        return sampler.dataset.source, sampler.dataset
+    return None
 
 
 def indexed_loader(dataset: Any, *, batch_size: int, **kwargs: Any) -> DataLoader:

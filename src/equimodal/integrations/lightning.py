@@ -28,8 +28,17 @@ What the callback does for each kind of balancer (read from ``balancer.requireme
   those that need a held-out part of train (``gblending``, ``mslr``) need ``BalancerCallback(heldout=...)``,
   a loader over samples removed from your training set (never val/test);
 - balancers that plan each epoch's training data (``sample_valuation``, ``modality_valuation``,
-  ``remix``) are refused at ``on_fit_start``, naming why: Lightning fixes an epoch's batch count when it
-  loads the data, before ``on_train_epoch_start``, where the plan is made;
+  ``remix``): the module's training loader must be ``self.balancer.planned_loader(train_dataset,
+  batch_size=...)`` (from ``train_dataloader()`` or passed to ``fit``). At each epoch start the callback
+  hands the balancer the training split in a fixed order (``EpochData.indexed``, built from that loader's
+  dataset, batch size, collate function and workers), the balancer makes the epoch's plan, and the loader
+  follows it. Lightning reads an epoch's length when it loads the data, before the plan exists, so for the
+  fit the planned loader reports no length and Lightning ends each epoch when the plan's entries run out
+  (the progress bar shows no total; ``val_check_interval`` must stay at whole epochs). Any other training
+  loader is refused at the first epoch start with the call to make; under DDP pass
+  ``L.Trainer(use_distributed_sampler=False)`` (the planned loader shards itself over ranks, every rank
+  with the same plan). A Lightning resume from a mid-epoch checkpoint restores the plan and trains that
+  epoch's plan from its start (Lightning re-reads a map-style loader's epoch from its start);
 - balancers that own their step (``mla``): the module uses manual optimisation and calls
   ``self.balancer.train_step(inputs, labels, self.optimizers())`` in ``training_step`` (the callback
   refuses automatic optimisation with that message). Lightning itself refuses ``accumulate_grad_batches``
@@ -55,7 +64,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from torch import Tensor
 
-from ..balancers import Balancer, EpochData
+from ..balancers import Balancer, DriverError, EpochData
+from ..balancers.plan import indexed_loader, loader_plan
 from ..types import LABEL_KEY
 from ..utils.io import plain_data
 
@@ -98,6 +108,7 @@ class BalancerCallback(Callback):
         self.log_stats = log_stats
         self.heldout = heldout
         self.unpack = unpack
+        self._indexed: tuple[int, Any] | None = None  # (id of the training loader, its indexed loader)
 
     def _balancer(self, pl_module: Any) -> Balancer:
         balancer = getattr(pl_module, self.attribute, None)
@@ -129,13 +140,16 @@ class BalancerCallback(Callback):
                     "precision='bf16-mixed' or '32-true'."
                 )
         if req.epoch_plan:
-            raise ValueError(
-                f"{name} plans each epoch's training data (extra copies, zeroed modalities), which Lightning "
-                "cannot follow: it fixes an epoch's batch count when it loads the data, before "
-                "on_train_epoch_start, where the plan is made. Train it with equimodal's trainer "
-                "(`equimodal train`, `equimodal.train(...)`) or your own loop over "
-                "balancer.planned_loader(train_dataset, batch_size=...)."
-            )
+            connector = getattr(trainer, "_accelerator_connector", None)  # Lightning keeps it private
+            if getattr(connector, "is_distributed", False) and getattr(
+                connector, "use_distributed_sampler", False
+            ):
+                raise ValueError(
+                    f"{name} plans each epoch's training data, and its planned loader shards the plan over the "
+                    "ranks itself; Lightning would replace its sampler. Pass "
+                    "L.Trainer(use_distributed_sampler=False)."
+                )
+            balancer._plan_source.sized = False  # Lightning runs each epoch until the plan's entries run out
         if req.heldout_fraction and self.heldout is None:
             raise ValueError(
                 f"{name} needs held-out data carved from the training split (never val/test): pass "
@@ -143,14 +157,52 @@ class BalancerCallback(Callback):
                 "samples, and leave those samples out of the training loader."
             )
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._restore_length(pl_module)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore_length(pl_module)
+
+    def _restore_length(self, pl_module: Any) -> None:
+        balancer = getattr(pl_module, self.attribute, None)
+        if isinstance(balancer, Balancer):
+            balancer._plan_source.sized = True  # the planned loader has a length again outside the fit
+        self._indexed = None
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        balancer = self._balancer(pl_module)
         heldout = self.heldout
+        indexed, size = None, None
+        if balancer.requirements.epoch_plan:
+            indexed, size = self._indexed_split(balancer, trainer.train_dataloader)
         data = EpochData(
             train=lambda: self._pairs(trainer.train_dataloader),
             heldout=(lambda: self._pairs(heldout)) if heldout is not None else None,
             device=pl_module.device,
+            indexed=(lambda: self._pairs(indexed)) if indexed is not None else None,
+            size=size,
         )
-        self._balancer(pl_module).start_epoch(trainer.current_epoch, data)
+        balancer.start_epoch(trainer.current_epoch, data)
+
+    def _indexed_split(self, balancer: Balancer, loader: Any) -> tuple[Any, int]:
+        """The training split in a fixed order with its indices, from the module's planned loader."""
+        found = loader_plan(loader)
+        if found is None or found[0] is not balancer._plan_source:
+            what = type(loader).__name__ if found is None else "the planned loader of another balancer"
+            raise DriverError(
+                f"{balancer.name} plans each epoch's training data, so Lightning must train on its planned "
+                f"loader; the training loader is {what}. Return "
+                "self.balancer.planned_loader(train_dataset, batch_size=...) from train_dataloader() (or pass "
+                "it to trainer.fit)."
+            )
+        if self._indexed is None or self._indexed[0] != id(loader):
+            planned = found[1]
+            indexed = indexed_loader(
+                planned.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                num_workers=loader.num_workers,
+            )  # fmt: skip
+            self._indexed = (id(loader), indexed)
+        return self._indexed[1], len(found[1].dataset)
 
     def _pairs(self, loader: Iterable[Any]) -> Iterator[tuple[Mapping[str, Tensor], Tensor]]:
         for batch in loader:
