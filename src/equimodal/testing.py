@@ -61,7 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .balancers import Balancer, DriverError, EpochData, create_balancer
 from .balancers.base import split_batch
-from .balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY
+from .balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY, PLAN_ZEROED_KEY
 from .balancers.registry import get_balancer_class
 from .models import MMTMClassifier, MultimodalClassifier
 from .models.encoders import MLP
@@ -187,6 +187,11 @@ def planned_batch(
         out[m] = x
     out[INDEX_KEY] = plan.indices[entries]
     out[PLAN_WEIGHT_KEY] = torch.ones(n) if plan.weights is None else plan.weights[entries]
+    out[PLAN_ZEROED_KEY] = (
+        torch.zeros(n, len(plan.modalities), dtype=torch.bool)
+        if plan.zeroed is None
+        else plan.zeroed[entries]
+    )
     return out, target[where]
 
 

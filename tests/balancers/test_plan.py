@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import equimodal as em
 from equimodal.balancers import Balancer, DriverError, EpochData
 from equimodal.balancers.passes import inference, keep_batchnorm_stats, sample_indices
-from equimodal.balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY, EpochPlan, PlannedDataset, indexed_loader
+from equimodal.balancers.plan import (
+    INDEX_KEY,
+    PLAN_WEIGHT_KEY,
+    PLAN_ZEROED_KEY,
+    EpochPlan,
+    PlannedDataset,
+    indexed_loader,
+)
 from equimodal.balancers.reinit import InitialWeights, reinitialise
 from equimodal.balancers.stages import Schedule, Stage
 from equimodal.data.base import TensorSplit, make_loader
-from equimodal.testing import check_balancer, toy_batch, toy_model
+from equimodal.testing import check_balancer, toy_batch, toy_epoch_data, toy_model
 
 
 class CopyPlanner(Balancer):
@@ -84,12 +92,13 @@ def test_planned_dataset_zeroes_copies_and_weights():
     batch = view.__getitems__([0, 1, 2])  # the batch-level path equals the per-sample one
     for j in range(3):
         one, _ = view[j]
-        for key in ("m0", "m1", INDEX_KEY, PLAN_WEIGHT_KEY):
+        for key in ("m0", "m1", INDEX_KEY, PLAN_WEIGHT_KEY, PLAN_ZEROED_KEY):
             assert torch.equal(batch.inputs[key][j], one[key])
+    assert batch.inputs[PLAN_ZEROED_KEY].tolist() == plan.zeroed.tolist()  # which entries are copies
     # mapping items keep their form
     items = [{"m0": ds.inputs["m0"][i], "m1": ds.inputs["m1"][i], "label": ds.labels[i]} for i in range(6)]
     mapped = PlannedDataset(items, plan)[2]
-    assert set(mapped) == {"m0", "m1", "label", INDEX_KEY, PLAN_WEIGHT_KEY}
+    assert set(mapped) == {"m0", "m1", "label", INDEX_KEY, PLAN_WEIGHT_KEY, PLAN_ZEROED_KEY}
     assert torch.count_nonzero(mapped["m1"]) == 0
 
 
@@ -336,3 +345,57 @@ def test_on_disk_splits_keep_their_sample_keys_under_a_plan():
     zeroed_m0 = [j for j in range(3) if batch["m0"][j].abs().sum() == 0]
     assert len(zeroed_m1) == 1 and order[zeroed_m1[0]] == 5
     assert len(zeroed_m0) == 1 and order[zeroed_m0[0]] == 0
+
+
+def test_a_plan_shorter_than_the_ranks_still_gives_every_rank_its_share(monkeypatch):
+    """Padding repeats the order as often as needed: 1 entry over 3 ranks is 1 entry per rank (the
+    trainer's sampler as well as a planned loader's)."""
+    plan = EpochPlan(torch.tensor([4]), None, None, ("m0", "m1"))
+    from equimodal.balancers.plan import PlanSampler, PlanSource
+
+    view = PlannedDataset(_dataset(10), PlanSource(plan))
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(PlanSampler, "_world", staticmethod(lambda r=rank: (r, 3)))
+        sampler = PlanSampler(view)
+        seen.append(list(sampler))
+        assert len(sampler) == 1
+    assert seen == [[0], [0], [0]]
+    for rank in range(3):
+        loader = make_loader(view, 1, train=True, seed=5, rank=rank, world_size=3)
+        loader.sampler.set_epoch(0)
+        assert [b[INDEX_KEY].tolist() for b, _ in loader] == [[4]]
+
+
+def test_the_default_objective_weights_each_entry_by_its_plan_weight():
+    """A planner that sets weights and keeps the default objective trains on sum w_i CE_i / B."""
+
+    class Weighing(Balancer):
+        name = "test_weighing"
+        plans_data = True
+
+        def on_epoch_start(self, data):
+            self.set_plan(
+                EpochPlan(torch.arange(data.size), None, torch.linspace(0, 2, data.size), ("m0", "m1"))
+            )
+
+    model = toy_model(2)
+    balancer = Weighing(model)
+    balancer.start_epoch(0, toy_epoch_data(2))
+    x, y = toy_batch(2, 8)
+    w = torch.linspace(0, 1, 8)
+    batch = {**x, INDEX_KEY: torch.arange(8), PLAN_WEIGHT_KEY: w}
+    out = model(batch)
+    expected = (F.cross_entropy(out.logits, y, reduction="none") * w).sum() / 8
+    assert torch.allclose(balancer.loss(out, y, batch=batch), expected)
+
+
+def test_reinitialise_refuses_unknown_modes():
+    model = toy_model(2)
+    initial = InitialWeights({"m0": model.encoders["m0"]})
+    for kwargs, word in (
+        ({"optimizer_state": "Reset"}, "optimizer_state"),
+        ({"batchnorm": "blnd"}, "batchnorm"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            reinitialise("m0", model.encoders["m0"], initial, 0.5, **kwargs)

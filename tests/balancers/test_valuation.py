@@ -13,7 +13,7 @@ from torch import nn
 
 import equimodal as em
 from equimodal.balancers import EpochData
-from equimodal.balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY, indexed_loader
+from equimodal.balancers.plan import INDEX_KEY, PLAN_WEIGHT_KEY, PLAN_ZEROED_KEY, indexed_loader
 from equimodal.balancers.valuation import (
     modality_resample_count,
     sample_copies,
@@ -221,7 +221,8 @@ def test_a_copy_trains_only_its_modality():
         balancer = em.create_balancer("sample_valuation", model, start_epoch=0, absent=absent)
         balancer.start_epoch(0, data)
         x = {"m0": split.inputs["m0"][:4], "m1": torch.zeros_like(split.inputs["m1"][:4])}
-        batch = {**x, INDEX_KEY: torch.arange(4), PLAN_WEIGHT_KEY: torch.ones(4)}
+        copies = torch.tensor([[False, True]] * 4)  # the plan's flags: m1 zeroed in these 4 copies
+        batch = {**x, INDEX_KEY: torch.arange(4), PLAN_WEIGHT_KEY: torch.ones(4), PLAN_ZEROED_KEY: copies}
         y = split.labels[:4]
         out = model(batch)
         loss = balancer.loss(out, y, batch=batch)
@@ -243,9 +244,20 @@ def test_a_copy_trains_only_its_modality():
             **{m: split.inputs[m][:4] for m in ("m0", "m1")},
             INDEX_KEY: torch.arange(4),
             PLAN_WEIGHT_KEY: torch.ones(4),
+            PLAN_ZEROED_KEY: torch.zeros(4, 2, dtype=torch.bool),
         }
         out = model(full)
         assert torch.allclose(balancer.loss(out, y, batch=full), F.cross_entropy(out.logits, y))
+        model.zero_grad()
+        silent = {**full, "m1": torch.zeros_like(full["m1"])}  # originals whose m1 is all zeros in the data
+        out = model(silent)
+        assert torch.allclose(balancer.loss(out, y, batch=silent), F.cross_entropy(out.logits, y))
+        assert balancer.stats()["zeroed/m1"] == 0.0  # not counted as copies
+        model.zero_grad()
+        with pytest.raises(em.DriverError, match="plan_zeroed"):
+            balancer.loss(
+                model(x), y, batch={**x, INDEX_KEY: torch.arange(4), PLAN_WEIGHT_KEY: torch.ones(4)}
+            )
 
 
 def test_plans_only_inside_the_window_and_trains_on_them():

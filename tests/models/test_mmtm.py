@@ -111,3 +111,7 @@ def test_model_fusion_mmtm_builds_the_mid_fusion_model_from_a_config() -> None:
     assert model.gates[0].squeeze.out_features == 64 * 2 * 2 // 2
     with pytest.raises((TypeError, ValueError), match="bogus"):
         load_config(None, ["model.fusion=mmtm", "model.fusion_options.bogus=1"])
+    checked = load_config(
+        None, ["data.options.views=fac,mor", "model.fusion=mmtm", "model.fusion_options.validate_inputs=true"]
+    )
+    assert build_model(checked, load_dataset(cfg.data.name, seed=0, **cfg.data.options)).validate_inputs

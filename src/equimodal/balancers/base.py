@@ -498,6 +498,7 @@ class Balancer:
         ``metrics.csv`` shows how much the plan changed the data.
 
         Raises:
+            TypeError: the balancer does not declare ``plans_data = True``.
             ValueError: the plan's modalities are not the model's, or it indexes outside the training split.
         """
         if plan is not None:
@@ -730,11 +731,13 @@ class Balancer:
         """Add this micro-batch's statistics (declared by :meth:`add_stat`) (called while active)."""
 
     def objective(self, out: MultimodalOutput, target: Tensor, batch: Batch | None) -> Tensor:
-        """The training objective of one micro-batch while active; CE on the fused logits by default.
+        """The training objective of one micro-batch while active; CE on the fused logits by default, each
+        sample weighted by its plan weight when an epoch plan with weights is set
+        (:meth:`weighted_cross_entropy`; the plain mean otherwise).
 
         The base class adds the auxiliary-head term (:meth:`auxiliary_loss`) to what this returns.
         """
-        return F.cross_entropy(out.logits, target)
+        return self.weighted_cross_entropy(out.logits, target, batch)
 
     def adjust_gradients(self) -> None:
         """Edit the accumulated ``.grad`` in place once per optimizer step (called while active), with the

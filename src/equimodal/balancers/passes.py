@@ -76,7 +76,7 @@ def sample_indices(inputs: dict[str, Any]) -> Tensor:
     if not isinstance(index, Tensor):
         raise ValueError(
             f"An indexed batch must carry each sample's index in the training split under {INDEX_KEY!r}; "
-            f"found keys {sorted(map(str, inputs))}. Build EpochData(indexed=...) over "
-            "equimodal.balancers.plan.PlannedDataset(train_dataset) in a fixed order (no shuffling)."
+            f"found keys {sorted(map(str, inputs))}. Pass EpochData(indexed=equimodal.indexed_loader("
+            "train_dataset, batch_size=...), size=len(train_dataset))."
         )
     return index.long()

@@ -49,6 +49,11 @@ INDEX_KEY = "index"
 PLAN_WEIGHT_KEY = "plan_weight"
 """The key of an entry's loss weight in planned batches."""
 
+PLAN_ZEROED_KEY = "plan_zeroed"
+"""The key of an entry's zeroed modalities in planned batches (a bool per modality, in the plan's order;
+present while a plan is set). A method reads which entries are copies from it, never from the inputs: a
+sample whose modality is all zeros in the data (silence, a blank frame) is not a copy."""
+
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -231,6 +236,8 @@ class PlannedDataset(Dataset):
         }  # fmt: skip
         weight = 1.0 if plan is None or plan.weights is None else float(plan.weights[entry])
         extra = {INDEX_KEY: torch.tensor(index), PLAN_WEIGHT_KEY: torch.tensor(weight)}
+        if plan is not None:
+            extra[PLAN_ZEROED_KEY] = torch.tensor([m in zeroed for m in plan.modalities])
         if isinstance(item, Mapping):
             out = {k: torch.zeros_like(v) if k in zeroed else v for k, v in item.items()}
             return {**out, **extra}
@@ -255,10 +262,18 @@ class PlannedDataset(Dataset):
             keep = ~plan.zeroed[entries]
             for j, m in enumerate(plan.modalities):
                 if m in inputs and not bool(keep[:, j].all()):
-                    x = inputs[m]
-                    inputs[m] = x * keep[:, j].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+                    x = inputs[m]  # where, not a product: a zeroed non-finite input is 0 as in __getitem__
+                    inputs[m] = torch.where(
+                        keep[:, j].view(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x)
+                    )
         weights = torch.ones(len(keys)) if plan is None or plan.weights is None else plan.weights[entries]
         inputs[INDEX_KEY], inputs[PLAN_WEIGHT_KEY] = index, weights
+        if plan is not None:
+            inputs[PLAN_ZEROED_KEY] = (
+                plan.zeroed[entries]
+                if plan.zeroed is not None
+                else torch.zeros(len(keys), len(plan.modalities), dtype=torch.bool)
+            )
         return type(batch)(inputs, labels)
 
 
@@ -291,7 +306,8 @@ class PlanSampler(Sampler[int]):
         else:
             order = torch.arange(n)
         total = math.ceil(n / world) * world
-        order = torch.cat([order, order[: total - n]])[rank::world]
+        # padded by repeating the order (a plan may be shorter than half the ranks: every rank gets a share)
+        order = order.repeat(math.ceil(total / n))[:total][rank::world]
         return iter(order.tolist())
 
     def __len__(self) -> int:

@@ -278,7 +278,8 @@ class ReconBoost(Balancer):
             raise DriverError(
                 "reconboost with optimizer_state='reset' drops the optimizer state at each phase start, as the "
                 "authors build a fresh SGD per phase: call balancer.check_optimizer(optimizer) once before "
-                "training (train_step, the reference trainer and the Lightning callback do)."
+                "the first start_epoch (the reference trainer and the Lightning callback do; a loop that only "
+                "calls train_step must call it too, as train_step comes after start_epoch)."
             )
         optimizer.state.clear()
         self.reset_epoch = self.epoch

@@ -75,6 +75,10 @@ def reinitialise(
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"re-initialisation strength must be in [0, 1], found {strength}.")
+    if optimizer_state not in ("keep", "reset"):
+        raise ValueError(f"optimizer_state must be 'keep' or 'reset', found {optimizer_state!r}.")
+    if batchnorm not in ("keep", "blend"):
+        raise ValueError(f"batchnorm must be 'keep' or 'blend', found {batchnorm!r}.")
     if strength == 0.0:
         return 0
     if optimizer_state == "reset" and optimizer is None:

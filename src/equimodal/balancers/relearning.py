@@ -259,9 +259,14 @@ class Relearning(Balancer):
             for m in self.modalities:
                 feats[m].append(f[m].detach().float().flatten(1))
             labels.append(y)
-        if not labels:
+        empty = torch.tensor([0.0 if labels else 1.0], device=self.device)
+        if is_distributed():  # every rank raises together rather than leave the others waiting
+            dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        if bool(empty.item()):
             raise ValueError(
-                f"{self.name}: EpochData's {split!r} split is empty; the diagnosis needs samples."
+                f"{self.name}: EpochData's {split!r} split is empty"
+                + (" on at least one rank (it needs a sample per rank)" if is_distributed() else "")
+                + "; the diagnosis needs samples."
             )
         y = gather_shards(torch.cat(labels).long())
         if split == "train" and data.size is not None and y.shape[0] > data.size:

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum
 from ..models.fusion import Fusion
 from ..types import MultimodalOutput, output_features
-from .base import Balancer, Batch, EpochData
+from .base import Balancer, Batch, DriverError, EpochData
 from .passes import inference, sample_indices
-from .plan import EpochPlan
+from .plan import PLAN_ZEROED_KEY, EpochPlan
 from .registry import register_balancer
 
 log = logging.getLogger(__name__)
@@ -226,14 +226,20 @@ class _Valuation(Balancer):
         """The fused cross-entropy; a planned copy's zeroed modalities are absent from the fusion.
 
         The plan zeroes the copies' inputs; with ``absent="features"`` their pooled features are zeroed too
-        before a second pass of ``model.fusion`` (a copy is found by its all-zero input, on the device), so
-        the absent modality neither enters the fused logits nor gets a gradient from the copy, as the code's
-        ``drop``. Samples without a zeroed modality keep the model's own logits.
+        before a second pass of ``model.fusion``, so the absent modality neither enters the fused logits nor
+        gets a gradient from the copy, as the code's ``drop``. A copy is known by the batch's
+        :data:`~equimodal.balancers.plan.PLAN_ZEROED_KEY` (as the code's per-sample ``drop`` flag), not by
+        an all-zero input: a sample whose modality is all zeros in the data stays an original. Samples
+        without a zeroed modality keep the model's own logits.
         """
         logits = out.logits
         if self.epoch_plan is not None and batch is not None:
-            zeroed = torch.stack([batch[m].flatten(1).eq(0).all(1) for m in self.modalities], 1)
-            zeroed = zeroed.to(logits.device)
+            if PLAN_ZEROED_KEY not in batch:
+                raise DriverError(
+                    f"{self.name} trains on its epoch plan, and this batch lacks the plan's {PLAN_ZEROED_KEY!r} "
+                    "(which entries are copies): train on balancer.planned_loader(train_dataset, batch_size=...)."
+                )
+            zeroed = torch.as_tensor(batch[PLAN_ZEROED_KEY]).bool().to(logits.device)
             if self.fusion is not None:
                 features = output_features(out, f"{self.name} zeroes the features of a planned copy")
                 fused = self._fuse({m: features[m] for m in self.modalities}, ~zeroed)

@@ -24,6 +24,7 @@ across ranks).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -202,7 +203,7 @@ class TrainSampler(Sampler[SampleKey]):
     def __iter__(self) -> Iterator[SampleKey]:
         order = torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
         total = self.num_samples * self.num_replicas
-        order = torch.cat([order, order[: total - self.n]])[self.rank :: self.num_replicas]
+        order = order.repeat(math.ceil(total / self.n))[:total][self.rank :: self.num_replicas]  # padded
         start, self._start = self._start, 0
         return (SampleKey(int(i), self.epoch) for i in order[start:].tolist())
 

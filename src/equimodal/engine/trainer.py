@@ -184,7 +184,7 @@ def build_model(cfg: Config, dataset: MultimodalDataset) -> MultimodalClassifier
         encoders[m] = create_encoder(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
     if cfg.model.fusion == MMTM_FUSION:  # mid fusion: gates between encoder stages, not a fusion head
         return MMTMClassifier(
-            encoders, dataset.num_classes, validate_inputs=False, **cfg.model.fusion_options
+            encoders, dataset.num_classes, **{"validate_inputs": False, **cfg.model.fusion_options}
         )
     return MultimodalClassifier(
         encoders,

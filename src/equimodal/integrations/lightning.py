@@ -37,7 +37,9 @@ What the callback does for each kind of balancer (read from ``balancer.requireme
   (the progress bar shows no total; ``val_check_interval`` must stay at whole epochs). Any other training
   loader is refused at the first epoch start with the call to make; under DDP pass
   ``L.Trainer(use_distributed_sampler=False)`` (the planned loader shards itself over ranks, every rank
-  with the same plan). A Lightning resume from a mid-epoch checkpoint restores the plan and trains that
+  with the same plan; the validation loaders are then not sharded by Lightning either). An epoch without
+  a length also makes ``trainer.estimated_stepping_batches`` infinite: give a schedule that needs the
+  total step count (OneCycleLR) the count yourself. A Lightning resume from a mid-epoch checkpoint restores the plan and trains that
   epoch's plan from its start (Lightning re-reads a map-style loader's epoch from its start);
 - balancers that own their step (``mla``): the module uses manual optimisation and calls
   ``self.balancer.train_step(inputs, labels, self.optimizers())`` in ``training_step`` (the callback
