@@ -58,6 +58,18 @@ def num_modalities(request: pytest.FixtureRequest) -> int:
     return int(request.param)
 
 
+class BNEncoder(nn.Module):
+    """A small encoder with a BatchNorm layer (for tests that check running statistics)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.out_dim = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def umt_teachers(model: nn.Module, seed: int = 1) -> dict[str, nn.Module]:
     """Stand-in teachers for umt in the contract suites: copies of the model's encoders with weights drawn
     afresh from ``seed`` (they differ from the student, so the distillation term and its gradient are not

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_batch, make_toy_model
+from conftest import BNEncoder, make_toy_batch, make_toy_model
 from torch import nn
 
 import equimodal as em
@@ -194,20 +194,10 @@ def test_reset_without_the_optimizer_names_the_call() -> None:
         bal.start_epoch(1, toy_epoch_data(2))
 
 
-class NormEncoder(nn.Module):
-    def __init__(self, in_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, 8), nn.BatchNorm1d(8), nn.ReLU())
-        self.out_dim = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 @pytest.mark.parametrize("batchnorm", ["keep", "blend"])
 def test_batchnorm_statistics_kept_or_blended(batchnorm: str) -> None:
     torch.manual_seed(0)
-    model = MultimodalClassifier({"m0": NormEncoder(5), "m1": NormEncoder(6)}, 3)
+    model = MultimodalClassifier({"m0": BNEncoder(5), "m1": BNEncoder(6)}, 3)
     bal = em.create_balancer("relearning", model, batchnorm=batchnorm, **DIAGNOSE_AT_1)
     opt = optimizer_for(model, bal)
     bal.start_epoch(0, toy_epoch_data(2))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_toy_batch, make_toy_model, umt_teachers
+from conftest import BNEncoder, make_toy_batch, make_toy_model, umt_teachers
 from torch import nn
 
 import equimodal as em
@@ -78,16 +78,6 @@ def test_distillation_pulls_the_features_to_the_frozen_teachers_and_only_inside_
     out = model(batch)
     torch.testing.assert_close(balancer.loss(out, y, batch=batch), nn.functional.cross_entropy(out.logits, y))
     assert balancer.stats() == {}
-
-
-class BNEncoder(nn.Module):
-    def __init__(self, in_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, 8), nn.BatchNorm1d(8), nn.ReLU())
-        self.out_dim = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def test_teacher_mode_train_is_balancemm_batch_statistics() -> None:
