@@ -1,4 +1,4 @@
-"""One GPU check of the CREMA-D workload, for a session or a user with a CUDA device (about 3-5 minutes).
+"""One GPU check of the CREMA-D workload, for anyone with a CUDA device (about 3-5 minutes).
 
 Prints one table with three parts, each measured side by side in this process:
 
