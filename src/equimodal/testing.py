@@ -178,20 +178,15 @@ def planned_batch(
         return {**batch, INDEX_KEY: torch.arange(n), PLAN_WEIGHT_KEY: torch.ones(n)}, target
     entries = torch.arange(n) % len(plan)
     where = plan.indices[entries] % n
+    zeroed = plan.zeroed_at(entries)
     out: dict[str, Tensor] = {}
     for j, m in enumerate(plan.modalities):
         x = batch[m][where]
-        if plan.zeroed is not None:
-            keep = (~plan.zeroed[entries, j]).to(x.dtype)
-            x = x * keep.view(-1, *([1] * (x.dim() - 1)))
-        out[m] = x
+        cut = zeroed[:, j].to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        out[m] = torch.where(cut, torch.zeros_like(x), x)
     out[INDEX_KEY] = plan.indices[entries]
     out[PLAN_WEIGHT_KEY] = torch.ones(n) if plan.weights is None else plan.weights[entries]
-    out[PLAN_ZEROED_KEY] = (
-        torch.zeros(n, len(plan.modalities), dtype=torch.bool)
-        if plan.zeroed is None
-        else plan.zeroed[entries]
-    )
+    out[PLAN_ZEROED_KEY] = zeroed
     return out, target[where]
 
 

@@ -152,8 +152,9 @@ class Greedy(Balancer):
             for gate in self.gates:
                 gate.set_override(None)
             return
-        mask = (self._indices() == self.caring) & (self.remaining > 0)
-        values = self.average.split([c for gate in self.gates for c in gate.channels.values()])
+        device = self.device  # a state loaded on resume stays where it was until the next step moves it
+        mask = ((self._indices() == self.caring) & (self.remaining > 0)).to(device)
+        values = self.average.to(device).split([c for gate in self.gates for c in gate.channels.values()])
         k = 0
         for gate in self.gates:
             gate.set_override(mask, {m: values[k + i] for i, m in enumerate(gate.channels)})

@@ -111,6 +111,13 @@ class EpochPlan:
     def __len__(self) -> int:
         return int(self.indices.numel())
 
+    def zeroed_at(self, entries: Tensor) -> Tensor:
+        """``(len(entries), M)`` bool: the modalities zeroed in each of ``entries`` (all false without
+        ``zeroed``); what a planned batch carries under :data:`PLAN_ZEROED_KEY`."""
+        if self.zeroed is None:
+            return torch.zeros(len(entries), len(self.modalities), dtype=torch.bool)
+        return self.zeroed[entries]
+
     @classmethod
     def identity(cls, size: int, modalities: Sequence[str]) -> EpochPlan:
         """Every sample once, nothing zeroed, weight 1 (what training without a plan is)."""
@@ -237,7 +244,7 @@ class PlannedDataset(Dataset):
         weight = 1.0 if plan is None or plan.weights is None else float(plan.weights[entry])
         extra = {INDEX_KEY: torch.tensor(index), PLAN_WEIGHT_KEY: torch.tensor(weight)}
         if plan is not None:
-            extra[PLAN_ZEROED_KEY] = torch.tensor([m in zeroed for m in plan.modalities])
+            extra[PLAN_ZEROED_KEY] = plan.zeroed_at(torch.tensor([entry]))[0]
         if isinstance(item, Mapping):
             out = {k: torch.zeros_like(v) if k in zeroed else v for k, v in item.items()}
             return {**out, **extra}
@@ -258,8 +265,9 @@ class PlannedDataset(Dataset):
         entries = torch.tensor([m[2] for m in mapped], dtype=torch.long)
         index = torch.tensor([m[1] for m in mapped], dtype=torch.long)
         inputs = dict(inputs)
-        if plan is not None and plan.zeroed is not None:
-            keep = ~plan.zeroed[entries]
+        if plan is not None:
+            zeroed = inputs[PLAN_ZEROED_KEY] = plan.zeroed_at(entries)
+            keep = ~zeroed
             for j, m in enumerate(plan.modalities):
                 if m in inputs and not bool(keep[:, j].all()):
                     x = inputs[m]  # where, not a product: a zeroed non-finite input is 0 as in __getitem__
@@ -268,12 +276,6 @@ class PlannedDataset(Dataset):
                     )
         weights = torch.ones(len(keys)) if plan is None or plan.weights is None else plan.weights[entries]
         inputs[INDEX_KEY], inputs[PLAN_WEIGHT_KEY] = index, weights
-        if plan is not None:
-            inputs[PLAN_ZEROED_KEY] = (
-                plan.zeroed[entries]
-                if plan.zeroed is not None
-                else torch.zeros(len(keys), len(plan.modalities), dtype=torch.bool)
-            )
         return type(batch)(inputs, labels)
 
 
@@ -305,10 +307,9 @@ class PlanSampler(Sampler[int]):
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
-        total = math.ceil(n / world) * world
-        # padded by repeating the order (a plan may be shorter than half the ranks: every rank gets a share)
-        order = order.repeat(math.ceil(total / n))[:total][rank::world]
-        return iter(order.tolist())
+        from ..data.base import shard_for_rank  # data imports nothing of the balancers
+
+        return iter(shard_for_rank(order, rank, world).tolist())
 
     def __len__(self) -> int:
         if not self.dataset.source.sized:
@@ -344,12 +345,11 @@ def _loader(view: PlannedDataset, batch_size: int, sampler: Sampler, kwargs: dic
     return DataLoader(view, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
-def loader_plan(loader: Any) -> tuple[PlanSource, PlannedDataset] | None:
-    """The plan source and planned dataset a ``planned_loader`` follows (``None`` for any other loader)."""
+def loader_plan(loader: Any) -> PlannedDataset | None:
+    """The planned dataset a ``planned_loader`` reads (its ``source`` is the plan it follows); ``None`` for
+    any other loader."""
     sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, PlanSampler):
-        return sampler.dataset.source, sampler.dataset
-    return None
+    return sampler.dataset if isinstance(sampler, PlanSampler) else None
 
 
 def indexed_loader(dataset: Any, *, batch_size: int, **kwargs: Any) -> DataLoader:

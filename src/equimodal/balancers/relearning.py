@@ -259,10 +259,12 @@ class Relearning(Balancer):
             for m in self.modalities:
                 feats[m].append(f[m].detach().float().flatten(1))
             labels.append(y)
-        empty = torch.tensor([0.0 if labels else 1.0], device=self.device)
+        empty = not labels
         if is_distributed():  # every rank raises together rather than leave the others waiting
-            dist.all_reduce(empty, op=dist.ReduceOp.MAX)
-        if bool(empty.item()):
+            flag = torch.tensor([float(empty)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            empty = bool(flag.item())  # once per diagnosis, not per step
+        if empty:
             raise ValueError(
                 f"{self.name}: EpochData's {split!r} split is empty"
                 + (" on at least one rank (it needs a sample per rank)" if is_distributed() else "")

@@ -239,7 +239,7 @@ class _Valuation(Balancer):
                     f"{self.name} trains on its epoch plan, and this batch lacks the plan's {PLAN_ZEROED_KEY!r} "
                     "(which entries are copies): train on balancer.planned_loader(train_dataset, batch_size=...)."
                 )
-            zeroed = torch.as_tensor(batch[PLAN_ZEROED_KEY]).bool().to(logits.device)
+            zeroed = batch[PLAN_ZEROED_KEY].to(logits.device, torch.bool)
             if self.fusion is not None:
                 features = output_features(out, f"{self.name} zeroes the features of a planned copy")
                 fused = self._fuse({m: features[m] for m in self.modalities}, ~zeroed)

@@ -24,7 +24,6 @@ across ranks).
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -175,6 +174,14 @@ def collate(samples: Batched | list[Sample]) -> tuple[Batch, Tensor]:
     return batch, labels
 
 
+def shard_for_rank(order: Tensor, rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s share (positions ``rank, rank + world, ...``) of ``order`` padded to a multiple of
+    ``world`` by repeating it from the start, as ``DistributedSampler`` pads (every rank gets as many
+    entries, even when ``order`` is shorter than half the ranks)."""
+    total = -(-len(order) // world) * world
+    return order.repeat(-(-total // len(order)))[:total][rank::world]
+
+
 class TrainSampler(Sampler[SampleKey]):
     """A per-epoch shuffle sharded over ranks, yielding :class:`SampleKey` ``(index, epoch)``.
 
@@ -202,8 +209,7 @@ class TrainSampler(Sampler[SampleKey]):
 
     def __iter__(self) -> Iterator[SampleKey]:
         order = torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
-        total = self.num_samples * self.num_replicas
-        order = order.repeat(math.ceil(total / self.n))[:total][self.rank :: self.num_replicas]  # padded
+        order = shard_for_rank(order, self.rank, self.num_replicas)
         start, self._start = self._start, 0
         return (SampleKey(int(i), self.epoch) for i in order[start:].tolist())
 

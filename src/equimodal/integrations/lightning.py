@@ -39,8 +39,9 @@ What the callback does for each kind of balancer (read from ``balancer.requireme
   ``L.Trainer(use_distributed_sampler=False)`` (the planned loader shards itself over ranks, every rank
   with the same plan; the validation loaders are then not sharded by Lightning either). An epoch without
   a length also makes ``trainer.estimated_stepping_batches`` infinite: give a schedule that needs the
-  total step count (OneCycleLR) the count yourself. A Lightning resume from a mid-epoch checkpoint restores the plan and trains that
-  epoch's plan from its start (Lightning re-reads a map-style loader's epoch from its start);
+  total step count (OneCycleLR) the count yourself. A Lightning resume from a mid-epoch checkpoint
+  restores the plan and trains that epoch's plan from its start (Lightning re-reads a map-style loader's
+  epoch from its start);
 - balancers that own their step (``mla``): the module uses manual optimisation and calls
   ``self.balancer.train_step(inputs, labels, self.optimizers())`` in ``training_step`` (the callback
   refuses automatic optimisation with that message). Lightning itself refuses ``accumulate_grad_batches``
@@ -188,9 +189,9 @@ class BalancerCallback(Callback):
 
     def _indexed_split(self, balancer: Balancer, loader: Any) -> tuple[Any, int]:
         """The training split in a fixed order with its indices, from the module's planned loader."""
-        found = loader_plan(loader)
-        if found is None or found[0] is not balancer._plan_source:
-            what = type(loader).__name__ if found is None else "the planned loader of another balancer"
+        planned = loader_plan(loader)
+        if planned is None or planned.source is not balancer._plan_source:
+            what = type(loader).__name__ if planned is None else "the planned loader of another balancer"
             raise DriverError(
                 f"{balancer.name} plans each epoch's training data, so Lightning must train on its planned "
                 f"loader; the training loader is {what}. Return "
@@ -198,13 +199,12 @@ class BalancerCallback(Callback):
                 "it to trainer.fit)."
             )
         if self._indexed is None or self._indexed[0] != id(loader):
-            planned = found[1]
             indexed = indexed_loader(
                 planned.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
                 num_workers=loader.num_workers,
             )  # fmt: skip
             self._indexed = (id(loader), indexed)
-        return self._indexed[1], len(found[1].dataset)
+        return self._indexed[1], len(planned.dataset)
 
     def _pairs(self, loader: Iterable[Any]) -> Iterator[tuple[Mapping[str, Tensor], Tensor]]:
         for batch in loader:

@@ -111,11 +111,8 @@ class MMTMGate(nn.Module):
             self.excitation_sums = {m: g.detach().sum(0) for m, g in gates.items()}
         if self.override is not None and (self.training or self.override_in_eval):
             mask, values = self.override
-            for i, m in enumerate(
-                self.channels
-            ):  # the override may still be where a resumed state was loaded
-                cond = mask[i].to(gates[m].device)
-                gates[m] = torch.where(cond, values[m].to(gates[m]).expand_as(gates[m]), gates[m])
+            for i, m in enumerate(self.channels):
+                gates[m] = torch.where(mask[i], values[m].to(gates[m]).expand_as(gates[m]), gates[m])
         out = {}
         for m, x in xs.items():
             g = gates[m]
