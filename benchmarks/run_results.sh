@@ -81,6 +81,7 @@ for run in i23_avdh i23_mfeat_pixfou; do
   python benchmarks/paired_table.py "runs/$run" \
     --labels multitask,sample_valuation,modality_valuation,relearning,remix,reconboost,aug
   python benchmarks/paired_table.py "runs/$run" --labels greedy --reference none_mmtm
-  python benchmarks/balancer_stats.py "runs/$run" sample_valuation modality_valuation remix relearning reconboost aug greedy
+  python benchmarks/balancer_stats.py "runs/$run" sample_valuation modality_valuation remix relearning reconboost aug greedy \
+    --at-epochs 5,21,41
 done
 python benchmarks/epoch_cost.py --task avdigits_hard --epochs 4 --rounds 3

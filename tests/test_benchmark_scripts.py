@@ -155,3 +155,22 @@ def test_epoch_cost_measures_active_epochs_side_by_side() -> None:
     assert rows["`greedy`"][1] == "`none_mmtm`" and rows["`sample_valuation`"][1] == "`none`"
     assert float(rows["`sample_valuation`"][4]) > 1.0  # its plan added copies
     assert table_rows(proc.stdout, "`none`")[0][2].startswith("1.00")
+
+
+def test_balancer_stats_averages_while_acting_at_the_end_and_at_given_epochs(tmp_path: Path) -> None:
+    """``nonzero/`` skips the epochs where a figure is 0 (a warm-up), ``last/`` is the final epoch and
+    ``epoch<e>/`` one epoch, each averaged over seeds; a blank cell (no figure that epoch) is skipped."""
+    for seed, values in ((0, ["", "0", "2", "4"]), (1, ["", "0", "6", "8"])):
+        run = tmp_path / "row" / f"seed{seed}"
+        run.mkdir(parents=True)
+        lines = ["epoch,train_loss,bal_x"] + [f"{e},1.0,{v}" for e, v in enumerate(values)]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from balancer_stats import label_stats
+    finally:
+        sys.path.pop(0)
+    stats = label_stats(tmp_path / "row", early=2, at_epochs=(2,))
+    assert stats["x"] == pytest.approx(10 / 3)  # (2 + 4) / 3 and (6 + 8) / 3 over the filled epochs
+    assert stats["nonzero/x"] == pytest.approx(5.0) and stats["last/x"] == pytest.approx(6.0)
+    assert stats["epoch2/x"] == pytest.approx(4.0) and stats["early/x"] == pytest.approx(0.0)
