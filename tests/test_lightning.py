@@ -71,9 +71,8 @@ def test_lightning_equals_the_reference_driver(name: str) -> None:
     lit_bal = em.create_balancer(name, model, seed=1, **options)
     ref_bal = em.create_balancer(name, twin, seed=1, **options)
     whole, micro, held = _data()
-    if (
-        lit_bal.requirements.epoch_plan
-    ):  # trains on its planned loader: test_lightning_follows_each_epoch_plan
+    # a planner refuses another loader; test_lightning_follows_each_epoch_plan trains it on its own
+    if lit_bal.requirements.epoch_plan:
         loader = torch.utils.data.DataLoader(micro, batch_size=None)
         with pytest.raises(em.DriverError, match=r"self.balancer.planned_loader\(train_dataset"):
             _trainer(heldout=held).fit(Module(model, lit_bal), train_dataloaders=loader)
