@@ -106,3 +106,26 @@ def test_non_finite_data_is_rejected_once_before_training() -> None:
     ds.test.inputs["mor"][3, 1] = float("nan")
     with pytest.raises(ValueError, match="modality 'mor' holds 1 non-finite"):
         train(load_config(None, FAST), dataset=ds)
+
+
+def test_the_indexed_training_split_is_read_without_augmentation() -> None:
+    """Planners' per-sample passes read an on-disk training split as evaluation does (the reader gets no
+    generator), while the training loader augments (a seeded generator per sample)."""
+    from equimodal.data import load_dataset
+    from equimodal.data.base import FileSplit, LoaderOptions
+    from equimodal.engine.config import load_config
+    from equimodal.engine.trainer import build_loaders
+
+    calls: list[bool] = []
+
+    def reader(i: int, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
+        calls.append(gen is not None)
+        return {"m0": torch.full((3,), float(i)), "m1": torch.ones(2)}
+
+    split = FileSplit(reader, torch.arange(8), torch.arange(8) % 2, train=True, seed=1)
+    cfg = load_config(None, ["data.batch_size=4", "data.eval_batch_size=4"])
+    ds = load_dataset(cfg.data.name, seed=0, **cfg.data.options)
+    loaders = build_loaders(cfg, (split, None, ds), 0, 1, LoaderOptions(0, False, False, None), indexed=True)
+    assert sum(len(b[1]) for b in loaders.indexed) == 8 and not any(calls)
+    next(iter(loaders.train))
+    assert calls[-1]  # the training loader still augments

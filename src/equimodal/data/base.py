@@ -149,6 +149,10 @@ class FileSplit(Split):
     def subset(self, index: Tensor) -> FileSplit:
         return FileSplit(self.reader, self.records[index], self.labels[index], self.train, self.seed)
 
+    def evaluation_view(self) -> FileSplit:
+        """The same samples read as evaluation reads them (deterministic transforms, no augmentation)."""
+        return FileSplit(self.reader, self.records, self.labels, False, self.seed)
+
 
 class Batched(NamedTuple):
     """A batch already formed by a split's ``__getitems__`` (passed through :func:`collate`)."""

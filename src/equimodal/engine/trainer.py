@@ -47,7 +47,15 @@ from ..balancers import Balancer, EpochData, create_balancer
 from ..balancers.plan import PlannedDataset
 from ..balancers.registry import BALANCERS
 from ..data import load_dataset
-from ..data.base import LoaderOptions, MultimodalDataset, Split, TensorSplit, default_workers, make_loader
+from ..data.base import (
+    FileSplit,
+    LoaderOptions,
+    MultimodalDataset,
+    Split,
+    TensorSplit,
+    default_workers,
+    make_loader,
+)
 from ..distributed import broadcast_buffers
 from ..distributed import rank as dist_rank
 from ..models import MultimodalClassifier
@@ -312,7 +320,8 @@ def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDa
     """Training loaders shard one permutation per epoch (global batch split over ranks); evaluation
     loaders shard the fixed order so every sample is evaluated exactly once. ``indexed``: a fixed-order
     loader over train whose batches carry each sample's index (for balancers that plan the epoch's data),
-    sharded as evaluation loaders are."""
+    sharded as evaluation loaders are and read as they are (an on-disk split without augmentation: the
+    per-sample inference passes judge the samples; Remix's code reads them with test-time transforms)."""
     train_split, heldout, ds = run_data
     if cfg.data.batch_size % world:
         raise ValueError(
@@ -334,12 +343,17 @@ def build_loaders(cfg: Config, run_data: tuple[Split, Split | None, MultimodalDa
                           drop_last=cfg.data.drop_last, **sharded),
         epoch_train=make_loader(train_split, per_rank, train=True, seed=seed * 100003 + 50021, options=once, **sharded),
         heldout=None if heldout is None else make_loader(heldout, per_rank, options=once, **sharded),
-        indexed=make_loader(PlannedDataset(train_split), cfg.data.eval_batch_size, options=once, **sharded)
-        if indexed else None,
+        indexed=make_loader(PlannedDataset(_evaluation_view(train_split)), cfg.data.eval_batch_size,
+                            options=once, **sharded) if indexed else None,
         val=evaluation(ds.val, options),
         test=evaluation(ds.test),
         train_eval=evaluation(train_split),
     )  # fmt: skip
+
+
+def _evaluation_view(split: Split) -> Split:
+    """``split`` as evaluation reads it (an on-disk split's augmentation off; in-memory splits have none)."""
+    return split.evaluation_view() if isinstance(split, FileSplit) else split
 
 
 def check_run_options(cfg: Config, out: Path | None) -> None:
